@@ -1,0 +1,88 @@
+"""Activation matching (Jordan et al. 2023, REPAIR; Ainsworth et al. 2023, Git Re-Basin §3.1).
+
+For every permutation group, the Pearson correlation between each channel of the reference and each channel of
+the other model, over images × positions, at every place the group is observed (averaged over those places);
+the permutation maximizes the total matched correlation (``scipy.optimize.linear_sum_assignment``). All groups
+of all models are measured in ONE pass over the data.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import NumericsError
+from ..perm import PermSpec
+from ..probe.engine import run_pass
+from ..probe.stats import CoMoments, as_samples
+from ..probe.taps import tap_model
+from ._assignment import best_permutation
+from .result import MatchResult
+
+
+def match_many(
+    reference: nn.Module,
+    others: Sequence[nn.Module],
+    spec: PermSpec,
+    batches: Iterable,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+    total: int | None = None,
+) -> list[MatchResult]:
+    """Align every model in ``others`` to ``reference`` by activation correlation, in one data pass.
+
+    Args:
+        reference: model A (all models must share the architecture described by ``spec``).
+        others: the models to permute onto the reference.
+        spec: the permutation spec of the architecture (:func:`mergescope.perm.build_spec`).
+        batches: iterable of batches with an ``.x`` tensor (e.g. :func:`mergescope.data.iter_batches`).
+
+    Returns:
+        One :class:`MatchResult` per model in ``others``.
+
+    Example:
+        >>> [res] = match_many(model_a, [model_b], build_spec(model_a), iter_batches(ds, 500))
+        >>> model_b_aligned = permute_model(model_b, spec, res.perms)
+    """
+    points = [t for g in spec.groups.values() for t in g.observe]
+    names = sorted({t.name for t in points})
+    tapped = {str(i): tap_model(m, names).to(device).eval() for i, m in enumerate([reference, *others])}
+    stats = {(k, t.name): CoMoments() for k in range(1, len(others) + 1) for t in points}
+
+    def consume(batch, x, outs):
+        ref_feats = outs["0"][1]
+        for t in points:
+            a = as_samples(ref_feats[t.name], t.channel_dim)
+            if not torch.isfinite(a).all():
+                raise NumericsError(f"NaN/Inf activations at layer '{t.name}' of the reference model")
+            for k in range(1, len(others) + 1):
+                stats[k, t.name].update(a, as_samples(outs[str(k)][1][t.name], t.channel_dim))
+
+    run_pass(tapped, batches, consume, device=device, desc="matching", total=total, progress=progress)
+
+    results = []
+    for k in range(1, len(others) + 1):
+        perms, sims, dead_a, dead_b = {}, {}, {}, {}
+        for gname, group in spec.groups.items():
+            corr = sum(stats[k, t.name].correlation() for t in group.observe) / len(group.observe)
+            da = torch.stack([stats[k, t.name].dead()[0] for t in group.observe]).all(0)
+            db = torch.stack([stats[k, t.name].dead()[1] for t in group.observe]).all(0)
+            sims[gname] = corr.cpu().numpy()
+            perms[gname] = best_permutation(sims[gname], f"correlation ({gname})")
+            dead_a[gname] = da.nonzero().flatten().tolist()
+            dead_b[gname] = db.nonzero().flatten().tolist()
+        results.append(MatchResult(perms, sims, "activation", dead_a, dead_b))
+    return results
+
+
+def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermSpec, batches: Iterable,
+                        **kw) -> MatchResult:
+    """Align ``model_b`` to ``model_a`` by activation correlation (see :func:`match_many`)."""
+    return match_many(model_a, [model_b], spec, batches, **kw)[0]
+
+
+def mean_matched_correlation(result: MatchResult) -> float:
+    """Average over all channels of all groups of the matched correlation (a one-number alignment quality)."""
+    return float(np.concatenate([result.matched_similarity(g) for g in result.perms]).mean())

@@ -1,0 +1,87 @@
+"""Iterating over a dataset in batches that carry their image ids."""
+
+from collections.abc import Iterator
+from typing import NamedTuple
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from mergescope.data.base import ImageDataset, as_ids
+
+
+class Batch(NamedTuple):
+    """A batch: ids int64 [B], x float32 [B, C, H, W], y int64 [B]."""
+
+    ids: torch.Tensor
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+class _WithIds(Dataset):
+    """Wraps a dataset so item i is (i, x, y)."""
+
+    def __init__(self, dataset: ImageDataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        x, y = self.dataset[i]
+        return i, x, y
+
+
+def batch_ids(n: int, batch_size: int, ids=None, shuffle: bool = False, seed: int = 0,
+              drop_last: bool = False) -> list[torch.Tensor]:
+    """The id chunks ``iter_batches`` walks through: ``ids`` (default all), optionally shuffled with ``seed``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be positive, got {batch_size}")
+    order = torch.arange(n) if ids is None else as_ids(ids, n)  # [M]
+    if shuffle:
+        order = order[torch.randperm(len(order), generator=torch.Generator().manual_seed(seed))]
+    chunks = list(order.split(batch_size))
+    if drop_last and chunks and len(chunks[-1]) < batch_size:
+        chunks.pop()
+    return chunks
+
+
+def len_batches(dataset: ImageDataset, batch_size: int, ids=None, drop_last: bool = False) -> int:
+    """How many batches ``iter_batches`` yields with these arguments (for progress bars)."""
+    n = len(dataset) if ids is None else len(as_ids(ids, len(dataset)))
+    return n // batch_size if drop_last else -(-n // batch_size)
+
+
+def _generate(dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: int) -> Iterator[Batch]:
+    """Yield the batches for precomputed id chunks (in-memory fast path or a DataLoader)."""
+    if getattr(dataset, "in_memory", False):
+        for chunk in chunks:
+            x, y = dataset.get_batch(chunk)
+            yield Batch(chunk, x, y)
+        return
+    loader = DataLoader(_WithIds(dataset), batch_sampler=[chunk.tolist() for chunk in chunks],
+                        num_workers=num_workers)
+    for ids_b, x, y in loader:
+        yield Batch(ids_b.to(torch.int64), x, y.to(torch.int64))
+
+
+def iter_batches(dataset: ImageDataset, batch_size: int, ids=None, shuffle: bool = False, seed: int = 0,
+                 drop_last: bool = False, num_workers: int = 0) -> Iterator[Batch]:
+    """Batches of ``dataset`` with their ids.
+
+    In-memory datasets are sliced with ``get_batch`` directly; others go through a torch DataLoader
+    with ``num_workers`` processes. Both give the same batches in the same order.
+
+    Args:
+        dataset: any ImageDataset.
+        batch_size: images per batch.
+        ids: which ids to visit (default all), in this order unless shuffled.
+        shuffle: permute the ids with a generator seeded by ``seed``.
+        seed: shuffle seed.
+        drop_last: skip a final short batch.
+        num_workers: DataLoader workers (ignored for in-memory datasets).
+
+    Returns:
+        Iterator of Batch(ids int64 [B], x float32 [B,C,H,W], y int64 [B]).
+    """
+    chunks = batch_ids(len(dataset), batch_size, ids, shuffle, seed, drop_last)  # checks arguments now
+    return _generate(dataset, chunks, num_workers)

@@ -1,0 +1,22 @@
+"""The model zoo: a registry of fx-traceable architectures that checkpoints can rebuild by name.
+
+Importing this package registers: ``mlp``, ``cnn_digits``, ``vgg11``, ``vgg11_bn``, ``resnet20``,
+``alexnet_cifar`` and the torchvision adapters ``tv_alexnet``, ``tv_vgg11``, ``tv_vgg11_bn``, ``tv_resnet18``,
+``tv_resnet50``.
+"""
+
+from mergescope.models import alexnet, cnn, mlp, resnet, torchvision_models, vgg  # noqa: F401  (registration)
+from mergescope.models._registry import ARCH_ATTR, create_model, list_models, model_config, register_model
+from mergescope.models.weights import apply_state_dict, check_state_dict, load_state_dict_file, read_safetensors
+
+__all__ = [
+    "ARCH_ATTR",
+    "apply_state_dict",
+    "check_state_dict",
+    "create_model",
+    "list_models",
+    "load_state_dict_file",
+    "model_config",
+    "read_safetensors",
+    "register_model",
+]

@@ -1,0 +1,96 @@
+"""Streaming per-channel statistics in float64, mergeable across batches and distributed ranks.
+
+Each batch is reduced to its own mean and centred second moments (accurate even in float32), and batches are
+combined with Chan et al.'s parallel update, so the result does not depend on batch size or order beyond
+floating-point rounding, and two partial results merge exactly like two batches.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def as_samples(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """(N, C, *spatial) or (..., C) -> (samples, C): every image × position is one sample."""
+    return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
+
+
+class Moments:
+    """Per-channel count, mean and sum of squared deviations of a stream of (samples, C) batches."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.mean: torch.Tensor | None = None  # (C,) float64
+        self.m2: torch.Tensor | None = None  # (C,) float64
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.float()
+        n = x.shape[0]
+        mean = x.mean(0)
+        m2 = ((x - mean) ** 2).sum(0)
+        self._combine(n, mean.double(), m2.double())
+
+    def _combine(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        if self.mean is None:
+            self.n, self.mean, self.m2 = n, mean, m2
+            return
+        total = self.n + n
+        delta = mean.to(self.mean.device) - self.mean
+        self.m2 = self.m2 + m2.to(self.m2.device) + delta**2 * (self.n * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.n = total
+
+    def merge(self, other: "Moments") -> None:
+        if other.mean is not None:
+            self._combine(other.n, other.mean, other.m2)
+
+    @property
+    def var(self) -> torch.Tensor:
+        return self.m2 / max(self.n, 1)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return self.var.sqrt()
+
+
+class CoMoments:
+    """Means, variances and the cross-covariance of two aligned streams a (samples, Ca) and b (samples, Cb)."""
+
+    def __init__(self) -> None:
+        self.a, self.b = Moments(), Moments()
+        self.cab: torch.Tensor | None = None  # (Ca, Cb) float64 sum of co-deviations
+
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        a, b = a.float(), b.float()
+        n = a.shape[0]
+        ma, mb = a.mean(0), b.mean(0)
+        cab = (a - ma).T @ (b - mb)  # (Ca, Cb)
+        self._combine(n, ma.double(), mb.double(), cab.double())
+        self.a._combine(n, ma.double(), ((a - ma) ** 2).sum(0).double())
+        self.b._combine(n, mb.double(), ((b - mb) ** 2).sum(0).double())
+
+    def _combine(self, n: int, ma: torch.Tensor, mb: torch.Tensor, cab: torch.Tensor) -> None:
+        if self.cab is None:
+            self.cab = cab
+            return
+        n0 = self.a.n
+        da, db = ma.to(self.a.mean.device) - self.a.mean, mb.to(self.b.mean.device) - self.b.mean
+        self.cab = self.cab + cab.to(self.cab.device) + torch.outer(da, db) * (n0 * n / (n0 + n))
+
+    def merge(self, other: "CoMoments") -> None:
+        if other.cab is not None:
+            self._combine(other.a.n, other.a.mean, other.b.mean, other.cab)
+            self.a.merge(other.a)
+            self.b.merge(other.b)
+
+    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
+        """Pearson correlation (Ca, Cb); entries involving a constant channel are 0 (see :meth:`dead`)."""
+        sa, sb = self.a.m2.sqrt(), self.b.m2.sqrt()
+        denom = torch.outer(sa, sb)
+        return torch.where(denom > eps, self.cab / denom.clamp_min(eps), torch.zeros_like(denom))
+
+    def dead(self, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+        """Boolean masks of channels (of a, of b) that are constant over every sample seen."""
+        def mask(m: Moments) -> torch.Tensor:
+            scale = m.mean.abs().clamp_min(1.0)
+            return m.std <= rel_eps * scale
+        return mask(self.a), mask(self.b)

@@ -1,0 +1,163 @@
+"""The interpolation study of two models: align, merge along α with every method, repair, evaluate.
+
+Data passes: one over the statistics set for matching (activation matching), one for REPAIR and RESET of every
+merged model at once, and one per evaluation split for every model at once.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .align import MatchResult, match_many, weight_matching
+from .data import ImageDataset, iter_batches, len_batches
+from .errors import ArchitectureError, MergescopeError
+from .evaluate import evaluate_models
+from .merge import alpha_grid, interpolate_model, repair_and_reset
+from .perm import PermSpec, build_spec, permute_model
+
+METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset")
+
+
+@dataclass
+class SweepConfig:
+    """What to sweep and how."""
+
+    alphas: list[float] = field(default_factory=alpha_grid)  # θ(α) = α·θ_A + (1−α)·P(θ_B)
+    methods: Sequence[str] = METHODS  # "permuted+reset" is skipped for nets without BatchNorm
+    matching: str = "activation"  # "activation" (correlation) or "weight" (Git Re-Basin weight matching)
+    batch_size: int = 500  # images per batch in every pass
+    stats_ids: Sequence[int] | None = None  # training images for matching and REPAIR statistics (None: all)
+
+
+@dataclass
+class SweepResult:
+    """Everything the interpolation study measured (JSON-ready via :meth:`to_json`, except the models)."""
+
+    rows: list[dict]  # method, alpha, split, loss, accuracy
+    endpoints: list[dict]  # model (A, B, B aligned), split, loss, accuracy
+    match: MatchResult
+    methods: list[str]
+    passes: dict[str, int]  # data passes by purpose
+    timings: dict[str, float]  # seconds by stage
+    aligned_b: nn.Module
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "endpoints": self.endpoints, "matching": self.match.summary(),
+                "matching_method": self.match.method, "passes": self.passes, "timings": self.timings,
+                "methods": self.methods}
+
+
+def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
+    """Raise a one-line ArchitectureError unless both models have the same class and tensors."""
+    if type(model_a) is not type(model_b):
+        raise ArchitectureError(f"cannot align a {type(model_a).__name__} with a {type(model_b).__name__}")
+    sa, sb = model_a.state_dict(), model_b.state_dict()
+    for k in sa.keys() | sb.keys():
+        if k not in sa or k not in sb:
+            raise ArchitectureError(f"models differ: tensor '{k}' exists in only one of them")
+        if sa[k].shape != sb[k].shape:
+            raise ArchitectureError(f"models differ: '{k}' is {tuple(sa[k].shape)} vs {tuple(sb[k].shape)}")
+
+
+def _has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def _check_function_preserved(model: nn.Module, permuted: nn.Module, x: torch.Tensor) -> None:
+    """Permuting must not change what a model computes; a failure here is a spec bug, said plainly."""
+    with torch.inference_mode():
+        ya, yb = model.eval()(x), permuted.eval()(x)
+    err = (ya - yb).abs().max().item() / max(ya.abs().max().item(), 1e-12)
+    if err > 1e-4:
+        raise ArchitectureError(f"the permuted model's outputs differ by {err:.2e} (relative): "
+                                "the derived permutation spec is wrong for this architecture")
+
+
+def run_sweep(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    train: ImageDataset,
+    evals: Mapping[str, ImageDataset],
+    config: SweepConfig | None = None,
+    spec: PermSpec | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> SweepResult:
+    """Align B to A, merge along α with every method, REPAIR/RESET, and evaluate on each split.
+
+    Args:
+        model_a, model_b: two trained models of one architecture.
+        train: the data for matching and REPAIR/RESET statistics.
+        evals: split name -> dataset to evaluate on (e.g. {"test": test_ds}).
+        config: alphas, methods, matching method, batch size.
+
+    Returns:
+        A :class:`SweepResult`; rows hold every method × α × split.
+
+    Example:
+        >>> result = run_sweep(model_a, model_b, load_digits("train"), {"test": load_digits("test")})
+        >>> barriers(result.rows)
+    """
+    cfg = config or SweepConfig()
+    unknown = set(cfg.methods) - set(METHODS)
+    if unknown:
+        raise MergescopeError(f"unknown merge method '{sorted(unknown)[0]}'; known: {', '.join(METHODS)}")
+    check_same_architecture(model_a, model_b)
+    model_a, model_b = model_a.to(device).eval(), model_b.to(device).eval()
+    ids = None if cfg.stats_ids is None else torch.as_tensor(list(cfg.stats_ids))
+
+    def stats_batches():
+        return iter_batches(train, cfg.batch_size, ids=ids)
+
+    n_stats = len_batches(train, cfg.batch_size, ids=ids)
+    probe_x = next(iter(stats_batches())).x[:8].to(device)
+    spec = spec or build_spec(model_a, probe_x)
+    timings, passes = {}, {"matching": 0, "repair/reset": 0, "evaluation": 0}
+
+    t0 = time.perf_counter()
+    if cfg.matching == "activation":
+        [match] = match_many(model_a, [model_b], spec, stats_batches(), device=device, progress=progress,
+                             total=n_stats)
+        passes["matching"] += 1
+    elif cfg.matching == "weight":
+        match = weight_matching(model_a.state_dict(), model_b.state_dict(), spec, device=device)
+    else:
+        raise MergescopeError(f"unknown matching method '{cfg.matching}' (use 'activation' or 'weight')")
+    timings["matching"] = time.perf_counter() - t0
+    aligned_b = permute_model(model_b, spec, match.perms)
+    _check_function_preserved(model_b, aligned_b, probe_x)
+
+    methods = [m for m in cfg.methods if m != "permuted+reset" or _has_batchnorm(model_a)]
+    merged: dict[tuple[str, float], nn.Module] = {}
+    for alpha in cfg.alphas:
+        for method in methods:
+            other = model_b if method == "naive" else aligned_b
+            merged[method, alpha] = interpolate_model(model_a, other, alpha)
+
+    t0 = time.perf_counter()
+    repair = [(a, merged["permuted+repair", a]) for a in cfg.alphas if "permuted+repair" in methods]
+    reset = [merged["permuted+reset", a] for a in cfg.alphas if "permuted+reset" in methods]
+    if repair or reset:
+        repair_and_reset(model_a, aligned_b, spec, stats_batches(), repair=repair, reset=reset, device=device,
+                         progress=progress, total=n_stats)
+        passes["repair/reset"] += 1
+    timings["repair/reset"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rows, endpoints = [], []
+    models = {f"{m}@{a}": net for (m, a), net in merged.items()}
+    models.update({"A": model_a, "B": model_b, "B aligned": aligned_b})
+    for split, ds in evals.items():
+        scores = evaluate_models(models, iter_batches(ds, cfg.batch_size), device=device, progress=progress,
+                                 total=len_batches(ds, cfg.batch_size), desc=f"evaluating on {split}")
+        passes["evaluation"] += 1
+        for (method, alpha) in merged:
+            rows.append({"method": method, "alpha": alpha, "split": split, **scores[f"{method}@{alpha}"]})
+        endpoints += [{"model": k, "split": split, **scores[k]} for k in ("A", "B", "B aligned")]
+    timings["evaluation"] = time.perf_counter() - t0
+    rows.sort(key=lambda r: (r["split"], methods.index(r["method"]), r["alpha"]))
+    return SweepResult(rows, endpoints, match, methods, passes, timings, aligned_b)

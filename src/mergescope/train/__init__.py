@@ -1,0 +1,26 @@
+"""Training and checkpointing: ``train_model`` + ``TrainConfig``, safetensors checkpoints with JSON sidecars."""
+
+from mergescope.train.checkpoint import (
+    load_checkpoint,
+    load_state_dict_file,
+    read_checkpoint_info,
+    save_checkpoint,
+    sidecar_path,
+)
+from mergescope.train.evaluation import evaluate_model
+from mergescope.train.schedules import get_schedule, list_schedules, register_schedule
+from mergescope.train.trainer import TrainConfig, train_model
+
+__all__ = [
+    "TrainConfig",
+    "evaluate_model",
+    "get_schedule",
+    "list_schedules",
+    "load_checkpoint",
+    "load_state_dict_file",
+    "read_checkpoint_info",
+    "register_schedule",
+    "save_checkpoint",
+    "sidecar_path",
+    "train_model",
+]

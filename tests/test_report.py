@@ -1,0 +1,237 @@
+"""Tests for mergescope.report: barriers, CSV, figures and the HTML page."""
+
+from __future__ import annotations
+
+import math
+import re
+from html.parser import HTMLParser
+
+import pytest
+from markupsafe import escape
+
+from mergescope.errors import MergescopeError
+from mergescope.report import barriers, headline, interpolation_figures, method_colors, read_csv, render_report, write_csv
+from mergescope.report import html as report_html
+
+ALPHAS = [round(0.05 * i, 2) for i in range(21)]
+# Accuracy at α = 0 (model B), α = 1 (model A), and the dip depth at α = 0.5, per method.
+DIPS = {"naive": 0.85, "permuted": 0.20, "permuted+repair": 0.03, "permuted+reset": 0.06}
+
+
+def _row(method, alpha, split, loss, accuracy):
+    return {"method": method, "alpha": alpha, "split": split, "loss": loss, "accuracy": accuracy}
+
+
+def synthetic_rows(splits=("test", "train")):
+    """Smooth curves whose accuracy dips by DIPS[method]·(1 − |2α − 1|) below the line between endpoints."""
+    rows = []
+    for split in splits:
+        acc_b, acc_a = (0.969, 0.972) if split == "test" else (0.995, 0.997)
+        for method, dip in DIPS.items():
+            for a in ALPHAS:
+                bump = 1 - abs(2 * a - 1)
+                acc = (1 - a) * acc_b + a * acc_a - dip * bump
+                loss = 0.1 + 2.2 * dip * bump
+                rows.append(_row(method, a, split, loss, acc))
+    return rows
+
+
+def synthetic_results(title="ResNet-20 × CIFAR-10"):
+    return {
+        "title": title,
+        "summary": {"architecture": "resnet20", "dataset": "cifar10", "seeds": [0, 1], "runtime_s": 12.5},
+        "endpoints": [
+            {"model": "A", "split": "test", "loss": 0.1, "accuracy": 0.972},
+            {"model": "B", "split": "test", "loss": 0.1, "accuracy": 0.969},
+        ],
+        "rows": synthetic_rows(),
+        "matching": [{"group": "block1.conv", "size": 64, "mean_correlation": 0.61, "dead_a": 0, "dead_b": 2}],
+        "sections": [{"title": "Extra", "html": "<p class='extra'>pre-rendered <b>fragment</b></p>"}],
+    }
+
+
+# ---------------------------------------------------------------- barriers
+
+
+def test_v_shaped_loss_barrier_matches_hand_computation():
+    # Endpoints L(0) = 1, L(1) = 3; the straight line at α = 0.5 is 2; the curve peaks at 5 there.
+    rows = [_row("m", 0.0, "test", 1.0, 0.9), _row("m", 0.25, "test", 3.0, 0.6),
+            _row("m", 0.5, "test", 5.0, 0.3), _row("m", 0.75, "test", 4.0, 0.6), _row("m", 1.0, "test", 3.0, 0.8)]
+    (b,) = barriers(rows)
+    assert b["method"] == "m" and b["split"] == "test"
+    # gaps: α=.25: 3 − 1.5 = 1.5; α=.5: 5 − 2 = 3; α=.75: 4 − 2.5 = 1.5
+    assert b["loss_barrier"] == pytest.approx(3.0)
+    assert b["alpha_at_loss_barrier"] == pytest.approx(0.5)
+    # accuracy line at α=.25: 0.875 → gap 0.275; α=.5: 0.85 → 0.55; α=.75: 0.825 → 0.225
+    assert b["accuracy_barrier"] == pytest.approx(0.55)
+    assert b["midpoint_loss"] == pytest.approx(5.0)
+    assert b["midpoint_accuracy"] == pytest.approx(0.3)
+
+
+def test_straight_line_has_zero_barrier():
+    rows = [_row("m", a, "train", 2.0 - 1.5 * a, 0.5 + 0.4 * a) for a in ALPHAS]
+    (b,) = barriers(rows)
+    assert b["loss_barrier"] == pytest.approx(0.0, abs=1e-12)
+    assert b["accuracy_barrier"] == pytest.approx(0.0, abs=1e-12)
+    assert b["midpoint_accuracy"] == pytest.approx(0.7)
+
+
+def test_barriers_use_each_methods_own_endpoints_and_sort_by_alpha():
+    rows = [_row("x", 1.0, "test", 4.0, 0.5), _row("x", 0.5, "test", 6.0, 0.5), _row("x", 0.0, "test", 2.0, 0.5),
+            _row("y", 0.0, "test", 0.0, 1.0), _row("y", 0.5, "test", 1.0, 0.2), _row("y", 1.0, "test", 0.0, 1.0)]
+    by = {b["method"]: b for b in barriers(rows)}
+    assert by["x"]["loss_barrier"] == pytest.approx(3.0)  # 6 − (2 + 4) / 2
+    assert by["x"]["accuracy_barrier"] == pytest.approx(0.0)
+    assert by["y"]["loss_barrier"] == pytest.approx(1.0)
+    assert by["y"]["accuracy_barrier"] == pytest.approx(0.8)
+
+
+def test_midpoint_is_interpolated_when_half_is_missing():
+    rows = [_row("m", a, "test", l, acc) for a, l, acc in [(0.0, 1.0, 0.9), (0.4, 2.0, 0.5), (0.6, 4.0, 0.3), (1.0, 1.0, 0.9)]]
+    (b,) = barriers(rows)
+    assert b["midpoint_loss"] == pytest.approx(3.0)
+    assert b["midpoint_accuracy"] == pytest.approx(0.4)
+
+
+def test_missing_endpoint_is_an_error():
+    with pytest.raises(MergescopeError, match="α = 1"):
+        barriers([_row("m", 0.0, "test", 1.0, 0.9), _row("m", 0.5, "test", 2.0, 0.5)])
+
+
+def test_nan_curve_gives_nan_barrier():
+    rows = [_row("m", 0.0, "test", 1.0, 0.9), _row("m", 0.5, "test", math.nan, 0.5), _row("m", 1.0, "test", 1.0, 0.9)]
+    (b,) = barriers(rows)
+    assert math.isnan(b["loss_barrier"]) and b["accuracy_barrier"] == pytest.approx(0.4)
+
+
+# ---------------------------------------------------------------- CSV
+
+
+def test_csv_round_trip_is_exact(tmp_path):
+    rows = synthetic_rows() + [_row("weird, \"name\"", 0.1, "val", 1e-300, 1 / 3), _row("n", 0.0, "val", math.inf, 0.0)]
+    path = write_csv(tmp_path / "sub" / "interp.csv", rows)
+    assert path.read_text().splitlines()[0] == "method,alpha,split,loss,accuracy"
+    back = read_csv(path)
+    assert back == rows
+    assert not [p for p in path.parent.iterdir() if p.name != "interp.csv"]  # no temp files left
+
+
+def test_csv_rejects_rows_without_required_columns(tmp_path):
+    with pytest.raises(MergescopeError, match="accuracy"):
+        write_csv(tmp_path / "x.csv", [{"method": "m", "alpha": 0, "split": "test", "loss": 1.0}])
+    assert not (tmp_path / "x.csv").exists()
+
+
+# ---------------------------------------------------------------- headline and HTML
+
+
+class _Images(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.srcs = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.srcs.append(dict(attrs)["src"])
+
+
+def test_headline_names_best_method_and_direct_average():
+    text = headline(synthetic_rows(), synthetic_results()["endpoints"])
+    # α = 0.5: line = (0.969 + 0.972) / 2 = 0.9705; repair − 0.03 = 94.05 → "94.0%" or "94.1%"; naive − 0.85 = 12.05
+    assert re.search(r"At α = 0\.5, permuted\+repair reaches 94\.[01]% test accuracy vs 12\.[01]% for the direct average \(endpoints", text)
+    assert "model A 97.2%, model B 96.9%" in text
+
+
+def test_headline_without_naive_compares_with_weakest_method():
+    rows = [r for r in synthetic_rows(("test",)) if r["method"] != "naive"]
+    text = headline(rows)  # endpoints come from the curve itself
+    assert re.search(r"permuted\+repair reaches 94\.[01]% test accuracy vs 77\.[01]% for permuted, the weakest", text)
+    assert "model A 97.2%, model B 96.9%" in text
+
+
+def test_method_colours_are_fixed_and_distinct():
+    colors = method_colors(["custom", "permuted+REPAIR", "naive", "other"])
+    assert colors["permuted+REPAIR"] == method_colors(["permuted+repair"])["permuted+repair"]
+    assert len(set(colors.values())) == 4
+
+
+def test_figures_survive_awkward_names_and_values(tmp_path):
+    rows = [_row("cost $x$", a, "held-out $", math.inf if a == 0.5 else 1.0 + a, 0.5) for a in ALPHAS]
+    rows += [_row("naive", a, "test", 1e-3 + a * (1 - a) * 10, 0.9 - a * (1 - a)) for a in ALPHAS]
+    paths = interpolation_figures(rows, tmp_path)
+    assert [p.name for p in paths] == ["interpolation_test.png", "interpolation_held-out__.png"]
+    assert all(p.stat().st_size > 10_000 for p in paths)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in paths)
+
+
+def test_render_report_writes_page_with_numbers_methods_and_existing_images(tmp_path):
+    results = synthetic_results()
+    page_path = render_report(tmp_path, results)
+    assert page_path == tmp_path / "report.html"
+    page = page_path.read_text(encoding="utf-8")
+
+    assert str(escape(headline(results["rows"], results["endpoints"]))) in page
+    for method in DIPS:
+        assert f">{method}<" in page
+    assert "12.5" in page and "resnet20" in page and "block1.conv" in page
+    assert "<p class='extra'>pre-rendered <b>fragment</b></p>" in page  # sections are inserted as-is
+    assert "<details>" in page and "http://" not in page and "https://" not in page
+
+    parser = _Images()
+    parser.feed(page)
+    assert len(parser.srcs) == 2  # test and train
+    for src in parser.srcs:
+        assert not src.startswith("/") and (tmp_path / src).is_file()
+        assert (tmp_path / src).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert parser.srcs[0].endswith("interpolation_test.png")
+
+
+def test_headline_numbers_appear_in_page(tmp_path):
+    results = synthetic_results()
+    page = render_report(tmp_path, results).read_text(encoding="utf-8")
+    text = headline(results["rows"], results["endpoints"])
+    for number in re.findall(r"\d+\.\d%", text):
+        assert number in page
+    assert "permuted+repair" in page and "direct average" in page
+
+
+def test_html_special_characters_in_user_strings_are_escaped(tmp_path):
+    results = synthetic_results(title='<script>alert("x")</script> & co')
+    results["summary"]["note"] = "<b>bold?</b>"
+    for row in results["rows"]:
+        if row["method"] == "permuted":
+            row["method"] = "perm<i>"
+    page = render_report(tmp_path, results).read_text(encoding="utf-8")
+    assert "<script>" not in page and "<b>bold?</b>" not in page and "perm<i>" not in page
+    assert "&lt;script&gt;alert(&#34;x&#34;)&lt;/script&gt; &amp; co" in page
+    assert "perm&lt;i&gt;" in page
+
+
+def test_failed_render_leaves_no_report(tmp_path, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("figures failed")
+
+    monkeypatch.setattr(report_html, "interpolation_figures", broken)
+    with pytest.raises(RuntimeError, match="figures failed"):
+        render_report(tmp_path, synthetic_results())
+    assert not (tmp_path / "report.html").exists()
+    assert not list(tmp_path.glob("*report.html*"))
+
+
+def test_failed_rerender_keeps_previous_report_intact(tmp_path, monkeypatch):
+    good = render_report(tmp_path, synthetic_results()).read_text(encoding="utf-8")
+
+    def broken_render(*args, **kwargs):
+        raise RuntimeError("template failed")
+
+    monkeypatch.setattr(report_html, "report_context", broken_render)
+    with pytest.raises(RuntimeError):
+        render_report(tmp_path, synthetic_results(title="second"))
+    assert (tmp_path / "report.html").read_text(encoding="utf-8") == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["figures", "report.html"]
+
+
+def test_render_report_without_rows_is_an_error(tmp_path):
+    with pytest.raises(MergescopeError, match="rows"):
+        render_report(tmp_path, {"title": "empty", "rows": []})
+    assert not (tmp_path / "report.html").exists()
