@@ -8,16 +8,19 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._jsonio import write_json
 from .align import MatchResult, match_many, weight_matching
 from .data import ImageDataset, iter_batches, len_batches
 from .errors import ArchitectureError, MergescopeError
 from .evaluate import evaluate_models
 from .merge import alpha_grid, interpolate_model, repair_and_reset
 from .perm import PermSpec, build_spec, permute_model
+from .report import render_report, write_csv
 
 METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset")
 
@@ -161,3 +164,16 @@ def run_sweep(
     timings["evaluation"] = time.perf_counter() - t0
     rows.sort(key=lambda r: (r["split"], methods.index(r["method"]), r["alpha"]))
     return SweepResult(rows, endpoints, match, methods, passes, timings, aligned_b)
+
+
+def save_sweep(run_dir: Path, result: SweepResult, title: str, summary: Mapping[str, object]) -> list[Path]:
+    """Write the sweep's ``interpolation.csv``, ``results.json`` and ``report.html`` into ``run_dir``.
+
+    Returns:
+        The files written (for the manifest's hashes).
+    """
+    csv_path = write_csv(run_dir / "interpolation.csv", result.rows)
+    results = {"title": title, "summary": dict(summary), **result.to_json()}
+    json_path = write_json(run_dir / "results.json", results)
+    report = render_report(run_dir, results)
+    return [csv_path, json_path, report]

@@ -28,18 +28,24 @@ class ModelEntry:
     name: str  # registry key, e.g. "resnet20"
     builder: Builder  # callable(**kwargs) -> nn.Module
     transient: tuple[str, ...]  # builder kwargs that don't shape the architecture (not recorded)
+    image_size: tuple[int, ...] | None  # spatial size of a natural input; None for flat (MLP) inputs
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, *, transient: tuple[str, ...] = ()) -> Callable[[Builder], Builder]:
+def register_model(
+    name: str, *, transient: tuple[str, ...] = (), image_size: tuple[int, ...] | None = (32, 32)
+) -> Callable[[Builder], Builder]:
     """Decorator registering ``builder`` under ``name``.
 
     Args:
         name: registry key; must be unique.
         transient: keyword arguments that only affect initial values (e.g. ``weights_path``) and are left out
             of the recorded architecture, since a checkpoint overwrites the weights anyway.
+        image_size: the input's spatial size the architecture is designed for; with ``in_channels`` it becomes
+            ``model.input_size`` (C, H, W), which tracing uses for an example input. None: a flat input of
+            ``in_features``.
 
     Returns:
         The decorator; it returns the builder unchanged.
@@ -48,7 +54,8 @@ def register_model(name: str, *, transient: tuple[str, ...] = ()) -> Callable[[B
     def decorator(builder: Builder) -> Builder:
         if name in _REGISTRY:
             raise ArchitectureError(f"model name '{name}' is registered twice")
-        _REGISTRY[name] = ModelEntry(name=name, builder=builder, transient=tuple(transient))
+        _REGISTRY[name] = ModelEntry(name=name, builder=builder, transient=tuple(transient),
+                                     image_size=image_size)
         return builder
 
     return decorator
@@ -111,6 +118,10 @@ def create_model(
             model = entry.builder(**full_kwargs)
     recorded = {k: v for k, v in full_kwargs.items() if k not in entry.transient}
     setattr(model, ARCH_ATTR, {"name": name, "kwargs": recorded})
+    if entry.image_size is None:
+        model.input_size = (full_kwargs["in_features"],)
+    else:
+        model.input_size = (full_kwargs["in_channels"], *entry.image_size)
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model

@@ -28,7 +28,7 @@ class DigitsCNN(nn.Module):
         return self.classifier(x)  # [B, num_classes]
 
 
-@register_model("cnn_digits")
+@register_model("cnn_digits", image_size=(8, 8))
 def cnn_digits(num_classes: int = 10, in_channels: int = 1, width: int = 32, batchnorm: bool = True) -> DigitsCNN:
     """CNN for 8x8 inputs (sklearn digits); other input sizes fail at the classifier."""
     check_positive("cnn_digits", num_classes=num_classes, in_channels=in_channels, width=width)

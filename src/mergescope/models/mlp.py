@@ -28,7 +28,7 @@ class MLP(nn.Module):
         return self.classifier(self.features(x))  # [B, num_classes]
 
 
-@register_model("mlp")
+@register_model("mlp", image_size=None)
 def mlp(
     num_classes: int = 10,
     in_channels: int = 1,

@@ -48,7 +48,7 @@ def _register(name: str, factory: Callable[..., nn.Module]) -> None:
         return _build(name, factory, num_classes, in_channels, weights_path)
 
     builder.__name__ = name
-    register_model(name, transient=("weights_path",))(builder)
+    register_model(name, transient=("weights_path",), image_size=(224, 224))(builder)
 
 
 for _name, _factory in {

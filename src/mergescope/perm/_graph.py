@@ -48,32 +48,44 @@ def shape_of(node: fx.Node) -> tuple[int, ...] | None:
 def canonical_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
     """A readable, unique name for every node, based on the dotted ``named_modules()`` names.
 
-    A node that is the value a module returns is named after that module (the innermost one, skipping leaf
-    modules called more than once, like torchvision's shared ``relu``): e.g. ``features.2`` for a VGG ReLU,
-    ``layer1.0`` for a ResNet block output; a repeated call of a shared module is ``layer1.0.relu@1``.
-    Other nodes are ``<scope>:<fx node name>``.
+    A node that is the value a block returns is named after the block (the innermost container module whose
+    last node it is): ``layer1.0`` for a ResNet block output. Otherwise a leaf module's output is named after
+    the leaf (``features.2`` for a VGG ReLU); a repeated call of a shared leaf is ``layer1.0.relu@1``.
+    Other function calls are ``<scope>.<function>`` (``layer1.0.relu``), with ``@k`` added for repeats.
     """
+    modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
     stacks = {n: list((n.meta.get("nn_module_stack") or {}).keys()) for n in nodes}
     last_of_scope: dict[str, fx.Node] = {}
     for n in nodes:
         for key in stacks[n]:
             last_of_scope[key] = n
+
+    def is_block(key: str) -> bool:
+        module = modules.get(key.split("@")[0])
+        return module is not None and next(module.children(), None) is not None
+
     names: dict[fx.Node, str] = {}
     used: set[str] = set()
     for n in nodes:
-        name = None
-        if not stacks[n] and n.op == "call_module":
+        stack = stacks[n]
+        ends = [k for k in stack if last_of_scope.get(k) is n]
+        blocks = [k for k in ends if is_block(k) and "@" not in k]
+        if blocks:
+            name = blocks[-1]
+        elif ends and ends[-1] == (stack[-1] if stack else None):
+            name = ends[-1]  # a leaf module's own output ("features.2", "layer1.0.relu@1")
+        elif n.op == "call_module":
             name = str(n.target)
-        for key in reversed(stacks[n]):
-            if "@" not in key and last_of_scope.get(key) is n:
-                name = key
-                break
-        if name is None and stacks[n] and last_of_scope.get(stacks[n][-1]) is n:
-            name = stacks[n][-1]  # a repeated call of a shared leaf module: "layer1.0.relu@1"
-        if name is None or name in used:
-            scope = next((k for k in reversed(stacks[n]) if "@" not in k), "")
-            name = f"{scope}:{n.name}" if scope else n.name
+        else:  # a function call inside a block: "layer1.0.relu" (the fx counter suffix dropped)
+            scope = next((k for k in reversed(stack) if "@" not in k), "")
+            base = n.name.rstrip("0123456789").rstrip("_") if n.op == "call_function" else n.name
+            name = f"{scope}.{base}" if scope else n.name
+        if name in used:
+            k = 1
+            while f"{name}@{k}" in used:
+                k += 1
+            name = f"{name}@{k}"
         used.add(name)
         names[n] = name
     return names

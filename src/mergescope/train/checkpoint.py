@@ -10,19 +10,16 @@ Both files are written atomically (temporary file + ``os.replace``).
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import os
-import tempfile
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from mergescope._atomic import atomic_path, atomic_write_text
+from mergescope._jsonio import dumps, package_version
 from mergescope.errors import CheckpointError
 from mergescope.models import apply_state_dict, create_model, load_state_dict_file, model_config, read_safetensors
 
@@ -38,45 +35,9 @@ __all__ = [
 ]
 
 
-def _mergescope_version() -> str:
-    try:
-        return version("mergescope")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def sidecar_path(path: str | Path) -> Path:
     """The JSON sidecar belonging to a weights file (``a.safetensors`` -> ``a.json``)."""
     return Path(path).with_suffix(".json")
-
-
-def _json_default(obj: Any) -> Any:
-    """Make common non-JSON values (dataclasses, numpy, paths, torch scalars/devices/dtypes) serialisable."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return dataclasses.asdict(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, torch.Tensor) and obj.numel() == 1:
-        return obj.item()
-    if isinstance(obj, (Path, torch.device, torch.dtype)):
-        return str(obj)
-    if isinstance(obj, (set, frozenset)):
-        return sorted(obj)
-    raise TypeError(f"a {type(obj).__name__} is not JSON-serialisable")
-
-
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file next to ``path``, then move it into place."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp_name)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any] | None = None) -> Path:
@@ -98,20 +59,21 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any] | N
     record = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "mergescope_version": _mergescope_version(),
+        "mergescope_version": package_version(),
         "arch": model_config(model),
         "weights": path.name,
         "meta": meta or {},
     }
     try:
-        text = json.dumps(record, default=_json_default, indent=2)
+        text = dumps(record)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint metadata for {path} is not JSON-serialisable: {exc}") from None
     # Copies, so tied/shared parameters don't trip safetensors' shared-memory check.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"format": FORMAT}))
-    _atomic_write(side, lambda tmp: tmp.write_text(text + "\n", encoding="utf-8"))
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    atomic_write_text(side, text)
     return side
 
 

@@ -1,0 +1,202 @@
+"""The command line: every command is a thin call of the public Python API.
+
+    mergescope demo [--out DIR]                      the whole study on the embedded digits, with a report
+    mergescope train --arch NAME --data SPEC --out CKPT [--seed S] [--epochs N] [--part a|b]
+    mergescope sweep CKPT_A CKPT_B --data SPEC --out DIR [--matching activation|weight]
+    mergescope report RUN_DIR                        re-render report.html from results.json
+    mergescope layers --arch NAME | --checkpoint CKPT   the observable layers and permutation groups
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import MergescopeError
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _cmd_demo(args) -> None:
+    from .demo import DemoConfig, run_demo
+
+    cfg = DemoConfig(matching=args.matching, epochs=args.epochs)
+    results = run_demo(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite)
+    _print_outcome(results, Path(args.out))
+
+
+def _print_outcome(results: dict, run_dir: Path) -> None:
+    from .report import barriers, headline
+
+    print(headline(results["rows"], results["endpoints"]))
+    for b in barriers(results["rows"]):
+        if b["split"] == "test":
+            print(f"  {b['method']:<16} accuracy at α=0.5: {100 * b['midpoint_accuracy']:5.1f}%   "
+                  f"loss barrier: {b['loss_barrier']:.3f}")
+    print(f"report: {run_dir / 'report.html'}")
+
+
+def _cmd_train(args) -> None:
+    from .data import open_dataset, stratified_pair
+    from .models import create_model
+    from .train import TrainConfig, save_checkpoint, train_model
+
+    train = open_dataset(args.data, split="train")
+    test = open_dataset(args.data, split="test") if args.eval else None
+    ids = None
+    if args.part:
+        ids_a, ids_b = stratified_pair(train.targets, major=args.major, seed=args.split_seed)
+        ids = ids_a if args.part == "a" else ids_b
+    arch_kw = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
+    model = create_model(args.arch, in_channels=train.num_channels, num_classes=len(train.classes),
+                         seed=args.seed, **arch_kw)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      augment=args.augment, device=args.device, amp=args.amp, label_smoothing=args.label_smoothing)
+    metrics = train_model(model, train, cfg, eval_ds=test, progress=not args.quiet,
+                          ids=None if ids is None else torch.as_tensor(ids))
+    split = {"part": args.part, "major": args.major, "seed": args.split_seed} if args.part else None
+    save_checkpoint(args.out, model, {"seed": args.seed, "train_config": cfg.to_dict(), "metrics": metrics,
+                                      "dataset": args.data, "dataset_fingerprint": train.fingerprint, "split": split})
+    acc = f", test accuracy {100 * metrics['test_acc']:.2f}%" if test is not None else ""
+    print(f"saved {args.out}{acc}")
+
+
+def _cmd_sweep(args) -> None:
+    from .data import open_dataset
+    from .merge import alpha_grid
+    from .runs import prepare_run_dir, write_manifest
+    from .sweep import METHODS, SweepConfig, run_sweep, save_sweep
+    from .train import load_checkpoint
+
+    run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)
+    model_a, meta_a = load_checkpoint(args.model_a, device=args.device)
+    model_b, meta_b = load_checkpoint(args.model_b, device=args.device)
+    train = open_dataset(args.data, split=args.stats_split)
+    evals = {s: open_dataset(args.data, split=s) for s in args.eval_splits}
+    stats_ids = None
+    if args.stats_images and args.stats_images < len(train):
+        stats_ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.stats_images]
+        stats_ids = sorted(stats_ids.tolist())
+    cfg = SweepConfig(alphas=alpha_grid(args.alpha_step), methods=args.methods or METHODS,
+                      matching=args.matching, batch_size=args.batch_size, stats_ids=stats_ids)
+    start = time.perf_counter()
+    result = run_sweep(model_a, model_b, train, evals, cfg, device=args.device, progress=not args.quiet)
+    summary = {"model A": str(args.model_a), "model B": str(args.model_b), "dataset": args.data,
+               "matching": args.matching, "data passes": result.passes,
+               "runtime": f"{time.perf_counter() - start:.1f} s on {args.device}"}
+    files = save_sweep(run_dir, result, f"mergescope sweep: {Path(args.model_a).name} × {Path(args.model_b).name}",
+                       summary)
+    write_manifest(run_dir, {"sweep": dataclasses.asdict(cfg), "data": args.data,
+                             "checkpoints": [str(args.model_a), str(args.model_b)]}, files,
+                   models={"A": meta_a, "B": meta_b}, timings=result.timings,
+                   dataset={"name": train.name, "fingerprint": train.fingerprint})
+    _print_outcome(result.to_json(), run_dir)
+
+
+def _cmd_report(args) -> None:
+    from .report import render_report
+
+    path = Path(args.run_dir) / "results.json"
+    if not path.exists():
+        raise MergescopeError(f"no results.json in {args.run_dir}: not a finished mergescope run folder")
+    print(render_report(args.run_dir, json.loads(path.read_text())))
+
+
+def _cmd_layers(args) -> None:
+    from .models import create_model
+    from .perm import build_spec
+    from .train import load_checkpoint
+
+    if args.checkpoint:
+        model, _ = load_checkpoint(args.checkpoint)
+    elif args.arch:
+        model = create_model(args.arch)
+    else:
+        raise MergescopeError("give --arch NAME or --checkpoint PATH")
+    spec = build_spec(model)
+    for name, tap in spec.layers.items():
+        print(f"{name:<32} {tap.channels:>5} channels   group: {tap.group or '(fixed)'}")
+    print(spec.describe())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mergescope", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("demo", help="train two digit CNNs, align, merge, repair, report (about a minute on a CPU)")
+    p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    p.add_argument("--matching", choices=("activation", "weight"), default="activation")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("train", help="train one model and save it as safetensors + JSON sidecar")
+    p.add_argument("--arch", required=True, help="zoo name (see `mergescope layers`), e.g. resnet20")
+    p.add_argument("--arch-kwargs", help='JSON, e.g. \'{"width": 4}\'')
+    p.add_argument("--data", required=True, help="digits | cifar10:ROOT | PACK.npz | pack folder | ImageFolder tree")
+    p.add_argument("--out", required=True, help="checkpoint path (*.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--augment", action="store_true", help="random crop + flip (32 px and larger images)")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
+    p.add_argument("--eval", action="store_true", help="evaluate on the test split after training")
+    p.add_argument("--part", choices=("a", "b"), help="train on one half of the 'stratified' class split")
+    p.add_argument("--major", type=float, default=0.8, help="stratified split: share of the first half of classes")
+    p.add_argument("--split-seed", type=int, default=0)
+    _add_device(p)
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("sweep", help="align two checkpoints, merge along α with every method, evaluate, report")
+    p.add_argument("model_a")
+    p.add_argument("model_b")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--matching", choices=("activation", "weight"), default="activation")
+    p.add_argument("--methods", nargs="+", help="subset of: naive permuted permuted+repair permuted+reset")
+    p.add_argument("--alpha-step", type=float, default=0.05)
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--stats-split", default="train", help="split for matching and REPAIR statistics")
+    p.add_argument("--stats-images", type=int, help="use this many (random, fixed) images for statistics")
+    p.add_argument("--eval-splits", nargs="+", default=["test"])
+    p.add_argument("--overwrite", action="store_true")
+    _add_device(p)
+    p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("report", help="re-render report.html of a run folder from its stored results")
+    p.add_argument("run_dir")
+    p.set_defaults(func=_cmd_report)
+
+    p = sub.add_parser("layers", help="list a model's observable layers and permutation groups")
+    p.add_argument("--arch")
+    p.add_argument("--checkpoint")
+    p.set_defaults(func=_cmd_layers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except MergescopeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

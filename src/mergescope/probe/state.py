@@ -1,0 +1,115 @@
+"""The accumulators of one probe pass (or one shard of it): top-k, moments and subset activations per layer.
+
+Each batch's feature maps are reduced to one activation per (image, channel) — the spatial max or mean — and
+fed to every accumulator at once. Memory is O(models · channels · (k + |D'|)), never O(dataset).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import NumericsError
+from .result import LayerProbe
+from .stats import Moments
+from .topk import StreamingTopK
+
+REDUCTIONS = ("max", "mean")
+
+LayerShapes = dict[str, dict[str, tuple[int, int]]]  # model -> layer -> (channels, channel_dim)
+
+
+def reduce_activation(t: torch.Tensor, channel_dim: int = 1, reduction: str = "max") -> torch.Tensor:
+    """A feature map (B, ..., C, ...) -> float32 [B, C]: the max (or mean) over everything but the channels.
+
+    ``-0.0`` becomes ``+0.0`` so that equal activations compare equal bit for bit.
+    """
+    t = t.movedim(channel_dim, 1)  # (B, C, *rest)
+    if t.dim() > 2:
+        flat = t.flatten(2)  # (B, C, S)
+        t = flat.amax(2) if reduction == "max" else flat.float().mean(2)
+    return t.float() + 0.0  # [B, C]
+
+
+class SubsetIndex:
+    """Finds the rows of a fixed image subset D' among a batch's ids in O(|D'|) memory (sorted search)."""
+
+    def __init__(self, subset_ids: torch.Tensor):
+        self.size = int(subset_ids.numel())
+        self.sorted, self.order = subset_ids.sort()  # [S], [S]
+
+    def locate(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positions in the batch, rows of D') of the batch's ids that belong to D'."""
+        if self.size == 0:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return empty, empty
+        idx = torch.searchsorted(self.sorted, ids).clamp_max(self.size - 1)  # [B]
+        hit = self.sorted[idx] == ids  # [B]
+        return hit.nonzero().squeeze(1), self.order[idx[hit]]
+
+
+class ProbeState:
+    """Per (model, layer): a :class:`StreamingTopK`, a :class:`Moments` and the D' activation matrix."""
+
+    def __init__(self, shapes: LayerShapes, k: int, reduction: str, subset_ids: torch.Tensor | None,
+                 device: torch.device | str = "cpu"):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        self.shapes, self.k, self.reduction, self.device = shapes, k, reduction, torch.device(device)
+        self.keys = [(m, layer) for m, layers in shapes.items() for layer in layers]
+        self.topk = {(m, layer): StreamingTopK(shapes[m][layer][0], k, self.device, f"model '{m}', layer '{layer}'")
+                     for m, layer in self.keys}
+        self.moments = {key: Moments() for key in self.keys}
+        self.subset_ids = subset_ids
+        self.index = SubsetIndex(subset_ids) if subset_ids is not None else None
+        self.subset = {} if subset_ids is None else {
+            (m, layer): torch.zeros(len(subset_ids), shapes[m][layer][0], device=self.device)  # [S, C]
+            for m, layer in self.keys
+        }
+        self.batches_done = 0  # position in the (deterministic) batch sequence
+        self.images_seen = 0
+
+    def update(self, ids: torch.Tensor, features: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Absorb one batch: ``ids`` int64 [B] (CPU) and each model's tapped feature maps by layer name."""
+        reduced = {(m, layer): reduce_activation(features[m][layer], self.shapes[m][layer][1], self.reduction)
+                   for m, layer in self.keys}  # each [B, C]
+        finite = torch.stack([torch.isfinite(r).all() for r in reduced.values()])  # one sync per batch
+        if not bool(finite.all()):
+            m, layer = self.keys[int((~finite).nonzero()[0])]
+            raise NumericsError(f"NaN/Inf activations in model '{m}', layer '{layer}' "
+                                f"(batch of image ids {int(ids[0])}..{int(ids[-1])})")
+        pos = rows = None
+        if self.index is not None:
+            pos, rows = self.index.locate(ids)
+            pos, rows = pos.to(self.device), rows.to(self.device)
+        for key, r in reduced.items():
+            self.topk[key].update(r, ids, check=False)
+            self.moments[key].update(r)
+            if pos is not None and pos.numel():
+                self.subset[key][rows] = r[pos]
+        self.batches_done += 1
+        self.images_seen += int(ids.numel())
+
+    def layer_probes(self) -> dict[str, dict[str, LayerProbe]]:
+        """The current state as results (CPU tensors)."""
+        out: dict[str, dict[str, LayerProbe]] = {m: {} for m in self.shapes}
+        for m, layer in self.keys:
+            topk, mom = self.topk[m, layer], self.moments[m, layer]
+            moments = Moments()
+            if mom.mean is not None:
+                moments.n, moments.mean, moments.m2 = mom.n, mom.mean.cpu(), mom.m2.cpu()
+            subset = self.subset[m, layer].cpu() if self.subset else None
+            out[m][layer] = LayerProbe(topk.values.cpu(), topk.ids.cpu(), moments, subset)
+        return out
+
+    def restore(self, probes: dict[str, dict[str, LayerProbe]], batches_done: int, images_seen: int) -> None:
+        """Continue from saved results (a checkpoint of this same pass)."""
+        for m, layer in self.keys:
+            p = probes[m][layer]
+            self.topk[m, layer] = StreamingTopK.from_arrays(p.topk_values, p.topk_ids, self.k, images_seen,
+                                                            self.topk[m, layer].name, self.device)
+            mom = Moments()
+            if p.moments.mean is not None:
+                mom.n, mom.mean, mom.m2 = p.moments.n, p.moments.mean.to(self.device), p.moments.m2.to(self.device)
+            self.moments[m, layer] = mom
+            if self.subset:
+                self.subset[m, layer] = p.subset.to(self.device).clone()
+        self.batches_done, self.images_seen = batches_done, images_seen
