@@ -73,14 +73,15 @@ def _cmd_sweep(args) -> None:
     from .data import open_dataset
     from .merge import alpha_grid
     from .runs import prepare_run_dir, write_manifest
-    from .sweep import METHODS, SweepConfig, run_sweep, save_sweep
+    from .sweep import METHODS, SweepConfig, check_same_architecture, run_sweep, save_sweep
     from .train import load_checkpoint
 
-    run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)
     model_a, meta_a = load_checkpoint(args.model_a, device=args.device)
     model_b, meta_b = load_checkpoint(args.model_b, device=args.device)
+    check_same_architecture(model_a, model_b)
     train = open_dataset(args.data, split=args.stats_split)
     evals = {s: open_dataset(args.data, split=s) for s in args.eval_splits}
+    run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)  # only once every input is known to be good
     stats_ids = None
     if args.stats_images and args.stats_images < len(train):
         stats_ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.stats_images]

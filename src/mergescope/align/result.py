@@ -16,8 +16,9 @@ class MatchResult:
         similarity: group name -> (C, C) float64 matrix that was maximized: A channel i × B channel j
             (activation matching: Pearson correlation averaged over the group's observation points;
             weight matching: the inner products of the group's weights under the final permutations).
-        dead_a, dead_b: group name -> indices of channels constant over the data (activation matching only);
-            their matches carry no information and are reported, not trusted.
+        dead_a, dead_b: group name -> indices of channels constant over the data, or over all of it but one
+            sample (activation matching only, see :meth:`CoMoments.dead`); their matches carry no information
+            and are reported, not trusted.
         method: "activation" or "weight".
     """
 

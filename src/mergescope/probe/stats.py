@@ -52,12 +52,53 @@ class Moments:
         return self.var.sqrt()
 
 
+class Extremes:
+    """Per-channel minimum and maximum of a stream of (samples, C) batches, and how many samples equal each.
+
+    Exact (no rounding) and independent of batching and order, so it merges like :class:`Moments`.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.lo: torch.Tensor | None = None  # (C,) minimum
+        self.hi: torch.Tensor | None = None  # (C,) maximum
+        self.n_lo: torch.Tensor | None = None  # (C,) int64 samples equal to the minimum
+        self.n_hi: torch.Tensor | None = None  # (C,) int64 samples equal to the maximum
+
+    def update(self, x: torch.Tensor) -> None:
+        lo, hi = x.min(0).values, x.max(0).values
+        self._combine(x.shape[0], lo, (x == lo).sum(0), hi, (x == hi).sum(0))
+
+    def _combine(self, n: int, lo: torch.Tensor, n_lo: torch.Tensor, hi: torch.Tensor, n_hi: torch.Tensor) -> None:
+        if self.lo is None:
+            self.n, self.lo, self.n_lo, self.hi, self.n_hi = n, lo, n_lo, hi, n_hi
+            return
+        self.lo, self.n_lo = _merge_extreme(self.lo, self.n_lo, lo, n_lo, torch.minimum)
+        self.hi, self.n_hi = _merge_extreme(self.hi, self.n_hi, hi, n_hi, torch.maximum)
+        self.n += n
+
+    def merge(self, other: "Extremes") -> None:
+        if other.lo is not None:
+            self._combine(other.n, other.lo, other.n_lo, other.hi, other.n_hi)
+
+    def all_but_one_equal(self) -> torch.Tensor:
+        """Boolean (C,): channels that take one value on every sample except at most one."""
+        return (self.n_lo >= self.n - 1) | (self.n_hi >= self.n - 1)
+
+
+def _merge_extreme(v1, c1, v2, c2, pick):
+    v2, c2 = v2.to(v1.device), c2.to(c1.device)
+    v = pick(v1, v2)
+    return v, c1 * (v1 == v) + c2 * (v2 == v)
+
+
 class CoMoments:
     """Means, variances and the cross-covariance of two aligned streams a (samples, Ca) and b (samples, Cb)."""
 
     def __init__(self) -> None:
         self.a, self.b = Moments(), Moments()
         self.cab: torch.Tensor | None = None  # (Ca, Cb) float64 sum of co-deviations
+        self.ext_a, self.ext_b = Extremes(), Extremes()  # for :meth:`dead`
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         a, b = a.float(), b.float()
@@ -67,6 +108,8 @@ class CoMoments:
         self._combine(n, ma.double(), mb.double(), cab.double())
         self.a._combine(n, ma.double(), ((a - ma) ** 2).sum(0).double())
         self.b._combine(n, mb.double(), ((b - mb) ** 2).sum(0).double())
+        self.ext_a.update(a)
+        self.ext_b.update(b)
 
     def _combine(self, n: int, ma: torch.Tensor, mb: torch.Tensor, cab: torch.Tensor) -> None:
         if self.cab is None:
@@ -81,6 +124,8 @@ class CoMoments:
             self._combine(other.a.n, other.a.mean, other.b.mean, other.cab)
             self.a.merge(other.a)
             self.b.merge(other.b)
+            self.ext_a.merge(other.ext_a)
+            self.ext_b.merge(other.ext_b)
 
     def correlation(self, eps: float = 1e-12) -> torch.Tensor:
         """Pearson correlation (Ca, Cb); entries involving a constant channel are 0 (see :meth:`dead`)."""
@@ -89,8 +134,14 @@ class CoMoments:
         return torch.where(denom > eps, self.cab / denom.clamp_min(eps), torch.zeros_like(denom))
 
     def dead(self, rel_eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-        """Boolean masks of channels (of a, of b) that are constant over every sample seen."""
-        def mask(m: Moments) -> torch.Tensor:
+        """Boolean masks of channels (of a, of b) whose correlations carry no information.
+
+        That is a channel constant over every sample seen, or constant on all samples but one (e.g. a ReLU
+        unit that fires on a single image × position): such a channel is an affine function of that sample's
+        indicator, so its correlation with any other channel only says how extreme that channel is on the one
+        sample, and every channel firing only there correlates with it perfectly (ties).
+        """
+        def mask(m: Moments, e: Extremes) -> torch.Tensor:
             scale = m.mean.abs().clamp_min(1.0)
-            return m.std <= rel_eps * scale
-        return mask(self.a), mask(self.b)
+            return (m.std <= rel_eps * scale) | e.all_but_one_equal().to(m.std.device)
+        return mask(self.a, self.ext_a), mask(self.b, self.ext_b)

@@ -1,0 +1,283 @@
+"""The probe: one streaming pass over a dataset serves many models and all their layers at once.
+
+For every channel of every probed layer of every model it records the k images that activate the channel most
+(activation = spatial max of the channel's feature map by default, or the mean; DESIGN.md "Definitions"),
+the running mean/std of that activation, and optionally the full activation matrix on a fixed image subset D'.
+Each batch is loaded once and fed to every model; memory is O(models · channels · k) plus the subset.
+
+With a ``run_dir`` the result is stored (see :mod:`mergescope.probe.store`), a finished probe of the same
+config is loaded instead of recomputed, and an interrupted pass resumes from its last checkpoint. Inside a
+``torch.distributed`` process group the pass is sharded over the ranks automatically
+(:mod:`mergescope.probe.distributed`).
+"""
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.base import ImageDataset, as_ids
+from ..data.loader import iter_batches, len_batches
+from ..errors import ArchitectureError, MergescopeError
+from ..perm import build_spec
+from .distributed import barrier, batch_range, gather_flags, gather_state, world
+from .engine import run_pass
+from .result import ProbeResult
+from .state import REDUCTIONS, LayerShapes, ProbeState
+from .store import (CONFIG_KEYS, FORMAT, RESULT_FILE, config_mismatch, mergescope_version, partial_file,
+                    probe_tensors, read_meta, read_probes, result_from_file, save_probe, write)
+from .taps import tap_model
+
+Layers = Mapping[str, Sequence[str]] | Sequence[str] | None
+
+
+def probe(
+    models: Mapping[str, nn.Module],
+    dataset: ImageDataset,
+    layers: Layers = None,
+    k: int = 10,
+    reduction: str = "max",
+    batch_size: int = 256,
+    subset_ids: Any = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+    run_dir: str | Path | None = None,
+    resume: bool = True,
+    checkpoint_every: int | None = 50,
+    num_workers: int = 0,
+) -> ProbeResult:
+    """Probe every layer of every model in one pass over ``dataset``.
+
+    Args:
+        models: name -> model (names become file keys: no ``/``). Models are moved to ``device`` and probed in
+            eval mode; their train/eval flags are restored afterwards.
+        dataset: an index-stable dataset; image ids are its indices.
+        layers: canonical layer names (:func:`mergescope.perm.list_layers`) — one list for all models, or a
+            dict model -> list. Default: every layer of ``build_spec(model).layers`` (the output of each
+            conv's nonlinearity; ResNets: also every block output).
+        k: images kept per channel.
+        reduction: ``"max"`` or ``"mean"`` over the spatial positions of a feature map.
+        batch_size: images per batch (the batch sequence is fixed: no shuffle, so resuming is exact).
+        subset_ids: optional fixed subset D' (unique ids); its full activation matrix is kept per layer.
+        device: where the models run and the accumulators live.
+        progress: show a progress bar (rank 0 only).
+        run_dir: directory for ``probe.safetensors`` + ``probe.json`` and pass checkpoints; None keeps
+            everything in memory.
+        resume: reuse a finished result / continue a checkpoint of the same config in ``run_dir``, raising
+            :class:`MergescopeError` if what is stored there has a different config; False recomputes from
+            scratch and overwrites.
+        checkpoint_every: save the pass state every this many batches (None: never).
+        num_workers: DataLoader workers for datasets that are not in memory.
+
+    Returns:
+        A :class:`ProbeResult`; inside a process group every rank returns the same, complete result (only
+        rank 0 writes files).
+
+    Example:
+        >>> from mergescope.data import load_digits
+        >>> from mergescope.models import create_model
+        >>> ds = load_digits("train")
+        >>> models = {s: create_model("cnn_digits", width=8, seed=s) for s in ("0", "1")}
+        >>> result = probe(models, ds, progress=False)
+        >>> result["0", "features.2"].topk_ids.shape  # 8 channels × top 10 image ids
+        torch.Size([8, 10])
+    """
+    models = dict(models)
+    _check_arguments(models, dataset, k, reduction, batch_size, checkpoint_every)
+    device = torch.device(device)
+    rank, world_size = world()
+    subset = _subset(subset_ids, len(dataset))
+    run_dir = Path(run_dir) if run_dir is not None else None
+
+    with _eval_mode(models.values()):
+        tapped, shapes = _tap_all(models, layers, dataset, device)
+        config = _config(models, shapes, k, reduction, dataset, subset)
+        num_batches = len_batches(dataset, batch_size)
+        first, stop = batch_range(num_batches, rank, world_size)
+        pass_info = {"batch_size": batch_size, "world_size": world_size, "rank": rank, "batches": [first, stop]}
+        state = ProbeState(shapes, k, reduction, subset, device)
+
+        if run_dir is not None:
+            finished = _stored_result(run_dir, config, resume)
+            if finished is not None:
+                return finished
+            _resume_state(run_dir, config, pass_info, state, resume)
+
+        def checkpoint() -> None:
+            meta = _meta("partial", config, shapes, state.images_seen)
+            meta["pass"] = {**pass_info, "batches_done": state.batches_done}
+            write(run_dir / partial_file(rank, world_size), probe_tensors(state.layer_probes(), subset), meta)
+
+        def consume(batch, x, outs) -> None:
+            state.update(batch.ids, {name: feats for name, (_, feats) in outs.items()})
+            if (run_dir is not None and checkpoint_every and state.batches_done % checkpoint_every == 0
+                    and first + state.batches_done < stop):
+                checkpoint()
+
+        start = first + state.batches_done
+        ids = torch.arange(start * batch_size, min(stop * batch_size, len(dataset)))  # this rank's remaining ids
+        batches = iter_batches(dataset, batch_size, ids=ids, num_workers=num_workers)
+        run_pass(tapped, batches, consume, device=device, desc="probe", total=stop - start,
+                 progress=progress and rank == 0)
+
+    if world_size > 1:
+        gather_state(state)
+    result = ProbeResult(state.layer_probes(), k, reduction, config["dataset"], state.images_seen, subset, config)
+    if run_dir is not None:
+        path = run_dir / RESULT_FILE
+        if rank == 0:
+            save_probe(result, path)
+        barrier()  # the result exists before any rank returns or drops its checkpoint
+        result.path = path
+        partial = run_dir / partial_file(rank, world_size)
+        partial.unlink(missing_ok=True)
+        partial.with_suffix(".json").unlink(missing_ok=True)
+    return result
+
+
+def _check_arguments(models: dict[str, nn.Module], dataset: ImageDataset, k: int, reduction: str,
+                     batch_size: int, checkpoint_every: int | None) -> None:
+    if not models:
+        raise MergescopeError("probe needs at least one model")
+    for name in models:
+        if not isinstance(name, str) or not name or "/" in name:
+            raise MergescopeError(f"model names must be non-empty strings without '/', got {name!r}")
+    if reduction not in REDUCTIONS:
+        raise MergescopeError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+    if k < 1 or batch_size < 1 or (checkpoint_every is not None and checkpoint_every < 1):
+        raise MergescopeError(f"k, batch_size and checkpoint_every must be positive, got {k}, {batch_size}, "
+                              f"{checkpoint_every}")
+    if len(dataset) == 0 or len(dataset) >= 2**32:
+        raise MergescopeError(f"the probe handles 1..2**32-1 images, the dataset has {len(dataset)}")
+
+
+def _subset(subset_ids: Any, n: int) -> torch.Tensor | None:
+    if subset_ids is None:
+        return None
+    ids = as_ids(subset_ids, n)  # [S]
+    if ids.unique().numel() != ids.numel():
+        raise MergescopeError("subset_ids contains repeated ids")
+    return ids
+
+
+@contextmanager
+def _eval_mode(models: Sequence[nn.Module] | Any) -> Iterator[None]:
+    """Put every module in eval mode for the pass and restore each one's flag afterwards (the tapped copies
+    share the models' submodules)."""
+    flags = [(m, m.training) for model in models for m in model.modules()]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for m, training in flags:
+            m.training = training
+
+
+def _tap_all(models: dict[str, nn.Module], layers: Layers, dataset: ImageDataset,
+             device: torch.device) -> tuple[dict[str, nn.Module], LayerShapes]:
+    """The tapped models and, per model and layer, (channels, channel_dim), learnt on a zero example batch."""
+    if isinstance(layers, Mapping):
+        unknown = [m for m in layers if m not in models]
+        missing = [m for m in models if m not in layers]
+        if unknown or missing:
+            raise MergescopeError(f"layers must name exactly the models {sorted(models)}; "
+                                  f"unknown {unknown}, missing {missing}")
+    elif isinstance(layers, str):
+        raise MergescopeError("layers must be a list of layer names (or a dict model -> list), not a string")
+    example = torch.zeros(2, dataset.num_channels, *dataset.image_size)  # no data read: reuse stays pass-free
+    tapped, shapes = {}, {}
+    for name, model in models.items():
+        wanted = layers[name] if isinstance(layers, Mapping) else layers
+        try:
+            spec_layers = build_spec(model, example).layers
+        except ArchitectureError:
+            if wanted is None:
+                raise
+            spec_layers = {}  # explicit layers of a model the spec can't handle: channels on axis 1
+        names = list(dict.fromkeys(spec_layers if wanted is None else wanted))
+        if not names:
+            raise MergescopeError(f"no layers to probe in model '{name}'")
+        tapped[name] = tap_model(model, names).to(device)
+        with torch.inference_mode():
+            _, feats = tapped[name](example.to(device))
+        shapes[name] = {}
+        for layer in names:
+            dim = spec_layers[layer].channel_dim if layer in spec_layers else 1
+            shapes[name][layer] = (int(feats[layer].shape[dim]), dim)
+    return tapped, shapes
+
+
+def _state_sha256(model: nn.Module) -> str:
+    h = hashlib.sha256(b"mergescope.state/1")
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _config(models: dict[str, nn.Module], shapes: LayerShapes, k: int, reduction: str, dataset: ImageDataset,
+            subset: torch.Tensor | None) -> dict[str, Any]:
+    """What a stored result must match to be reused (JSON-able)."""
+    return {
+        "models": {n: {"class": type(m).__name__, "state_sha256": _state_sha256(m)} for n, m in models.items()},
+        "layers": {n: list(layers) for n, layers in shapes.items()},
+        "k": k,
+        "reduction": reduction,
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint, "size": len(dataset)},
+        "subset": None if subset is None else {
+            "size": len(subset), "sha256": hashlib.sha256(subset.numpy().astype("<i8").tobytes()).hexdigest()},
+    }
+
+
+def _meta(kind: str, config: dict[str, Any], shapes: LayerShapes, num_images: int) -> dict[str, Any]:
+    return {"format": FORMAT, "kind": kind, "mergescope_version": mergescope_version(), **config,
+            "channels": {m: {layer: c for layer, (c, _) in layers.items()} for m, layers in shapes.items()},
+            "num_images": num_images}
+
+
+_ABSENT, _MATCH, _MISMATCH = 0, 1, 2
+
+
+def _stored_result(run_dir: Path, config: dict[str, Any], resume: bool) -> ProbeResult | None:
+    """A finished result of this config in ``run_dir`` (when every rank sees it), or None."""
+    if not resume:
+        return None
+    path = run_dir / RESULT_FILE
+    meta = read_meta(path)
+    diff = "" if meta is None else config_mismatch({k: meta.get(k) for k in CONFIG_KEYS}, config)
+    status = _ABSENT if meta is None else (_MISMATCH if diff else _MATCH)
+    everyone = gather_flags([status])[:, 0]
+    if bool((everyone == _MISMATCH).any()):
+        raise MergescopeError(f"{path} holds a probe of a different config ({diff or 'seen by another rank'}); "
+                              "pass resume=False to recompute and overwrite it, or use another run directory")
+    if bool((everyone == _MATCH).all()):
+        return result_from_file(path, meta)
+    return None
+
+
+def _resume_state(run_dir: Path, config: dict[str, Any], pass_info: dict[str, Any], state: ProbeState,
+                  resume: bool) -> None:
+    """Continue ``state`` from this rank's checkpoint in ``run_dir`` when it belongs to the same pass."""
+    if not resume:
+        return
+    path = run_dir / partial_file(pass_info["rank"], pass_info["world_size"])
+    meta = read_meta(path)
+    diff = ""
+    if meta is not None:
+        saved = {k: meta.get(k) for k in CONFIG_KEYS}
+        saved["pass"] = {k: v for k, v in meta.get("pass", {}).items() if k != "batches_done"}
+        diff = config_mismatch(saved, {**config, "pass": pass_info})
+    status = _ABSENT if meta is None else (_MISMATCH if diff else _MATCH)
+    if bool((gather_flags([status])[:, 0] == _MISMATCH).any()):
+        raise MergescopeError(f"cannot resume: {path} is a checkpoint of a different pass "
+                              f"({diff or 'seen by another rank'}); pass resume=False to start over")
+    if status == _MATCH:
+        probes, _ = read_probes(path, meta)
+        state.restore(probes, meta["pass"]["batches_done"], meta["num_images"])
