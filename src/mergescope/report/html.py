@@ -6,7 +6,6 @@ import os
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from functools import lru_cache
-from importlib import metadata
 from pathlib import Path
 
 import jinja2
@@ -15,6 +14,7 @@ from markupsafe import Markup
 from mergescope.errors import MergescopeError
 from mergescope.report import formatting as fmt
 from mergescope._atomic import atomic_write_text
+from mergescope._jsonio import package_version
 from mergescope.report.figures import interpolation_figures, method_colors
 from mergescope.report.headline import best_and_baseline, headline
 from mergescope.report.interpolation import barriers, curves, methods, splits
@@ -34,13 +34,6 @@ def _environment() -> jinja2.Environment:
     )
     env.filters.update(percent=fmt.percent, points=fmt.points, number=fmt.number, alpha=fmt.alpha, value=fmt.value)
     return env
-
-
-def _version() -> str:
-    try:
-        return metadata.version("mergescope")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _rows(results: Mapping) -> list[dict]:
@@ -82,7 +75,7 @@ def report_context(results: Mapping, figures: list[Path], run_dir: Path) -> dict
         "rows": sorted(rows, key=lambda r: (order[r["split"]], r["method"], r["alpha"])),
         "colors": colors,
         "summary": dict(results.get("summary") or {}),
-        "version": _version(),
+        "version": package_version(),
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

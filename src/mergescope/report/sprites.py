@@ -1,0 +1,68 @@
+"""Image tiles for feature views, packed into sprite sheets so a page with thousands of channels opens fast.
+
+Tiles are decoded from the dataset by image id (:meth:`ImageDataset.image`); small images (digits 8×8, CIFAR
+32×32) are upscaled with nearest-neighbour so pixels stay crisp, large ones are downscaled with a good filter.
+Each sheet holds at most ``per_sheet`` tiles in a square grid and is written as PNG (lossless, which matters
+for 8×8 inputs) or JPEG for large photos.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .._atomic import atomic_path
+
+
+@dataclass(frozen=True)
+class Tile:
+    """Where one image sits: its sheet (relative path) and the tile's pixel offset in it."""
+
+    sheet: str
+    x: int
+    y: int
+
+
+def tile_image(img: Image.Image, size: int) -> Image.Image:
+    """One square tile: nearest-neighbour upscaling for small images, Lanczos thumbnails for large ones."""
+    img = img.convert("RGB")
+    if max(img.size) <= size:
+        scale = max(1, size // max(img.size))
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    else:
+        side = min(img.size)  # centre crop to a square first
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.LANCZOS)
+    canvas = Image.new("RGB", (size, size), (255, 255, 255))
+    canvas.paste(img, ((size - img.width) // 2, (size - img.height) // 2))
+    return canvas
+
+
+def write_sprites(dataset, ids: Iterable[int], out_dir: Path, prefix: str, size: int = 64,
+                  per_sheet: int = 1024) -> dict[int, Tile]:
+    """Render every distinct image id once into sprite sheets ``out_dir/<prefix>_<n>.(png|jpg)``.
+
+    Returns:
+        image id -> :class:`Tile` (sheet path relative to the parent of ``out_dir``, pixel offsets).
+    """
+    unique = sorted({int(i) for i in ids})
+    out_dir.mkdir(parents=True, exist_ok=True)
+    small = max(dataset.image(unique[0]).size) <= size if unique else True
+    ext, fmt = ("png", "PNG") if small else ("jpg", "JPEG")
+    tiles: dict[int, Tile] = {}
+    for n, start in enumerate(range(0, len(unique), per_sheet)):
+        chunk = unique[start:start + per_sheet]
+        cols = math.ceil(math.sqrt(len(chunk)))
+        rows = math.ceil(len(chunk) / cols)
+        sheet = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
+        name = f"{prefix}_{n}.{ext}"
+        for j, image_id in enumerate(chunk):
+            x, y = (j % cols) * size, (j // cols) * size
+            sheet.paste(tile_image(dataset.image(image_id), size), (x, y))
+            tiles[image_id] = Tile(f"{out_dir.name}/{name}", x, y)
+        with atomic_path(out_dir / name) as tmp:
+            sheet.save(tmp, format=fmt, **({"quality": 88} if fmt == "JPEG" else {"optimize": True}))
+    return tiles
