@@ -47,6 +47,7 @@ class SweepResult:
     passes: dict[str, int]  # data passes by purpose
     timings: dict[str, float]  # seconds by stage
     aligned_b: nn.Module
+    midpoint: dict[str, nn.Module]  # method -> its merged model at the α closest to 0.5 (for feature views)
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "endpoints": self.endpoints, "matching": self.match.summary(),
@@ -163,17 +164,22 @@ def run_sweep(
         endpoints += [{"model": k, "split": split, **scores[k]} for k in ("A", "B", "B aligned")]
     timings["evaluation"] = time.perf_counter() - t0
     rows.sort(key=lambda r: (r["split"], methods.index(r["method"]), r["alpha"]))
-    return SweepResult(rows, endpoints, match, methods, passes, timings, aligned_b)
+    mid = min(cfg.alphas, key=lambda a: abs(a - 0.5))
+    midpoint = {m: merged[m, mid] for m in methods}
+    return SweepResult(rows, endpoints, match, methods, passes, timings, aligned_b, midpoint)
 
 
-def save_sweep(run_dir: Path, result: SweepResult, title: str, summary: Mapping[str, object]) -> list[Path]:
+def save_sweep(run_dir: Path, result: SweepResult, title: str, summary: Mapping[str, object],
+               sections: Sequence[dict] = ()) -> list[Path]:
     """Write the sweep's ``interpolation.csv``, ``results.json`` and ``report.html`` into ``run_dir``.
+
+    ``sections`` ({"title", "html"}) are extra report sections, e.g. the index of feature pages.
 
     Returns:
         The files written (for the manifest's hashes).
     """
     csv_path = write_csv(run_dir / "interpolation.csv", result.rows)
-    results = {"title": title, "summary": dict(summary), **result.to_json()}
+    results = {"title": title, "summary": dict(summary), **result.to_json(), "sections": list(sections)}
     json_path = write_json(run_dir / "results.json", results)
     report = render_report(run_dir, results)
     return [csv_path, json_path, report]
