@@ -3,7 +3,9 @@
     mergescope demo [--out DIR]                      the whole study on the embedded digits, with a report
     mergescope train --arch NAME --data SPEC --out CKPT [--seed S] [--epochs N] [--part a|b]
     mergescope sweep CKPT_A CKPT_B --data SPEC --out DIR [--matching activation|weight]
-    mergescope report RUN_DIR                        re-render report.html from results.json
+    mergescope probe CKPT_A CKPT_B [CKPT ...] --data SPEC --out DIR [--merge ALPHA]
+                                                     top-k images of every channel, models aligned to the first
+    mergescope report RUN_DIR                        re-render report.html (and feature pages) from stored results
     mergescope layers --arch NAME | --checkpoint CKPT   the observable layers and permutation groups
 """
 from __future__ import annotations
@@ -102,13 +104,80 @@ def _cmd_sweep(args) -> None:
     _print_outcome(result.to_json(), run_dir)
 
 
+def _cmd_probe(args) -> None:
+    from ._jsonio import write_json
+    from .data import open_dataset
+    from .features import feature_study, merged_rows
+    from .merge import interpolate_model, repair_and_reset
+    from .perm import build_spec, permute_model
+    from .align import match_many
+    from .data import iter_batches, len_batches
+    from .report import render_report
+    from .report.features import feature_index_html
+    from .runs import prepare_run_dir, write_manifest
+    from .sweep import check_same_architecture
+    from .train import load_checkpoint
+
+    if len(args.checkpoints) < 2:
+        raise MergescopeError("give at least two checkpoints: the reference first, then the models to align to it")
+    loaded = [load_checkpoint(c, device=args.device) for c in args.checkpoints]
+    for model, _ in loaded[1:]:
+        check_same_architecture(loaded[0][0], model)
+    data = open_dataset(args.data, split=args.split)
+    run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)
+    tags = [chr(ord("A") + i) for i in range(len(loaded))]
+    models = {t: m for t, (m, _) in zip(tags, loaded)}
+    a = models["A"]
+    spec = build_spec(a, next(iter(iter_batches(data, 2))).x.to(args.device))
+    matches = dict(zip(tags[1:], match_many(a, [models[t] for t in tags[1:]], spec,
+                                            iter_batches(data, args.batch_size), device=args.device,
+                                            progress=not args.quiet, total=len_batches(data, args.batch_size))))
+    merged = {}
+    if args.merge is not None:
+        alpha, aligned_b = args.merge, permute_model(models["B"], spec, matches["B"].perms)
+        merged = {"permuted": interpolate_model(a, aligned_b, alpha), "naive": interpolate_model(a, models["B"], alpha)}
+        merged["permuted+repair"] = interpolate_model(a, aligned_b, alpha)
+        repair_and_reset(a, aligned_b, spec, iter_batches(data, args.batch_size), repair=[(alpha, merged["permuted+repair"])],
+                         device=args.device, progress=not args.quiet, total=len_batches(data, args.batch_size))
+        merged = merged_rows(merged, alpha)
+    _, pages, recipes = feature_study(run_dir, data, models, matches=matches, merged=merged, spec=spec, k=args.k,
+                                      reduction=args.reduction, batch_size=args.batch_size, device=args.device,
+                                      progress=not args.quiet)
+    results = {
+        "title": f"mergescope feature study: {len(models)} models on {data.name}",
+        "headline": f"Top-{args.k} {data.name} images of every channel of {len(spec.layers)} layers, for "
+                    f"{len(models)} models aligned to {Path(args.checkpoints[0]).name}.",
+        "summary": {t: str(c) for t, c in zip(tags, args.checkpoints)} | {"dataset": f"{args.data} ({args.split})",
+                                                                          "reduction": args.reduction},
+        "matching": matches["B"].summary(),
+        "sections": [{"title": "Feature visualization", "html": feature_index_html(pages)}],
+        "features": {"data": args.data, "split": args.split, "views": recipes},
+    }
+    files = [write_json(run_dir / "results.json", results), render_report(run_dir, results)]
+    write_manifest(run_dir, {"checkpoints": args.checkpoints, "data": args.data, "split": args.split, "k": args.k,
+                             "reduction": args.reduction, "merge": args.merge}, files,
+                   models={t: meta for t, (_, meta) in zip(tags, loaded)},
+                   dataset={"name": data.name, "fingerprint": data.fingerprint})
+    print(f"report: {run_dir / 'report.html'}")
+
+
 def _cmd_report(args) -> None:
     from .report import render_report
 
-    path = Path(args.run_dir) / "results.json"
+    run_dir = Path(args.run_dir)
+    path = run_dir / "results.json"
     if not path.exists():
         raise MergescopeError(f"no results.json in {args.run_dir}: not a finished mergescope run folder")
-    print(render_report(args.run_dir, json.loads(path.read_text())))
+    results = json.loads(path.read_text())
+    features = results.get("features")
+    if features and (run_dir / "probe").is_dir():
+        from .data import open_dataset
+        from .features import render_views
+        from .probe import load_probe
+
+        render_views(run_dir, open_dataset(features["data"], split=features["split"]), load_probe(run_dir / "probe"),
+                     features["views"])
+    print(render_report(run_dir, results))
 
 
 def _cmd_layers(args) -> None:
@@ -174,6 +243,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_device(p)
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("probe", help="top-k images of every channel of every layer, models aligned to the first")
+    p.add_argument("checkpoints", nargs="+", help="reference model first, then the models to align to it")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="train", help="which images to rank (default: train)")
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--k", type=int, default=10, help="images per channel")
+    p.add_argument("--reduction", choices=("max", "mean"), default="max", help="feature map -> one number per image")
+    p.add_argument("--merge", type=float, metavar="ALPHA", help="also probe A and B merged at ALPHA (permuted, "
+                   "permuted + REPAIR, direct average)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true")
+    _add_device(p)
+    p.set_defaults(func=_cmd_probe)
 
     p = sub.add_parser("report", help="re-render report.html of a run folder from its stored results")
     p.add_argument("run_dir")

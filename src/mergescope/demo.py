@@ -16,14 +16,11 @@ from pathlib import Path
 
 import torch
 
-from .align import match_many
-from .data import iter_batches, load_digits
+from .data import load_digits
+from .features import feature_study, merged_rows
 from .merge import alpha_grid
 from .models import create_model
-from .perm import build_spec, permute_model
-from .probe import probe
-from .report.feature_views import matching_info, views_from_probe
-from .report.features import feature_index_html, render_feature_pages
+from .report.features import feature_index_html
 from .runs import prepare_run_dir, write_manifest
 from .sweep import SweepConfig, run_sweep, save_sweep
 from .train import TrainConfig, save_checkpoint, train_model
@@ -71,8 +68,10 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
 
     sweep_cfg = SweepConfig(alphas=alpha_grid(cfg.alpha_step), matching=cfg.matching, batch_size=len(train))
     result = run_sweep(models[0], models[1], train, {"test": test, "train": train}, sweep_cfg, progress=progress)
-    sections = [{"title": "Feature visualization", "html": feature_index_html(
-        _feature_pages(run_dir, models, tags, result, train, cfg, progress))}]
+    _, pages, recipes = feature_study(run_dir, train, dict(zip(tags, models)), matches={tags[1]: result.match},
+                             merged=merged_rows(result.midpoint), spec=result.spec, batch_size=len(train),
+                             progress=progress)
+    sections = [{"title": "Feature visualization", "html": feature_index_html(pages)}]
     elapsed = time.perf_counter() - start
     summary = {
         "architecture": f"{cfg.arch} (width {cfg.width})", "dataset": f"digits ({len(train)} train / {len(test)} test)",
@@ -80,41 +79,10 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         "runtime": f"{elapsed:.1f} s on {torch.get_num_threads()} CPU threads",
     }
     files += save_sweep(run_dir, result, "mergescope demo: digit CNNs, aligned, merged and looked inside", summary,
-                        sections)
+                        sections, features={"data": "digits", "split": "train", "views": recipes})
     write_manifest(run_dir, {"demo": dataclasses.asdict(cfg), "sweep": dataclasses.asdict(sweep_cfg)}, files,
                    dataset={"name": train.name, "train_fingerprint": train.fingerprint,
                             "test_fingerprint": test.fingerprint},
                    training=train_metrics, timings={**result.timings, "total": elapsed})
     return result.to_json()
 
-
-def _feature_pages(run_dir: Path, models, tags, result, train, cfg: DemoConfig, progress: bool) -> list[dict]:
-    """Probe every model of the study in one pass and render the pairwise and many-to-one feature pages."""
-    spec = build_spec(models[0])
-    probed = {"A": models[0], "B": models[1], "B_aligned": result.aligned_b,
-              "merged": result.midpoint["permuted"], "average": result.midpoint["naive"]}
-    if "permuted+repair" in result.midpoint:
-        probed["merged_repair"] = result.midpoint["permuted+repair"]
-    matches = {"B": result.match}
-    if len(models) > 2:  # align the others to A in one more pass, then probe them too
-        others = match_many(models[0], models[2:], spec, iter_batches(train, len(train)))
-        for tag, model, match in zip(tags[2:], models[2:], others):
-            probed[f"{tag}_aligned"] = permute_model(model, spec, match.perms)
-            matches[tag] = match
-    pr = probe(probed, train, k=10, batch_size=len(train), run_dir=run_dir / "probe", progress=progress)
-    info = matching_info(spec, matches, list(spec.layers))
-    pair_rows = {"A": "A", "B (before permutation)": "B", "B aligned to A": "B_aligned",
-                 "merged (permuted, α=0.5)": "merged"}
-    if "merged_repair" in probed:
-        pair_rows["merged + REPAIR (α=0.5)"] = "merged_repair"
-    pair_rows["direct average (α=0.5)"] = "average"
-    views = views_from_probe(pr, pair_rows, "pair", "A, B and their merges", channel_info={
-        layer: {k: v for k, v in i.items() if k == "corr B"} for layer, i in info.items()},
-        note="Channel c of every row is A's channel c after alignment, except 'B (before permutation)', which "
-             "shows B's channel c as trained — usually a different feature.")
-    if len(models) > 2:
-        many_rows = {"A (reference)": "A", **{f"{t} aligned to A": f"{t}_aligned" if t != "B" else "B_aligned"
-                                              for t in tags[1:]}}
-        views += views_from_probe(pr, many_rows, "many", f"{len(models)} models aligned to A", channel_info=info,
-                                  note="Every model is permuted onto A; similar rows mean a feature all models learned.")
-    return render_feature_pages(run_dir, train, views)

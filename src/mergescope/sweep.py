@@ -48,6 +48,7 @@ class SweepResult:
     timings: dict[str, float]  # seconds by stage
     aligned_b: nn.Module
     midpoint: dict[str, nn.Module]  # method -> its merged model at the α closest to 0.5 (for feature views)
+    spec: PermSpec  # the permutation spec used
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "endpoints": self.endpoints, "matching": self.match.summary(),
@@ -166,20 +167,22 @@ def run_sweep(
     rows.sort(key=lambda r: (r["split"], methods.index(r["method"]), r["alpha"]))
     mid = min(cfg.alphas, key=lambda a: abs(a - 0.5))
     midpoint = {m: merged[m, mid] for m in methods}
-    return SweepResult(rows, endpoints, match, methods, passes, timings, aligned_b, midpoint)
+    return SweepResult(rows, endpoints, match, methods, passes, timings, aligned_b, midpoint, spec)
 
 
 def save_sweep(run_dir: Path, result: SweepResult, title: str, summary: Mapping[str, object],
-               sections: Sequence[dict] = ()) -> list[Path]:
+               sections: Sequence[dict] = (), features: Mapping | None = None) -> list[Path]:
     """Write the sweep's ``interpolation.csv``, ``results.json`` and ``report.html`` into ``run_dir``.
 
-    ``sections`` ({"title", "html"}) are extra report sections, e.g. the index of feature pages.
+    ``sections`` ({"title", "html"}) are extra report sections, e.g. the index of feature pages; ``features``
+    ({"data", "split", "views"}) records how to re-render the feature pages from the stored probe.
 
     Returns:
         The files written (for the manifest's hashes).
     """
     csv_path = write_csv(run_dir / "interpolation.csv", result.rows)
-    results = {"title": title, "summary": dict(summary), **result.to_json(), "sections": list(sections)}
+    results = {"title": title, "summary": dict(summary), **result.to_json(), "sections": list(sections),
+               **({"features": dict(features)} if features else {})}
     json_path = write_json(run_dir / "results.json", results)
     report = render_report(run_dir, results)
     return [csv_path, json_path, report]

@@ -41,6 +41,8 @@ def _rows(results: Mapping) -> list[dict]:
         raise MergescopeError(f"report results must be a mapping, got {type(results).__name__}")
     rows = results.get("rows")
     if not rows:
+        if results.get("sections"):
+            return []  # a run without an interpolation study (e.g. a feature study): sections only
         raise MergescopeError("report results have no interpolation rows")
     return [row for curve in curves(rows).values() for row in curve]
 
@@ -53,17 +55,17 @@ def _records(items, keys: tuple[str, ...]) -> list[dict]:
 def report_context(results: Mapping, figures: list[Path], run_dir: Path) -> dict:
     """Everything the template shows, computed from ``results`` (figures given as paths under ``run_dir``)."""
     rows = _rows(results)
-    stats = barriers(rows)
-    colors = method_colors(methods(rows))
-    split = splits(rows)[0]
-    best, baseline = best_and_baseline(stats, split)
-    order = {s: i for i, s in enumerate(splits(rows))}
+    stats = barriers(rows) if rows else []
+    colors = method_colors(methods(rows)) if rows else {}
+    split = splits(rows)[0] if rows else None
+    best, baseline = best_and_baseline(stats, split) if rows else (None, None)
+    order = {s: i for i, s in enumerate(splits(rows))} if rows else {}
     cards = [{**s, "color": colors[s["method"]],
               "role": "best" if s is best else "baseline" if s is baseline else ""}
              for s in stats if s["split"] == split]
     return {
         "title": str(results.get("title") or "mergescope report"),
-        "headline": headline(rows, results.get("endpoints") or (), split),
+        "headline": headline(rows, results.get("endpoints") or (), split) if rows else str(results.get("headline", "")),
         "headline_split": split,
         "cards": cards,
         "figures": [{"src": p.relative_to(run_dir).as_posix(), "split": s} for p, s in zip(figures, splits(rows))],
@@ -90,6 +92,6 @@ def render_report(run_dir: str | os.PathLike, results: Mapping) -> Path:
     """
     run_dir = Path(run_dir)
     rows = _rows(results)
-    figures = interpolation_figures(rows, run_dir / FIGURES_DIR, method_colors(methods(rows)))
+    figures = interpolation_figures(rows, run_dir / FIGURES_DIR, method_colors(methods(rows))) if rows else []
     page = _environment().get_template(REPORT_NAME).render(report_context(results, figures, run_dir))
     return atomic_write_text(run_dir / REPORT_NAME, page)

@@ -1,0 +1,112 @@
+"""The feature study (seeds 000 §3.2.2–3.2.3): top-k images of every channel of many aligned models, in one pass.
+
+Given a reference model A and other models of the same architecture, the others are aligned to A (activation
+matching, one pass for all), optional merged models are added, every model — unaligned ones too — is probed in
+one more pass, and the pairwise view (A, B before permutation, B aligned, merges) and the many-to-one view
+(A and every model aligned to it) are rendered as feature pages.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .align import MatchResult, match_many
+from .data import ImageDataset, iter_batches, len_batches
+from .perm import PermSpec, build_spec, permute_model
+from .probe import ProbeResult, probe
+from .report.feature_views import matching_info, views_from_probe
+from .report.features import render_feature_pages
+
+
+def feature_study(
+    run_dir: str | Path,
+    dataset: ImageDataset,
+    models: Mapping[str, nn.Module],
+    matches: Mapping[str, MatchResult] | None = None,
+    merged: Mapping[str, nn.Module] | None = None,
+    spec: PermSpec | None = None,
+    k: int = 10,
+    reduction: str = "max",
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> tuple[ProbeResult, list[dict], list[dict]]:
+    """Align every model to the first, probe them all in one pass, and write the feature pages.
+
+    Args:
+        run_dir: the run folder (``probe/`` and ``features/`` are written inside).
+        dataset: the images to rank (usually the training set).
+        models: tag -> model; the first is the reference A.
+        matches: tag -> an existing alignment to A (e.g. from the interpolation sweep); missing ones are computed.
+        merged: row label -> a merged model whose channels are A's (shown in the pairwise view).
+
+    Returns:
+        The probe result, the index of feature pages ({"slug", "title", "layer", "channels", "href"}) and the
+        JSON-able view recipes that :func:`render_views` turns into pages again.
+    """
+    run_dir = Path(run_dir)
+    tags = list(models)
+    ref = models[tags[0]]
+    spec = spec or build_spec(ref, next(iter(iter_batches(dataset, 2))).x)
+    matches = dict(matches or {})
+    todo = [t for t in tags[1:] if t not in matches]
+    if todo:
+        found = match_many(ref, [models[t] for t in todo], spec, iter_batches(dataset, batch_size), device=device,
+                           progress=progress, total=len_batches(dataset, batch_size))
+        matches.update(zip(todo, found))
+    probed = {tags[0]: ref}
+    for t in tags[1:]:
+        probed[t] = models[t]
+        probed[f"{t}_aligned"] = permute_model(models[t], spec, matches[t].perms)
+    merged = dict(merged or {})
+    keys = {label: f"merged_{i}" for i, label in enumerate(merged)}
+    probed.update({keys[label]: m for label, m in merged.items()})
+    result = probe(probed, dataset, k=k, reduction=reduction, batch_size=batch_size, device=device,
+                   run_dir=run_dir / "probe", progress=progress)
+
+    info = matching_info(spec, matches, list(spec.layers))
+    recipes = []
+    if len(tags) >= 2:
+        a, b = tags[0], tags[1]
+        rows = {a: a, f"{b} (before permutation)": b, f"{b} aligned to {a}": f"{b}_aligned",
+                **{label: keys[label] for label in merged}}
+        recipes.append({
+            "slug": "pair", "title": f"{a}, {b} and their merges", "rows": rows,
+            "channel_info": {layer: {f"corr {b}": v[f"corr {b}"]} for layer, v in info.items() if f"corr {b}" in v},
+            "note": f"Channel c of every row is {a}'s channel c after alignment, except '{b} (before permutation)', "
+                    f"which shows {b}'s channel c as trained — usually a different feature."})
+    if len(tags) >= 3:
+        recipes.append({
+            "slug": "many", "title": f"{len(tags)} models aligned to {tags[0]}", "channel_info": info,
+            "rows": {f"{tags[0]} (reference)": tags[0], **{f"{t} aligned to {tags[0]}": f"{t}_aligned" for t in tags[1:]}},
+            "note": "Every model is permuted onto the reference; rows that look alike mean a feature all models learned."})
+    recipes = [{**r, "channel_info": {layer: {k: [float(x) for x in v] for k, v in d.items()}
+                                      for layer, d in r["channel_info"].items()}} for r in recipes]
+    return result, render_views(run_dir, dataset, result, recipes), recipes
+
+
+def render_views(run_dir: str | Path, dataset: ImageDataset, result: ProbeResult, recipes: list[dict]) -> list[dict]:
+    """Render feature pages from a probe and JSON-able view recipes (slug, title, rows, channel_info, note).
+
+    The recipes are stored in a run's ``results.json``, so ``mergescope report`` can re-render the pages from the
+    stored probe without touching a model.
+    """
+    views = []
+    for r in recipes:
+        info = {layer: {k: np.asarray(v) for k, v in d.items()} for layer, d in r.get("channel_info", {}).items()}
+        views += views_from_probe(result, r["rows"], r["slug"], r["title"], channel_info=info, note=r.get("note", ""))
+    return render_feature_pages(run_dir, dataset, views)
+
+
+def merged_rows(midpoint: Mapping[str, nn.Module], alpha: float = 0.5) -> dict[str, nn.Module]:
+    """Row labels for a sweep's merged models at the midpoint (permuted, +REPAIR, direct average)."""
+    labels = {"permuted": f"merged (permuted, α={alpha:g})", "permuted+repair": f"merged + REPAIR (α={alpha:g})",
+              "naive": f"direct average (α={alpha:g})"}
+    return {labels[m]: midpoint[m] for m in ("permuted", "permuted+repair", "naive") if m in midpoint}
+
+
+__all__ = ["feature_study", "merged_rows", "render_views"]

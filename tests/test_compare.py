@@ -1,0 +1,303 @@
+"""Channel-comparison metrics: Kendall's τ-b against scipy, CLIP-δ against hand computations and a loop over
+the formula, top-k overlap and the Observation 2/3 categories on hand-built id sets, and the metrics on a model
+vs its permuted copy end to end (probe → compare)."""
+import math
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from mergescope.compare import (
+    CONSENSUS_CATEGORIES,
+    category_table,
+    clip_delta,
+    clip_delta_from_ids,
+    consensus_categories,
+    kendall_tau_b,
+    merged_categories,
+    metric_spread,
+    overlap_counts,
+    topk_overlap,
+)
+from mergescope.compare import kendall as kendall_module
+from mergescope.data import load_digits
+from mergescope.embed import EmbeddingCache, FallbackEmbedder
+from mergescope.errors import MergescopeError, NumericsError
+from mergescope.models import create_model
+from mergescope.perm import build_spec, permute_model, random_perms
+from mergescope.perm.apply import invert
+from mergescope.probe import probe
+
+
+def scipy_tau(x, y):
+    x, y = np.asarray(x), np.asarray(y)
+    return np.array([scipy.stats.kendalltau(x[:, c], y[:, c]).statistic for c in range(x.shape[1])])
+
+
+@pytest.fixture(params=["compiled", "vectorized"])
+def discordant_path(request, monkeypatch):
+    """Run a test with scipy's compiled discordant-pair kernel and with the vectorized fallback."""
+    if request.param == "vectorized":
+        monkeypatch.setattr(kendall_module, "_discordant", lambda: kendall_module._discordant_vectorized)
+    else:
+        assert kendall_module._discordant() is kendall_module._discordant_compiled  # available here
+    return request.param
+
+
+def assert_matches_scipy(result, x, y):
+    ref = scipy_tau(x, y)
+    assert torch.equal(result.defined, torch.from_numpy(~np.isnan(ref)))
+    np.testing.assert_allclose(result.tau.numpy(), np.nan_to_num(ref, nan=0.0), rtol=0, atol=1e-6)
+    assert not torch.isnan(result.tau).any()
+
+
+def test_kendall_matches_scipy_on_integer_data_with_ties(discordant_path):
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 6, (80, 40))  # many ties in x, in y, and in both
+    y = rng.integers(-3, 3, (80, 40))
+    y[:, 5] = x[:, 5]  # tau = 1
+    y[:, 6] = -x[:, 6]  # tau = -1
+    x[:, 0] = 4  # dead channel in A: constant -> undefined
+    y[:, 1] = 0  # dead channel in B
+    result = kendall_tau_b(torch.from_numpy(x), torch.from_numpy(y))
+    assert_matches_scipy(result, x, y)
+    assert result.defined.tolist()[:2] == [False, False] and result.defined[2:].all()
+    assert result.tau[:2].tolist() == [0.0, 0.0] and torch.isnan(result.tau_or_nan()[:2]).all()
+    assert result.tau[5] == 1.0 and result.tau[6] == -1.0
+
+
+@pytest.mark.parametrize("kind", ["float32", "float64", "float16", "int64_large", "signed_zero_inf"])
+def test_kendall_matches_scipy_for_every_key_type(kind, discordant_path):
+    rng = np.random.default_rng(1)
+    n, c = 300, 9
+    if kind == "float32":
+        x = rng.standard_normal((n, c)).astype(np.float32)
+        y = np.maximum(x + rng.standard_normal((n, c)).astype(np.float32), 0)  # ReLU: ties at 0
+    elif kind == "float64":  # values float32 can't hold: the 64-bit key path
+        x = rng.standard_normal((n, c))
+        y = x + 1e-12 * rng.integers(0, 3, (n, c))
+    elif kind == "float16":
+        x = rng.standard_normal((n, c)).astype(np.float16)
+        y = (x + rng.standard_normal((n, c))).astype(np.float16)
+    elif kind == "int64_large":  # beyond 2**24: integer keys
+        x = rng.integers(-2**40, 2**40, (n, c)) // 2**30 * 2**30
+        y = rng.integers(0, 2**50, (n, c))
+    else:
+        x = rng.choice(np.array([-0.0, 0.0, 1.0, -np.inf, np.inf, -2.5], np.float32), (n, c))
+        y = rng.choice(np.array([0.0, -0.0, 3.0, np.inf], np.float32), (n, c))
+    result = kendall_tau_b(torch.from_numpy(x), torch.from_numpy(y))
+    assert_matches_scipy(result, x, y)
+
+
+def test_kendall_compiled_and_vectorized_counts_agree_on_larger_data():
+    rng = np.random.default_rng(2)
+    sy = rng.integers(1, 500, (6, 3000))  # 1-based y ranks
+    sx = np.sort(rng.integers(1, 2000, (6, 3000)), 1)
+    for r in range(6):  # order within x ties by y, as the caller guarantees
+        order = np.lexsort((sy[r], sx[r]))
+        sx[r], sy[r] = sx[r][order], sy[r][order]
+    fast = kendall_module._discordant_compiled(sx, sy)
+    slow = kendall_module._discordant_vectorized(sx, sy)
+    brute = [int(sum(((sx[r, :j] < sx[r, j]) & (sy[r, :j] > sy[r, j])).sum() for j in range(200)))
+             for r in range(6)]
+    assert np.array_equal(fast, slow)
+    assert np.array_equal(kendall_module._discordant_vectorized(sx[:, :200], sy[:, :200]), brute)
+
+
+def test_kendall_edge_cases():
+    x = torch.tensor([[1.0, 2.0]])
+    one = kendall_tau_b(x, x)  # a single image: no pairs
+    assert not one.defined.any() and one.tau.tolist() == [0.0, 0.0]
+    assert one.to_dict() == {"tau": [None, None], "defined": 0}
+    with pytest.raises(NumericsError):
+        kendall_tau_b(torch.tensor([[float("nan")], [1.0]]), torch.ones(2, 1))
+    with pytest.raises(MergescopeError):
+        kendall_tau_b(torch.ones(3, 2), torch.ones(3, 3))
+    r = kendall_tau_b(np.arange(6.0).reshape(3, 2), np.arange(6.0).reshape(3, 2)[::-1].copy())
+    assert r.tau.tolist() == [-1.0, -1.0] and r.tau.dtype == torch.float64
+
+
+def test_clip_delta_hand_computed():
+    # d = 2, k = 2, two channels; e1 = (1, 0), e2 = (0, 1), u = (1, 1)/√2, ids: e1 -> 0, e2 -> 1, u -> 2.
+    #   channel 0: T_A = {e1, u}, T_B = {e2, u};   channel 1: T_A = {e2, u}, T_B = {e2, u} (identical).
+    # Channel 0:
+    #   C(T_A, T_A) = cos(e1, u) = 1/√2                         (the one distinct pair)
+    #   C(T_A, T_B) = mean{cos(e1,e2)=0, cos(e1,u)=1/√2, cos(u,e2)=1/√2}  (u·u: same image, left out) = √2/3
+    #   C(T_A(0), T_A(1)) = mean{cos(e1,e2)=0, cos(e1,u)=1/√2, cos(u,e2)=1/√2} = √2/3   (u·u left out)
+    #   δ(0) = (1/√2 − √2/3) / (√2/3) = (√2/6) / (√2/3) = 1/2
+    # Channel 1: T_B = T_A, so C(T_A, T_B) = C(T_A, T_A) and δ(1) = 0 exactly.
+    # Without ids nothing is known to be the same image: u·u = 1 counts in every cross term:
+    #   C(T_A, T_B) = C(T_A(0), T_A(1)) = (0 + 1/√2 + 1/√2 + 1)/4 = (1 + √2)/4
+    #   δ(0) = (1/√2 − (1+√2)/4) / ((1+√2)/4) = (√2 − 1)/(√2 + 1) = 3 − 2√2
+    r = math.sqrt(0.5)
+    e1, e2, u = [1.0, 0.0], [0.0, 1.0], [r, r]
+    emb_a = torch.tensor([[e1, u], [e2, u]])
+    emb_b = torch.tensor([[e2, u], [e2, u]])
+    ids_a, ids_b = torch.tensor([[0, 2], [1, 2]]), torch.tensor([[1, 2], [1, 2]])
+    res = clip_delta(emb_a, emb_b, ids_a=ids_a, ids_b=ids_b)
+    assert res.defined.all()
+    torch.testing.assert_close(res.delta, torch.tensor([0.5, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.self_similarity[0].item(), r, rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.cross_similarity[0].item(), math.sqrt(2) / 3, rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.baseline[0].item(), math.sqrt(2) / 3, rtol=0, atol=1e-12)
+    no_ids = clip_delta(emb_a, emb_b)
+    torch.testing.assert_close(no_ids.delta[0].item(), 3 - 2 * math.sqrt(2), rtol=0, atol=1e-12)
+    # unnormalised input: normalised inside, same result
+    torch.testing.assert_close(clip_delta(emb_a * 7, emb_b * 0.1, ids_a=ids_a, ids_b=ids_b).delta, res.delta)
+    # from ids: a table, and a lookup function that must be called once with each distinct id
+    table = torch.tensor([e1, e2, u])
+    torch.testing.assert_close(clip_delta_from_ids(ids_a, ids_b, table).delta, res.delta)
+    calls = []
+    looked_up = clip_delta_from_ids(ids_a, ids_b, lambda ids: (calls.append(ids.tolist()), table[ids] * 3)[1])
+    assert calls == [[0, 1, 2]]
+    torch.testing.assert_close(looked_up.delta, res.delta)
+
+
+def clip_delta_loop(emb_a, emb_b, ids_a, ids_b):
+    """The DESIGN formula written out pair by pair (distinct images only)."""
+    def unit(v):
+        return v / v.norm()
+
+    def c(x_emb, x_ids, y_emb, y_ids):
+        sims = [float(unit(x_emb[i]) @ unit(y_emb[j])) for i in range(len(x_ids)) for j in range(len(y_ids))
+                if x_ids[i] >= 0 and y_ids[j] >= 0 and x_ids[i] != y_ids[j]]
+        return sum(sims) / len(sims)
+
+    out = []
+    for j in range(emb_a.shape[0]):
+        base = [c(emb_a[j], ids_a[j], emb_a[p], ids_a[p]) for p in range(emb_a.shape[0]) if p != j]
+        out.append((c(emb_a[j], ids_a[j], emb_a[j], ids_a[j]) - c(emb_a[j], ids_a[j], emb_b[j], ids_b[j]))
+                   / (sum(base) / len(base)))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def test_clip_delta_vectorized_equals_the_formula_pair_by_pair():
+    g = torch.Generator().manual_seed(0)
+    table = torch.rand(30, 8, generator=g, dtype=torch.float64) + 0.05  # positive, CLIP-like: denominators > 0
+    ids_a, ids_b = (torch.stack([torch.randperm(30, generator=g)[:5] for _ in range(6)]) for _ in range(2))
+    ids_b[2] = ids_a[2]  # one identical channel
+    ids_b[3, 4] = -1  # padding
+    res = clip_delta_from_ids(ids_a, ids_b, table)
+    expected = clip_delta_loop(table[ids_a.clamp_min(0)], table[ids_b.clamp_min(0)], ids_a.tolist(),
+                               ids_b.tolist())
+    assert res.defined.all()
+    torch.testing.assert_close(res.delta, expected, rtol=0, atol=1e-10)
+    assert res.delta[2] == 0.0
+
+
+def test_clip_delta_flags_undefined_and_rejects_bad_input():
+    one_channel = clip_delta(torch.rand(1, 3, 4) + 0.1, torch.rand(1, 3, 4) + 0.1)
+    assert not one_channel.defined.any() and one_channel.delta.tolist() == [0.0]
+    assert torch.isnan(one_channel.delta_or_nan()).all() and one_channel.to_dict()["delta"] == [None]
+    k1 = clip_delta(torch.rand(3, 1, 4) + 0.1, torch.rand(3, 1, 4) + 0.1)  # no distinct pair in T_A
+    assert not k1.defined.any()
+    orthogonal = torch.eye(4)[None].expand(3, 4, 4)  # every cross-channel similarity is 0: zero denominator
+    ids = torch.arange(12).reshape(3, 4) % 4
+    assert not clip_delta(orthogonal, orthogonal, ids_a=ids, ids_b=ids).defined.any()
+    with pytest.raises(NumericsError):
+        clip_delta(torch.zeros(2, 2, 3), torch.ones(2, 2, 3))
+    with pytest.raises(MergescopeError):  # one id, two embeddings
+        clip_delta(torch.rand(2, 2, 3), torch.rand(2, 2, 3), ids_a=torch.tensor([[0, 1], [0, 2]]),
+                   ids_b=torch.tensor([[3, 4], [5, 6]]))
+    with pytest.raises(MergescopeError):
+        clip_delta(torch.rand(2, 2, 3), torch.rand(3, 2, 3))
+
+
+def test_topk_overlap_by_id_with_padding_and_duplicates():
+    a = torch.tensor([[1, 2, 3, 4], [1, 2, 3, 4], [5, 5, -1, -1], [7, 8, 9, 10]])
+    b = torch.tensor([[4, 3, 2, 1], [4, 9, 1, -1], [5, -1, -1, -1], [-1, -1, -1, -1]])
+    assert overlap_counts(a, b).tolist() == [4, 2, 1, 0]
+    assert topk_overlap(a, b).tolist() == [1.0, 0.5, 0.25, 0.0]
+    with pytest.raises(MergescopeError):
+        topk_overlap(a, b[:3])
+
+
+def test_merged_categories_on_hand_built_sets():
+    a = torch.arange(10).repeat(7, 1)  # T_A = {0..9} for every channel
+    b = (100 + torch.arange(10)).repeat(7, 1)  # T_B = {100..109}: no match ...
+    b[0] = a[0]  # ... except channel 0
+    b[6] = torch.tensor([0, 1, 2, 3, 104, 105, 106, 107, 108, 109])  # overlap 0.4 < 0.5: unmatched
+    m = torch.tensor([
+        list(range(10)),                                   # 0: matched (overlap 1)
+        [0, 1, 2, 3, 4, 5, 6, 7, 100, 200],               # 1: 8 from A, 1 from B, 1 neither -> "A"
+        [100, 101, 102, 103, 104, 105, 106, 0, 300, 301],  # 2: 7 from B, 1 from A -> "B"
+        [0, 1, 2, 3, 100, 101, 102, 103, 400, 401],        # 3: 4 and 4 -> "mixed"
+        [0, 100, 500, 501, 502, 503, 504, 505, 506, 507],  # 4: 8 from neither -> "neither"
+        [0, 100, 500, 501, 502, 503, -1, -1, -1, -1],      # 5: 1 and 1, 4 neither (< 5): tie -> "mixed"
+        [0, 1, 2, 3, 4, 5, 6, 104, 600, 601],              # 6: 4 shared, 3 A only, 1 B only -> "A"
+    ])
+    res = merged_categories(a, b, m, match_threshold=0.5, neither_min=0.5, mixed_min=0.2)
+    assert res.names() == ["matched", "A", "B", "mixed", "neither", "mixed", "A"]
+    assert res.from_a_only.tolist() == [0, 8, 1, 4, 1, 1, 3]
+    assert res.from_b_only.tolist() == [0, 1, 7, 4, 1, 1, 1]
+    assert res.from_both.tolist() == [10, 0, 0, 0, 0, 0, 4]
+    assert res.from_neither.tolist() == [0, 1, 2, 2, 8, 4, 2]
+    shares = res.shares()
+    assert (shares["matched"], shares["unmatched"]) == (1, 6)
+    assert (shares["n_A"], shares["n_B"], shares["n_mixed"], shares["n_neither"]) == (2, 1, 2, 1)
+    assert shares["share_A"] == pytest.approx(2 / 6)
+    table = category_table({"features.0": res, "features.3": res})
+    assert [row["layer"] for row in table] == ["features.0", "features.3"] and table[0]["n_B"] == 1
+    # the thresholds are parameters: a laxer match threshold counts channel 6 (overlap 0.4) as matched,
+    # a stricter mixed rule turns channel 3 (4 and 4 of 10) into a tie, still "mixed", and channel 1 stays "A"
+    assert merged_categories(a, b, m, mixed_min=0.5).names()[1:4] == ["A", "B", "mixed"]
+    assert merged_categories(a, b, m, match_threshold=0.4).names()[6] == "matched"
+
+
+def test_consensus_categories_and_spread():
+    # 4 models aligned to a reference, 6 channels; similar = tau >= 0.5
+    tau = torch.tensor([
+        [0.9, 0.9, 0.9, 0.1, 0.1, 0.6],
+        [0.8, 0.2, 0.8, 0.2, 0.2, 0.1],
+        [0.7, 0.8, 0.1, 0.3, 0.6, 0.2],
+        [0.6, 0.9, 0.2, 0.1, 0.1, 0.3],
+    ])
+    res = consensus_categories(tau, 0.5)
+    assert res.similar_count.tolist() == [4, 3, 2, 0, 1, 1]
+    assert res.names() == ["all similar", "most similar", "most similar", "all dissimilar", "few similar",
+                           "few similar"]
+    assert sum(res.shares()[f"n_{n}"] for n in CONSENSUS_CATEGORIES) == 6
+    assert consensus_categories(tau, 0.5, max_outliers=1).names()[2] == "few similar"
+    delta = 1 - tau  # CLIP-δ-like: lower is similar
+    assert consensus_categories(delta, 0.5, higher_is_similar=False).names() == res.names()
+    undefined = torch.ones_like(tau, dtype=torch.bool)
+    undefined[3, 0] = False  # an undefined value counts as dissimilar
+    assert consensus_categories(tau, 0.5, defined=undefined).names()[0] == "most similar"
+
+    spread = metric_spread(tau)
+    torch.testing.assert_close(spread.mean, tau.double().mean(0))
+    torch.testing.assert_close(spread.std, tau.double().std(0, unbiased=False))
+    sample = metric_spread(tau, undefined, ddof=1)
+    torch.testing.assert_close(sample.mean[0].item(), 0.8, rtol=0, atol=1e-7)  # mean of 0.9, 0.8, 0.7
+    torch.testing.assert_close(sample.std[0].item(), 0.1, rtol=0, atol=1e-7)
+    assert sample.count.tolist() == [3, 4, 4, 4, 4, 4]
+
+
+def test_model_vs_its_permuted_copy_is_identical_by_every_metric():
+    """Permute a model, align it back with the inverse permutation: identical activations, so τ = 1,
+    overlap = 1 and CLIP-δ = 0 on every channel; the unaligned copy is visibly different."""
+    digits = load_digits("train")
+    model = create_model("cnn_digits", width=8, seed=0)
+    spec = build_spec(model, torch.zeros(2, 1, 8, 8))
+    perms = random_perms(spec, torch.Generator().manual_seed(0))
+    permuted = permute_model(model, spec, perms)
+    aligned = permute_model(permuted, spec, {g: invert(p) for g, p in perms.items()})
+    subset = torch.arange(0, 1437, 5)
+    result = probe({"a": model, "b": permuted, "b_aligned": aligned}, digits, k=10, subset_ids=subset,
+                   progress=False)
+    cache = EmbeddingCache(FallbackEmbedder(model, mean=digits.mean, std=digits.std))
+    layers = [name for name, tap in spec.layers.items() if tap.group is not None]
+    assert len(layers) == 3
+    for name in layers:
+        a, b, al = result["a", name], result["b", name], result["b_aligned", name]
+        tau = kendall_tau_b(a.subset, al.subset)
+        assert tau.defined.any(), name
+        assert (tau.tau[tau.defined] == 1.0).all(), name
+        assert (topk_overlap(a.topk_ids, al.topk_ids) == 1.0).all(), name
+        delta = clip_delta_from_ids(a.topk_ids, al.topk_ids, lambda ids: cache.get(ids, digits))
+        assert delta.defined.all() and (delta.delta.abs() < 1e-12).all(), name
+        # unaligned: channel i of b is channel perms[i] of a, so most channels differ
+        assert topk_overlap(a.topk_ids, b.topk_ids).mean() < 0.9, name
+        assert (clip_delta_from_ids(a.topk_ids, b.topk_ids, lambda ids: cache.get(ids, digits)).delta > 0).any()
+    assert cache.computed == len(cache) <= 1437
