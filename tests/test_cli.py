@@ -18,11 +18,12 @@ def demo_dir(tmp_path_factory):
 
 
 def test_demo_writes_a_complete_run_folder(demo_dir):
-    for name in ("report.html", "interpolation.csv", "manifest.json", "results.json",
-                 "checkpoints/model_A.safetensors", "checkpoints/model_A.json", "checkpoints/model_B.safetensors"):
+    for name in ("report.html", "interpolation.csv", "manifest.json", "results.json", "probe/probe.safetensors",
+                 "checkpoints/model_A.safetensors", "checkpoints/model_A.json", "checkpoints/model_C.safetensors",
+                 "features/pair_features.2.html", "features/many_features.9.html"):
         assert (demo_dir / name).is_file(), name
     manifest = json.loads((demo_dir / "manifest.json").read_text())
-    assert manifest["config"]["demo"]["seeds"] == [0, 1]
+    assert manifest["config"]["demo"]["seeds"] == [0, 1, 2]
     assert set(manifest["sha256"]) >= {"interpolation.csv", "report.html", "checkpoints/model_A.safetensors"}
     assert manifest["environment"]["torch"] == torch.__version__
     rows = read_csv(demo_dir / "interpolation.csv")
@@ -45,8 +46,21 @@ def test_demo_refuses_to_overwrite_a_finished_run(demo_dir, capsys):
 
 def test_report_rerenders_from_stored_results(demo_dir):
     (demo_dir / "report.html").unlink()
+    page = demo_dir / "features" / "pair_features.5.html"
+    page.unlink()
     assert main(["report", str(demo_dir)]) == 0
     assert "permuted+repair" in (demo_dir / "report.html").read_text()
+    assert "B aligned to A" in page.read_text()  # rebuilt from the stored probe
+
+
+def test_feature_pages_show_the_models_top_images(demo_dir):
+    from mergescope.probe import load_probe
+
+    probe = load_probe(demo_dir / "probe")
+    ids = probe["A", "features.5"].topk_ids
+    html = (demo_dir / "features" / "pair_features.5.html").read_text()
+    first = html.index('id="c0"')
+    assert f"image {int(ids[0, 0])} " in html[first:first + 4000]  # channel 0's best image is the first tile
 
 
 def _sweep(tmp_path, a, b, data="digits"):

@@ -12,7 +12,8 @@ from ..errors import ArchitectureError
 
 def interpolate_state(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor],
                       alpha: float) -> dict[str, torch.Tensor]:
-    """α·A + (1−α)·B for every floating tensor; integer buffers (BatchNorm's step counter) are taken from A.
+    """α·A + (1−α)·B for every floating tensor; integer buffers (BatchNorm's step counter), which cannot be
+    interpolated, are taken from the nearer endpoint (A for α ≥ 0.5, B below).
 
     Written as a weighted sum (not ``lerp``) so α = 1 gives A and α = 0 gives B bit for bit.
     """
@@ -24,7 +25,7 @@ def interpolate_state(state_a: Mapping[str, torch.Tensor], state_b: Mapping[str,
         b = state_b[k]
         if a.shape != b.shape:
             raise ArchitectureError(f"tensor '{k}' has shape {tuple(a.shape)} in A but {tuple(b.shape)} in B")
-        out[k] = alpha * a + (1.0 - alpha) * b if a.is_floating_point() else a.clone()
+        out[k] = alpha * a + (1.0 - alpha) * b if a.is_floating_point() else (a if alpha >= 0.5 else b).clone()
     return out
 
 

@@ -14,6 +14,11 @@ def as_samples(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
 
 
+def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half/bfloat16/integer activations are reduced in float32; float64 ones keep their precision."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class Moments:
     """Per-channel count, mean and sum of squared deviations of a stream of (samples, C) batches."""
 
@@ -23,7 +28,7 @@ class Moments:
         self.m2: torch.Tensor | None = None  # (C,) float64
 
     def update(self, x: torch.Tensor) -> None:
-        x = x.float()
+        x = _at_least_float32(x)
         n = x.shape[0]
         mean = x.mean(0)
         m2 = ((x - mean) ** 2).sum(0)
@@ -66,6 +71,8 @@ class Extremes:
         self.n_hi: torch.Tensor | None = None  # (C,) int64 samples equal to the maximum
 
     def update(self, x: torch.Tensor) -> None:
+        if x.shape[0] == 0:
+            return
         lo, hi = x.min(0).values, x.max(0).values
         self._combine(x.shape[0], lo, (x == lo).sum(0), hi, (x == hi).sum(0))
 
@@ -101,7 +108,9 @@ class CoMoments:
         self.ext_a, self.ext_b = Extremes(), Extremes()  # for :meth:`dead`
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        a, b = a.float(), b.float()
+        a, b = _at_least_float32(a), _at_least_float32(b)
+        if a.dtype != b.dtype:
+            a, b = a.double(), b.double()
         n = a.shape[0]
         ma, mb = a.mean(0), b.mean(0)
         cab = (a - ma).T @ (b - mb)  # (Ca, Cb)

@@ -1,0 +1,158 @@
+"""The joint covariance of two models' features per permutation group, streamed in one pass.
+
+Regression alignment, CCA merging, OT fusion and ZipIt! all start from the same second-order statistics of the
+concatenated features ``[a; b]`` of a group (A's channels, then B's): the means and the full centred scatter
+matrix, whose blocks are Σ_AA, Σ_BB and Σ_AB. :class:`JointMoments` accumulates them in float64 with Chan et
+al.'s parallel update (like :class:`mergescope.probe.stats.CoMoments`), so memory is O(channels²), never
+O(samples), and the result does not depend on how the data was batched. Every image × position is one sample;
+a group observed at several places pools the samples of all of them (one map must serve all of them).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import NumericsError
+from ..perm import PermSpec
+from ..probe.engine import run_pass
+from ..probe.stats import as_samples
+from ..probe.taps import tap_model
+
+
+class JointMoments:
+    """Count, mean and centred scatter of the concatenation ``[a, b]`` of two aligned (samples, C) streams.
+
+    Attributes:
+        n: samples seen.
+        size_a: channels of ``a`` (the first block).
+        mean: (Ca+Cb,) float64.
+        scatter: (Ca+Cb, Ca+Cb) float64, the sum over samples of the outer products of the deviations.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.size_a: int | None = None
+        self.mean: torch.Tensor | None = None
+        self.scatter: torch.Tensor | None = None
+
+    def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add a batch: ``a`` (samples, Ca) and ``b`` (samples, Cb), row i of both from the same sample."""
+        x = torch.cat([a, b], dim=1).double()  # (samples, Ca+Cb); float64: R² near 1 is a small difference
+        mean = x.mean(0)
+        xc = x - mean
+        self._combine(x.shape[0], mean, xc.T @ xc, a.shape[1])
+
+    def _combine(self, n: int, mean: torch.Tensor, scatter: torch.Tensor, size_a: int) -> None:
+        if self.mean is None:
+            self.n, self.mean, self.scatter, self.size_a = n, mean, scatter, size_a
+            return
+        if size_a != self.size_a or mean.shape != self.mean.shape:
+            raise ValueError("JointMoments: batches with different channel counts")
+        total = self.n + n
+        delta = mean.to(self.mean.device) - self.mean
+        self.scatter = self.scatter + scatter.to(self.scatter.device) + torch.outer(delta, delta) * (self.n * n / total)
+        self.mean = self.mean + delta * (n / total)
+        self.n = total
+
+    def merge(self, other: "JointMoments") -> None:
+        """Add another accumulator's samples (another rank, another observation point)."""
+        if other.mean is not None:
+            self._combine(other.n, other.mean, other.scatter, other.size_a)
+
+    def swapped(self) -> "JointMoments":
+        """The same statistics with the roles of a and b exchanged."""
+        out = JointMoments()
+        ca = self.size_a
+        order = torch.cat([torch.arange(ca, len(self.mean)), torch.arange(ca)]).to(self.mean.device)
+        out.n, out.size_a = self.n, len(self.mean) - ca
+        out.mean = self.mean[order]
+        out.scatter = self.scatter[order][:, order]
+        return out
+
+    # -- blocks -------------------------------------------------------------------------------------------
+    @property
+    def mean_a(self) -> torch.Tensor:
+        return self.mean[: self.size_a]
+
+    @property
+    def mean_b(self) -> torch.Tensor:
+        return self.mean[self.size_a:]
+
+    @property
+    def saa(self) -> torch.Tensor:
+        """Scatter of a with itself (Ca, Ca)."""
+        return self.scatter[: self.size_a, : self.size_a]
+
+    @property
+    def sbb(self) -> torch.Tensor:
+        """Scatter of b with itself (Cb, Cb)."""
+        return self.scatter[self.size_a:, self.size_a:]
+
+    @property
+    def sab(self) -> torch.Tensor:
+        """Cross scatter (Ca, Cb)."""
+        return self.scatter[: self.size_a, self.size_a:]
+
+    def covariance(self) -> torch.Tensor:
+        """The population covariance of ``[a, b]`` (scatter / n)."""
+        return self.scatter / max(self.n, 1)
+
+    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
+        """Pearson correlation of ``[a, b]`` with itself, (Ca+Cb, Ca+Cb); 0 wherever a channel is constant."""
+        s = self.scatter.diagonal().clamp_min(0).sqrt()
+        denom = torch.outer(s, s)
+        return torch.where(denom > eps, self.scatter / denom.clamp_min(eps), torch.zeros_like(denom))
+
+
+def group_covariances(
+    reference: nn.Module,
+    others: Sequence[nn.Module],
+    spec: PermSpec,
+    batches: Iterable,
+    device: torch.device | str = "cpu",
+    groups: Sequence[str] | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> list[dict[str, JointMoments]]:
+    """Joint feature statistics of the reference with every other model, per group, in ONE data pass.
+
+    Args:
+        reference: model A (all models share the architecture described by ``spec``).
+        others: the models B₁…B_n.
+        spec: the permutation spec; each group is observed at ``spec.groups[g].observe`` (post-activation
+            outputs, residual block outputs), every observation point's images × positions pooled.
+        batches: iterable of batches with an ``.x`` tensor.
+        groups: restrict to these group names (default: all).
+
+    Returns:
+        For each model of ``others``, ``{group: JointMoments}`` with a = the reference's channels.
+
+    Example:
+        >>> [stats] = group_covariances(model_a, [model_b], build_spec(model_a), iter_batches(ds, 500))
+        >>> stats["features.0"].correlation().shape
+        torch.Size([16, 16])
+    """
+    names = list(spec.groups) if groups is None else list(groups)
+    points = {g: spec.groups[g].observe for g in names}
+    taps = sorted({t.name for pts in points.values() for t in pts})
+    tapped = {str(i): tap_model(m, taps).to(device).eval() for i, m in enumerate([reference, *others])}
+    stats = [{g: JointMoments() for g in names} for _ in others]
+
+    def consume(batch, x, outs):
+        ref = outs["0"][1]
+        for g, pts in points.items():
+            for t in pts:
+                a = as_samples(ref[t.name], t.channel_dim)
+                if not torch.isfinite(a).all():
+                    raise NumericsError(f"NaN/Inf activations at layer '{t.name}' of the reference model")
+                for k in range(len(others)):
+                    b = as_samples(outs[str(k + 1)][1][t.name], t.channel_dim)
+                    if not torch.isfinite(b).all():
+                        raise NumericsError(f"NaN/Inf activations at layer '{t.name}' of model {k + 1}")
+                    stats[k][g].update(a, b)
+
+    run_pass(tapped, batches, consume, device=device, desc="joint feature statistics", total=total,
+             progress=progress)
+    return stats

@@ -1,0 +1,222 @@
+"""Interpolation endpoints, REPAIR/RESET statistics, and the full interpolation sweep on a trained pair."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mergescope.data import iter_batches, load_digits
+from mergescope.errors import ArchitectureError
+from mergescope.merge import alpha_grid, interpolate_model, interpolate_state, repair_and_reset
+from mergescope.models import create_model
+from mergescope.perm import build_spec
+from mergescope.probe.stats import Moments, as_samples
+from mergescope.probe.taps import tap_model
+from mergescope.sweep import run_sweep
+from mergescope.train import TrainConfig, train_model
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digits("train"), load_digits("test")
+
+
+@pytest.fixture(scope="module")
+def one_batch(digits):
+    """The whole digits training split as ONE batch: in-pass batch statistics equal population ones."""
+    [batch] = list(iter_batches(digits[0], len(digits[0])))
+    return [batch]
+
+
+def _pair(name, helpers, **kw):
+    a = create_model(name, seed=0, **kw)
+    b = create_model(name, seed=1, **kw)
+    helpers.randomize_batchnorm(a, seed=2)
+    helpers.randomize_batchnorm(b, seed=3)
+    return a.eval(), b.eval()
+
+
+def _rel_err(y, ref):
+    return ((y - ref).abs().max() / ref.abs().max()).item()
+
+
+# -- interpolation ---------------------------------------------------------------------------------------------
+
+def test_interpolation_endpoints_are_bit_exact(helpers, digits):
+    a, b = _pair("cnn_digits", helpers, width=4)
+    # different BatchNorm step counters: integer buffers must come from the endpoint too
+    for i, m in enumerate(mod for mod in a.modules() if isinstance(mod, nn.BatchNorm2d)):
+        m.num_batches_tracked.fill_(5 + i)
+    for m in b.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.num_batches_tracked.fill_(40)
+    x = next(iter(iter_batches(digits[1], 64))).x
+    with torch.no_grad():
+        for alpha, ref in ((1.0, a), (0.0, b)):
+            merged = interpolate_model(a, b, alpha).eval()
+            state, want = merged.state_dict(), ref.state_dict()
+            assert state.keys() == want.keys()
+            for k in want:
+                assert state[k].dtype == want[k].dtype and torch.equal(state[k], want[k]), (alpha, k)
+            assert torch.equal(merged(x), ref(x))
+    mid = interpolate_state(a.state_dict(), b.state_dict(), 0.25)
+    w = "features.0.weight"
+    assert torch.allclose(mid[w], 0.25 * a.state_dict()[w] + 0.75 * b.state_dict()[w])
+
+
+def test_alpha_grid():
+    grid = alpha_grid()
+    assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 1.0
+    assert 0.5 in grid and grid[10] == 0.5
+    assert all(abs((hi - lo) - 0.05) < 1e-12 for lo, hi in zip(grid, grid[1:]))
+
+
+# -- REPAIR and RESET ------------------------------------------------------------------------------------------
+
+def _point_moments(model, spec, batches):
+    """Per repair point: Moments of the model's pre-activations over ``batches`` (eval mode)."""
+    tapped = tap_model(model, [p.tap.name for p in spec.repair_points]).eval()
+    out = {p.tap.name: Moments() for p in spec.repair_points}
+    with torch.no_grad():
+        for batch in batches:
+            _, feats = tapped(batch.x)
+            for p in spec.repair_points:
+                out[p.tap.name].update(as_samples(feats[p.tap.name], p.tap.channel_dim))
+    return out
+
+
+def _outputs(model, batches):
+    with torch.no_grad():
+        return torch.cat([model.eval()(b.x) for b in batches])
+
+
+@pytest.mark.parametrize("name, kw", [("cnn_digits", {"width": 8}), ("mlp", {"width": 32, "depth": 2})])
+def test_repair_at_the_endpoints_changes_nothing(name, kw, helpers, digits):
+    a, b = _pair(name, helpers, **kw)
+    spec = build_spec(a)
+    batches = list(iter_batches(digits[0], 500))
+    merged = {alpha: interpolate_model(a, b, alpha) for alpha in (0.0, 1.0)}
+    before = {alpha: copy.deepcopy(m.state_dict()) for alpha, m in merged.items()}
+    repair_and_reset(a, b, spec, batches, repair=list(merged.items()))
+    for alpha, ref in ((1.0, a), (0.0, b)):
+        assert _rel_err(_outputs(merged[alpha], batches), _outputs(ref, batches)) < 1e-4
+        state = merged[alpha].state_dict()
+        assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in before[alpha].items()}
+
+
+@pytest.mark.parametrize("name, kw", [("cnn_digits", {"width": 8}), ("mlp", {"width": 32, "depth": 2})])
+def test_repair_interpolates_the_channel_statistics(name, kw, helpers, one_batch):
+    alpha = 0.5
+    a, b = _pair(name, helpers, **kw)
+    spec = build_spec(a)
+    merged = interpolate_model(a, b, alpha)
+    shapes = {k: v.shape for k, v in merged.state_dict().items()}
+    stats_a, stats_b = _point_moments(a, spec, one_batch), _point_moments(b, spec, one_batch)
+    unrepaired = _point_moments(merged, spec, one_batch)
+
+    repair_and_reset(a, b, spec, one_batch, repair=[(alpha, merged)])
+
+    assert {k: v.shape for k, v in merged.state_dict().items()} == shapes  # same architecture
+    assert type(merged) is type(a)
+    got = _point_moments(merged, spec, one_batch)
+    worst_before = 0.0
+    for p in spec.repair_points:
+        name_ = p.tap.name
+        t_mean = alpha * stats_a[name_].mean + (1 - alpha) * stats_b[name_].mean
+        t_std = alpha * stats_a[name_].std + (1 - alpha) * stats_b[name_].std
+        scale = t_std.max().item()
+        torch.testing.assert_close(got[name_].mean, t_mean, rtol=1e-4, atol=1e-4 * scale)
+        torch.testing.assert_close(got[name_].std, t_std, rtol=1e-4, atol=1e-4 * scale)
+        worst_before = max(worst_before, ((unrepaired[name_].std - t_std).abs() / t_std).max().item())
+    assert worst_before > 0.05  # REPAIR had something to fix
+
+
+def test_reset_recomputes_batchnorm_statistics_from_the_data(helpers, one_batch):
+    a, b = _pair("cnn_digits", helpers, width=8)
+    spec = build_spec(a)
+    model = copy.deepcopy(a)
+
+    # the oracle: each BatchNorm's input in a train-mode forward (upstream BNs normalize with batch stats)
+    probe = copy.deepcopy(a).train()
+    seen = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, key=n: seen.__setitem__(key, args[0].detach()))
+             for n, m in probe.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    with torch.no_grad():
+        probe(one_batch[0].x)
+    for h in hooks:
+        h.remove()
+
+    repair_and_reset(a, b, spec, one_batch, reset=[model])
+
+    assert not model.training
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)}
+    assert bns.keys() == seen.keys() and len(bns) == 3
+    for n, m in bns.items():
+        s = as_samples(seen[n], 1).double()
+        torch.testing.assert_close(m.running_mean.double(), s.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.running_var.double(), s.var(0, unbiased=True), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(m.running_mean, a.get_submodule(n).running_mean)  # it did change
+    assert torch.equal(model.features[0].weight, a.features[0].weight)  # RESET leaves weights alone
+
+
+# -- the sweep -------------------------------------------------------------------------------------------------
+
+def _train(seed, train):
+    model = create_model("cnn_digits", width=16, seed=seed)
+    train_model(model, train, TrainConfig(epochs=6, batch_size=64, lr=0.05, seed=seed), progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_pair(digits):
+    return _train(0, digits[0]), _train(1, digits[0])
+
+
+@pytest.fixture(scope="module")
+def sweep(trained_pair, digits):
+    a, b = trained_pair
+    return run_sweep(a, b, digits[0], {"test": digits[1]})
+
+
+def _row(result, method, alpha):
+    [row] = [r for r in result.rows if r["method"] == method and r["alpha"] == alpha and r["split"] == "test"]
+    return row
+
+
+def test_sweep_repair_beats_the_naive_average(sweep):
+    naive, repaired = _row(sweep, "naive", 0.5), _row(sweep, "permuted+repair", 0.5)
+    assert repaired["accuracy"] > naive["accuracy"]
+    assert repaired["loss"] < naive["loss"]
+
+
+def test_sweep_counts_one_pass_per_purpose(sweep):
+    assert sweep.passes == {"matching": 1, "repair/reset": 1, "evaluation": 1}
+    assert sweep.methods == ["naive", "permuted", "permuted+repair", "permuted+reset"]
+    assert len(sweep.rows) == 4 * 21
+
+
+def test_sweep_endpoint_rows_equal_the_endpoint_evaluations(sweep):
+    end = {e["model"]: e for e in sweep.endpoints if e["split"] == "test"}
+    # aligning B does not change what it computes
+    assert end["B aligned"]["accuracy"] == end["B"]["accuracy"]
+    assert end["B aligned"]["loss"] == pytest.approx(end["B"]["loss"], rel=1e-5)
+    for method, alpha, ref in (("naive", 1.0, "A"), ("permuted", 1.0, "A"),
+                               ("naive", 0.0, "B"), ("permuted", 0.0, "B aligned")):
+        row = _row(sweep, method, alpha)  # the merged model IS the endpoint, bit for bit
+        assert (row["loss"], row["accuracy"]) == (end[ref]["loss"], end[ref]["accuracy"]), (method, alpha)
+    # REPAIR at an endpoint is the identity up to rounding. (RESET is not: it re-estimates A's/B's BatchNorm
+    # statistics from the data, which training's running averages only approximate.)
+    for alpha, ref in ((1.0, "A"), (0.0, "B aligned")):
+        row = _row(sweep, "permuted+repair", alpha)
+        assert row["accuracy"] == end[ref]["accuracy"]
+        assert row["loss"] == pytest.approx(end[ref]["loss"], rel=1e-4)
+
+
+def test_sweep_refuses_two_architectures(trained_pair, digits):
+    a, _ = trained_pair
+    for other in (create_model("mlp"), create_model("cnn_digits", width=8)):
+        with pytest.raises(ArchitectureError) as exc:
+            run_sweep(a, other, digits[0], {"test": digits[1]})
+        assert "\n" not in str(exc.value)
