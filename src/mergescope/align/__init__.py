@@ -1,7 +1,15 @@
-"""Alignment: find the permutation of model B's channels that best matches model A."""
+"""Alignment: find the permutation (or linear map) of model B's channels that best matches model A."""
 from .activation_matching import activation_matching, match_many, mean_matched_correlation
+from .covariance import JointMoments, group_covariances
+from .regression import (DEFAULT_FRACTIONS, RegressionFit, RegressionResult, keep_count, regress_many,
+                         regression_alignment, regression_fit, regression_from_stats, regression_subset, sparsify,
+                         sparsity_sweep)
 from .result import MatchResult
 from .weight_matching import weight_matching, weight_objective
 
-__all__ = ["MatchResult", "activation_matching", "match_many", "mean_matched_correlation", "weight_matching",
-           "weight_objective"]
+__all__ = [
+    "DEFAULT_FRACTIONS", "JointMoments", "MatchResult", "RegressionFit", "RegressionResult", "activation_matching",
+    "group_covariances", "keep_count", "match_many", "mean_matched_correlation", "regress_many",
+    "regression_alignment", "regression_fit", "regression_from_stats", "regression_subset", "sparsify",
+    "sparsity_sweep", "weight_matching", "weight_objective",
+]

@@ -56,12 +56,12 @@ class JointMoments:
         self.mean = self.mean + delta * (n / total)
         self.n = total
 
-    def merge(self, other: "JointMoments") -> None:
+    def merge(self, other: JointMoments) -> None:
         """Add another accumulator's samples (another rank, another observation point)."""
         if other.mean is not None:
             self._combine(other.n, other.mean, other.scatter, other.size_a)
 
-    def swapped(self) -> "JointMoments":
+    def swapped(self) -> JointMoments:
         """The same statistics with the roles of a and b exchanged."""
         out = JointMoments()
         ca = self.size_a
@@ -99,11 +99,27 @@ class JointMoments:
         """The population covariance of ``[a, b]`` (scatter / n)."""
         return self.scatter / max(self.n, 1)
 
-    def correlation(self, eps: float = 1e-12) -> torch.Tensor:
-        """Pearson correlation of ``[a, b]`` with itself, (Ca+Cb, Ca+Cb); 0 wherever a channel is constant."""
+    def constant(self, rel_eps: float = 1e-6) -> torch.Tensor:
+        """Boolean (Ca+Cb,): channels constant over the samples (std ≤ rel_eps · max(|mean|, largest std)),
+        e.g. ReLU units that never fire on the data. Their correlations and canonical directions are undefined.
+        """
+        std = (self.scatter.diagonal().clamp_min(0) / max(self.n, 1)).sqrt()
+        scale = torch.maximum(self.mean.abs(), std.amax().expand_as(std)).clamp_min(1e-300)
+        return std <= rel_eps * scale
+
+    def correlation(self, eps: float = 1e-12, constants_match: bool = False) -> torch.Tensor:
+        """Pearson correlation of ``[a, b]`` with itself, (Ca+Cb, Ca+Cb).
+
+        Entries involving a constant channel (:meth:`constant`) are 0, or, with ``constants_match``, 1 between
+        two constant channels (indistinguishable on the data: pairing them changes nothing there).
+        """
         s = self.scatter.diagonal().clamp_min(0).sqrt()
         denom = torch.outer(s, s)
-        return torch.where(denom > eps, self.scatter / denom.clamp_min(eps), torch.zeros_like(denom))
+        const = self.constant()
+        corr = torch.where(denom > eps, self.scatter / denom.clamp_min(eps), torch.zeros_like(denom))
+        both = const.unsqueeze(1) & const.unsqueeze(0)
+        either = const.unsqueeze(1) | const.unsqueeze(0)
+        return torch.where(either, both.to(corr.dtype) if constants_match else torch.zeros_like(corr), corr)
 
 
 def group_covariances(
@@ -145,14 +161,17 @@ def group_covariances(
         for g, pts in points.items():
             for t in pts:
                 a = as_samples(ref[t.name], t.channel_dim)
-                if not torch.isfinite(a).all():
-                    raise NumericsError(f"NaN/Inf activations at layer '{t.name}' of the reference model")
                 for k in range(len(others)):
-                    b = as_samples(outs[str(k + 1)][1][t.name], t.channel_dim)
-                    if not torch.isfinite(b).all():
-                        raise NumericsError(f"NaN/Inf activations at layer '{t.name}' of model {k + 1}")
-                    stats[k][g].update(a, b)
+                    stats[k][g].update(a, as_samples(outs[str(k + 1)][1][t.name], t.channel_dim))
 
     run_pass(tapped, batches, consume, device=device, desc="joint feature statistics", total=total,
              progress=progress)
+    for k, per_group in enumerate(stats):  # NaN/Inf anywhere in a batch poisons the sums: checked once
+        for g, st in per_group.items():
+            if st.mean is None:
+                raise NumericsError("no data: the batches were empty")
+            bad = ~torch.isfinite(st.scatter.diagonal())
+            if bad.any():
+                side = "the reference model" if bool(bad[: st.size_a].any()) else f"model {k + 1}"
+                raise NumericsError(f"NaN/Inf activations in group '{g}' of {side}")
     return stats

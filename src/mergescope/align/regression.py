@@ -163,7 +163,7 @@ def sparsify(stats: JointMoments, fit: RegressionFit, fraction: float, refit: bo
         refit: solve the normal equations restricted to the kept support (with the same ridge).
         rank_by: "weight" (|W|) or "contribution" (|W|·σ_B).
     """
-    c_a, c_b = fit.weight.shape
+    c_b = fit.weight.shape[1]
     m = keep_count(fraction, c_b)
     score = fit.weight.abs()
     if rank_by == "contribution":

@@ -1,0 +1,160 @@
+"""ZipIt! (Stoica et al. 2024): merge features by correlation, also within one model, with merge/unmerge matrices.
+
+Per group, the features of A and B are concatenated ([a; b], 2C channels) and their Pearson correlation is taken
+over images × positions at the group's observation points (:class:`JointMoments`). Greedily, the most correlated
+pair of (current) features is merged into one, until C remain:
+
+* a pair may come from the same model (a within-model merge), at most ``b·C/2`` times per model (the
+  "β" budget; when spent, that model's features can only be merged with the other's);
+* a merged feature's correlation with the others becomes the minimum of its members', times ``a`` (the "α"
+  penalty on merging a feature again), so features can gather more than two members.
+
+This follows the paper's algorithm (Sec. 4.3) with the hyper-parameters of the authors' public matching code
+(a = 0.3, b = 0.125) as defaults. Result: unmerge U (2C × C, U[f, c] = 1 if feature f belongs to merged
+feature c) and merge M (C × 2C, the members' weighted mean: weight α for A's features, 1−α for B's, normalized
+per merged feature). The merged model is θ = α·T_A(θ_A) + (1−α)·T_B(θ_B) with forward_A = M[:, :C]/α,
+inverse_A = U[:C] (and the same for B), i.e. every layer computes M·[y_A; y_B] from features unmerged by U.
+Merged features keep the order of their lowest member (A's order where A's feature is a member), so for a
+permuted copy (every feature paired with its twin) the merge is permutation merging, exactly.
+
+Partial zipping (zip up to a layer, then run both models' remaining layers) needs extra layers (two heads) and
+is not implemented; the full zip returns a model of the original width and architecture.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+from torch import nn
+
+from ..align.covariance import JointMoments, group_covariances
+from ..perm import PermSpec, build_spec
+from .maps import (
+    ChannelMap,
+    MapLayout,
+    MapMergeResult,
+    MethodInfo,
+    map_layout,
+    merge_models_with_maps,
+)
+
+INFO = MethodInfo(
+    name="zipit",
+    needs_extra_layers=False,
+    exact_for_permuted_copies=True,
+    notes="Full zip only (partial zipping would need two heads: extra layers). Within-model merges average "
+          "features, an approximation after each ReLU; BatchNorm refolded for groups with such merges, "
+          "permuted otherwise. REPAIR needs matched endpoint channels, which within-model merges lack: use RESET.",
+)
+
+
+def zip_features(stats: JointMoments, alpha: float = 0.5, a: float = 0.3, b: float = 0.125
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ZipIt! merge M (C × 2C) and unmerge U (2C × C) matrices of one group (C = A's width).
+
+    Args:
+        stats: joint statistics with a = A's features, b = B's.
+        alpha: the weight of A's features in the merged mean (0 < alpha < 1).
+        a: penalty factor on a merged feature's correlations (0: never merge a feature twice).
+        b: within-model merge budget per model, as a fraction of C/2.
+    """
+    if not 0 < alpha < 1:
+        raise ValueError(f"ZipIt! needs 0 < alpha < 1, got {alpha}")
+    corr = stats.correlation(constants_match=True)  # (D, D); constant channels pair with each other
+    ca, d = stats.size_a, len(corr)
+    origin = torch.cat([torch.zeros(ca, dtype=torch.long), torch.ones(d - ca, dtype=torch.long)]).to(corr.device)
+    neg = -torch.inf
+    sims = corr.clone()
+    sims.fill_diagonal_(neg)
+    budget = [int(((d - ca) // 2) * b + 1e-4)] * 2
+    active = torch.ones(d, dtype=torch.bool, device=corr.device)
+    members: list[list[int]] = [[i] for i in range(d)]
+    for o in (0, 1):
+        if budget[o] <= 0:
+            same = origin == o
+            sims[same.unsqueeze(1) & same.unsqueeze(0)] = neg
+    while int(active.sum()) > ca:
+        flat = int(sims.argmax())
+        i, j = divmod(flat, d)
+        if sims[i, j] == neg:  # every allowed pair is blocked: fall back to the raw correlation of active ones
+            fallback = torch.where(active.unsqueeze(1) & active.unsqueeze(0), corr, torch.full_like(corr, neg))
+            fallback.fill_diagonal_(neg)
+            i, j = divmod(int(fallback.argmax()), d)
+        i, j = min(i, j), max(i, j)
+        members[i] += members[j]
+        new = torch.minimum(sims[i], sims[j]) * a if a > 0 else torch.full_like(sims[i], neg)
+        sims[i, :], sims[:, i] = new, new
+        sims[j, :], sims[:, j] = neg, neg
+        sims[i, i] = neg
+        active[j] = False
+        if origin[i] == origin[j]:
+            o = int(origin[i])
+            budget[o] -= 1
+            if budget[o] <= 0:
+                same = (origin == o) & active
+                sims[same.unsqueeze(1) & same.unsqueeze(0)] = neg
+    kept = active.nonzero().flatten().tolist()  # merged features in the order of their lowest member
+    unmerge = torch.zeros(d, len(kept), dtype=torch.float64, device=corr.device)
+    merge = torch.zeros(len(kept), d, dtype=torch.float64, device=corr.device)
+    for c, i in enumerate(kept):
+        idx = torch.as_tensor(members[i], device=corr.device)
+        unmerge[idx, c] = 1.0
+        w = torch.where(origin[idx] == 0, alpha, 1.0 - alpha).double()
+        merge[c, idx] = w / w.sum()
+    return merge, unmerge
+
+
+def zipit_maps(stats: Mapping[str, JointMoments], alpha: float = 0.5, a: float = 0.3, b: float = 0.125
+               ) -> tuple[dict[str, ChannelMap], dict[str, ChannelMap], dict]:
+    """Per group, the maps of A and of B into the zipped space, and {group: (merge, unmerge)}."""
+    maps_a, maps_b, mats = {}, {}, {}
+    for g, st in stats.items():
+        m, u = zip_features(st, alpha, a, b)
+        ca = st.size_a
+        maps_a[g] = ChannelMap(m[:, :ca] / alpha, u[:ca].contiguous())
+        maps_b[g] = ChannelMap(m[:, ca:] / (1 - alpha), u[ca:].contiguous())
+        mats[g] = (m, u)
+    return maps_a, maps_b, mats
+
+
+def zipit_merge(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    batches: Iterable,
+    spec: PermSpec | None = None,
+    alpha: float = 0.5,
+    a: float = 0.3,
+    b: float = 0.125,
+    layout: MapLayout | None = None,
+    stats: Mapping[str, JointMoments] | None = None,
+    device: torch.device | str = "cpu",
+) -> MapMergeResult:
+    """Zip two models into one of the original architecture.
+
+    Args:
+        model_a, model_b: two models of one architecture.
+        batches: data for the feature correlations (one pass; unused when ``stats`` is given).
+        alpha: weight of A's features (0.5: the paper's merge).
+        a, b: ZipIt!'s α (repeat-merge penalty) and β (within-model budget), see :func:`zip_features`.
+        stats: precomputed ``group_covariances(model_a, [model_b], …)[0]``.
+
+    Returns:
+        :class:`MapMergeResult`; extras {"merge_unmerge": {group: (M, U)}, "within": {group: (A-A, B-B merges)}}.
+
+    Example:
+        >>> res = zipit_merge(model_a, model_b, iter_batches(train, 500))
+        >>> repair_and_reset(model_a, model_b, spec, iter_batches(train, 500), reset=[res.model])
+    """
+    spec = spec or build_spec(model_a)
+    layout = layout or map_layout(model_a, spec)
+    if stats is None:
+        [stats] = group_covariances(model_a, [model_b], spec, batches, device=device)
+    maps_a, maps_b, mats = zipit_maps(stats, alpha, a, b)
+    weights = [alpha, 1.0 - alpha]
+    model = merge_models_with_maps([model_a, model_b], weights, [maps_a, maps_b], layout)
+    within = {}
+    for g, (_, u) in mats.items():
+        ca = stats[g].size_a
+        from_a, from_b = u[:ca].sum(0), u[ca:].sum(0)  # members per merged feature from each model
+        within[g] = (int((from_a >= 2).sum()), int((from_b >= 2).sum()))
+    return MapMergeResult(model, [maps_a, maps_b], weights, INFO, {"merge_unmerge": mats, "within": within})
