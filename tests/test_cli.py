@@ -32,6 +32,19 @@ def test_demo_writes_a_complete_run_folder(demo_dir):
     assert len(rows) == 4 * 21 * 2  # methods × α × splits
 
 
+def test_demo_compares_channels(demo_dir):
+    from mergescope.compare import read_compare_csv
+
+    rows = read_compare_csv(demo_dir / "compare.csv")
+    assert len(rows) == 2 * (16 + 32 + 64)  # B and C aligned to A × every channel of the 3 layers (width 16)
+    assert {r["embedder_kind"] for r in rows} == {"fallback"}
+    results = json.loads((demo_dir / "results.json").read_text())
+    assert [s["title"] for s in results["sections"]] == ["Feature visualization", "Channel comparison"]
+    partial = results["compare"]["partial_merge"]
+    assert len({r["accuracy"] for r in partial if r["fraction"] == 1.0}) == 1  # every curve ends at the full merge
+    assert (demo_dir / "features" / "table_features.9.html").is_file()
+
+
 def test_demo_repair_beats_direct_average_at_midpoint(demo_dir):
     b = {(r["method"], r["split"]): r for r in barriers(read_csv(demo_dir / "interpolation.csv"))}
     assert b["permuted+repair", "test"]["midpoint_accuracy"] > b["naive", "test"]["midpoint_accuracy"] + 0.2

@@ -5,6 +5,8 @@
     mergescope sweep CKPT_A CKPT_B --data SPEC --out DIR [--matching activation|weight]
     mergescope probe CKPT_A CKPT_B [CKPT ...] --data SPEC --out DIR [--merge ALPHA]
                                                      top-k images of every channel, models aligned to the first
+    mergescope compare RUN_DIR [--embedder clip|fallback] [--clip-weights PATH] [--threshold T] [--partial-merge]
+                                                     τ, δ, overlap, correlation per channel pair; Observations 2, 3
     mergescope report RUN_DIR                        re-render report.html (and feature pages) from stored results
     mergescope layers --arch NAME | --checkpoint CKPT   the observable layers and permutation groups
 """
@@ -161,6 +163,27 @@ def _cmd_probe(args) -> None:
     print(f"report: {run_dir / 'report.html'}")
 
 
+def _cmd_compare(args) -> None:
+    from .comparison import CompareConfig, compare_run
+
+    cfg = CompareConfig(embedder=args.embedder, clip_model=args.clip_model, clip_weights=args.clip_weights,
+                        consensus_metric=args.consensus_metric, threshold=args.threshold,
+                        partial_merge=args.partial_merge, alpha=args.alpha, eval_split=args.eval_split,
+                        seeds=tuple(args.seeds), batch_size=args.batch_size)
+    out = compare_run(args.run_dir, cfg, device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+    res, run_dir = out.result, Path(args.run_dir)
+    print(f"compared {len(res.rows)} channel pairs (δ embedder: {(res.embedder or {}).get('name', 'none')})")
+    rule = res.rules["observation3"]
+    for r in res.observation3:
+        print(f"  {r['layer']:<20} all similar {100 * r['share_all similar']:5.1f}%   most similar "
+              f"{100 * r['share_most similar']:5.1f}%   all dissimilar {100 * r['share_all dissimilar']:5.1f}%"
+              f"   ({rule['metric']} {'>=' if rule['higher_is_similar'] else '<='} {rule['threshold']})")
+    if not res.observation3:
+        print("  (Observation 3 needs at least two models aligned to the reference)")
+    print(f"table: {run_dir / 'compare.csv'}")
+    print(f"report: {run_dir / 'report.html'}")
+
+
 def _cmd_report(args) -> None:
     from .report import render_report
 
@@ -257,6 +280,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_device(p)
     p.set_defaults(func=_cmd_probe)
+
+    p = sub.add_parser("compare", help="compare every channel of the reference with the aligned models' "
+                       "(τ, δ, overlap, correlation; Observations 2 and 3; partial merging) over a probe/demo run")
+    p.add_argument("run_dir", help="a run folder made by `mergescope probe` or `mergescope demo`")
+    p.add_argument("--embedder", choices=("clip", "fallback"),
+                   help="image embedder for δ (default: clip with --clip-weights, else the fallback: penultimate "
+                        "features of model A, labelled 'fallback', never CLIP)")
+    p.add_argument("--clip-weights", help="local CLIP weights file for open_clip (or a tag in its cache)")
+    p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32; OpenAI "
+                   "weights from a file need ViT-B-32-quickgelu)")
+    p.add_argument("--threshold", type=float, default=0.5, help="Observation 3: a model is similar on a channel "
+                   "when the consensus metric is >= this (<= for clip_delta); default 0.5")
+    p.add_argument("--consensus-metric", choices=("kendall_tau", "overlap", "correlation", "clip_delta"),
+                   default="kendall_tau", help="metric Observation 3 thresholds (default: kendall_tau)")
+    p.add_argument("--partial-merge", action="store_true", help="also merge only the top/bottom x%% channels by "
+                   "each metric (vs random channels) and plot accuracy curves")
+    p.add_argument("--alpha", type=float, default=0.5, help="partial merging: weight of A in merged channels")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="partial merging: random baselines")
+    p.add_argument("--eval-split", default="test", help="partial merging: split to evaluate on (default: test)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in the run folder")
+    _add_device(p)
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("report", help="re-render report.html of a run folder from its stored results")
     p.add_argument("run_dir")

@@ -4,8 +4,12 @@ Three small CNNs are trained on the 8×8 handwritten digits from different seeds
 activation matching and the interpolation path is swept with the direct average, permutation, permutation +
 REPAIR and permutation + RESET. Then one probe pass over the training images records, for every channel of every
 layer, the top-10 images of A, B, aligned B, the merged models at α = 0.5 and the direct average — and of B and C
-aligned to A — which become the report's feature pages. The run folder gets checkpoints, ``interpolation.csv``,
-``results.json``, ``probe/`` (the stored top-k), ``features/``, ``report.html`` and ``manifest.json``.
+aligned to A — which become the report's feature pages. Every channel of A is then compared with the same
+channel of aligned B and C (Kendall τ on D′, δ of the top-k images with the fallback embedder — not CLIP —,
+top-k overlap, matching correlation, Observations 2 and 3) and A and B are partially merged channel by channel,
+guided by each metric, against random channels (:mod:`mergescope.comparison`). The run folder gets checkpoints,
+``interpolation.csv``, ``results.json``, ``probe/`` (the stored top-k), ``features/``, ``compare.csv``,
+``partial_merge.csv``, ``report.html`` and ``manifest.json``.
 """
 from __future__ import annotations
 
@@ -16,6 +20,12 @@ from pathlib import Path
 
 import torch
 
+from .comparison import (
+    CompareConfig,
+    PartialMergeInputs,
+    channel_comparison,
+    make_embedder,
+)
 from .data import load_digits
 from .features import feature_study, merged_rows
 from .merge import alpha_grid
@@ -39,6 +49,7 @@ class DemoConfig:
     batch_size: int = 64  # training batch size
     alpha_step: float = 0.05  # spacing of the α grid
     matching: str = "activation"  # "activation" or "weight"
+    compare: bool = True  # channel comparison (fallback embedder) and metric-guided partial merging of A and B
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool = True,
@@ -68,10 +79,23 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
 
     sweep_cfg = SweepConfig(alphas=alpha_grid(cfg.alpha_step), matching=cfg.matching, batch_size=len(train))
     result = run_sweep(models[0], models[1], train, {"test": test, "train": train}, sweep_cfg, progress=progress)
-    _, pages, recipes = feature_study(run_dir, train, dict(zip(tags, models)), matches={tags[1]: result.match},
-                             merged=merged_rows(result.midpoint), spec=result.spec, batch_size=len(train),
-                             progress=progress)
-    sections = [{"title": "Feature visualization", "html": feature_index_html(pages)}]
+    probed, pages, recipes = feature_study(run_dir, train, dict(zip(tags, models)), matches={tags[1]: result.match},
+                                           merged=merged_rows(result.midpoint), spec=result.spec,
+                                           batch_size=len(train), progress=progress)
+    sections, extra, timings = [], {}, dict(result.timings)
+    if cfg.compare:
+        t0 = time.perf_counter()
+        compare_cfg = CompareConfig(partial_merge=True, batch_size=len(train))
+        partial = PartialMergeInputs(models[0], result.aligned_b, result.spec, test, (tags[0], f"{tags[1]}_aligned"))
+        compared = channel_comparison(run_dir, train, probed, recipes, compare_cfg,
+                                      embedder=make_embedder(compare_cfg, models[0], train, tags[0]),
+                                      partial=partial, progress=progress)
+        pages, recipes, files = compared.pages, compared.recipes, files + compared.files
+        extra["compare"] = {**compared.to_json(), "config": dataclasses.asdict(compare_cfg)}
+        timings["channel comparison"] = time.perf_counter() - t0
+    sections.insert(0, {"title": "Feature visualization", "html": feature_index_html(pages)})
+    if cfg.compare:
+        sections.append(compared.section)
     elapsed = time.perf_counter() - start
     summary = {
         "architecture": f"{cfg.arch} (width {cfg.width})", "dataset": f"digits ({len(train)} train / {len(test)} test)",
@@ -79,10 +103,10 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         "runtime": f"{elapsed:.1f} s on {torch.get_num_threads()} CPU threads",
     }
     files += save_sweep(run_dir, result, "mergescope demo: digit CNNs, aligned, merged and looked inside", summary,
-                        sections, features={"data": "digits", "split": "train", "views": recipes})
+                        sections, features={"data": "digits", "split": "train", "views": recipes}, extra=extra)
     write_manifest(run_dir, {"demo": dataclasses.asdict(cfg), "sweep": dataclasses.asdict(sweep_cfg)}, files,
                    dataset={"name": train.name, "train_fingerprint": train.fingerprint,
                             "test_fingerprint": test.fingerprint},
-                   training=train_metrics, timings={**result.timings, "total": elapsed})
+                   training=train_metrics, timings={**timings, "total": elapsed})
     return result.to_json()
 

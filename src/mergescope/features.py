@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .align import MatchResult, match_many
-from .data import ImageDataset, iter_batches, len_batches
+from .data import ImageDataset, iter_batches, len_batches, subset_per_class
 from .perm import PermSpec, build_spec, permute_model
 from .probe import ProbeResult, probe
 from .report.feature_views import matching_info, views_from_probe
@@ -34,6 +34,7 @@ def feature_study(
     batch_size: int = 256,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    subset_ids=None,
 ) -> tuple[ProbeResult, list[dict], list[dict]]:
     """Align every model to the first, probe them all in one pass, and write the feature pages.
 
@@ -43,6 +44,8 @@ def feature_study(
         models: tag -> model; the first is the reference A.
         matches: tag -> an existing alignment to A (e.g. from the interpolation sweep); missing ones are computed.
         merged: row label -> a merged model whose channels are A's (shown in the pairwise view).
+        subset_ids: the fixed subset D′ whose activations the probe keeps (for Kendall's τ); default
+            :func:`default_subset` (5 images per class, seed 0).
 
     Returns:
         The probe result, the index of feature pages ({"slug", "title", "layer", "channels", "href"}) and the
@@ -65,8 +68,9 @@ def feature_study(
     merged = dict(merged or {})
     keys = {label: f"merged_{i}" for i, label in enumerate(merged)}
     probed.update({keys[label]: m for label, m in merged.items()})
+    subset_ids = default_subset(dataset) if subset_ids is None else subset_ids
     result = probe(probed, dataset, k=k, reduction=reduction, batch_size=batch_size, device=device,
-                   run_dir=run_dir / "probe", progress=progress)
+                   run_dir=run_dir / "probe", progress=progress, subset_ids=subset_ids)
 
     info = matching_info(spec, matches, list(spec.layers))
     recipes = []
@@ -89,6 +93,12 @@ def feature_study(
     return result, render_views(run_dir, dataset, result, recipes), recipes
 
 
+def default_subset(dataset: ImageDataset, per_class: int = 5, seed: int = 0) -> np.ndarray:
+    """D′ (DESIGN "Kendall-τ(c)"): ``per_class`` images of every class, fixed seed (fewer where a class is smaller)."""
+    counts = np.bincount(np.asarray(dataset.targets, dtype=np.int64))
+    return subset_per_class(dataset.targets, int(min(per_class, counts[counts > 0].min())), seed=seed)
+
+
 def render_views(run_dir: str | Path, dataset: ImageDataset, result: ProbeResult, recipes: list[dict]) -> list[dict]:
     """Render feature pages from a probe and JSON-able view recipes (slug, title, rows, channel_info, note).
 
@@ -109,4 +119,4 @@ def merged_rows(midpoint: Mapping[str, nn.Module], alpha: float = 0.5) -> dict[s
     return {labels[m]: midpoint[m] for m in ("permuted", "permuted+repair", "naive") if m in midpoint}
 
 
-__all__ = ["feature_study", "merged_rows", "render_views"]
+__all__ = ["default_subset", "feature_study", "merged_rows", "render_views"]

@@ -171,18 +171,20 @@ def run_sweep(
 
 
 def save_sweep(run_dir: Path, result: SweepResult, title: str, summary: Mapping[str, object],
-               sections: Sequence[dict] = (), features: Mapping | None = None) -> list[Path]:
+               sections: Sequence[dict] = (), features: Mapping | None = None,
+               extra: Mapping | None = None) -> list[Path]:
     """Write the sweep's ``interpolation.csv``, ``results.json`` and ``report.html`` into ``run_dir``.
 
     ``sections`` ({"title", "html"}) are extra report sections, e.g. the index of feature pages; ``features``
-    ({"data", "split", "views"}) records how to re-render the feature pages from the stored probe.
+    ({"data", "split", "views"}) records how to re-render the feature pages from the stored probe; ``extra``
+    holds further JSON-able results (e.g. the channel comparison's summaries under "compare").
 
     Returns:
         The files written (for the manifest's hashes).
     """
     csv_path = write_csv(run_dir / "interpolation.csv", result.rows)
     results = {"title": title, "summary": dict(summary), **result.to_json(), "sections": list(sections),
-               **({"features": dict(features)} if features else {})}
+               **({"features": dict(features)} if features else {}), **dict(extra or {})}
     json_path = write_json(run_dir / "results.json", results)
     report = render_report(run_dir, results)
     return [csv_path, json_path, report]

@@ -27,6 +27,7 @@ class FeatureView:
     rows: Mapping[str, np.ndarray]  # row label -> top-k ids, int [C, k]; channel c of every row is one unit
     values: Mapping[str, np.ndarray] = field(default_factory=dict)  # row label -> top-k activations [C, k]
     channel_info: Mapping[str, np.ndarray] = field(default_factory=dict)  # metric name -> value per channel [C]
+    #                                                                      (None: not defined, shown as a dash)
     note: str = ""  # one sentence shown under the title
     order: Sequence[int] | None = None  # channel display order (default 0..C-1)
 
@@ -34,6 +35,12 @@ class FeatureView:
 def _page_name(view: FeatureView, page: int) -> str:
     safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in view.layer)
     return f"{view.slug}_{safe}" + (f"_p{page + 1}" if page else "") + ".html"
+
+
+def channel_href(slug: str, layer: str, channel: int, per_page: int = 64) -> str:
+    """Link (relative to ``features/``) to channel ``channel`` of a view's page, in default channel order."""
+    view = FeatureView(slug, "", layer, {})
+    return f"{_page_name(view, channel // per_page)}#c{channel}"
 
 
 def render_feature_pages(run_dir: str | Path, dataset, views: Sequence[FeatureView], tile: int = 56,
@@ -68,7 +75,7 @@ def render_feature_pages(run_dir: str | Path, dataset, views: Sequence[FeatureVi
                               "label": dataset.classes[int(dataset.targets[int(i)])]}
                              for j, i in enumerate(ids) if i >= 0]
                     rows.append({"label": label, "cells": cells})
-                info = {name: float(v[c]) for name, v in view.channel_info.items()}
+                info = {name: None if v[c] is None else float(v[c]) for name, v in view.channel_info.items()}
                 blocks.append({"channel": c, "rows": rows, "info": info})
             html = template.render(
                 view=view, blocks=blocks, tile=tile, page=p, pages=len(pages), channels=channels,
