@@ -322,7 +322,8 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
     from .probe import load_probe, probe
     from .probe.probe import _state_sha256
     from .report import render_report
-    from .runs import MANIFEST, sha256_file
+    from .data.cache import file_sha256
+    from .runs import MANIFEST
     from .train import load_checkpoint
 
     cfg = config or CompareConfig()
@@ -409,7 +410,7 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
     if need_subset:
         files.append(run_dir / "probe_subset" / "probe.safetensors")
     hashes = dict(manifest.get("sha256", {}))
-    hashes.update({str(Path(f).resolve().relative_to(run_dir.resolve())): sha256_file(f) for f in files})
+    hashes.update({str(Path(f).resolve().relative_to(run_dir.resolve())): file_sha256(f) for f in files})
     manifest["sha256"] = hashes
     manifest["compare"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": dataclasses.asdict(cfg),
                            "embedder": out.result.embedder, "timings": out.timings,

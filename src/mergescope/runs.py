@@ -5,7 +5,6 @@ asks to overwrite it.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import platform
 import sys
@@ -18,6 +17,7 @@ import numpy as np
 import torch
 
 from ._jsonio import package_version, write_json
+from .data.cache import file_sha256
 from .errors import MergescopeError
 
 MANIFEST = "manifest.json"
@@ -30,14 +30,6 @@ def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
         raise MergescopeError(f"{path} already holds a run (manifest.json); pass --overwrite or choose another --out")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def sha256_file(path: str | os.PathLike, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def environment() -> dict[str, str]:
@@ -60,7 +52,7 @@ def write_manifest(run_dir: Path, config: dict[str, Any], files: Iterable[str | 
         files: files of the run to fingerprint (sha256), relative to ``run_dir`` in the manifest.
         extra: further JSON-able entries (dataset fingerprints, timings...).
     """
-    hashes = {str(Path(f).resolve().relative_to(run_dir.resolve())): sha256_file(f) for f in files}
+    hashes = {str(Path(f).resolve().relative_to(run_dir.resolve())): file_sha256(f) for f in files}
     record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
               "config": config, "environment": environment(), "sha256": hashes, **extra}
     return write_json(run_dir / MANIFEST, record)

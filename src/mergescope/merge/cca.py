@@ -24,15 +24,14 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..align.covariance import JointMoments, group_covariances
-from ..perm import PermSpec, build_spec
+from ..align.covariance import JointMoments
+from ..perm import PermSpec
 from .maps import (
     ChannelMap,
     MapLayout,
     MapMergeResult,
     MethodInfo,
-    map_layout,
-    merge_models_with_maps,
+    merge_many_by_stats,
 )
 
 INFO = MethodInfo(
@@ -119,13 +118,5 @@ def cca_merge_many(
         >>> res = cca_merge_many(model_a, [model_b], iter_batches(train, 500))
         >>> res.model            # the merged model, original architecture
     """
-    spec = spec or build_spec(reference)
-    layout = layout or map_layout(reference, spec)
-    if stats is None:
-        stats = group_covariances(reference, others, spec, batches, device=device)
-    n = len(others) + 1
-    weights = list(weights) if weights is not None else [1.0 / n] * n
-    per_model = [cca_maps(st, ridge) for st in stats]
-    maps = [{}] + [m for m, _ in per_model]
-    model = merge_models_with_maps([reference, *others], weights, maps, layout)
-    return MapMergeResult(model, maps, weights, INFO, {"canonical_correlations": [r for _, r in per_model]})
+    return merge_many_by_stats(reference, others, batches, lambda st: cca_maps(st, ridge), INFO, "canonical_correlations", spec,
+                               weights, layout, stats, device)

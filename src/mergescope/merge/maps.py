@@ -378,3 +378,36 @@ def permutation_maps(perms: Mapping[str, torch.Tensor]) -> dict[str, ChannelMap]
         t[torch.arange(len(p)), p.cpu()] = 1.0
         out[g] = ChannelMap(t, t.T.contiguous())
     return out
+
+
+def merge_many_by_stats(
+    reference: nn.Module,
+    others: Sequence[nn.Module],
+    batches,
+    maps_from_stats,
+    info: "MethodInfo",
+    extra_key: str,
+    spec: PermSpec | None = None,
+    weights: Sequence[float] | None = None,
+    layout: MapLayout | None = None,
+    stats=None,
+    device: torch.device | str = "cpu",
+) -> "MapMergeResult":
+    """The shared body of the map-based ``*_merge_many`` methods: one covariance pass, one map per group and
+    model (``maps_from_stats(stats) -> (maps, extra)``), then the weighted merge in the reference's space.
+
+    Returns:
+        :class:`MapMergeResult` with ``extras[extra_key]`` = the per-model extras of ``maps_from_stats``.
+    """
+    from ..align.covariance import group_covariances
+
+    spec = spec or build_spec(reference)
+    layout = layout or map_layout(reference, spec)
+    if stats is None:
+        stats = group_covariances(reference, others, spec, batches, device=device)
+    n = len(others) + 1
+    weights = list(weights) if weights is not None else [1.0 / n] * n
+    per_model = [maps_from_stats(st) for st in stats]
+    maps = [{}] + [m for m, _ in per_model]
+    model = merge_models_with_maps([reference, *others], weights, maps, layout)
+    return MapMergeResult(model, maps, weights, info, {extra_key: [e for _, e in per_model]})

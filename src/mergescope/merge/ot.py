@@ -23,16 +23,15 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
-from ..align.covariance import JointMoments, group_covariances
+from ..align.covariance import JointMoments
 from ..errors import NumericsError
-from ..perm import PermSpec, build_spec
+from ..perm import PermSpec
 from .maps import (
     ChannelMap,
     MapLayout,
     MapMergeResult,
     MethodInfo,
-    map_layout,
-    merge_models_with_maps,
+    merge_many_by_stats,
 )
 
 INFO = MethodInfo(
@@ -160,13 +159,5 @@ def ot_merge_many(
     Returns:
         :class:`MapMergeResult` with extras {"plans": [per model {group: plan}]}.
     """
-    spec = spec or build_spec(reference)
-    layout = layout or map_layout(reference, spec)
-    if stats is None:
-        stats = group_covariances(reference, others, spec, batches, device=device)
-    n = len(others) + 1
-    weights = list(weights) if weights is not None else [1.0 / n] * n
-    per_model = [ot_maps(st, reg, cost) for st in stats]
-    maps = [{}] + [m for m, _ in per_model]
-    model = merge_models_with_maps([reference, *others], weights, maps, layout)
-    return MapMergeResult(model, maps, weights, INFO, {"plans": [p for _, p in per_model]})
+    return merge_many_by_stats(reference, others, batches, lambda st: ot_maps(st, reg, cost), INFO, "plans", spec,
+                               weights, layout, stats, device)

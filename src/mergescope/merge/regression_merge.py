@@ -18,16 +18,15 @@ from collections.abc import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..align.covariance import JointMoments, group_covariances
+from ..align.covariance import JointMoments
 from ..align.regression import RegressionFit, regression_fit, sparsify
-from ..perm import PermSpec, build_spec
+from ..perm import PermSpec
 from .maps import (
     ChannelMap,
     MapLayout,
     MapMergeResult,
     MethodInfo,
-    map_layout,
-    merge_models_with_maps,
+    merge_many_by_stats,
 )
 
 INFO = MethodInfo(
@@ -99,13 +98,5 @@ def regression_merge_many(
     Returns:
         :class:`MapMergeResult` with extras {"fits": [per model {group: RegressionFit}]}.
     """
-    spec = spec or build_spec(reference)
-    layout = layout or map_layout(reference, spec)
-    if stats is None:
-        stats = group_covariances(reference, others, spec, batches, device=device)
-    n = len(others) + 1
-    weights = list(weights) if weights is not None else [1.0 / n] * n
-    per_model = [regression_maps(st, fraction, refit, ridge, inverse) for st in stats]
-    maps = [{}] + [m for m, _ in per_model]
-    model = merge_models_with_maps([reference, *others], weights, maps, layout)
-    return MapMergeResult(model, maps, weights, INFO, {"fits": [f for _, f in per_model]})
+    return merge_many_by_stats(reference, others, batches, lambda st: regression_maps(st, fraction, refit, ridge, inverse), INFO, "fits", spec,
+                               weights, layout, stats, device)
