@@ -43,19 +43,12 @@ class _BatchRenorm(nn.Module):
         self.target: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std), set per batch
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        s = as_samples(y, self.channel_dim)  # (samples, C)
-        self.moments.update(s)
-        mean, std = s.mean(0), s.std(0, unbiased=False)
+        mean, std = self.moments.update(as_samples(y, self.channel_dim))  # batch stats, (C,) each
         t_mean, t_std = self.target
         scale = torch.where(std > _EPS, t_std / std.clamp_min(_EPS), torch.ones_like(std))
         shape = [1] * y.dim()
         shape[self.channel_dim] = -1
         return (y - mean.view(shape)) * scale.view(shape) + t_mean.view(shape)
-
-
-def _batch_moments(y: torch.Tensor, channel_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    s = as_samples(y, channel_dim)
-    return s.mean(0), s.std(0, unbiased=False)
 
 
 def _fuse(model: nn.Module, point: RepairPoint, scale: torch.Tensor, shift: torch.Tensor) -> None:
@@ -132,10 +125,10 @@ def repair_and_reset(
         for p in points:
             for k in "AB":
                 y = feats[k][p.tap.name]
-                if not torch.isfinite(y).all():
+                mean, std = endpoint[k, p.tap.name].update(as_samples(y, p.tap.channel_dim))
+                if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):  # any NaN/Inf reaches these
                     raise NumericsError(f"NaN/Inf activations at '{p.tap.name}' of model {k}")
-                endpoint[k, p.tap.name].update(as_samples(y, p.tap.channel_dim))
-                batch_stats[k, p.tap.name] = _batch_moments(y, p.tap.channel_dim)
+                batch_stats[k, p.tap.name] = mean, std
         for (alpha, _), r, model in zip(repair, renorms, tapped):
             for name, renorm in r.items():
                 (ma, sa), (mb, sb) = batch_stats["A", name], batch_stats["B", name]

@@ -27,12 +27,14 @@ class Moments:
         self.mean: torch.Tensor | None = None  # (C,) float64
         self.m2: torch.Tensor | None = None  # (C,) float64
 
-    def update(self, x: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add a (samples, C) batch; returns the batch's own per-channel mean and (population) std."""
         x = _at_least_float32(x)
         n = x.shape[0]
         mean = x.mean(0)
         m2 = ((x - mean) ** 2).sum(0)
         self._combine(n, mean.double(), m2.double())
+        return mean, (m2 / max(n, 1)).sqrt()
 
     def _combine(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if self.mean is None:
