@@ -12,9 +12,9 @@ from mergescope.errors import MergescopeError, NumericsError
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
 from mergescope.probe import StreamingTopK, load_probe, probe
+from mergescope.probe.reduce import reduce_activation
 from mergescope.probe.store import read_meta
 from mergescope.probe.taps import tap_model
-from mergescope.probe.state import reduce_activation
 
 
 @pytest.fixture(scope="module")
@@ -136,8 +136,8 @@ def test_probe_equals_brute_force_on_the_same_batches(digits):
     with torch.no_grad():
         for chunk in torch.arange(len(digits)).split(97):  # the probe's batches, so activations match bitwise
             _, out = tapped(digits.get_batch(chunk)[0])
-            for name in feats:
-                feats[name].append(out[name].flatten(2).mean(2))  # spatial mean, [B, C]
+            for name, acts in feats.items():
+                acts.append(out[name].flatten(2).mean(2))  # spatial mean, [B, C]
     assert result.reduction == "mean" and result.num_images == len(digits)
     for name, tap in spec.layers.items():
         acts = torch.cat(feats[name])  # [N, C]
@@ -221,7 +221,7 @@ def test_two_rank_gloo_run_equals_one_process(digits, tmp_path):
 
 def test_interrupted_pass_resumes_and_equals_a_clean_run(digits, tmp_path):
     models = digit_models()
-    kw = dict(batch_size=100, subset_ids=list(range(0, 1437, 50)), progress=False)  # 15 batches
+    kw = {"batch_size": 100, "subset_ids": list(range(0, 1437, 50)), "progress": False}  # 15 batches
     clean = probe(models, digits, **kw)
     dying = CountingDataset(digits, fail_after=8)  # checkpoints after batches 3 and 6, dies reading batch 9
     with pytest.raises(KeyboardInterrupt):

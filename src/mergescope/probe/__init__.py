@@ -7,8 +7,8 @@ result. The building blocks — :func:`tap_model`, :func:`run_pass`, :class:`Mom
 """
 from .engine import run_pass
 from .probe import probe
+from .reduce import reduce_activation, tap_reduced
 from .result import LayerProbe, ProbeResult
-from .state import reduce_activation
 from .stats import CoMoments, Moments, as_samples
 from .store import load_probe, save_probe
 from .taps import tap_model
@@ -16,5 +16,5 @@ from .topk import StreamingTopK
 
 __all__ = [
     "CoMoments", "LayerProbe", "Moments", "ProbeResult", "StreamingTopK", "as_samples", "load_probe", "probe",
-    "reduce_activation", "run_pass", "save_probe", "tap_model",
+    "reduce_activation", "run_pass", "save_probe", "tap_model", "tap_reduced",
 ]

@@ -27,11 +27,23 @@ from ..errors import ArchitectureError, MergescopeError
 from ..perm import build_spec
 from .distributed import barrier, batch_range, gather_flags, gather_state, world
 from .engine import run_pass
+from .reduce import REDUCTIONS, tap_reduced
 from .result import ProbeResult
-from .state import REDUCTIONS, LayerShapes, ProbeState
-from .store import (CONFIG_KEYS, FORMAT, RESULT_FILE, config_mismatch, mergescope_version, partial_file,
-                    probe_tensors, read_meta, read_probes, result_from_file, save_probe, write)
-from .taps import tap_model
+from .state import LayerShapes, ProbeState
+from .store import (
+    CONFIG_KEYS,
+    FORMAT,
+    RESULT_FILE,
+    config_mismatch,
+    mergescope_version,
+    partial_file,
+    probe_tensors,
+    read_meta,
+    read_probes,
+    result_from_file,
+    save_probe,
+    write,
+)
 
 Layers = Mapping[str, Sequence[str]] | Sequence[str] | None
 
@@ -82,9 +94,9 @@ def probe(
         >>> from mergescope.data import load_digits
         >>> from mergescope.models import create_model
         >>> ds = load_digits("train")
-        >>> models = {s: create_model("cnn_digits", width=8, seed=s) for s in ("0", "1")}
+        >>> models = {f"seed{s}": create_model("cnn_digits", width=8, seed=s) for s in (0, 1)}
         >>> result = probe(models, ds, progress=False)
-        >>> result["0", "features.2"].topk_ids.shape  # 8 channels × top 10 image ids
+        >>> result["seed0", "features.2"].topk_ids.shape  # 8 channels × top 10 image ids
         torch.Size([8, 10])
     """
     models = dict(models)
@@ -95,12 +107,12 @@ def probe(
     run_dir = Path(run_dir) if run_dir is not None else None
 
     with _eval_mode(models.values()):
-        tapped, shapes = _tap_all(models, layers, dataset, device)
+        tapped, shapes = _tap_all(models, layers, dataset, reduction, device)
         config = _config(models, shapes, k, reduction, dataset, subset)
         num_batches = len_batches(dataset, batch_size)
         first, stop = batch_range(num_batches, rank, world_size)
         pass_info = {"batch_size": batch_size, "world_size": world_size, "rank": rank, "batches": [first, stop]}
-        state = ProbeState(shapes, k, reduction, subset, device)
+        state = ProbeState(shapes, k, subset, device)
 
         if run_dir is not None:
             finished = _stored_result(run_dir, config, resume)
@@ -179,9 +191,9 @@ def _eval_mode(models: Sequence[nn.Module] | Any) -> Iterator[None]:
             m.training = training
 
 
-def _tap_all(models: dict[str, nn.Module], layers: Layers, dataset: ImageDataset,
+def _tap_all(models: dict[str, nn.Module], layers: Layers, dataset: ImageDataset, reduction: str,
              device: torch.device) -> tuple[dict[str, nn.Module], LayerShapes]:
-    """The tapped models and, per model and layer, (channels, channel_dim), learnt on a zero example batch."""
+    """The reducing tapped models and, per model and layer, (channels, channel_dim), learnt on a zero batch."""
     if isinstance(layers, Mapping):
         unknown = [m for m in layers if m not in models]
         missing = [m for m in models if m not in layers]
@@ -203,13 +215,11 @@ def _tap_all(models: dict[str, nn.Module], layers: Layers, dataset: ImageDataset
         names = list(dict.fromkeys(spec_layers if wanted is None else wanted))
         if not names:
             raise MergescopeError(f"no layers to probe in model '{name}'")
-        tapped[name] = tap_model(model, names).to(device)
+        dims = {layer: spec_layers[layer].channel_dim if layer in spec_layers else 1 for layer in names}
+        tapped[name] = tap_reduced(model, dims, reduction).to(device)
         with torch.inference_mode():
-            _, feats = tapped[name](example.to(device))
-        shapes[name] = {}
-        for layer in names:
-            dim = spec_layers[layer].channel_dim if layer in spec_layers else 1
-            shapes[name][layer] = (int(feats[layer].shape[dim]), dim)
+            _, acts = tapped[name](example.to(device))  # each [2, C]
+        shapes[name] = {layer: (int(acts[layer].shape[1]), dims[layer]) for layer in names}
     return tapped, shapes
 
 

@@ -1,7 +1,8 @@
 """The accumulators of one probe pass (or one shard of it): top-k, moments and subset activations per layer.
 
-Each batch's feature maps are reduced to one activation per (image, channel) — the spatial max or mean — and
-fed to every accumulator at once. Memory is O(models · channels · (k + |D'|)), never O(dataset).
+Each batch arrives as one activation per (image, channel) for every layer of every model (see
+:mod:`mergescope.probe.reduce`) and is fed to every accumulator at once. Memory is
+O(models · channels · (k + |D'|)), never O(dataset).
 """
 from __future__ import annotations
 
@@ -12,21 +13,7 @@ from .result import LayerProbe
 from .stats import Moments
 from .topk import StreamingTopK
 
-REDUCTIONS = ("max", "mean")
-
 LayerShapes = dict[str, dict[str, tuple[int, int]]]  # model -> layer -> (channels, channel_dim)
-
-
-def reduce_activation(t: torch.Tensor, channel_dim: int = 1, reduction: str = "max") -> torch.Tensor:
-    """A feature map (B, ..., C, ...) -> float32 [B, C]: the max (or mean) over everything but the channels.
-
-    ``-0.0`` becomes ``+0.0`` so that equal activations compare equal bit for bit.
-    """
-    t = t.movedim(channel_dim, 1)  # (B, C, *rest)
-    if t.dim() > 2:
-        flat = t.flatten(2)  # (B, C, S)
-        t = flat.amax(2) if reduction == "max" else flat.float().mean(2)
-    return t.float() + 0.0  # [B, C]
 
 
 class SubsetIndex:
@@ -49,11 +36,9 @@ class SubsetIndex:
 class ProbeState:
     """Per (model, layer): a :class:`StreamingTopK`, a :class:`Moments` and the D' activation matrix."""
 
-    def __init__(self, shapes: LayerShapes, k: int, reduction: str, subset_ids: torch.Tensor | None,
+    def __init__(self, shapes: LayerShapes, k: int, subset_ids: torch.Tensor | None,
                  device: torch.device | str = "cpu"):
-        if reduction not in REDUCTIONS:
-            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-        self.shapes, self.k, self.reduction, self.device = shapes, k, reduction, torch.device(device)
+        self.shapes, self.k, self.device = shapes, k, torch.device(device)
         self.keys = [(m, layer) for m, layers in shapes.items() for layer in layers]
         self.topk = {(m, layer): StreamingTopK(shapes[m][layer][0], k, self.device, f"model '{m}', layer '{layer}'")
                      for m, layer in self.keys}
@@ -67,10 +52,9 @@ class ProbeState:
         self.batches_done = 0  # position in the (deterministic) batch sequence
         self.images_seen = 0
 
-    def update(self, ids: torch.Tensor, features: dict[str, dict[str, torch.Tensor]]) -> None:
-        """Absorb one batch: ``ids`` int64 [B] (CPU) and each model's tapped feature maps by layer name."""
-        reduced = {(m, layer): reduce_activation(features[m][layer], self.shapes[m][layer][1], self.reduction)
-                   for m, layer in self.keys}  # each [B, C]
+    def update(self, ids: torch.Tensor, activations: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Absorb one batch: ``ids`` int64 [B] (CPU) and, per model and layer, the reduced activations [B, C]."""
+        reduced = {(m, layer): activations[m][layer] for m, layer in self.keys}  # each [B, C]
         finite = torch.stack([torch.isfinite(r).all() for r in reduced.values()])  # one sync per batch
         if not bool(finite.all()):
             m, layer = self.keys[int((~finite).nonzero()[0])]

@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._atomic import atomic_path, atomic_write_text
@@ -119,7 +119,7 @@ def read_meta(path: Path) -> dict[str, Any] | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
-    except Exception as e:
+    except (OSError, SafetensorError) as e:
         raise MergescopeError(f"{path} is not a readable safetensors file ({e}); delete it or use another "
                               "run directory") from None
     if META_KEY not in header:
