@@ -1,0 +1,97 @@
+"""Probe throughput against the bare forward pass of the same models on the same batches (issue 3).
+
+Baseline (measured in the same run): `run_pass` of the M models with nothing recorded — the physical limit
+of the job. Ours: `probe()` of the same M models, every layer, top-k=10, moments. The ratio bare/probe time is
+the probe's efficiency (goal ≥ 0.8). The one-pass design also replaces layers × models single-model passes
+(MILAN and the REPAIR notebooks loop over layers), so the ratio against that approach is printed too.
+
+`--memory` also measures peak resident memory of the probe in fresh processes as the dataset grows 10×
+(it should stay flat: the probe's state is O(models · channels · k)).
+
+    python bench/probe_throughput.py [--images 2048] [--models 5] [--arch resnet20] [--device cpu] [--memory]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+from mergescope.data import InMemoryDataset, iter_batches  # noqa: E402
+from mergescope.models import create_model  # noqa: E402
+from mergescope.perm import list_layers  # noqa: E402
+from mergescope.probe import probe, run_pass  # noqa: E402
+
+
+def random_dataset(n: int) -> InMemoryDataset:
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    return InMemoryDataset(images, torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)],
+                           (0.5,) * 3, (0.25,) * 3, name="random")
+
+
+def timed(fn, device: str) -> float:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def peak_rss_mb(args, images: int) -> float:
+    """Peak RSS of a fresh process that probes ``images`` images (after building everything)."""
+    code = (f"import sys; sys.argv=['x','--images','{images}','--models','{args.models}','--arch','{args.arch}',"
+            f"'--repeats','1','--probe-only']; exec(open({__file__!r}).read())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--images", type=int, default=2048)
+    p.add_argument("--models", type=int, default=5)
+    p.add_argument("--arch", default="resnet20")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--memory", action="store_true", help="peak RSS as the dataset grows 10x")
+    p.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ds = random_dataset(args.images)
+    models = {f"m{i}": create_model(args.arch, seed=i).to(args.device).eval() for i in range(args.models)}
+    if args.probe_only:
+        probe(models, ds, batch_size=args.batch_size, device=args.device, progress=False)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+    layers = len(list_layers(models["m0"]))
+    bare = lambda: run_pass(models, iter_batches(ds, args.batch_size), lambda b, x, o: None, device=args.device)  # noqa: E731
+    probed = lambda: probe(models, ds, batch_size=args.batch_size, device=args.device, progress=False)  # noqa: E731
+    bare(), probed()  # warm-up
+    t_bare = min(timed(bare, args.device) for _ in range(args.repeats))
+    t_probe = min(timed(probed, args.device) for _ in range(args.repeats))
+    mi = args.models * args.images
+    print(f"{args.models} × {args.arch} ({layers} layers each), {args.images} images, batch {args.batch_size}, "
+          f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeats}")
+    print(f"| bare forward | {t_bare:.2f} s | {mi / t_bare:,.0f} model-images/s |")
+    print(f"| probe, all layers, k=10 | {t_probe:.2f} s | {mi / t_probe:,.0f} model-images/s |")
+    print(f"probe efficiency (bare / probe time): {t_bare / t_probe:.2f}  (goal ≥ 0.8)")
+    print(f"vs one pass per layer per model ({layers} × {args.models} single-model passes): "
+          f"{layers * t_bare / t_probe:.1f}× fewer model-forward work (goal ≥ {0.8 * layers:.1f})")
+    if args.memory:
+        small, large = peak_rss_mb(args, args.images), peak_rss_mb(args, 10 * args.images)
+        print(f"peak RSS: {args.images} images {small:.0f} MB, {10 * args.images} images {large:.0f} MB "
+              f"(dataset tensor alone grows by {9 * args.images * 3072 / 2**20:.0f} MB)")
+
+
+if __name__ == "__main__":
+    main()
