@@ -32,6 +32,7 @@ from .maps import (
     MapMergeResult,
     MethodInfo,
     merge_many_by_stats,
+    per_group,
 )
 
 INFO = MethodInfo(
@@ -84,10 +85,7 @@ def cca_map(stats: JointMoments, ridge: float = 0.1) -> tuple[ChannelMap, torch.
 
 def cca_maps(stats: Mapping[str, JointMoments], ridge: float = 0.1) -> tuple[dict[str, ChannelMap], dict]:
     """:func:`cca_map` for every group; returns (maps, {group: canonical correlations})."""
-    maps, rhos = {}, {}
-    for g, st in stats.items():
-        maps[g], rhos[g] = cca_map(st, ridge)
-    return maps, rhos
+    return per_group(lambda st: cca_map(st, ridge), stats)
 
 
 def cca_merge_many(

@@ -380,6 +380,14 @@ def permutation_maps(perms: Mapping[str, torch.Tensor]) -> dict[str, ChannelMap]
     return out
 
 
+def per_group(map_fn, stats: Mapping[str, object]) -> tuple[dict[str, "ChannelMap"], dict]:
+    """Apply ``map_fn(group stats) -> (map, extra)`` to every group: (maps, {group: extra})."""
+    maps, extras = {}, {}
+    for g, st in stats.items():
+        maps[g], extras[g] = map_fn(st)
+    return maps, extras
+
+
 def merge_many_by_stats(
     reference: nn.Module,
     others: Sequence[nn.Module],

@@ -32,6 +32,7 @@ from .maps import (
     MapMergeResult,
     MethodInfo,
     merge_many_by_stats,
+    per_group,
 )
 
 INFO = MethodInfo(
@@ -134,10 +135,7 @@ def ot_map(stats: JointMoments, reg: float = 0.01, cost: str = "correlation",
 def ot_maps(stats: Mapping[str, JointMoments], reg: float = 0.01, cost: str = "correlation"
             ) -> tuple[dict[str, ChannelMap], dict[str, torch.Tensor]]:
     """:func:`ot_map` for every group; returns (maps, {group: plan})."""
-    maps, plans = {}, {}
-    for g, st in stats.items():
-        maps[g], plans[g] = ot_map(st, reg, cost)
-    return maps, plans
+    return per_group(lambda st: ot_map(st, reg, cost), stats)
 
 
 def ot_merge_many(

@@ -27,6 +27,7 @@ from .maps import (
     MapMergeResult,
     MethodInfo,
     merge_many_by_stats,
+    per_group,
 )
 
 INFO = MethodInfo(
@@ -69,10 +70,7 @@ def regression_maps(stats: Mapping[str, JointMoments], fraction: float = 1.0, re
                     ridge: float = 0.0, inverse: str = "regression"
                     ) -> tuple[dict[str, ChannelMap], dict[str, RegressionFit]]:
     """:func:`regression_map` for every group; returns (maps, {group: fit})."""
-    maps, fits = {}, {}
-    for g, st in stats.items():
-        maps[g], fits[g] = regression_map(st, fraction, refit, ridge, inverse)
-    return maps, fits
+    return per_group(lambda st: regression_map(st, fraction, refit, ridge, inverse), stats)
 
 
 def regression_merge_many(
