@@ -14,8 +14,11 @@ from mergescope.compare import (
     clip_delta,
     clip_delta_from_ids,
     consensus_categories,
+    embedding_category_table,
     kendall_tau_b,
     merged_categories,
+    merged_categories_embedding,
+    merged_categories_embedding_from_ids,
     metric_spread,
     overlap_counts,
     topk_overlap,
@@ -243,6 +246,56 @@ def test_merged_categories_on_hand_built_sets():
     # a stricter mixed rule turns channel 3 (4 and 4 of 10) into a tie, still "mixed", and channel 1 stays "A"
     assert merged_categories(a, b, m, mixed_min=0.5).names()[1:4] == ["A", "B", "mixed"]
     assert merged_categories(a, b, m, match_threshold=0.4).names()[6] == "matched"
+
+
+def _concept_table(concepts: int, d: int = 64) -> torch.Tensor:
+    """Unit embeddings (u + e_c)/√2 of orthogonal "concepts" c sharing a direction u: cos = 1 within a concept,
+    1/2 between two concepts."""
+    eye = torch.eye(d, dtype=torch.float64)
+    return (eye[0] + eye[1:concepts + 1]) / math.sqrt(2)
+
+
+def test_merged_categories_by_embedding_on_hand_built_sets():
+    # image id 10·c + i (i < 10) is an image of concept c; every top-k set holds 2 distinct ids
+    concept = _concept_table(20)
+    table = concept.repeat_interleave(10, 0)  # row id -> concept id // 10
+    a = torch.tensor([[0, 1], [10, 11], [20, 21], [30, 31], [40, 41]])  # T_A(j): concept j
+    b = torch.tensor([[100, 101], [110, 111], [120, 121], [130, 131], [40, 41]])  # T_B(j): concept 10 + j ...
+    m = torch.tensor([  # ... except channel 4, where B matches A
+        [2, 3],      # 0: concept 0 = A's: s_A = 1, s_B = 1/2 -> "A"
+        [112, 113],  # 1: concept 11 = B's -> "B"
+        [22, 123],   # 2: one of each: s_A = s_B = (1 + 1/2)/2 -> "mixed"
+        [190, 191],  # 3: another concept: s_A = s_B = 1/2 = baseline -> "neither"
+        [42, 43],    # 4: matched by id, not classified
+    ])
+    res = merged_categories_embedding_from_ids(a, b, m, table)
+    assert res.names() == ["A", "B", "mixed", "neither", "matched"]
+    assert res.baseline.tolist() == pytest.approx([0.5] * 5)  # T_A sets of different concepts: cos 1/2
+    assert res.sim_a.tolist() == pytest.approx([1, 0.5, 0.75, 0.5, 1])
+    assert res.sim_b.tolist() == pytest.approx([0.5, 1, 0.75, 0.5, 1])
+    assert res.rel_a.tolist() == pytest.approx([2, 1, 1.5, 1, 2])
+    shares = res.shares()
+    assert (shares["matched"], shares["unmatched"], shares["n_A"], shares["n_B"], shares["n_mixed"],
+            shares["n_neither"], shares["n_undefined"]) == (1, 4, 1, 1, 1, 1, 0)
+    assert shares["share_A"] == pytest.approx(0.25)
+    assert embedding_category_table({"l": res})[0]["layer"] == "l"
+    # the thresholds are parameters: with margin 1.5 nothing is clearly closer to one side ...
+    assert merged_categories_embedding_from_ids(a, b, m, table, margin=1.5).names()[:4] == [
+        "mixed", "mixed", "mixed", "neither"]
+    # ... and with close_min 1.6 the half-and-half set of channel 2 is close to neither
+    assert merged_categories_embedding_from_ids(a, b, m, table, close_min=1.6).names()[2] == "neither"
+    # the pure function on the embeddings gives the same; a shared image is not paired with itself
+    emb = [table[i] for i in (a, b, m)]
+    same = merged_categories_embedding(*emb, ids_a=a, ids_b=b, ids_m=m)
+    assert same.names() == res.names()
+    m2 = m.clone()
+    m2[0] = torch.tensor([0, 1])  # T_M = T_A: only the distinct pair (0, 1), (1, 0) counts -> s_A = 1
+    assert merged_categories_embedding_from_ids(a, b, m2, table).sim_a[0].item() == pytest.approx(1.0)
+    # a one-channel layer has no baseline: "undefined", never NaN
+    one = merged_categories_embedding_from_ids(a[:1], b[:1], m[:1], table)
+    assert one.names() == ["undefined"] and torch.isfinite(one.rel_a).all()
+    with pytest.raises(MergescopeError):
+        merged_categories_embedding(emb[0], emb[1][:, :, :3], emb[2], ids_a=a, ids_b=b, ids_m=m)
 
 
 def test_consensus_categories_and_spread():

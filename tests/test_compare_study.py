@@ -2,6 +2,7 @@
 channel_comparison (τ = 1, overlap = 1, δ = 0 on every channel; one CSV row per pair × layer × channel), partial
 merging at its endpoints and its random baseline, ``mergescope compare`` on a tiny run folder (with and without
 stored D′ activations), and a dead channel flagged rather than NaN."""
+import csv
 import json
 
 import numpy as np
@@ -78,8 +79,25 @@ def test_model_vs_permuted_copies_is_identical_on_every_channel(permuted_study, 
         assert not r["dead"] and r["consensus"] == "all similar", where
         assert r["embedder_kind"] == "fallback" and r["embedder"].endswith("not CLIP"), where
         assert r["category"] == ("matched" if r["model"] == "B_aligned" else ""), where
+        assert r["category_embedding"] == r["category"], where  # the embedder is configured: both rules ran
     assert [o["share_all similar"] for o in out.result.observation3] == [1.0] * len(CHANNELS)
     assert {o["layer"]: o["matched"] for o in out.result.observation2} == CHANNELS
+    assert {o["layer"]: o["embedding"]["matched"] for o in out.result.observation2} == CHANNELS
+    assert out.result.rules["observation2_embedding"]["close_min"] == 1.1
+
+
+def test_compare_csv_round_trips_the_embedding_category_and_reads_older_files(permuted_study, tmp_path):
+    _, out, _, _ = permuted_study
+    rows = [dict(r, category_embedding=cat) for r, cat in zip(out.result.rows, ["A", "B", "mixed", "neither"] * 9999)]
+    path = write_compare_csv(tmp_path / "c.csv", rows)
+    assert read_compare_csv(path) == rows
+    with open(path, newline="") as f:  # a file written before the column existed
+        table = [line[:-2] + line[-1:] for line in csv.reader(f)]  # category_embedding is the last but one
+    assert COLUMNS[-2] == "category_embedding"
+    old = tmp_path / "old.csv"
+    with open(old, "w", newline="") as f:
+        csv.writer(f).writerows(table)
+    assert [r["category_embedding"] for r in read_compare_csv(old)] == [""] * len(rows)
 
 
 def test_comparison_pages_show_the_metrics_and_link_every_channel(permuted_study):
@@ -93,6 +111,9 @@ def test_comparison_pages_show_the_metrics_and_link_every_channel(permuted_study
     for layer in CHANNELS:
         assert (run / "figures" / f"compare_{layer}.png").stat().st_size > 1000
     assert out.section["title"] == "Channel comparison" and "not CLIP" in out.section["html"]
+    assert "by fallback embedding similarity" in out.section["html"]
+    assert "CLIP embedding" not in out.section["html"]  # the fallback is never called CLIP
+    assert "category by fallback embedding B" in table
     assert "5–10%" in out.section["html"]  # the thesis's Observation 3 figures beside ours
 
 

@@ -4,13 +4,18 @@ combines them over a whole probe into tidy rows (and writes/reads those rows as 
 """
 from .categories import (
     CONSENSUS_CATEGORIES,
+    EMBEDDING_CATEGORIES,
     MERGED_CATEGORIES,
     ConsensusCategories,
+    EmbeddingCategories,
     MergedCategories,
     Spread,
     category_table,
     consensus_categories,
+    embedding_category_table,
     merged_categories,
+    merged_categories_embedding,
+    merged_categories_embedding_from_ids,
     metric_spread,
 )
 from .clip_delta import ClipDeltaResult, clip_delta, clip_delta_from_ids
@@ -30,6 +35,7 @@ from .study import (
 __all__ = [
     "COLUMNS",
     "CONSENSUS_CATEGORIES",
+    "EMBEDDING_CATEGORIES",
     "MERGED_CATEGORIES",
     "METRICS",
     "THESIS_OBSERVATION3",
@@ -37,6 +43,7 @@ __all__ = [
     "ComparePair",
     "CompareResult",
     "ConsensusCategories",
+    "EmbeddingCategories",
     "KendallResult",
     "MergedCategories",
     "Spread",
@@ -45,8 +52,11 @@ __all__ = [
     "clip_delta_from_ids",
     "compare_models",
     "consensus_categories",
+    "embedding_category_table",
     "kendall_tau_b",
     "merged_categories",
+    "merged_categories_embedding",
+    "merged_categories_embedding_from_ids",
     "metric_spread",
     "overlap_counts",
     "read_compare_csv",

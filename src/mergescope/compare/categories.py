@@ -7,14 +7,23 @@ reproducible, with every threshold a parameter.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import MergescopeError
+from .clip_delta import (
+    _check_same_id_same_embedding,
+    _ids,
+    _masked_mean,
+    _shared_id_pairs,
+    _unit_rows,
+)
 from .overlap import first_occurrence, member, topk_overlap
 
 MERGED_CATEGORIES = ("matched", "A", "B", "mixed", "neither")
+EMBEDDING_CATEGORIES = ("matched", "A", "B", "mixed", "neither", "undefined")
 CONSENSUS_CATEGORIES = ("all similar", "most similar", "few similar", "all dissimilar")
 
 
@@ -97,6 +106,147 @@ def merged_categories(ids_a: torch.Tensor, ids_b: torch.Tensor, ids_merged: torc
 
 def category_table(layers: dict[str, MergedCategories]) -> list[dict]:
     """Per-layer share table of Observation 2: one JSON-ready row per layer (see :meth:`MergedCategories.shares`)."""
+    return [{"layer": name, **result.shares()} for name, result in layers.items()]
+
+
+@dataclass(frozen=True)
+class EmbeddingCategories:
+    """Observation 2 by embedding similarity for one layer (see :func:`merged_categories_embedding`).
+
+    Attributes:
+        category: int64 [C], index into :data:`EMBEDDING_CATEGORIES`.
+        sim_a, sim_b: float64 [C], C(T_M, T_A) and C(T_M, T_B) (0.0 where no pair).
+        baseline: float64 [C], mean_{p≠j} C(T_A(j), T_A(p)) (as in CLIP-δ).
+        rel_a, rel_b: float64 [C], sim_a / baseline and sim_b / baseline (0.0 where undefined).
+        defined: bool [C], False where the relative similarities are not (category "undefined", unless matched).
+        rule: the thresholds used (JSON-ready).
+    """
+
+    category: torch.Tensor
+    sim_a: torch.Tensor
+    sim_b: torch.Tensor
+    baseline: torch.Tensor
+    rel_a: torch.Tensor
+    rel_b: torch.Tensor
+    defined: torch.Tensor
+    rule: dict
+
+    def names(self) -> list[str]:
+        """The category name of every channel."""
+        return [EMBEDDING_CATEGORIES[i] for i in self.category.tolist()]
+
+    def shares(self) -> dict:
+        """Counts per category, and the shares of "A"/"B"/"mixed"/"neither"/"undefined" among the unmatched
+        channels (the same denominator as :meth:`MergedCategories.shares`)."""
+        counts = {name: int((self.category == i).sum()) for i, name in enumerate(EMBEDDING_CATEGORIES)}
+        unmatched = len(self.category) - counts["matched"]
+        return {"channels": len(self.category), "matched": counts["matched"], "unmatched": unmatched,
+                **{f"n_{n}": counts[n] for n in EMBEDDING_CATEGORIES[1:]},
+                **{f"share_{n}": (counts[n] / unmatched if unmatched else None) for n in EMBEDDING_CATEGORIES[1:]}}
+
+
+def merged_categories_embedding(emb_a: torch.Tensor, emb_b: torch.Tensor, emb_m: torch.Tensor, *,
+                                ids_a: torch.Tensor, ids_b: torch.Tensor, ids_m: torch.Tensor,
+                                match_threshold: float = 0.5, close_min: float = 1.1, margin: float = 0.1,
+                                eps: float = 1e-8) -> EmbeddingCategories:
+    """Observation 2 by embedding similarity: is the merged model's top-k *semantically* A's, B's, both or neither?
+
+    With C(X, Y) the mean cosine similarity over pairs of distinct images (x ∈ X, y ∈ Y, ids differ) — the C of
+    CLIP-δ (:mod:`.clip_delta`) — per channel j:
+
+      s_A = C(T_M(j), T_A(j)),  s_B = C(T_M(j), T_B(j)),  b = mean_{p≠j} C(T_A(j), T_A(p))  (δ's denominator),
+      r_A = s_A / b,  r_B = s_B / b   (1 = as close as A's top-k of an average other channel of the layer).
+
+    Rule (T_X is "close" when r_X ≥ close_min):
+
+    1. "matched"   if |T_A ∩ T_B| / k ≥ match_threshold (by id, as :func:`merged_categories`; not classified);
+    2. "undefined" if b ≤ eps (a relative scale needs a positive baseline), a one-channel layer (no p ≠ j), or
+       no distinct pair in C(T_M, T_A), C(T_M, T_B) or the baseline;
+    3. "neither"   if r_A < close_min and r_B < close_min (close to neither set);
+    4. "A"         if r_A − r_B ≥ margin (clearly closer to A, and close to A by 3.);
+    5. "B"         if r_B − r_A ≥ margin;
+    6. "mixed"     otherwise (close to at least one, and about as close to both).
+
+    Args:
+        emb_a, emb_b, emb_m: [C, k, d] embeddings of T_A(j), T_B(j) (aligned B) and T_M(j) (merged); raw or
+            normalised (rows are L2-normalised here).
+        ids_a, ids_b, ids_m: int [C, k] image ids of those rows; -1 = padding (row ignored). Rows with equal
+            ids must carry equal embeddings.
+        match_threshold: as in :func:`merged_categories`.
+        close_min: r_X at which T_M counts as close to T_X (default 1.1: 10 % above the layer's baseline).
+        margin: how much larger r_A must be than r_B (or the reverse) for "A" (or "B").
+        eps: a baseline ≤ eps is undefined.
+
+    Returns:
+        :class:`EmbeddingCategories` (float64, on the device of ``emb_a``).
+    """
+    embs = [torch.as_tensor(e) for e in (emb_a, emb_b, emb_m)]
+    if any(e.ndim != 3 for e in embs) or len({e.shape[0] for e in embs}) != 1 or len({e.shape[2] for e in embs}) != 1:
+        raise MergescopeError("merged_categories_embedding needs emb_a, emb_b, emb_m of shape [C, k, d] with one C "
+                              f"and d; got {', '.join(str(tuple(e.shape)) for e in embs)}")
+    device = embs[0].device
+    ids = [_ids(i, e, n) for i, e, n in zip((ids_a, ids_b, ids_m), embs, ("ids_a", "ids_b", "ids_m"))]
+    valid = [i >= 0 for i in ids]
+    a, b, m = (_unit_rows(e.to(device, torch.float64), v, n) for e, v, n in zip(embs, valid, ("emb_a", "emb_b", "emb_m")))
+    _check_same_id_same_embedding(torch.cat(ids, 1), torch.cat([a, b, m], 1))
+    ia, ib, im = ids
+    va, vb, vm = valid
+
+    def cross(x, y, ix, iy, vx, vy):
+        mask = vx[:, :, None] & vy[:, None, :] & (ix[:, :, None] != iy[:, None, :])
+        return _masked_mean(x @ y.transpose(1, 2), mask)
+
+    sim_a, n_ma = cross(m, a, im, ia, vm, va)
+    sim_b, n_mb = cross(m, b, im, ib, vm, vb)
+    channels = a.shape[0]
+    sums = a.sum(1)
+    same = _shared_id_pairs(ia)
+    sizes = va.sum(1).double()
+    dot, pairs = sums @ sums.T - same, sizes[:, None] * sizes[None, :] - same
+    others = (pairs > 0) & ~torch.eye(channels, dtype=torch.bool, device=device)
+    n_other = others.sum(1)
+    baseline = torch.where(others, dot / pairs.clamp_min(1), torch.zeros_like(dot)).sum(1) / n_other.clamp_min(1)
+    defined = (n_ma > 0) & (n_mb > 0) & (n_other > 0) & (baseline > eps)
+    safe = torch.where(defined, baseline, torch.ones_like(baseline))
+    rel_a = torch.where(defined, sim_a / safe, torch.zeros_like(sim_a))
+    rel_b = torch.where(defined, sim_b / safe, torch.zeros_like(sim_b))
+    code = {name: i for i, name in enumerate(EMBEDDING_CATEGORIES)}
+    cat = torch.full((channels,), code["mixed"], dtype=torch.long, device=device)
+    cat = torch.where(rel_b - rel_a >= margin, code["B"], cat)
+    cat = torch.where(rel_a - rel_b >= margin, code["A"], cat)
+    cat = torch.where((rel_a < close_min) & (rel_b < close_min), code["neither"], cat)
+    cat = torch.where(defined, cat, code["undefined"])
+    cat = torch.where(topk_overlap(ia, ib).to(device) >= match_threshold, code["matched"], cat)
+    rule = {"match_threshold": match_threshold, "close_min": close_min, "margin": margin}
+    return EmbeddingCategories(cat.long(), sim_a, sim_b, baseline, rel_a, rel_b, defined, rule)
+
+
+def merged_categories_embedding_from_ids(ids_a: torch.Tensor, ids_b: torch.Tensor, ids_m: torch.Tensor,
+                                         embed: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+                                         **rule) -> EmbeddingCategories:
+    """:func:`merged_categories_embedding` from top-k ids and an embedding lookup (a table [N, d] or a function
+    int64 ids [m] -> [m, d], e.g. an :class:`~mergescope.embed.EmbeddingCache`); each distinct id is looked up
+    once. ``rule``: match_threshold, close_min, margin, eps."""
+    ids = [torch.as_tensor(i).long() for i in (ids_a, ids_b, ids_m)]
+    if any(i.ndim != 2 for i in ids) or len({i.shape[0] for i in ids}) != 1:
+        raise MergescopeError(f"ids must be [C, k] with one C; got {', '.join(str(tuple(i.shape)) for i in ids)}")
+    flat = torch.cat([i.reshape(-1) for i in ids])
+    uniq, inverse = torch.unique(flat[flat >= 0], return_inverse=True)
+    table = torch.as_tensor(embed[uniq.to(embed.device)] if isinstance(embed, torch.Tensor) else embed(uniq))
+    if table.ndim != 2 or table.shape[0] != uniq.numel():
+        raise MergescopeError(f"the embedding lookup returned shape {tuple(table.shape)} for {uniq.numel()} ids; "
+                              "expected [ids, d]")
+    rows = torch.zeros(flat.numel(), table.shape[1], dtype=table.dtype, device=table.device)
+    rows[(flat >= 0).to(table.device)] = table[inverse.to(table.device)]
+    parts, start = [], 0
+    for i in ids:
+        parts.append(rows[start:start + i.numel()].reshape(*i.shape, -1))
+        start += i.numel()
+    return merged_categories_embedding(*parts, ids_a=ids[0], ids_b=ids[1], ids_m=ids[2], **rule)
+
+
+def embedding_category_table(layers: dict[str, EmbeddingCategories]) -> list[dict]:
+    """Per-layer share table of Observation 2 by embedding similarity (see :meth:`EmbeddingCategories.shares`)."""
     return [{"layer": name, **result.shares()} for name, result in layers.items()]
 
 

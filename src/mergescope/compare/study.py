@@ -23,6 +23,10 @@ dead                 the channel's activation is constant over the whole dataset
 merged_model         the merged model Observation 2 looked at (empty: none given for this pair)
 category             Observation 2 (:func:`~mergescope.compare.merged_categories`): ``matched``, ``A``, ``B``,
                      ``mixed``, ``neither``
+category_embedding   Observation 2 by embedding similarity, where an embedder was given
+                     (:func:`~mergescope.compare.merged_categories_embedding`): ``matched``, ``A``, ``B``,
+                     ``mixed``, ``neither``, ``undefined``; embedded by ``embedder`` (``embedder_kind``: CLIP only
+                     where ``"clip"``); empty without an embedder or a merged model
 consensus            Observation 3 over all models aligned to this reference
                      (:func:`~mergescope.compare.consensus_categories`); empty with fewer than two such models
 ==================== ==========================================================================================
@@ -49,6 +53,7 @@ from .categories import (
     CONSENSUS_CATEGORIES,
     consensus_categories,
     merged_categories,
+    merged_categories_embedding_from_ids,
     metric_spread,
 )
 from .clip_delta import clip_delta_from_ids
@@ -57,13 +62,14 @@ from .overlap import topk_overlap
 
 COLUMNS = ("reference", "model", "layer", "channel", "kendall_tau", "kendall_defined", "clip_delta",
            "clip_delta_defined", "embedder", "embedder_kind", "overlap", "correlation", "dead", "merged_model",
-           "category", "consensus")
+           "category", "category_embedding", "consensus")
 METRICS = {"kendall_tau": True, "clip_delta": False, "overlap": True, "correlation": True}  # name -> higher = similar
 THESIS_OBSERVATION3 = {  # 000 §3.2.3, AlexNet on ImageNet, channels sorted by eye
     "source": "thesis 000 §3.2.3: AlexNet on ImageNet, judged by eye",
     "all similar": "5–10%", "most similar": "35–50%", "all dissimilar": "40–60%"}
 _BOOL = ("kendall_defined", "clip_delta_defined", "dead")
 _FLOAT = ("kendall_tau", "clip_delta", "overlap", "correlation")
+_OPTIONAL = {"category_embedding": ""}  # columns added later: older CSVs without them read as this value
 
 
 @dataclass(frozen=True)
@@ -95,7 +101,8 @@ class CompareResult:
         layers: one summary per (reference, model, layer): channels, dead, defined counts, means of the metrics
             over usable channels (defined and not dead).
         observation2: one row per (reference, model, layer) with a merged model: the category counts and shares
-            of :meth:`MergedCategories.shares`.
+            of :meth:`MergedCategories.shares`; with an embedder also ``"embedding"``: those of
+            :meth:`EmbeddingCategories.shares` (Observation 2 by embedding similarity).
         observation3: one row per (reference, layer) with ≥ 2 aligned models: the consensus counts and shares.
         spread: ``{reference: {layer: {metric: {"mean": [C], "std": [C]}}}}`` across the aligned models.
         embedder: {"name", "kind", "images_embedded"} or None.
@@ -149,6 +156,8 @@ def compare_models(
     match_threshold: float = 0.5,
     neither_min: float = 0.5,
     mixed_min: float = 0.2,
+    close_min: float = 1.1,
+    margin: float = 0.1,
 ) -> CompareResult:
     """Every channel metric for every pair × layer × channel of a probe, and the Observation 2/3 summaries.
 
@@ -165,6 +174,9 @@ def compare_models(
             dissimilar. ``max_outliers``: how many dissimilar models "most similar" allows.
         match_threshold, neither_min, mixed_min: the Observation 2 rule of
             :func:`~mergescope.compare.merged_categories`.
+        close_min, margin: the Observation 2 rule by embedding similarity
+            (:func:`~mergescope.compare.merged_categories_embedding`, same ``match_threshold``), used where
+            ``embed`` is given.
 
     Returns:
         A :class:`CompareResult`.
@@ -186,19 +198,21 @@ def compare_models(
         raise MergescopeError("the probe holds no activations on a subset D′, which Kendall's τ needs: probe with "
                               "subset_ids=subset_per_class(dataset.targets, 5) (feature_study does by default)")
     o2_rule = {"match_threshold": match_threshold, "neither_min": neither_min, "mixed_min": mixed_min}
+    o2e_rule = {"match_threshold": match_threshold, "close_min": close_min, "margin": margin}
     rows, layer_rows, obs2 = [], [], []
     for pair in pairs:
         names = [n for n in probe_result.layers.get(pair.reference, []) if n in probe_result.layers.get(pair.model, [])]
         for layer in (names if layers is None else [n for n in layers if n in names]):
-            new, summary, cats = _compare_layer(probe_result, pair, layer, embed, embedder_name, embedder_kind,
-                                                o2_rule)
+            new, summary, cats, ecats = _compare_layer(probe_result, pair, layer, embed, embedder_name,
+                                                       embedder_kind, o2_rule, o2e_rule)
             rows += new
             layer_rows.append(summary)
             if cats is not None:
                 obs2.append({"reference": pair.reference, "model": pair.model,
-                             "merged_model": pair.merged_label or pair.merged, "layer": layer, **cats.shares()})
+                             "merged_model": pair.merged_label or pair.merged, "layer": layer, **cats.shares(),
+                             **({"embedding": ecats.shares()} if ecats is not None else {})})
     obs3, spread = _consensus(rows, consensus_metric, threshold, max_outliers)
-    rules = {"observation2": o2_rule,
+    rules = {"observation2": o2_rule, **({"observation2_embedding": o2e_rule} if embed is not None else {}),
              "observation3": {"metric": consensus_metric, "threshold": threshold,
                               "higher_is_similar": METRICS[consensus_metric], "max_outliers": max_outliers}}
     embedder = {"name": embedder_name, "kind": embedder_kind} if embed is not None else None
@@ -206,7 +220,7 @@ def compare_models(
 
 
 def _compare_layer(result, pair: ComparePair, layer: str, embed, embedder_name: str, embedder_kind: str,
-                   o2_rule: dict):
+                   o2_rule: dict, o2e_rule: dict):
     ref, mod = result[pair.reference, layer], result[pair.model, layer]
     if ref.channels != mod.channels:
         raise MergescopeError(f"layer {layer}: {pair.reference} has {ref.channels} channels, {pair.model} "
@@ -223,10 +237,14 @@ def _compare_layer(result, pair: ComparePair, layer: str, embed, embedder_name: 
         corr = np.asarray(pair.correlation[layer], dtype=np.float64)
         if corr.shape != (c,):
             raise MergescopeError(f"correlation of layer {layer} has shape {corr.shape}, expected ({c},)")
-    cats = None
+    cats = ecats = None
     if pair.merged is not None:
-        cats = merged_categories(ref.topk_ids, mod.topk_ids, result[pair.merged, layer].topk_ids, **o2_rule)
+        merged_ids = result[pair.merged, layer].topk_ids
+        cats = merged_categories(ref.topk_ids, mod.topk_ids, merged_ids, **o2_rule)
+        if embed is not None:
+            ecats = merged_categories_embedding_from_ids(ref.topk_ids, mod.topk_ids, merged_ids, embed, **o2e_rule)
     names = cats.names() if cats is not None else None
+    enames = ecats.names() if ecats is not None else None
     rows = []
     for j in range(c):
         rows.append({
@@ -241,6 +259,7 @@ def _compare_layer(result, pair: ComparePair, layer: str, embed, embedder_name: 
             "dead": bool(dead[j]),
             "merged_model": (pair.merged_label or pair.merged) if cats is not None else "",
             "category": names[j] if names is not None else "",
+            "category_embedding": enames[j] if enames is not None else "",
             "consensus": "",
         })
     summary = {"reference": pair.reference, "model": pair.model, "layer": layer, "channels": c,
@@ -250,7 +269,7 @@ def _compare_layer(result, pair: ComparePair, layer: str, embed, embedder_name: 
         v, ok = _column(rows, metric)
         summary[f"mean_{metric}"] = float(v[ok].mean()) if ok.any() else None
         summary[f"usable_{metric}"] = int(ok.sum())
-    return rows, summary, cats
+    return rows, summary, cats, ecats
 
 
 def _consensus(rows: list[dict], metric: str, threshold: float, max_outliers: int) -> tuple[list[dict], dict]:
@@ -304,11 +323,13 @@ def read_compare_csv(path: str | os.PathLike) -> list[dict]:
     """Rows written by :func:`write_compare_csv`, typed back (floats, bools, int channel, None for empty)."""
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (reader.fieldnames or [])]
+        missing = [c for c in COLUMNS if c not in (reader.fieldnames or []) and c not in _OPTIONAL]
         if missing:
             raise MergescopeError(f"{path}: comparison CSV lacks column(s) {', '.join(missing)}")
         rows = []
         for r in reader:
+            for col, empty in _OPTIONAL.items():
+                r.setdefault(col, empty)
             r["channel"] = int(r["channel"])
             for col in _FLOAT:
                 r[col] = float(r[col]) if r[col] != "" else None

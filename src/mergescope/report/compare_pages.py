@@ -25,6 +25,12 @@ def delta_label(kind: str | None) -> str:
     return "CLIP-δ" if kind == "clip" else "fallback-δ"
 
 
+def embedding_label(kind: str | None) -> str:
+    """How an embedding-similarity category is called: "CLIP embedding" only for CLIP, "fallback embedding"
+    otherwise (like :func:`delta_label`)."""
+    return "CLIP embedding" if kind == "clip" else "fallback embedding"
+
+
 def model_label(name: str) -> str:
     """A probe model name as people say it: ``"B_aligned"`` -> ``"B"``."""
     return name.removesuffix("_aligned")
@@ -110,6 +116,8 @@ def render_channel_tables(run_dir: str | os.PathLike, result, views: Sequence[st
                         (f"overlap {lab}", "overlap", rs), (f"corr {lab}", "correlation", rs)]
             if any(r["category"] for r in rs):  # Observation 2 only where a merged model was compared
                 columns.append((f"category {lab}", "category", rs))
+            if any(r.get("category_embedding") for r in rs):
+                columns.append((f"category by {embedding_label(_kind(result))} {lab}", "category_embedding", rs))
         columns = [c for c in columns if not (c[1] == "clip_delta" and result.embedder is None)]
         consensus = next(iter(by_pair.values()))[0]["consensus"] != ""
         table = []
@@ -117,8 +125,9 @@ def render_channel_tables(run_dir: str | os.PathLike, result, views: Sequence[st
             cells = []
             for _, metric, rs in columns:
                 r = rs[j]
-                if metric == "category":
-                    cells.append({"text": r["category"] or "", "sort": r["category"] or "", "num": False, "flag": False})
+                if metric in ("category", "category_embedding"):
+                    text = r.get(metric) or ""
+                    cells.append({"text": text, "sort": text, "num": False, "flag": False})
                     continue
                 v, ok = r[metric], _usable(r, metric)
                 cells.append({"text": "" if v is None else f"{v:.3f}", "sort": f"{v:.6g}" if ok else "",
@@ -129,7 +138,8 @@ def render_channel_tables(run_dir: str | os.PathLike, result, views: Sequence[st
             dead = any(rs[j]["dead"] for rs in by_pair.values())
             table.append({"channel": j, "dead": dead, "cells": cells,
                           "links": [{"slug": v, "href": channel_href(v, layer, j)} for v in links]})
-        headers = [{"name": name, "num": metric != "category"} for name, metric, _ in columns]
+        headers = [{"name": name, "num": metric not in ("category", "category_embedding")}
+                   for name, metric, _ in columns]
         if consensus:
             headers.append({"name": "consensus", "num": False})
         html = template.render(title=f"Channel table — {layer}", layer=layer, headers=headers, rows=table,
@@ -207,10 +217,10 @@ def compare_section_html(result, tables: Sequence[Mapping], histograms: Sequence
                     "correlation": "matching correlation"}
     return _environment().get_template("_compare_section.html").render(
         result=result, tables=tables, histograms=histograms, partial=partial, csv_href=csv_href,
-        delta_label=dl, labels={m: model_label(m) for _, m in _pairs(result)},
+        delta_label=dl, embedding_label=embedding_label(_kind(result)), labels={m: model_label(m) for _, m in _pairs(result)},
         o3_metric=metric_names[o3["metric"]], o3=o3, thesis=result.thesis, notes=list(notes),
         table_href={t["layer"]: t["href"] for t in tables})
 
 
-__all__ = ["annotate_recipes", "compare_section_html", "delta_label", "model_label", "render_channel_tables",
+__all__ = ["annotate_recipes", "compare_section_html", "delta_label", "embedding_label", "model_label", "render_channel_tables",
            "render_histograms", "render_partial_merge", "table_name"]
