@@ -2,11 +2,12 @@
 
 import hashlib
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from mergescope._atomic import atomic_path
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:
@@ -34,13 +35,6 @@ def cached_array(cache_dir: str | os.PathLike | None, key: str, compute: Callabl
         except (OSError, ValueError):
             pass  # corrupt or truncated by someone else: recompute below
     array = compute()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{key}.", suffix=".tmp", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(target) as tmp, open(tmp, "wb") as f:
+        np.save(f, array, allow_pickle=False)
     return array
