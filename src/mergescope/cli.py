@@ -7,6 +7,7 @@
                                                      top-k images of every channel, models aligned to the first
     mergescope compare RUN_DIR [--embedder clip|fallback] [--clip-weights PATH] [--threshold T] [--partial-merge]
                                                      τ, δ, overlap, correlation per channel pair; Observations 2, 3
+    mergescope regress RUN_DIR [--ridge L] [--k K]   A's channels as (sparse) linear maps of B's: R², recovered top-k
     mergescope report RUN_DIR                        re-render report.html (and feature pages) from stored results
     mergescope layers --arch NAME | --checkpoint CKPT   the observable layers and permutation groups
 """
@@ -184,6 +185,21 @@ def _cmd_compare(args) -> None:
     print(f"report: {run_dir / 'report.html'}")
 
 
+def _cmd_regress(args) -> None:
+    from .regression_run import RegressConfig, regress_run
+
+    cfg = RegressConfig(per_class=args.per_class, ridge=args.ridge, k=args.k, batch_size=args.batch_size)
+    out = regress_run(args.run_dir, cfg, device=args.device, progress=not args.quiet, overwrite=args.overwrite)
+    for r in out["summary"]:
+        if r["label"] in ("m=1 refit", "all"):
+            rec = "—" if r["mean_recovered"] is None else f"{100 * r['mean_recovered']:5.1f}%"
+            r2 = "—" if r["mean_r2"] is None else f"{r['mean_r2']:.3f}"
+            print(f"  {r['layer']:<20} {r['label']:<10} mean R² {r2}   recovered top-{cfg.k} {rec}")
+    run_dir = Path(args.run_dir)
+    print(f"table: {run_dir / 'regression.csv'}")
+    print(f"report: {run_dir / 'report.html'}")
+
+
 def _cmd_report(args) -> None:
     from .report import render_report
 
@@ -303,6 +319,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in the run folder")
     _add_device(p)
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("regress", help="regress each channel of A on all channels of B's same layer (sparsity "
+                       "sweep, R², recovered top-k of the regressed channels) over a probe/demo run")
+    p.add_argument("run_dir", help="a run folder made by `mergescope probe` or `mergescope demo`")
+    p.add_argument("--per-class", type=int, default=5, help="fitting subset: images per class (default 5)")
+    p.add_argument("--ridge", type=float, default=0.0, help="relative ridge λ (default 0: least squares)")
+    p.add_argument("--k", type=int, default=10, help="top-k images per channel")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier regression study in the run folder")
+    _add_device(p)
+    p.set_defaults(func=_cmd_regress)
 
     p = sub.add_parser("report", help="re-render report.html of a run folder from its stored results")
     p.add_argument("run_dir")
