@@ -14,7 +14,7 @@ from mergescope.models import create_model
 from mergescope.perm import build_spec
 from mergescope.probe.stats import Moments, as_samples
 from mergescope.probe.taps import tap_model
-from mergescope.sweep import run_sweep
+from mergescope.sweep import SweepConfig, run_sweep
 from mergescope.train import TrainConfig, train_model
 
 
@@ -220,3 +220,17 @@ def test_sweep_refuses_two_architectures(trained_pair, digits):
         with pytest.raises(ArchitectureError) as exc:
             run_sweep(a, other, digits[0], {"test": digits[1]})
         assert "\n" not in str(exc.value)
+
+
+def test_sweep_with_map_methods(trained_pair, digits):
+    """CCA / OT / regression merges run in the same harness: one extra statistics pass, α = 1 is model A."""
+    a, b = trained_pair
+    methods = ("naive", "permuted", "cca", "ot", "regression")
+    res = run_sweep(a, b, digits[0], {"test": digits[1]},
+                    SweepConfig(alphas=[0.0, 0.5, 1.0], methods=methods, batch_size=len(digits[0])))
+    assert res.passes == {"matching": 1, "map statistics": 1, "repair/reset": 0, "evaluation": 1}
+    rows = {(r["method"], r["alpha"]): r for r in res.rows}
+    end_a = next(e for e in res.endpoints if e["model"] == "A")
+    for m in ("cca", "ot", "regression"):
+        assert rows[m, 1.0]["loss"] == pytest.approx(end_a["loss"], rel=1e-5)
+        assert rows[m, 0.5]["accuracy"] > rows["naive", 0.5]["accuracy"]

@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--matching", choices=("activation", "weight"), default="activation")
-    p.add_argument("--methods", nargs="+", help="subset of: naive permuted permuted+repair permuted+reset")
+    p.add_argument("--methods", nargs="+", help="any of: naive permuted permuted+repair permuted+reset (default) "
+                   "and the map-based cca ot regression")
     p.add_argument("--alpha-step", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--stats-split", default="train", help="split for matching and REPAIR statistics")

@@ -1,7 +1,8 @@
 """The interpolation study of two models: align, merge along α with every method, repair, evaluate.
 
-Data passes: one over the statistics set for matching (activation matching), one for REPAIR and RESET of every
-merged model at once, and one per evaluation split for every model at once.
+Data passes: one over the statistics set for matching (activation matching), one for the joint feature
+statistics of the map-based methods (CCA, OT fusion, regression) if any is asked for, one for REPAIR and RESET of
+every merged model at once, and one per evaluation split for every model at once.
 """
 from __future__ import annotations
 
@@ -14,15 +15,25 @@ import torch
 from torch import nn
 
 from ._jsonio import write_json
-from .align import MatchResult, match_many, weight_matching
+from .align import MatchResult, group_covariances, match_many, weight_matching
 from .data import ImageDataset, iter_batches, len_batches
 from .errors import ArchitectureError, MergescopeError
 from .evaluate import evaluate_models
-from .merge import alpha_grid, interpolate_model, repair_and_reset
+from .merge import (alpha_grid, cca_maps, interpolate_model, map_layout, merge_with_maps, ot_maps, regression_maps,
+                    repair_and_reset)
 from .perm import PermSpec, build_spec, permute_model
 from .report import render_report, write_csv
 
-METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset")
+METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset")  # the default sweep
+# Merging with maps instead of permutations: B is rewritten in A's channel space by a per-group linear map fitted
+# on the statistics set, then interpolated — α·θ_A + (1−α)·T(θ_B). At α = 0 this is T(B), not B (T is exact only
+# for permutations). ZipIt! is not here: its matching itself depends on α (see mergescope.merge.zipit_merge).
+MAP_METHODS = {
+    "cca": lambda stats: cca_maps(stats)[0],
+    "ot": lambda stats: ot_maps(stats)[0],
+    "regression": lambda stats: regression_maps(stats)[0],
+}
+ALL_METHODS = METHODS + tuple(MAP_METHODS)
 
 
 @dataclass
@@ -30,7 +41,7 @@ class SweepConfig:
     """What to sweep and how."""
 
     alphas: list[float] = field(default_factory=alpha_grid)  # θ(α) = α·θ_A + (1−α)·P(θ_B)
-    methods: Sequence[str] = METHODS  # "permuted+reset" is skipped for nets without BatchNorm
+    methods: Sequence[str] = METHODS  # any of ALL_METHODS; "permuted+reset" is skipped for nets without BatchNorm
     matching: str = "activation"  # "activation" (correlation) or "weight" (Git Re-Basin weight matching)
     batch_size: int = 500  # images per batch in every pass
     stats_ids: Sequence[int] | None = None  # training images for matching and REPAIR statistics (None: all)
@@ -108,9 +119,9 @@ def run_sweep(
         >>> barriers(result.rows)
     """
     cfg = config or SweepConfig()
-    unknown = set(cfg.methods) - set(METHODS)
+    unknown = set(cfg.methods) - set(ALL_METHODS)
     if unknown:
-        raise MergescopeError(f"unknown merge method '{sorted(unknown)[0]}'; known: {', '.join(METHODS)}")
+        raise MergescopeError(f"unknown merge method '{sorted(unknown)[0]}'; known: {', '.join(ALL_METHODS)}")
     check_same_architecture(model_a, model_b)
     model_a, model_b = model_a.to(device).eval(), model_b.to(device).eval()
     ids = None if cfg.stats_ids is None else torch.as_tensor(list(cfg.stats_ids))
@@ -122,6 +133,9 @@ def run_sweep(
     probe_x = next(iter(stats_batches())).x[:8].to(device)
     spec = spec or build_spec(model_a, probe_x)
     timings, passes = {}, {"matching": 0, "repair/reset": 0, "evaluation": 0}
+    map_methods = [m for m in cfg.methods if m in MAP_METHODS]
+    if map_methods:
+        passes["map statistics"] = 0
 
     t0 = time.perf_counter()
     if cfg.matching == "activation":
@@ -137,11 +151,23 @@ def run_sweep(
     _check_function_preserved(model_b, aligned_b, probe_x)
 
     methods = [m for m in cfg.methods if m != "permuted+reset" or _has_batchnorm(model_a)]
+    maps = {}
+    if map_methods:
+        t0 = time.perf_counter()
+        [stats] = group_covariances(model_a, [model_b], spec, stats_batches(), device=device, progress=progress,
+                                    total=n_stats)
+        passes["map statistics"] += 1
+        maps = {m: MAP_METHODS[m](stats) for m in map_methods}
+        layout = map_layout(model_a, spec)
+        timings["map statistics"] = time.perf_counter() - t0
     merged: dict[tuple[str, float], nn.Module] = {}
     for alpha in cfg.alphas:
         for method in methods:
-            other = model_b if method == "naive" else aligned_b
-            merged[method, alpha] = interpolate_model(model_a, other, alpha)
+            if method in maps:
+                merged[method, alpha] = merge_with_maps(model_a, model_b, maps[method], alpha, layout)
+            else:
+                other = model_b if method == "naive" else aligned_b
+                merged[method, alpha] = interpolate_model(model_a, other, alpha)
 
     t0 = time.perf_counter()
     repair = [(a, merged["permuted+repair", a]) for a in cfg.alphas if "permuted+repair" in methods]
