@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -27,7 +26,6 @@ import torch
 from torch import nn
 
 from ._atomic import atomic_path
-from ._jsonio import write_json
 from .compare import (
     METRICS,
     ComparePair,
@@ -321,18 +319,13 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
     from .perm import build_spec, permute_model
     from .probe import load_probe, probe
     from .probe.probe import _state_sha256
-    from .report import render_report
-    from .data.cache import file_sha256
-    from .runs import MANIFEST
+    from .runs import add_to_run, load_run
     from .train import load_checkpoint
 
     cfg = config or CompareConfig()
     cfg.embedder_kind  # noqa: B018 -- validate before any work
     run_dir = Path(run_dir)
-    results_path, manifest_path = run_dir / "results.json", run_dir / MANIFEST
-    if not results_path.is_file() or not manifest_path.is_file():
-        raise MergescopeError(f"{run_dir} is not a finished mergescope run folder (no results.json/manifest.json)")
-    results, manifest = json.loads(results_path.read_text()), json.loads(manifest_path.read_text())
+    results, manifest = load_run(run_dir)
     features = results.get("features")
     if not features or not (run_dir / "probe").is_dir():
         raise MergescopeError(f"{run_dir} holds no feature study (no 'features' in results.json or no probe/); "
@@ -401,21 +394,14 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
                              device=device, progress=progress)
     out.timings["total"] = time.perf_counter() - start
 
-    results["sections"] = [s for s in results.get("sections", []) if s.get("title") != SECTION_TITLE]
-    results["sections"].append(out.section)
     results["features"] = {**features, "views": out.recipes}
     results["compare"] = {**out.to_json(), "config": dataclasses.asdict(cfg)}
-    files = [*out.files, write_json(results_path, results), render_report(run_dir, results)]
-    files += [run_dir / p["href"] for p in out.pages]
+    files = [*out.files, *(run_dir / p["href"] for p in out.pages)]
     if need_subset:
         files.append(run_dir / "probe_subset" / "probe.safetensors")
-    hashes = dict(manifest.get("sha256", {}))
-    hashes.update({str(Path(f).resolve().relative_to(run_dir.resolve())): file_sha256(f) for f in files})
-    manifest["sha256"] = hashes
-    manifest["compare"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": dataclasses.asdict(cfg),
-                           "embedder": out.result.embedder, "timings": out.timings,
-                           "reprobed_subset": need_subset}
-    write_json(manifest_path, manifest)
+    add_to_run(run_dir, results, manifest, out.section, files, "compare",
+               {"config": dataclasses.asdict(cfg), "embedder": out.result.embedder, "timings": out.timings,
+                "reprobed_subset": need_subset})
     return out
 
 

@@ -10,7 +10,6 @@ r2, recovered), ``figures/regression.png``, the hard channels' feature pages (``
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -19,7 +18,6 @@ from pathlib import Path
 
 import torch
 
-from ._jsonio import write_json
 from .align.covariance import group_covariances
 from .align.regressed_topk import hard_channels, regressed_topk, single_weight_fits, summary_rows
 from .align.regression import DEFAULT_FRACTIONS, regression_from_stats, regression_subset
@@ -54,18 +52,13 @@ def _nan_none(v: float):
 def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None, *,
                 device: torch.device | str = "cpu", progress: bool = False, overwrite: bool = False) -> dict:
     """The regression study of a run folder; returns the JSON recorded under ``results.json["regression"]``."""
-    from .data.cache import file_sha256
     from .perm import build_spec
-    from .report import render_report
-    from .runs import MANIFEST
+    from .runs import add_to_run, load_run
     from .train import load_checkpoint
 
     cfg = config or RegressConfig()
     run_dir = Path(run_dir)
-    results_path, manifest_path = run_dir / "results.json", run_dir / MANIFEST
-    if not results_path.is_file() or not manifest_path.is_file():
-        raise MergescopeError(f"{run_dir} is not a finished mergescope run folder (no results.json/manifest.json)")
-    results, manifest = json.loads(results_path.read_text()), json.loads(manifest_path.read_text())
+    results, manifest = load_run(run_dir)
     features = results.get("features")
     if not features:
         raise MergescopeError(f"{run_dir} holds no feature study (no 'features' in results.json); "
@@ -114,17 +107,10 @@ def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None,
 
     out = {"summary": summary, "hard_channels": hard, "pages": pages, "samples": res.samples,
            "layers": {g: gt.layer for g, gt in tops.items()}, "config": dataclasses.asdict(cfg), "timings": timings}
-    results["sections"] = [s for s in results.get("sections", []) if s.get("title") != SECTION_TITLE]
-    results["sections"].append({"title": SECTION_TITLE, "html": html})
     results["regression"] = out
-    files = [csv_path, figure, write_json(results_path, results), render_report(run_dir, results)]
-    files += [run_dir / p["href"] for p in pages]
-    hashes = dict(manifest.get("sha256", {}))
-    hashes.update({str(Path(f).resolve().relative_to(run_dir.resolve())): file_sha256(f) for f in files})
-    manifest["sha256"] = hashes
-    manifest["regression"] = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": dataclasses.asdict(cfg),
-                              "timings": timings}
-    write_json(manifest_path, manifest)
+    add_to_run(run_dir, results, manifest, {"title": SECTION_TITLE, "html": html},
+               [csv_path, figure, *(run_dir / p["href"] for p in pages)], "regression",
+               {"config": dataclasses.asdict(cfg), "timings": timings})
     return out
 
 

@@ -6,6 +6,7 @@ asks to overwrite it.
 from __future__ import annotations
 
 import os
+import json
 import platform
 import sys
 import time
@@ -21,6 +22,7 @@ from .data.cache import file_sha256
 from .errors import MergescopeError
 
 MANIFEST = "manifest.json"
+RESULTS = "results.json"
 
 
 def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -52,7 +54,43 @@ def write_manifest(run_dir: Path, config: dict[str, Any], files: Iterable[str | 
         files: files of the run to fingerprint (sha256), relative to ``run_dir`` in the manifest.
         extra: further JSON-able entries (dataset fingerprints, timings...).
     """
-    hashes = {str(Path(f).resolve().relative_to(run_dir.resolve())): file_sha256(f) for f in files}
-    record = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-              "config": config, "environment": environment(), "sha256": hashes, **extra}
+    record = {"created": _now(), "command": " ".join(sys.argv), "config": config, "environment": environment(),
+              "sha256": file_hashes(run_dir, files), **extra}
     return write_json(run_dir / MANIFEST, record)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def file_hashes(run_dir: Path, files: Iterable[str | os.PathLike]) -> dict[str, str]:
+    """sha256 of each file, keyed by its path relative to ``run_dir``."""
+    return {str(Path(f).resolve().relative_to(run_dir.resolve())): file_sha256(f) for f in files}
+
+
+def load_run(run_dir: str | os.PathLike) -> tuple[dict, dict]:
+    """``results.json`` and ``manifest.json`` of a finished run folder (a one-line error if it is not one)."""
+    run_dir = Path(run_dir)
+    results_path, manifest_path = run_dir / RESULTS, run_dir / MANIFEST
+    if not results_path.is_file() or not manifest_path.is_file():
+        raise MergescopeError(f"{run_dir} is not a finished mergescope run folder (no results.json/manifest.json)")
+    return json.loads(results_path.read_text()), json.loads(manifest_path.read_text())
+
+
+def add_to_run(run_dir: Path, results: dict, manifest: dict, section: dict, files: Iterable[str | os.PathLike],
+               key: str, record: dict[str, Any]) -> list[Path]:
+    """Add a study to a finished run: its report section (replacing one of the same title), ``results.json``,
+    a re-rendered ``report.html``, and in the manifest the hashes of ``files`` plus ``record`` under ``key``.
+
+    Returns:
+        Every file written or fingerprinted.
+    """
+    from .report import render_report
+
+    results["sections"] = [s for s in results.get("sections", []) if s.get("title") != section["title"]]
+    results["sections"].append(section)
+    files = [Path(f) for f in files] + [write_json(run_dir / RESULTS, results), render_report(run_dir, results)]
+    manifest["sha256"] = {**manifest.get("sha256", {}), **file_hashes(run_dir, files)}
+    manifest[key] = {"created": _now(), **record}
+    write_json(run_dir / MANIFEST, manifest)
+    return files
