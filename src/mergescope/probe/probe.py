@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._jsonio import package_version
 from ..data.base import ImageDataset, as_ids
 from ..data.loader import iter_batches, len_batches
 from ..errors import ArchitectureError, MergescopeError
@@ -35,7 +36,6 @@ from .store import (
     FORMAT,
     RESULT_FILE,
     config_mismatch,
-    mergescope_version,
     partial_file,
     probe_tensors,
     read_meta,
@@ -247,7 +247,7 @@ def _config(models: dict[str, nn.Module], shapes: LayerShapes, k: int, reduction
 
 
 def _meta(kind: str, config: dict[str, Any], shapes: LayerShapes, num_images: int) -> dict[str, Any]:
-    return {"format": FORMAT, "kind": kind, "mergescope_version": mergescope_version(), **config,
+    return {"format": FORMAT, "kind": kind, "mergescope_version": package_version(), **config,
             "channels": {m: {layer: c for layer, (c, _) in layers.items()} for m, layers in shapes.items()},
             "num_images": num_images}
 

@@ -50,7 +50,6 @@ sidecar and is the one that is read.
 from __future__ import annotations
 
 import json
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +58,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .._atomic import atomic_path, atomic_write_text
+from .._jsonio import package_version
 from ..errors import MergescopeError
 from .result import LayerProbe, ProbeResult
 from .stats import Moments
@@ -67,13 +67,6 @@ FORMAT = "mergescope.probe/1"
 META_KEY = "mergescope.probe"
 RESULT_FILE = "probe.safetensors"
 CONFIG_KEYS = ("models", "layers", "k", "reduction", "dataset", "subset")  # what must match to reuse a result
-
-
-def mergescope_version() -> str:
-    try:
-        return version("mergescope")
-    except PackageNotFoundError:
-        return "unknown"
 
 
 def partial_file(rank: int = 0, world_size: int = 1) -> str:
@@ -158,7 +151,7 @@ def result_meta(result: ProbeResult) -> dict[str, Any]:
     return {
         "format": FORMAT,
         "kind": "result",
-        "mergescope_version": mergescope_version(),
+        "mergescope_version": package_version(),
         **{k: result.config[k] for k in CONFIG_KEYS},
         "channels": {m: {layer: p.channels for layer, p in layers.items()} for m, layers in result.probes.items()},
         "num_images": result.num_images,
