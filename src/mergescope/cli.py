@@ -109,12 +109,11 @@ def _cmd_sweep(args) -> None:
 
 def _cmd_probe(args) -> None:
     from ._jsonio import write_json
-    from .data import open_dataset
+    from .align import match_many
+    from .data import iter_batches, len_batches, open_dataset
     from .features import feature_study, merged_rows
     from .merge import interpolate_model, repair_and_reset
     from .perm import build_spec, permute_model
-    from .align import match_many
-    from .data import iter_batches, len_batches
     from .report import render_report
     from .report.features import feature_index_html
     from .runs import prepare_run_dir, write_manifest
