@@ -9,9 +9,11 @@ from torch import nn
 
 from mergescope.data import iter_batches, load_digits
 from mergescope.errors import ArchitectureError
-from mergescope.merge import alpha_grid, interpolate_model, interpolate_state, repair_and_reset
+from mergescope.align import group_covariances
+from mergescope.merge import (RepairTarget, alpha_grid, cca_maps, interpolate_model, interpolate_state,
+                              merge_models_with_maps, permutation_maps, repair_and_reset, repair_many)
 from mergescope.models import create_model
-from mergescope.perm import build_spec
+from mergescope.perm import build_spec, permute_model, random_perms
 from mergescope.probe.stats import Moments, as_samples
 from mergescope.probe.taps import tap_model
 from mergescope.sweep import SweepConfig, run_sweep
@@ -133,6 +135,53 @@ def test_repair_interpolates_the_channel_statistics(name, kw, helpers, one_batch
     assert worst_before > 0.05  # REPAIR had something to fix
 
 
+def test_repair_of_a_map_merge_of_three_models_targets_the_mapped_endpoints(helpers, one_batch):
+    """θ = Σ w_k T_k(θ_k) with an identity, a CCA and a permutation map: each channel's target is the weighted
+    mean/std of what the mapped endpoints compute there (forward_k @ y_k, measured on the endpoints)."""
+    a, b = _pair("cnn_digits", helpers, width=8)
+    c = helpers.randomize_batchnorm(create_model("cnn_digits", seed=5, width=8), seed=6).eval()
+    spec = build_spec(a)
+    [cov_b] = group_covariances(a, [b], spec, one_batch)
+    maps = [{}, cca_maps(cov_b)[0], permutation_maps(random_perms(spec, torch.Generator().manual_seed(3)))]
+    weights = (0.2, 0.3, 0.5)
+    merged = merge_models_with_maps([a, b, c], weights, maps)
+    before = _point_moments(merged, spec, one_batch)
+
+    repair_many([a, b, c], spec, one_batch, repair=[RepairTarget(merged, weights, maps)])
+
+    got = _point_moments(merged, spec, one_batch)
+    ends = [tap_model(m, [p.tap.name for p in spec.repair_points]).eval() for m in (a, b, c)]
+    with torch.no_grad():
+        feats = [e(one_batch[0].x)[1] for e in ends]
+    worst_before = 0.0
+    for p in spec.repair_points:
+        t_mean, t_std = 0.0, 0.0
+        for w, f, m in zip(weights, feats, maps):
+            y = as_samples(f[p.tap.name], p.tap.channel_dim).double()
+            if p.tap.group in m:
+                y = y @ m[p.tap.group].forward.double().T
+            t_mean, t_std = t_mean + w * y.mean(0), t_std + w * y.std(0, unbiased=False)
+        scale = t_std.max().item()
+        torch.testing.assert_close(got[p.tap.name].mean, t_mean, rtol=1e-4, atol=1e-4 * scale)
+        torch.testing.assert_close(got[p.tap.name].std, t_std, rtol=1e-4, atol=1e-4 * scale)
+        worst_before = max(worst_before, ((before[p.tap.name].std - t_std).abs() / t_std).max().item())
+    assert worst_before > 0.05  # REPAIR had something to fix
+
+
+def test_repair_through_permutation_maps_is_repair_of_the_aligned_model(helpers, digits):
+    a, b = _pair("cnn_digits", helpers, width=8)
+    spec = build_spec(a)
+    perms = random_perms(spec, torch.Generator().manual_seed(0))
+    batches = list(iter_batches(digits[0], 300))
+    aligned = interpolate_model(a, permute_model(b, spec, perms), 0.3)
+    mapped = copy.deepcopy(aligned)
+    repair_and_reset(a, permute_model(b, spec, perms), spec, batches, repair=[(0.3, aligned)])
+    repair_many([a, b], spec, batches, repair=[RepairTarget(mapped, (0.3, 0.7), [{}, permutation_maps(perms)])])
+    want, got = aligned.state_dict(), mapped.state_dict()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-6)
+
+
 def test_reset_recomputes_batchnorm_statistics_from_the_data(helpers, one_batch):
     a, b = _pair("cnn_digits", helpers, width=8)
     spec = build_spec(a)
@@ -223,14 +272,18 @@ def test_sweep_refuses_two_architectures(trained_pair, digits):
 
 
 def test_sweep_with_map_methods(trained_pair, digits):
-    """CCA / OT / regression merges run in the same harness: one extra statistics pass, α = 1 is model A."""
+    """CCA / OT / regression merges run in the same harness: one extra statistics pass, one REPAIR pass for all
+    methods, α = 1 is model A (REPAIRed or not), and REPAIR towards the mapped endpoints helps every map merge."""
     a, b = trained_pair
-    methods = ("naive", "permuted", "cca", "ot", "regression")
+    maps = ("cca", "ot", "regression")
+    methods = ("naive", "permuted", *maps, *(f"{m}+repair" for m in maps))
     res = run_sweep(a, b, digits[0], {"test": digits[1]},
                     SweepConfig(alphas=[0.0, 0.5, 1.0], methods=methods, batch_size=len(digits[0])))
-    assert res.passes == {"matching": 1, "map statistics": 1, "repair/reset": 0, "evaluation": 1}
+    assert res.passes == {"matching": 1, "map statistics": 1, "repair/reset": 1, "evaluation": 1}
     rows = {(r["method"], r["alpha"]): r for r in res.rows}
     end_a = next(e for e in res.endpoints if e["model"] == "A")
-    for m in ("cca", "ot", "regression"):
-        assert rows[m, 1.0]["loss"] == pytest.approx(end_a["loss"], rel=1e-5)
+    for m in maps:
+        for method in (m, f"{m}+repair"):
+            assert rows[method, 1.0]["loss"] == pytest.approx(end_a["loss"], rel=1e-4), method
         assert rows[m, 0.5]["accuracy"] > rows["naive", 0.5]["accuracy"]
+        assert rows[f"{m}+repair", 0.5]["loss"] < rows[m, 0.5]["loss"], m

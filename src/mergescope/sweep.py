@@ -19,21 +19,17 @@ from .align import MatchResult, group_covariances, match_many, weight_matching
 from .data import ImageDataset, iter_batches, len_batches
 from .errors import ArchitectureError, MergescopeError
 from .evaluate import evaluate_models
-from .merge import (alpha_grid, cca_maps, interpolate_model, map_layout, merge_with_maps, ot_maps, regression_maps,
-                    repair_and_reset)
+from .merge import (RepairTarget, alpha_grid, interpolate_model, map_layout, merge_with_maps, permutation_maps,
+                    repair_many)
+from .merge.recipes import ALL_METHODS, MAP_METHODS, check_methods, has_batchnorm, split_method
 from .perm import PermSpec, build_spec, permute_model
 from .report import render_report, write_csv
 
 METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset")  # the default sweep
-# Merging with maps instead of permutations: B is rewritten in A's channel space by a per-group linear map fitted
-# on the statistics set, then interpolated — α·θ_A + (1−α)·T(θ_B). At α = 0 this is T(B), not B (T is exact only
-# for permutations). ZipIt! is not here: its matching itself depends on α (see mergescope.merge.zipit_merge).
-MAP_METHODS = {
-    "cca": lambda stats: cca_maps(stats)[0],
-    "ot": lambda stats: ot_maps(stats)[0],
-    "regression": lambda stats: regression_maps(stats)[0],
-}
-ALL_METHODS = METHODS + tuple(MAP_METHODS)
+# Map-based bases rewrite B in A's channel space by a per-group linear map fitted on the statistics set, then
+# interpolate — α·θ_A + (1−α)·T(θ_B). At α = 0 this is T(B), not B (T is exact only for permutations). ZipIt! is
+# not swept: its matching itself depends on α and is undefined at α = 0 and 1 (mergescope.many merges at one α).
+SWEEP_METHODS = tuple(m for m in ALL_METHODS if split_method(m)[0] != "zipit")
 
 
 @dataclass
@@ -41,7 +37,7 @@ class SweepConfig:
     """What to sweep and how."""
 
     alphas: list[float] = field(default_factory=alpha_grid)  # θ(α) = α·θ_A + (1−α)·P(θ_B)
-    methods: Sequence[str] = METHODS  # any of ALL_METHODS; "permuted+reset" is skipped for nets without BatchNorm
+    methods: Sequence[str] = METHODS  # any of SWEEP_METHODS; "…+reset" is skipped for nets without BatchNorm
     matching: str = "activation"  # "activation" (correlation) or "weight" (Git Re-Basin weight matching)
     batch_size: int = 500  # images per batch in every pass
     stats_ids: Sequence[int] | None = None  # training images for matching and REPAIR statistics (None: all)
@@ -77,10 +73,6 @@ def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
             raise ArchitectureError(f"models differ: tensor '{k}' exists in only one of them")
         if sa[k].shape != sb[k].shape:
             raise ArchitectureError(f"models differ: '{k}' is {tuple(sa[k].shape)} vs {tuple(sb[k].shape)}")
-
-
-def _has_batchnorm(model: nn.Module) -> bool:
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _check_function_preserved(model: nn.Module, permuted: nn.Module, x: torch.Tensor) -> None:
@@ -119,9 +111,7 @@ def run_sweep(
         >>> barriers(result.rows)
     """
     cfg = config or SweepConfig()
-    unknown = set(cfg.methods) - set(ALL_METHODS)
-    if unknown:
-        raise MergescopeError(f"unknown merge method '{sorted(unknown)[0]}'; known: {', '.join(ALL_METHODS)}")
+    methods = check_methods(cfg.methods, SWEEP_METHODS)
     check_same_architecture(model_a, model_b)
     model_a, model_b = model_a.to(device).eval(), model_b.to(device).eval()
     ids = None if cfg.stats_ids is None else torch.as_tensor(list(cfg.stats_ids))
@@ -133,8 +123,8 @@ def run_sweep(
     probe_x = next(iter(stats_batches())).x[:8].to(device)
     spec = spec or build_spec(model_a, probe_x)
     timings, passes = {}, {"matching": 0, "repair/reset": 0, "evaluation": 0}
-    map_methods = [m for m in cfg.methods if m in MAP_METHODS]
-    if map_methods:
+    map_bases = list(dict.fromkeys(b for b, _ in map(split_method, methods) if b in MAP_METHODS))
+    if map_bases:
         passes["map statistics"] = 0
 
     t0 = time.perf_counter()
@@ -150,31 +140,35 @@ def run_sweep(
     aligned_b = permute_model(model_b, spec, match.perms)
     _check_function_preserved(model_b, aligned_b, probe_x)
 
-    methods = [m for m in cfg.methods if m != "permuted+reset" or _has_batchnorm(model_a)]
-    maps = {}
-    if map_methods:
+    methods = [m for m in methods if split_method(m)[1] != "reset" or has_batchnorm(model_a)]
+    maps_b = {"naive": {}, "permuted": permutation_maps(match.perms)}  # base -> B's maps into A's space
+    if map_bases:
         t0 = time.perf_counter()
         [stats] = group_covariances(model_a, [model_b], spec, stats_batches(), device=device, progress=progress,
                                     total=n_stats)
         passes["map statistics"] += 1
-        maps = {m: MAP_METHODS[m](stats) for m in map_methods}
+        maps_b.update({m: MAP_METHODS[m](stats) for m in map_bases})
         layout = map_layout(model_a, spec)
         timings["map statistics"] = time.perf_counter() - t0
     merged: dict[tuple[str, float], nn.Module] = {}
+    repair, reset = [], []
     for alpha in cfg.alphas:
         for method in methods:
-            if method in maps:
-                merged[method, alpha] = merge_with_maps(model_a, model_b, maps[method], alpha, layout)
+            base, fix = split_method(method)
+            if base in MAP_METHODS:
+                net = merge_with_maps(model_a, model_b, maps_b[base], alpha, layout)
             else:
-                other = model_b if method == "naive" else aligned_b
-                merged[method, alpha] = interpolate_model(model_a, other, alpha)
+                net = interpolate_model(model_a, model_b if base == "naive" else aligned_b, alpha)
+            merged[method, alpha] = net
+            if fix == "repair":
+                repair.append(RepairTarget(net, (alpha, 1.0 - alpha), ({}, maps_b[base])))
+            elif fix == "reset":
+                reset.append(net)
 
     t0 = time.perf_counter()
-    repair = [(a, merged["permuted+repair", a]) for a in cfg.alphas if "permuted+repair" in methods]
-    reset = [merged["permuted+reset", a] for a in cfg.alphas if "permuted+reset" in methods]
-    if repair or reset:
-        repair_and_reset(model_a, aligned_b, spec, stats_batches(), repair=repair, reset=reset, device=device,
-                         progress=progress, total=n_stats)
+    if repair or reset:  # every REPAIR targets A and the original B, seen through each method's maps
+        repair_many([model_a, model_b], spec, stats_batches(), repair=repair, reset=reset, device=device,
+                    progress=progress, total=n_stats)
         passes["repair/reset"] += 1
     timings["repair/reset"] = time.perf_counter() - t0
 

@@ -8,7 +8,7 @@ from .ot import activation_cost, ot_map, ot_maps, ot_merge_many, sinkhorn
 from .partial import (group_scores, partial_merge_curves, partial_merge_model, partial_merge_state,
                       select_channels)
 from .regression_merge import regression_map, regression_maps, regression_merge_many
-from .repair import repair_and_reset
+from .repair import RepairTarget, repair_and_reset, repair_many
 from .zipit import zip_features, zipit_maps, zipit_merge
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "cca_maps", "cca_merge_many", "combine_states", "group_scores", "interpolate_model", "interpolate_state",
     "map_layout", "map_model", "merge_models_with_maps", "merge_with_maps", "ot_map", "ot_maps", "ot_merge_many",
     "partial_merge_curves", "partial_merge_model", "partial_merge_state", "permutation_index", "permutation_maps",
-    "regression_map", "regression_maps", "regression_merge_many", "repair_and_reset", "select_channels",
+    "RepairTarget", "regression_map", "regression_maps", "regression_merge_many", "repair_and_reset",
+    "repair_many", "select_channels",
     "sinkhorn", "zip_features", "zipit_maps", "zipit_merge",
 ]

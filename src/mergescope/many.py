@@ -1,0 +1,157 @@
+"""Merging N models at once with every method, and how much each merge keeps of the models' accuracy.
+
+All models are put into the channel space of the first (the reference) and averaged with equal weights:
+θ = (1/N)·Σ_k T_k(θ_k), where T_k is the identity (``naive``), model k's permutation onto the reference
+(``permuted``: activation matching of every model to the reference), or its CCA / OT / regression map
+(:mod:`mergescope.merge.recipes`); ``zipit`` zips two models. ``+repair`` sets each merged channel's mean and
+std to the average of what the mapped models compute there; ``+reset`` recomputes BatchNorm statistics.
+
+Data passes, whatever the number of models and methods: one for matching (if ``permuted`` is asked for), one for
+the joint feature statistics (if a map-based method is), one for REPAIR and RESET of every merged model at once,
+and one per evaluation split for every model at once.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .align import group_covariances, match_many
+from .data import ImageDataset, iter_batches, len_batches
+from .errors import MergescopeError
+from .evaluate import evaluate_models
+from .merge import RepairTarget, map_layout, merge_models_with_maps, permutation_maps, repair_many, zipit_maps
+from .merge.recipes import ALL_METHODS, MAP_METHODS, check_methods, has_batchnorm, split_method
+from .perm import PermSpec, build_spec
+from .sweep import check_same_architecture
+
+DEFAULT_METHODS = ("naive", "permuted", "permuted+repair", "cca+repair", "ot+repair", "regression+repair")
+
+
+@dataclass
+class ManyResult:
+    """What :func:`merge_many` measured (JSON-ready via :meth:`to_json`, except the models).
+
+    Attributes:
+        rows: one per method and split: method, models (N), split, loss, accuracy.
+        endpoints: one per input model and split: model (its index), split, loss, accuracy.
+        summary: per split, the mean endpoint accuracy and, per method, its accuracy minus that mean.
+        merged: method -> the merged model.
+    """
+
+    rows: list[dict]
+    endpoints: list[dict]
+    summary: dict[str, dict]
+    methods: list[str]
+    passes: dict[str, int]
+    timings: dict[str, float]
+    merged: dict[str, nn.Module]
+
+    def to_json(self) -> dict:
+        return {"rows": self.rows, "endpoints": self.endpoints, "summary": self.summary, "methods": self.methods,
+                "passes": self.passes, "timings": self.timings}
+
+
+def merge_many(
+    models: Sequence[nn.Module],
+    train: ImageDataset,
+    evals: Mapping[str, ImageDataset],
+    methods: Sequence[str] = DEFAULT_METHODS,
+    batch_size: int = 500,
+    stats_ids: Sequence[int] | None = None,
+    spec: PermSpec | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> ManyResult:
+    """Merge ``models`` (all into the first one's space, equal weights) with every method and evaluate them.
+
+    Args:
+        models: two or more trained models of one architecture; the first is the reference.
+        train: data for matching, feature statistics and REPAIR/RESET.
+        evals: split name -> dataset to evaluate on.
+        methods: names from :data:`mergescope.merge.recipes.ALL_METHODS` (``zipit`` needs exactly two models;
+            ``+reset`` is skipped for models without BatchNorm).
+        stats_ids: training images for the statistics (None: all).
+
+    Example:
+        >>> res = merge_many([m0, m1, m2, m3, m4], train, {"test": test}, ["permuted+repair", "cca+repair"])
+        >>> res.summary["test"]["gap"]["cca+repair"]       # accuracy minus the mean endpoint accuracy
+    """
+    if len(models) < 2:
+        raise MergescopeError(f"merging needs at least two models, got {len(models)}")
+    methods = check_methods(methods, ALL_METHODS)
+    if len(models) != 2 and any(split_method(m)[0] == "zipit" for m in methods):
+        raise MergescopeError(f"zipit merges two models, not {len(models)}")
+    for m in models[1:]:
+        check_same_architecture(models[0], m)
+    models = [m.to(device).eval() for m in models]
+    ref, others = models[0], models[1:]
+    methods = [m for m in methods if split_method(m)[1] != "reset" or has_batchnorm(ref)]
+    bases = list(dict.fromkeys(split_method(m)[0] for m in methods))
+    ids = None if stats_ids is None else torch.as_tensor(list(stats_ids))
+
+    def stats_batches():
+        return iter_batches(train, batch_size, ids=ids)
+
+    n_stats = len_batches(train, batch_size, ids=ids)
+    spec = spec or build_spec(ref, next(iter(stats_batches())).x[:8].to(device))
+    layout = map_layout(ref, spec)
+    passes, timings = {"repair/reset": 0, "evaluation": 0}, {}
+    n = len(models)
+    weights = [1.0 / n] * n
+    maps: dict[str, list[dict]] = {"naive": [{}] * n}  # base -> per model, its maps into the merged space
+
+    t0 = time.perf_counter()
+    if "permuted" in bases:
+        matches = match_many(ref, others, spec, stats_batches(), device=device, progress=progress, total=n_stats)
+        maps["permuted"] = [{}] + [permutation_maps(r.perms) for r in matches]
+        passes["matching"] = 1
+    if set(bases) & (set(MAP_METHODS) | {"zipit"}):
+        stats = group_covariances(ref, others, spec, stats_batches(), device=device, progress=progress,
+                                  total=n_stats)
+        passes["map statistics"] = 1
+        for base in bases:
+            if base in MAP_METHODS:
+                maps[base] = [{}] + [MAP_METHODS[base](st) for st in stats]
+            elif base == "zipit":
+                maps_a, maps_b, _ = zipit_maps(stats[0])
+                maps[base] = [maps_a, maps_b]
+    timings["alignment"] = time.perf_counter() - t0
+
+    merged, repair, reset = {}, [], []
+    built: dict[str, nn.Module] = {}
+    for method in methods:
+        base, fix = split_method(method)
+        if base not in built:
+            built[base] = merge_models_with_maps(models, weights, maps[base], layout)
+        net = merged[method] = built[base] if not fix else copy.deepcopy(built[base])
+        if fix == "repair":
+            repair.append(RepairTarget(net, weights, maps[base]))
+        elif fix == "reset":
+            reset.append(net)
+
+    t0 = time.perf_counter()
+    if repair or reset:
+        repair_many(models, spec, stats_batches(), repair, reset, device=device, progress=progress, total=n_stats)
+        passes["repair/reset"] = 1
+    timings["repair/reset"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    rows, endpoints, summary = [], [], {}
+    everything = {**{f"model {k}": m for k, m in enumerate(models)}, **merged}
+    for split, ds in evals.items():
+        scores = evaluate_models(everything, iter_batches(ds, batch_size), device=device, progress=progress,
+                                 total=len_batches(ds, batch_size), desc=f"evaluating on {split}")
+        passes["evaluation"] += 1
+        rows += [{"method": m, "models": n, "split": split, **scores[m]} for m in methods]
+        ends = [{"model": k, "split": split, **scores[f"model {k}"]} for k in range(n)]
+        endpoints += ends
+        mean = sum(e["accuracy"] for e in ends) / n
+        summary[split] = {"mean_endpoint_accuracy": mean,
+                          "gap": {m: scores[m]["accuracy"] - mean for m in methods}}
+    timings["evaluation"] = time.perf_counter() - t0
+    return ManyResult(rows, endpoints, summary, methods, passes, timings, merged)
