@@ -86,6 +86,23 @@ def test_barriers_use_each_methods_own_endpoints_and_sort_by_alpha():
     assert by["y"]["accuracy_barrier"] == pytest.approx(0.8)
 
 
+def test_barriers_against_the_models_themselves_when_given():
+    """A map merge whose α = 0 is a poor rewrite of B: against its own endpoints the curve looks flat, against
+    models A and B it has a barrier; only the split whose A and B are both known changes."""
+    rows = [_row("map", 0.0, s, 3.0, 0.5) for s in ("test", "train")] + \
+        [_row("map", 0.5, s, 2.0, 0.7) for s in ("test", "train")] + [_row("map", 1.0, s, 1.0, 0.9) for s in ("test", "train")]
+    ends = [{"model": "A", "split": "test", "loss": 1.0, "accuracy": 0.9},
+            {"model": "B", "split": "test", "loss": 1.0, "accuracy": 0.9},
+            {"model": "A", "split": "train", "loss": 1.0, "accuracy": 0.9}]
+    own = {b["split"]: b for b in barriers(rows)}
+    real = {b["split"]: b for b in barriers(rows, ends)}
+    assert own["test"]["loss_barrier"] == pytest.approx(0.0) and own["test"]["accuracy_barrier"] == pytest.approx(0.0)
+    assert real["test"]["loss_barrier"] == pytest.approx(2.0)  # at α = 0: 3 − 1
+    assert real["test"]["alpha_at_loss_barrier"] == 0.0
+    assert real["test"]["accuracy_barrier"] == pytest.approx(0.4)  # at α = 0: 0.9 − 0.5
+    assert real["train"] == own["train"]  # B's train record is missing: the curve's own endpoints
+
+
 def test_midpoint_is_interpolated_when_half_is_missing():
     rows = [_row("m", a, "test", l, acc) for a, l, acc in [(0.0, 1.0, 0.9), (0.4, 2.0, 0.5), (0.6, 4.0, 0.3), (1.0, 1.0, 0.9)]]
     (b,) = barriers(rows)

@@ -2,14 +2,15 @@
 
 Three small CNNs are trained on the 8×8 handwritten digits from different seeds. Model B is aligned to model A by
 activation matching and the interpolation path is swept with the direct average, permutation, permutation +
-REPAIR and permutation + RESET. Then one probe pass over the training images records, for every channel of every
+REPAIR, permutation + RESET, and CCA and regression merging with REPAIR. Then one probe pass over the training images records, for every channel of every
 layer, the top-10 images of A, B, aligned B, the merged models at α = 0.5 and the direct average — and of B and C
 aligned to A — which become the report's feature pages. Every channel of A is then compared with the same
 channel of aligned B and C (Kendall τ on D′, δ of the top-k images with the fallback embedder — not CLIP —,
 top-k overlap, matching correlation, Observations 2 and 3) and A and B are partially merged channel by channel,
-guided by each metric, against random channels (:mod:`mergescope.comparison`). The run folder gets checkpoints,
+guided by each metric, against random channels (:mod:`mergescope.comparison`). Finally all three models are
+merged into one with every method (:mod:`mergescope.many`). The run folder gets checkpoints,
 ``interpolation.csv``, ``results.json``, ``probe/`` (the stored top-k), ``features/``, ``compare.csv``,
-``partial_merge.csv``, ``report.html`` and ``manifest.json``.
+``partial_merge.csv``, ``merges.csv``, ``report.html`` and ``manifest.json``.
 """
 from __future__ import annotations
 
@@ -28,11 +29,12 @@ from .comparison import (
 )
 from .data import load_digits
 from .features import feature_study, merged_rows
+from .many import merge_many, write_many
 from .merge import alpha_grid
 from .models import create_model
 from .report.features import feature_index_html
 from .runs import prepare_run_dir, write_manifest
-from .sweep import SweepConfig, run_sweep, save_sweep
+from .sweep import METHODS, SweepConfig, run_sweep, save_sweep
 from .train import TrainConfig, save_checkpoint, train_model
 
 
@@ -50,6 +52,8 @@ class DemoConfig:
     alpha_step: float = 0.05  # spacing of the α grid
     matching: str = "activation"  # "activation" or "weight"
     compare: bool = True  # channel comparison (fallback embedder) and metric-guided partial merging of A and B
+    merge_all: bool = True  # merge all the models into one with every method (mergescope.many)
+    methods: tuple[str, ...] = (*METHODS, "cca+repair", "regression+repair")  # the methods swept along α
 
 
 def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool = True,
@@ -77,7 +81,8 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
         files += [ckpt, side]
         models.append(model)
 
-    sweep_cfg = SweepConfig(alphas=alpha_grid(cfg.alpha_step), matching=cfg.matching, batch_size=len(train))
+    sweep_cfg = SweepConfig(alphas=alpha_grid(cfg.alpha_step), methods=cfg.methods, matching=cfg.matching,
+                            batch_size=len(train))
     result = run_sweep(models[0], models[1], train, {"test": test, "train": train}, sweep_cfg, progress=progress)
     probed, pages, recipes = feature_study(run_dir, train, dict(zip(tags, models)), matches={tags[1]: result.match},
                                            merged=merged_rows(result.midpoint), spec=result.spec,
@@ -96,6 +101,14 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
     sections.insert(0, {"title": "Feature visualization", "html": feature_index_html(pages)})
     if cfg.compare:
         sections.append(compared.section)
+    if cfg.merge_all and len(models) > 2:
+        t0 = time.perf_counter()
+        many = merge_many(models, train, {"test": test}, batch_size=len(train), spec=result.spec, progress=progress)
+        section, written = write_many(run_dir, many)
+        sections.append(section)
+        files += written
+        extra["many"] = many.to_json()
+        timings[f"merging {len(models)} models"] = time.perf_counter() - t0
     elapsed = time.perf_counter() - start
     summary = {
         "architecture": f"{cfg.arch} (width {cfg.width})", "dataset": f"digits ({len(train)} train / {len(test)} test)",

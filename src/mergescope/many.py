@@ -16,10 +16,13 @@ import copy
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from ._csvio import write_rows
+from ._jsonio import write_json
 from .align import group_covariances, match_many
 from .data import ImageDataset, iter_batches, len_batches
 from .errors import MergescopeError
@@ -27,9 +30,15 @@ from .evaluate import evaluate_models
 from .merge import RepairTarget, map_layout, merge_models_with_maps, permutation_maps, repair_many, zipit_maps
 from .merge.recipes import ALL_METHODS, MAP_METHODS, check_methods, has_batchnorm, split_method
 from .perm import PermSpec, build_spec
+from .report import render_report
+from .report.many_pages import many_section
+from .runs import RESULTS
 from .sweep import check_same_architecture
 
-DEFAULT_METHODS = ("naive", "permuted", "permuted+repair", "cca+repair", "ot+repair", "regression+repair")
+DEFAULT_METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset", "cca+repair", "ot+repair",
+                   "regression+repair")
+CSV_NAME = "merges.csv"
+CSV_COLUMNS = ("method", "models", "split", "loss", "accuracy")
 
 
 @dataclass
@@ -155,3 +164,38 @@ def merge_many(
                           "gap": {m: scores[m]["accuracy"] - mean for m in methods}}
     timings["evaluation"] = time.perf_counter() - t0
     return ManyResult(rows, endpoints, summary, methods, passes, timings, merged)
+
+
+def write_many(run_dir: Path, result: ManyResult) -> tuple[dict, list[Path]]:
+    """Write ``merges.csv`` and the section's figures; return the report section and the files written."""
+    csv_path = write_rows(run_dir / CSV_NAME, CSV_COLUMNS, result.rows)
+    section, figures = many_section(run_dir, result.to_json(), CSV_NAME)
+    return section, [csv_path, *figures]
+
+
+def save_many(run_dir: Path, result: ManyResult, title: str, summary: Mapping[str, object]) -> list[Path]:
+    """Write ``merges.csv``, ``results.json`` (the result under ``"many"``) and ``report.html`` into ``run_dir``.
+
+    Returns:
+        The files written (for the manifest's hashes).
+    """
+    data = result.to_json()
+    section, files = write_many(run_dir, result)
+    results = {"title": title, "summary": dict(summary), "many": data, "sections": [section],
+               "headline": many_headline(data)}
+    json_path = write_json(run_dir / RESULTS, results)
+    return [*files, json_path, render_report(run_dir, results)]
+
+
+def many_headline(data: Mapping) -> str:
+    """One sentence: the best merge on the test split (else the first), against the mean input model."""
+    split = "test" if "test" in data["summary"] else next(iter(data["summary"]), None)
+    if split is None:
+        return ""
+    s = data["summary"][split]
+    best = max(s["gap"], key=s["gap"].get)
+    n = len({e["model"] for e in data["endpoints"]})
+    gap = s["gap"][best]
+    return (f"Merging {n} models: {best} keeps {100 * (s['mean_endpoint_accuracy'] + gap):.1f}% {split} accuracy, "
+            f"{abs(100 * gap):.1f} points {'below' if gap < 0 else 'above'} the mean model "
+            f"({100 * s['mean_endpoint_accuracy']:.1f}%).")

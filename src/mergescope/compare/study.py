@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._atomic import atomic_path
+from .._csvio import write_rows
 from ..errors import MergescopeError
 from .categories import (
     CONSENSUS_CATEGORIES,
@@ -304,19 +304,7 @@ def _consensus(rows: list[dict], metric: str, threshold: float, max_outliers: in
 def write_compare_csv(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
     """Write comparison rows with :data:`COLUMNS` atomically: floats in shortest round-trip form, flags as
     ``true``/``false``, missing values (None) as empty cells — never NaN."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(COLUMNS)
-        for r in rows:
-            out = []
-            for col in COLUMNS:
-                v = r.get(col)
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise MergescopeError(f"non-finite {col} in a comparison row: {r}")
-                out.append("" if v is None else ("true" if v else "false") if isinstance(v, bool)
-                           else repr(v) if isinstance(v, float) else v)
-            writer.writerow(out)
-    return Path(path)
+    return write_rows(path, COLUMNS, rows)
 
 
 def read_compare_csv(path: str | os.PathLike) -> list[dict]:

@@ -85,32 +85,48 @@ def value_at(curve: Sequence[dict], key: str, alpha: float) -> float:
     return math.nan
 
 
-def _max_gap(curve: Sequence[dict], key: str, sign: float) -> tuple[float, float]:
-    """Largest ``sign·(f(α) − line(α))`` over the curve, and the α where it occurs (NaN if any value is NaN)."""
-    start, end = _endpoint(curve, 0.0)[key], _endpoint(curve, 1.0)[key]
+def _max_gap(curve: Sequence[dict], key: str, sign: float, ends: Mapping[str, tuple[float, float]] | None
+             ) -> tuple[float, float]:
+    """Largest ``sign·(f(α) − line(α))`` over the curve, and the α where it occurs (NaN if any value is NaN).
+
+    The line joins the curve's own values at α = 0 and 1, or ``ends[key]`` = (value at 0, value at 1) if given.
+    """
+    start, end = ends[key] if ends else (_endpoint(curve, 0.0)[key], _endpoint(curve, 1.0)[key])
     gaps = [(sign * (r[key] - ((1 - r["alpha"]) * start + r["alpha"] * end)), r["alpha"]) for r in curve]
     if any(math.isnan(g) for g, _ in gaps):
         return math.nan, math.nan
     return max(gaps, key=lambda ga: ga[0])
 
 
-def barriers(rows: Iterable[Mapping]) -> list[dict]:
+def _model_ends(endpoints: Iterable[Mapping] | None) -> dict[str, dict[str, tuple[float, float]]]:
+    """split -> {"loss": (L_B, L_A), "accuracy": (Acc_B, Acc_A)} from endpoint records of models "A" and "B"."""
+    by = {(e["model"], e["split"]): e for e in endpoints or ()}
+    return {split: {k: (by["B", split][k], by["A", split][k]) for k in ("loss", "accuracy")}
+            for (model, split) in by if model == "A" and ("B", split) in by}
+
+
+def barriers(rows: Iterable[Mapping], endpoints: Iterable[Mapping] | None = None) -> list[dict]:
     """Barrier and midpoint of every ``(method, split)`` curve, in first-seen order.
 
-    With L(α), Acc(α) the loss and accuracy of θ(α), and each method's own endpoints at α = 0 and α = 1:
+    With L(α), Acc(α) the loss and accuracy of θ(α), and the endpoints L(0), L(1), Acc(0), Acc(1):
 
     - ``loss_barrier``     = max_α [ L(α) − ((1−α)·L(0) + α·L(1)) ]
     - ``accuracy_barrier`` = max_α [ ((1−α)·Acc(0) + α·Acc(1)) − Acc(α) ]
 
-    so a positive number is a drop in quality for both. ``alpha_at_loss_barrier`` is the maximising α,
-    and ``midpoint_loss`` / ``midpoint_accuracy`` are L(0.5) / Acc(0.5) (linearly interpolated if α = 0.5
-    was not evaluated). Values are NaN when the curve contains NaN. A curve without a row at α = 0 or
-    α = 1 raises MergescopeError.
+    so a positive number is a drop in quality for both. The endpoints are models B (α = 0) and A (α = 1)
+    themselves when ``endpoints`` (records with model, split, loss, accuracy) holds both for the split, else each
+    method's own values at α = 0 and 1. The two agree for permutation merges; a map-based merge at α = 0 is B
+    rewritten in A's basis, an approximation that can be much worse than B, so its own endpoints would hide its
+    barrier. ``alpha_at_loss_barrier`` is the maximising α, and ``midpoint_loss`` / ``midpoint_accuracy`` are
+    L(0.5) / Acc(0.5) (linearly interpolated if α = 0.5 was not evaluated). Values are NaN when the curve contains
+    NaN. A curve without a row at α = 0 or α = 1 raises MergescopeError.
     """
+    ends = _model_ends(endpoints)
     out = []
     for (method, split), curve in curves(rows).items():
-        loss_barrier, alpha_at = _max_gap(curve, "loss", +1.0)
-        accuracy_barrier, _ = _max_gap(curve, "accuracy", -1.0)
+        _endpoint(curve, 0.0), _endpoint(curve, 1.0)  # every curve spans the whole path
+        loss_barrier, alpha_at = _max_gap(curve, "loss", +1.0, ends.get(split))
+        accuracy_barrier, _ = _max_gap(curve, "accuracy", -1.0, ends.get(split))
         out.append({
             "method": method,
             "split": split,

@@ -1,0 +1,39 @@
+"""Result tables as CSV: written atomically, floats in shortest round-trip form, never NaN."""
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+from ._atomic import atomic_path
+from .errors import MergescopeError
+
+
+def cell(value) -> object:
+    """A CSV cell: floats as ``repr`` (round-trips), flags as ``true``/``false``, None as empty."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return repr(value)
+    return value
+
+
+def write_rows(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping]) -> Path:
+    """Write ``rows`` (missing keys as empty cells) under the header ``columns`` atomically; return the path.
+
+    A non-finite float is refused with a one-line error naming its column: a result table never holds NaN.
+    """
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for r in rows:
+            for col in columns:
+                v = r.get(col)
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise MergescopeError(f"non-finite {col} in a result row: {dict(r)}")
+            writer.writerow([cell(r.get(col)) for col in columns])
+    return Path(path)
