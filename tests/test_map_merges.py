@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import types
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 
 from mergescope.align.covariance import group_covariances
 from mergescope.data import iter_batches, load_digits, subset_per_class
+from mergescope.errors import ArchitectureError
 from mergescope.merge import interpolate_model
 from mergescope.merge.cca import INFO as CCA_INFO
 from mergescope.merge.cca import cca_maps, cca_merge_many
@@ -174,6 +176,48 @@ def test_zipit_merge_and_unmerge_matrices(helpers, batches):
         _, only_cross = zip_features(st, a=0.0, b=0.0)  # no repeats, no within-model merges: a matching
         assert torch.equal(only_cross[:c].sum(0), torch.ones(c, dtype=torch.float64))
         assert torch.equal(only_cross[c:].sum(0), torch.ones(c, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("name, kw", [("cnn_digits", {"width": 8}), ("resnet20", {"width": 1})])
+def test_partial_zip_of_a_permuted_copy_is_the_model_at_every_cut(name, kw, helpers):
+    """Zip up to each layer (for a ResNet also inside a block, where the shortcut crosses the cut too)."""
+    a = _model(name, kw, helpers, 0)
+    spec = build_spec(a)
+    b = permute_model(a, spec, random_perms(spec, torch.Generator().manual_seed(4)))
+    x = helpers.random_images(name, 64)
+    batches = [types.SimpleNamespace(x=x)]
+    [stats] = group_covariances(a, [b], spec, batches)
+    for layer in spec.layers:
+        res = zipit_merge(a, b, None, spec, stats=stats, up_to=layer)
+        assert res.info.needs_extra_layers
+        assert _rel_err(res.model, a, x) < 1e-4, layer
+
+
+@pytest.mark.parametrize("name, kw", [("cnn_digits", {"width": 8}), ("resnet20", {"width": 1})])
+def test_partial_zip_ends_at_the_full_zip_and_starts_near_the_ensemble(name, kw, helpers):
+    a, b = _model(name, kw, helpers, 0), _model(name, kw, helpers, 1)
+    spec = build_spec(a)
+    x = helpers.random_images(name, 64)
+    [stats] = group_covariances(a, [b], spec, [types.SimpleNamespace(x=x)])
+    full = zipit_merge(a, b, None, spec, stats=stats).model
+    layers = list(spec.layers)
+    last = zipit_merge(a, b, None, spec, stats=stats, up_to=layers[-1]).model
+    assert _rel_err(last, full, x) < 1e-4  # after the last layer only linear heads remain
+    with torch.no_grad():
+        ensemble = 0.5 * a(x) + 0.5 * b(x)
+        first = zipit_merge(a, b, None, spec, stats=stats, up_to=layers[0]).model(x)
+        err_first = ((first - ensemble).abs().max() / ensemble.abs().max()).item()
+        err_full = ((full(x) - ensemble).abs().max() / ensemble.abs().max()).item()
+    assert err_first < err_full  # zipping only the first layer keeps more of the two models
+
+
+def test_partial_zip_refuses_an_unknown_layer(helpers):
+    a = _model("cnn_digits", {"width": 4}, helpers, 0)
+    spec = build_spec(a)
+    x = helpers.random_images("cnn_digits", 16)
+    [stats] = group_covariances(a, [a], spec, [types.SimpleNamespace(x=x)])
+    with pytest.raises(ArchitectureError, match="unknown layer 'nope'"):
+        zipit_merge(a, a, None, spec, stats=stats, up_to="nope")
 
 
 def test_every_map_method_says_what_it_needs():

@@ -7,6 +7,7 @@ from .maps import (ChannelMap, MapLayout, MapMergeResult, MethodInfo, combine_st
 from .ot import activation_cost, ot_map, ot_maps, ot_merge_many, sinkhorn
 from .partial import (group_scores, partial_merge_curves, partial_merge_model, partial_merge_state,
                       select_channels)
+from .partial_zip import partial_zip_model
 from .regression_merge import regression_map, regression_maps, regression_merge_many
 from .repair import RepairTarget, repair_and_reset, repair_many
 from .zipit import zip_features, zipit_maps, zipit_merge
@@ -15,7 +16,7 @@ __all__ = [
     "ChannelMap", "MapLayout", "MapMergeResult", "MethodInfo", "activation_cost", "alpha_grid", "cca_map",
     "cca_maps", "cca_merge_many", "combine_states", "group_scores", "interpolate_model", "interpolate_state",
     "map_layout", "map_model", "merge_models_with_maps", "merge_with_maps", "ot_map", "ot_maps", "ot_merge_many",
-    "partial_merge_curves", "partial_merge_model", "partial_merge_state", "permutation_index", "permutation_maps",
+    "partial_merge_curves", "partial_merge_model", "partial_merge_state", "partial_zip_model", "permutation_index", "permutation_maps",
     "RepairTarget", "regression_map", "regression_maps", "regression_merge_many", "repair_and_reset",
     "repair_many", "select_channels",
     "sinkhorn", "zip_features", "zipit_maps", "zipit_merge",

@@ -17,11 +17,13 @@ inverse_A = U[:C] (and the same for B), i.e. every layer computes M·[y_A; y_B] 
 Merged features keep the order of their lowest member (A's order where A's feature is a member), so for a
 permuted copy (every feature paired with its twin) the merge is permutation merging, exactly.
 
-Partial zipping (zip up to a layer, then run both models' remaining layers) needs extra layers (two heads) and
-is not implemented; the full zip returns a model of the original width and architecture.
+The full zip returns a model of the original width and architecture. Partial zipping (``up_to=layer``: zip up to
+a layer, then run both models' remaining layers and blend their outputs) needs extra layers — two heads — and
+returns a multi-head model (:mod:`mergescope.merge.partial_zip`).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -37,14 +39,16 @@ from .maps import (
     map_layout,
     merge_models_with_maps,
 )
+from .partial_zip import partial_zip_model
 
 INFO = MethodInfo(
     name="zipit",
     needs_extra_layers=False,
     exact_for_permuted_copies=True,
-    notes="Full zip only (partial zipping would need two heads: extra layers). Within-model merges average "
-          "features, an approximation after each ReLU; BatchNorm refolded for groups with such merges, "
-          "permuted otherwise. REPAIR needs matched endpoint channels, which within-model merges lack: use RESET.",
+    notes="The full zip keeps the architecture; partial zipping (up_to a layer) adds the two models' remaining "
+          "layers as two heads (extra layers). Within-model merges average features, an approximation after each "
+          "ReLU; BatchNorm refolded for groups with such merges, permuted otherwise. REPAIR targets the zipped "
+          "endpoint features (repair_many with the zip's maps).",
 )
 
 
@@ -128,8 +132,9 @@ def zipit_merge(
     layout: MapLayout | None = None,
     stats: Mapping[str, JointMoments] | None = None,
     device: torch.device | str = "cpu",
+    up_to: str | None = None,
 ) -> MapMergeResult:
-    """Zip two models into one of the original architecture.
+    """Zip two models into one of the original architecture (or, with ``up_to``, partially: a multi-head model).
 
     Args:
         model_a, model_b: two models of one architecture.
@@ -137,6 +142,8 @@ def zipit_merge(
         alpha: weight of A's features (0.5: the paper's merge).
         a, b: ZipIt!'s α (repeat-merge penalty) and β (within-model budget), see :func:`zip_features`.
         stats: precomputed ``group_covariances(model_a, [model_b], …)[0]``.
+        up_to: zip up to this layer (a name of ``spec.layers``) and run A's and B's own layers after it
+            (:func:`mergescope.merge.partial_zip.partial_zip_model`); None: the full zip.
 
     Returns:
         :class:`MapMergeResult`; extras {"merge_unmerge": {group: (M, U)}, "within": {group: (A-A, B-B merges)}}.
@@ -157,4 +164,8 @@ def zipit_merge(
         ca = stats[g].size_a
         from_a, from_b = u[:ca].sum(0), u[ca:].sum(0)  # members per merged feature from each model
         within[g] = (int((from_a >= 2).sum()), int((from_b >= 2).sum()))
-    return MapMergeResult(model, [maps_a, maps_b], weights, INFO, {"merge_unmerge": mats, "within": within})
+    info = INFO
+    if up_to is not None:
+        model = partial_zip_model(model, model_a, model_b, (maps_a, maps_b), spec, up_to, alpha)
+        info = dataclasses.replace(INFO, needs_extra_layers=True)
+    return MapMergeResult(model, [maps_a, maps_b], weights, info, {"merge_unmerge": mats, "within": within})

@@ -73,6 +73,9 @@ class PermSpec:
         layers: every observable layer (post-activation outputs, block outputs), in graph order, by canonical
             name — what the probe looks at by default and what :func:`list_layers` prints.
         fixed: names of creator layers whose channels cannot be permuted (tied to the input or output).
+        tensors: every tensor of the traced graph whose channel axis is known (not flattened), by fx node name:
+            its group (None: tied to the input or output) and channel axis — e.g. what crosses a cut through
+            the graph (:func:`mergescope.merge.partial_zip.partial_zip_model`).
     """
 
     groups: dict[str, PermGroup]
@@ -80,6 +83,7 @@ class PermSpec:
     repair_points: list[RepairPoint]
     layers: dict[str, TapPoint]
     fixed: list[str]
+    tensors: dict[str, TapPoint] = field(default_factory=dict)
 
     def describe(self) -> str:
         lines = [f"{len(self.groups)} permutation groups"]
@@ -371,6 +375,7 @@ class _SpecBuilder:
             repair_points=repair_points,
             layers=layers,
             fixed=fixed,
+            tensors={n.name: tap(n) for n, lab in self.labels.items() if lab.block == 1},
         )
 
 
