@@ -2,32 +2,45 @@
 (issue 5, items 2 and 4), mirroring :func:`mergescope.comparison.compare_run`.
 
 Fits every group of A on the same layer of B (unaligned: the map needs no permutation) over the fixed subset
-(5 images per class), sweeps the sparsity, ranks the dataset's images by every regressed B channel in one pass
+(5 images per class; a residual stream pooled over all its layers), sweeps the sparsity, ranks the dataset's images
+by every regressed B channel at every observation point in one pass
 (:func:`mergescope.align.regressed_topk.regressed_topk`), and writes ``regression.csv`` (layer, channel, m, refit,
-r2, recovered), ``figures/regression.png``, the hard channels' feature pages (``features/regress_*.html``) and the
-"Regression alignment" section of ``report.html``.
+r2, recovered; one block per observation point), ``regression_topk.json`` (the hard channels' top-k images),
+``figures/regression.png``, the hard channels' feature pages (``features/regress_*.html``) and the
+"Regression alignment" section of ``report.html``. The last three are rendered from what is stored
+(:func:`render_regression`), so ``mergescope report`` re-renders them without a model.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ._jsonio import write_json
 from .align.covariance import group_covariances
 from .align.regressed_topk import hard_channels, regressed_topk, single_weight_fits, summary_rows
 from .align.regression import DEFAULT_FRACTIONS, regression_from_stats, regression_subset
 from .comparison import _checkpoints, _write_rows
 from .data import iter_batches, len_batches, open_dataset
 from .errors import MergescopeError
-from .report.regression_pages import FIGURE, plot_regression, regression_section_html, render_regression_pages
+from .report.regression_pages import (
+    FIGURE,
+    plot_regression,
+    regression_records,
+    regression_section_html,
+    render_regression_pages,
+)
 
 SECTION_TITLE = "Regression alignment"
 CSV_NAME = "regression.csv"
+VIEWS_NAME = "regression_topk.json"  # the hard channels' top-k images (A, B, regressed B): the pages' data
 COLUMNS = ("layer", "channel", "m", "refit", "r2", "recovered")
 
 
@@ -93,25 +106,76 @@ def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None,
              "recovered": _nan_none(float(mp.recovered[c]))}
             for gt in tops.values() for mp in gt.maps.values() for c in range(len(mp.r2))]
     csv_path = _write_rows(run_dir / CSV_NAME, rows, COLUMNS)
-    summary = summary_rows(tops)
-    hard = {gt.layer: hard_channels(gt, cfg.sparse_fraction, cfg.hard_n) for gt in tops.values()}
-    figure = plot_regression(summary, run_dir / FIGURE)
-    pages = render_regression_pages(run_dir, dataset, tops, hard, cfg.sparse_fraction)
+    hard = {layer: hard_channels(gt, cfg.sparse_fraction, cfg.hard_n) for layer, gt in tops.items()}
+    views_path = write_json(run_dir / VIEWS_NAME, {"views": regression_records(tops, hard, cfg.sparse_fraction)})
+    streams = {g: [t.name for t in spec.groups[g].observe] for g in dict.fromkeys(gt.group for gt in tops.values())
+               if len(spec.groups[g].observe) > 1}
     info = {"subset": len(ids), "per_class": cfg.per_class, "reduction": cfg.reduction, "images": len(dataset),
-            "dataset": f"{features['data']} ({features['split']})", "k": cfg.k,
-            "first_observation": any(len(spec.groups[g].observe) > 1 for g in tops),
+            "dataset": f"{features['data']} ({features['split']})", "k": cfg.k, "streams": streams,
             "sparse_label": f"{cfg.sparse_fraction * 100:g}% refit", "hard_n": cfg.hard_n}
-    html = regression_section_html(summary, hard, pages, FIGURE, CSV_NAME, info)
+    out = {"summary": summary_rows(tops), "hard_channels": hard, "info": info, "views": VIEWS_NAME,
+           "data": features["data"], "split": features["split"], "samples": res.samples,
+           "layers": {layer: gt.group for layer, gt in tops.items()}, "config": dataclasses.asdict(cfg),
+           "timings": timings}
+    section, out["pages"], files = render_regression(run_dir, out, dataset)
     timings["report"] = time.perf_counter() - t0
     timings["total"] = time.perf_counter() - start
 
-    out = {"summary": summary, "hard_channels": hard, "pages": pages, "samples": res.samples,
-           "layers": {g: gt.layer for g, gt in tops.items()}, "config": dataclasses.asdict(cfg), "timings": timings}
     results["regression"] = out
-    add_to_run(run_dir, results, manifest, {"title": SECTION_TITLE, "html": html},
-               [csv_path, figure, *(run_dir / p["href"] for p in pages)], "regression",
+    add_to_run(run_dir, results, manifest, section, [csv_path, views_path, *files], "regression",
                {"config": dataclasses.asdict(cfg), "timings": timings})
     return out
 
 
-__all__ = ["COLUMNS", "SECTION_TITLE", "RegressConfig", "regress_run"]
+def render_regression(run_dir: str | os.PathLike, study: Mapping, dataset=None) -> tuple[dict, list[dict], list[Path]]:
+    """The figure, the hard channels' feature pages and the report section of a regression study, from what it
+    stored (``results.json["regression"]`` and :data:`VIEWS_NAME`): no model runs.
+
+    Args:
+        study: ``results.json["regression"]``.
+        dataset: the ranked images (default: opened from the study's ``data`` and ``split``).
+
+    Returns:
+        The report section ({"title", "html"}), the pages' index and the files written.
+    """
+    run_dir = Path(run_dir)
+    if dataset is None:
+        dataset = open_dataset(study["data"], split=study["split"])
+    records = json.loads((run_dir / study["views"]).read_text())["views"]
+    figure = plot_regression(study["summary"], run_dir / FIGURE)
+    pages = render_regression_pages(run_dir, dataset, records)
+    html = regression_section_html(study["summary"], study["hard_channels"], pages, FIGURE, CSV_NAME, study["info"])
+    return {"title": SECTION_TITLE, "html": html}, pages, [figure, *(run_dir / p["href"] for p in pages)]
+
+
+def rerender_regression(run_dir: str | os.PathLike, results: dict) -> list[Path] | None:
+    """Re-render a run's regression study (``mergescope report``): figure, pages, and its report section in
+    ``results`` (``results.json`` rewritten if the section changed). None if the study stored too little to
+    re-render it (made before its top-k images were stored, or :data:`VIEWS_NAME` is gone: run
+    ``mergescope regress --overwrite``); [] without one.
+
+    Returns:
+        The files written.
+    """
+    from .runs import RESULTS
+
+    study = results.get("regression")
+    if not study:
+        return []
+    run_dir = Path(run_dir)
+    if not all(key in study for key in ("views", "info", "data", "split")) or not (run_dir / study["views"]).is_file():
+        return None
+    section, _, files = render_regression(run_dir, study)
+    sections = results.setdefault("sections", [])
+    old = [i for i, s in enumerate(sections) if s.get("title") == SECTION_TITLE]
+    if old and sections[old[0]] == section:
+        return files
+    if old:
+        sections[old[0]] = section  # in place: the report keeps its order
+    else:
+        sections.append(section)
+    return [*files, write_json(run_dir / RESULTS, results)]
+
+
+__all__ = ["COLUMNS", "SECTION_TITLE", "VIEWS_NAME", "RegressConfig", "regress_run", "render_regression",
+           "rerender_regression"]

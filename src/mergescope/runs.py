@@ -94,3 +94,19 @@ def add_to_run(run_dir: Path, results: dict, manifest: dict, section: dict, file
     manifest[key] = {"created": _now(), **record}
     write_json(run_dir / MANIFEST, manifest)
     return files
+
+
+def refresh_hashes(run_dir: str | os.PathLike, files: Iterable[str | os.PathLike]) -> Path | None:
+    """After a re-render: the manifest's sha256 of every file of ``files`` it already lists, recomputed (files it
+    does not list stay out). Returns the manifest's path, or None when the folder has no manifest."""
+    run_dir = Path(run_dir)
+    path = run_dir / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    listed = manifest.get("sha256", {})
+    fresh = {k: v for k, v in file_hashes(run_dir, files).items() if k in listed}
+    if any(listed[k] != v for k, v in fresh.items()):
+        manifest["sha256"] = {**listed, **fresh}
+        write_json(path, manifest)
+    return path

@@ -10,8 +10,11 @@ maps are one batched einsum (a 1×1 convolution), reduced spatially and fed to a
 A is tapped in the same pass (reduced in-graph) for its own top-k, and B's reduced activations give the top-k of
 B's *best single channel* (argmax_j |W_ij| of the full fit, B's channel as it is).
 
-A group observed at several places (a residual stream) uses its **first** observation point (the fit pooled
-all of them; one layer is enough to rank images).
+A group observed at several places (a residual stream: the stem and every block output of a stage) has ONE fit,
+pooled over all its observation points (:mod:`.covariance`), but its top-k is ranked at **every** observation
+point separately: the same maps applied to B's feature map at that layer, compared with A's top-k at that same
+layer. The result has one :class:`GroupTopK` per observation point, keyed by layer (R² is the group's, the same at
+each of its layers; the recovered fractions are the layer's own).
 
 Recovered fraction per A channel: |T_A ∩ T_regressed| / k, NaN where A's activation is constant over the
 dataset (a dead channel has no top-k to recover) or over the fitting subset (R² NaN: the fit gives it no weights).
@@ -51,7 +54,7 @@ class RegressedMap:
 
 @dataclass
 class GroupTopK:
-    """One group's A top-k, B's best single channel and every regressed map, at one layer."""
+    """One group's A top-k, B's best single channel and every regressed map, at one of its observation points."""
 
     group: str
     layer: str
@@ -71,6 +74,13 @@ def recovered_fraction(a_ids: torch.Tensor | np.ndarray, ids: torch.Tensor | np.
     """|T_A ∩ T| / k per row of two [C, k] id arrays."""
     a, b = np.asarray(a_ids), np.asarray(ids)
     return np.array([len(set(x.tolist()) & set(y.tolist())) / max(len(x), 1) for x, y in zip(a, b)], dtype=float)
+
+
+def _recovered(a_ids: np.ndarray, ids: np.ndarray, constant: np.ndarray) -> np.ndarray:
+    """:func:`recovered_fraction`, NaN where A's channel is constant on the data."""
+    r = recovered_fraction(a_ids, ids)
+    r[constant] = np.nan
+    return r
 
 
 def regressed_activations(fmap: torch.Tensor, weight: torch.Tensor, intercept: torch.Tensor,
@@ -129,67 +139,68 @@ def regressed_topk(
         fits: group -> the maps to rank (default: the full fit and the whole sweep, one per (m, refit)).
 
     Returns:
-        group -> :class:`GroupTopK`, keyed by map label in ``.maps``.
+        layer -> :class:`GroupTopK` for every observation point of every group (a residual stream: one per
+        layer it is observed at), in graph order; maps keyed by label in ``.maps``.
     """
     groups = [g for g in (groups or list(result.fits)) if g in result.fits]
     chosen = {g: list(fits[g]) if fits and g in fits else _dedup_fits(result, g) for g in groups}
-    points = {g: spec.groups[g].observe[0] for g in groups}
-    layers = sorted({t.name for t in points.values()})
-    dims = {t.name: t.channel_dim for t in points.values()}
+    order = {name: i for i, name in enumerate(spec.layers)}
+    points = sorted(((g, t) for g in groups for t in spec.groups[g].observe),  # (group, tap), graph order
+                    key=lambda p: order.get(p[1].name, len(order)))
+    layers = [t.name for _, t in points]
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"a layer observes several groups: {layers}")
+    dims = {t.name: t.channel_dim for _, t in points}
     tapped = {"a": tap_reduced(model_a, dims, reduction).to(device).eval(),
               "b": tap_model(model_b, layers).to(device).eval()}
     stacked = {g: (torch.stack([f.weight for f in chosen[g]]).float().to(device),
                    torch.stack([f.intercept for f in chosen[g]]).float().to(device)) for g in groups}
-    a_top = {g: StreamingTopK(result.fits[g].weight.shape[0], k, device, f"A {points[g].name}") for g in groups}
-    b_top = {g: StreamingTopK(result.fits[g].weight.shape[1], k, device, f"B {points[g].name}") for g in groups}
-    maps_top = {g: [StreamingTopK(result.fits[g].weight.shape[0], k, device, f"{f.label} {points[g].name}")
-                    for f in chosen[g]] for g in groups}
-    lo = {g: None for g in groups}
-    hi = {g: None for g in groups}
+    size = {g: result.fits[g].weight.shape for g in groups}  # (C_A, C_B)
+    a_top = {t.name: StreamingTopK(size[g][0], k, device, f"A {t.name}") for g, t in points}
+    b_top = {t.name: StreamingTopK(size[g][1], k, device, f"B {t.name}") for g, t in points}
+    maps_top = {t.name: [StreamingTopK(size[g][0], k, device, f"{f.label} {t.name}") for f in chosen[g]]
+                for g, t in points}
+    lo = {name: None for name in layers}
+    hi = {name: None for name in layers}
 
     def consume(batch, x, outs):
         ids = batch.ids
         a_red, b_maps = outs["a"][1], outs["b"][1]
-        for g in groups:
-            t = points[g]
-            a = a_red[t.name]  # (N, C_A)
-            a_top[g].update(a, ids)
-            lo[g] = a.amin(0) if lo[g] is None else torch.minimum(lo[g], a.amin(0))
-            hi[g] = a.amax(0) if hi[g] is None else torch.maximum(hi[g], a.amax(0))
-            fmap = b_maps[t.name]
-            b_top[g].update(reduce_activation(fmap, t.channel_dim, reduction), ids)
+        for g, t in points:
+            name = t.name
+            a = a_red[name]  # (N, C_A)
+            a_top[name].update(a, ids)
+            lo[name] = a.amin(0) if lo[name] is None else torch.minimum(lo[name], a.amin(0))
+            hi[name] = a.amax(0) if hi[name] is None else torch.maximum(hi[name], a.amax(0))
+            fmap = b_maps[name]
+            b_top[name].update(reduce_activation(fmap, t.channel_dim, reduction), ids)
             w, c = stacked[g]
             per_map = fmap[0].numel() * w.shape[1]
             chunk = max(1, MAX_ELEMENTS // max(per_map * fmap.shape[0], 1))
             for s in range(0, len(w), chunk):
                 y = regressed_activations(fmap, w[s:s + chunk], c[s:s + chunk], t.channel_dim, reduction)
                 for i in range(y.shape[1]):
-                    maps_top[g][s + i].update(y[:, i], ids)
+                    maps_top[name][s + i].update(y[:, i], ids)
 
     run_pass(tapped, batches, consume, device=device, desc="regressed top-k", total=total, progress=progress)
+    single = {g: result.fits[g].weight.abs().argmax(1).cpu().numpy() for g in groups}
     out = {}
-    for g in groups:
-        constant = (hi[g] <= lo[g]).cpu().numpy()
-        a_ids = a_top[g].ids.cpu().numpy()
-
-        def rec(ids: np.ndarray) -> np.ndarray:
-            r = recovered_fraction(a_ids, ids)
-            r[constant] = np.nan
-            return r
-
-        single = result.fits[g].weight.abs().argmax(1).cpu().numpy()
-        b_ids, b_vals = b_top[g].ids.cpu().numpy(), b_top[g].values.cpu().numpy()
-        gt = GroupTopK(g, points[g].name, k, a_ids, a_top[g].values.cpu().numpy(), constant, single,
-                       b_ids[single], b_vals[single], rec(b_ids[single]),
-                       int(result.fits[g].weight.shape[1]))
-        for f, top in zip(chosen[g], maps_top[g]):
+    for g, t in points:
+        name = t.name
+        constant = (hi[name] <= lo[name]).cpu().numpy()
+        a_ids = a_top[name].ids.cpu().numpy()
+        b_ids, b_vals = b_top[name].ids.cpu().numpy(), b_top[name].values.cpu().numpy()
+        gt = GroupTopK(g, name, k, a_ids, a_top[name].values.cpu().numpy(), constant, single[g],
+                       b_ids[single[g]], b_vals[single[g]], _recovered(a_ids, b_ids[single[g]], constant),
+                       int(size[g][1]))
+        for f, top in zip(chosen[g], maps_top[name]):
             ids = top.ids.cpu().numpy()
             r2 = f.r2.cpu().numpy()
-            recovered = rec(ids)
+            recovered = _recovered(a_ids, ids, constant)
             recovered[np.isnan(r2)] = np.nan  # constant on the fitting subset: the fit says nothing (weights 0)
             gt.maps[f.label] = RegressedMap(f.label, f.m, f.fraction, f.refit, ids, top.values.cpu().numpy(),
                                             recovered, r2)
-        out[g] = gt
+        out[name] = gt
     return out
 
 

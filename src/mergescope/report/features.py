@@ -3,6 +3,7 @@
 A :class:`FeatureView` is data — per row (a model: A, B before permutation, B aligned, the merged model…) the
 top-k image ids of every channel of one layer, with channel ``c`` of every row meant to be the same unit —
 and :func:`render_feature_pages` turns it into paginated HTML pages whose image tiles live in sprite sheets.
+:func:`view_record` stores a view as JSON (only the channels it shows) for re-rendering without a model.
 """
 from __future__ import annotations
 
@@ -86,6 +87,45 @@ def render_feature_pages(run_dir: str | Path, dataset, views: Sequence[FeatureVi
         index.append({"slug": view.slug, "title": view.title, "layer": view.layer, "channels": channels,
                       "href": f"features/{_page_name(view, 0)}"})
     return index
+
+
+def view_record(view: FeatureView) -> dict:
+    """A JSON-able record of ``view`` holding only the channels it shows (``order``, default all), so pages can be
+    re-rendered without the computation that made it (:func:`view_from_record`)."""
+    channels = int(next(iter(view.rows.values())).shape[0])
+    chans = [int(c) for c in view.order] if view.order is not None else list(range(channels))
+
+    def floats(v) -> list:
+        return [None if x is None or not np.isfinite(x) else float(x) for x in v]
+
+    return {"slug": view.slug, "title": view.title, "layer": view.layer, "note": view.note, "channels": channels,
+            "order": chans,
+            "rows": {label: np.asarray(ids)[chans].tolist() for label, ids in view.rows.items()},
+            "values": {label: [floats(r) for r in np.asarray(v, dtype=float)[chans]]
+                       for label, v in view.values.items()},
+            "channel_info": {name: floats(v[c] for c in chans) for name, v in view.channel_info.items()}}
+
+
+def view_from_record(record: Mapping) -> FeatureView:
+    """The view of a :func:`view_record`: the channels it does not show have no images (id -1, no values)."""
+    channels, chans = int(record["channels"]), list(record["order"])
+    k = max((len(r) for ids in record["rows"].values() for r in ids), default=0)
+
+    def table(lists, fill, dtype) -> np.ndarray:
+        out = np.full((channels, k), fill, dtype=dtype)  # [C, k]
+        for c, row in zip(chans, lists):
+            out[c, :len(row)] = [fill if x is None else x for x in row]
+        return out
+
+    info = {}
+    for name, v in record["channel_info"].items():
+        info[name] = [None] * channels
+        for c, x in zip(chans, v):
+            info[name][c] = x
+    return FeatureView(record["slug"], record["title"], record["layer"],
+                       {label: table(ids, -1, np.int64) for label, ids in record["rows"].items()},
+                       {label: table(v, np.nan, np.float64) for label, v in record["values"].items()},
+                       info, record.get("note", ""), chans)
 
 
 def feature_index_html(index: Sequence[dict]) -> str:

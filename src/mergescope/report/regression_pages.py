@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -13,7 +14,7 @@ from matplotlib.figure import Figure
 from ..align.regressed_topk import GroupTopK, pick
 from ..align.regression import keep_count
 from .compare_figures import _save
-from .features import FeatureView, render_feature_pages
+from .features import FeatureView, render_feature_pages, view_from_record, view_record
 from .figures import DPI
 from .html import _environment
 
@@ -23,12 +24,14 @@ _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 
 def plot_regression(summary: Sequence[Mapping], path) -> Path:
-    """Two panels (mean R², mean recovered top-k) against m / C_B (log), one colour per layer; solid = refit,
-    dashed = the kept weights as they are."""
-    fig = Figure(figsize=(9, 3.4), dpi=DPI, layout="constrained")
+    """Two panels (mean R², mean recovered top-k) against m / C_B (log), one colour per layer (every observation
+    point of a residual stream is a layer of its own); solid = refit, dashed = the kept weights as they are."""
+    layers = list(dict.fromkeys(r["layer"] for r in summary))
+    colors = _COLORS if len(layers) <= len(_COLORS) else [matplotlib.colormaps["viridis"](i / (len(layers) - 1))
+                                                           for i in range(len(layers))]
+    fig = Figure(figsize=(9 + 1.6 * (1 + len(layers) // 16), 3.4), dpi=DPI, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(1, 2)
-    layers = list(dict.fromkeys(r["layer"] for r in summary))
     for li, layer in enumerate(layers):
         rows = [r for r in summary if r["layer"] == layer and r["refit"] is not None]
         cb = max(r["m"] for r in rows)
@@ -37,15 +40,15 @@ def plot_regression(summary: Sequence[Mapping], path) -> Path:
             x = [r["m"] / cb for r in sel]
             for ax, key in zip(axes, ("mean_r2", "mean_recovered")):
                 y = [np.nan if r[key] is None else r[key] for r in sel]
-                ax.plot(x, y, style, marker="o", ms=3, color=_COLORS[li % len(_COLORS)],
-                        label=f"{layer}{' refit' if refit else ''}")
+                ax.plot(x, y, style, marker="o", ms=3, color=colors[li % len(colors)],
+                        label=layer if refit and ax is axes[0] else None)
     for ax, title in zip(axes, ("mean R² (fitting subset)", "mean recovered top-k of A")):
         ax.set_xscale("log")
         ax.set_xlabel("weights kept per channel, m / C_B")
-        ax.set_title(title, fontsize=10)
+        ax.set_title(title + " — solid: refit, dashed: as kept", fontsize=9)
         ax.set_ylim(-0.05, 1.05)
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7)
+    fig.legend(loc="outside right upper", fontsize=7, ncol=1 + len(layers) // 16)
     return _save(fig, path)
 
 
@@ -72,8 +75,8 @@ def regression_views(tops: Mapping[str, GroupTopK], hard: Mapping[str, Sequence[
                 f"recovered {fraction * 100:g}%": [None if np.isnan(v) else float(v) for v in sparse.recovered]}
         views.append(FeatureView(SLUG, "Channels that need many weights", gt.layer, rows, values, info,
                                  note="Rows: A's top images; B's channel with the largest |weight| as it is; the "
-                                      "regressed B channel (spatial max of the linear combination of B's maps) "
-                                      "with 1 weight, the sparse refit, and all weights.", order=chans))
+                                      "regressed B channel (spatial max of the linear combination of B's maps at this "
+                                      "layer) with 1 weight, the sparse refit, and all weights.", order=chans))
     return views
 
 
@@ -85,6 +88,12 @@ def regression_section_html(summary: Sequence[Mapping], hard: Mapping[str, Seque
         summary=summary, hard=hard, href=href, figure=figure, csv_href=csv_href, info=info)
 
 
-def render_regression_pages(run_dir, dataset, tops, hard, fraction: float = 0.05) -> list[dict]:
-    """Write the hard channels' feature pages (slug "regress"); returns their index."""
-    return render_feature_pages(run_dir, dataset, regression_views(tops, hard, fraction))
+def regression_records(tops: Mapping[str, GroupTopK], hard: Mapping[str, Sequence[dict]],
+                       fraction: float = 0.05) -> list[dict]:
+    """The hard channels' views as JSON records (:func:`view_record`): what the pages are rendered from."""
+    return [view_record(v) for v in regression_views(tops, hard, fraction)]
+
+
+def render_regression_pages(run_dir, dataset, records: Sequence[Mapping]) -> list[dict]:
+    """Write the hard channels' feature pages (slug "regress") from their records; returns their index."""
+    return render_feature_pages(run_dir, dataset, [view_from_record(r) for r in records])
