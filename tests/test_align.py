@@ -7,8 +7,14 @@ import torch
 
 from mergescope.align import activation_matching, weight_matching
 from mergescope.data import iter_batches, load_digits
-from mergescope.models import list_models
-from mergescope.perm import build_spec, invert, permute_model, random_perms
+from mergescope.models import create_model, list_models
+from mergescope.perm import (
+    apply_permutation,
+    build_spec,
+    invert,
+    permute_model,
+    random_perms,
+)
 from mergescope.probe.stats import CoMoments, Moments
 
 ALL_MODELS = list_models()
@@ -47,6 +53,25 @@ def test_weight_matching_from_either_side_gives_inverse_permutations(zoo, helper
     spec, q, model_a = _permuted_pair(model, helpers.random_images("resnet20", 2), seed=5)
     back = weight_matching(model.state_dict(), model_a.state_dict(), spec)
     assert all(torch.equal(back.perms[g], invert(q[g])) for g in spec.groups)
+
+
+def _channel_rows(t, ax):
+    """``t`` as one row per channel of the permuted axis (a channel spans ``ax.block`` consecutive entries)."""
+    t = t.double().unflatten(ax.axis, (-1, ax.block))
+    return t.movedim(ax.axis, 0).reshape(t.shape[ax.axis], -1)
+
+
+@pytest.mark.parametrize("name, kw", [("cnn_digits", {"width": 8}), ("resnet20", {"width": 1})])
+def test_weight_matching_stopped_early_returns_the_costs_of_its_permutations(name, kw):
+    state_a = create_model(name, seed=0, **kw).state_dict()
+    state_b = create_model(name, seed=1, **kw).state_dict()
+    spec = build_spec(create_model(name, **kw))
+    result = weight_matching(state_a, state_b, spec, max_iter=1)  # stops while permutations still move
+    for g, group in spec.groups.items():
+        others = apply_permutation(state_b, spec, {h: p for h, p in result.perms.items() if h != g})
+        cost = sum(_channel_rows(state_a[ax.param], ax) @ _channel_rows(others[ax.param], ax).T for ax in group.axes)
+        np.testing.assert_allclose(result.similarity[g], cost.numpy(), rtol=1e-4, atol=1e-4 * cost.abs().max().item(),
+                                   err_msg=g)
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

@@ -1,5 +1,9 @@
 """The command line end to end: the demo's run folder, and one-line errors for bad input."""
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,8 +32,8 @@ def test_demo_writes_a_complete_run_folder(demo_dir):
     assert manifest["environment"]["torch"] == torch.__version__
     rows = read_csv(demo_dir / "interpolation.csv")
     methods = {r["method"] for r in rows}
-    assert methods == {"naive", "permuted", "permuted+repair", "permuted+reset"}
-    assert len(rows) == 4 * 21 * 2  # methods × α × splits
+    assert methods == {"naive", "permuted", "permuted+repair", "permuted+reset", "cca+repair", "regression+repair"}
+    assert len(rows) == 6 * 21 * 2  # methods × α × splits
 
 
 def test_demo_compares_channels(demo_dir):
@@ -39,7 +43,8 @@ def test_demo_compares_channels(demo_dir):
     assert len(rows) == 2 * (16 + 32 + 64)  # B and C aligned to A × every channel of the 3 layers (width 16)
     assert {r["embedder_kind"] for r in rows} == {"fallback"}
     results = json.loads((demo_dir / "results.json").read_text())
-    assert [s["title"] for s in results["sections"]] == ["Feature visualization", "Channel comparison"]
+    assert [s["title"] for s in results["sections"]] == ["Feature visualization", "Channel comparison",
+                                                         "Merging 3 models"]
     partial = results["compare"]["partial_merge"]
     assert len({r["accuracy"] for r in partial if r["fraction"] == 1.0}) == 1  # every curve ends at the full merge
     assert (demo_dir / "features" / "table_features.9.html").is_file()
@@ -49,6 +54,36 @@ def test_demo_repair_beats_direct_average_at_midpoint(demo_dir):
     b = {(r["method"], r["split"]): r for r in barriers(read_csv(demo_dir / "interpolation.csv"))}
     assert b["permuted+repair", "test"]["midpoint_accuracy"] > b["naive", "test"]["midpoint_accuracy"] + 0.2
     assert b["permuted+repair", "test"]["loss_barrier"] < b["naive", "test"]["loss_barrier"]
+
+
+def test_demo_merges_all_three_models(demo_dir):
+    results = json.loads((demo_dir / "results.json").read_text())
+    many = results["many"]
+    acc = {r["method"]: r["accuracy"] for r in many["rows"]}
+    assert acc["permuted+repair"] > acc["naive"] + 0.5
+    assert len(many["endpoints"]) == 3 and many["passes"]["repair/reset"] == 1
+    assert (demo_dir / "merges.csv").read_text().splitlines()[0] == "method,models,split,loss,accuracy"
+    assert "Merging 3 models" in (demo_dir / "report.html").read_text()
+    assert "merges.csv" in json.loads((demo_dir / "manifest.json").read_text())["sha256"]
+
+
+def test_merge_command_writes_a_run_folder(demo_dir, tmp_path):
+    ckpts = [str(demo_dir / "checkpoints" / f"model_{t}.safetensors") for t in "ABC"]
+    out = tmp_path / "merge"
+    assert main(["merge", *ckpts, "--data", "digits", "--out", str(out), "--quiet", "--methods", "naive",
+                 "permuted+repair", "cca+repair"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in results["many"]["rows"]] == ["naive", "permuted+repair", "cca+repair"]
+    demo = json.loads((demo_dir / "results.json").read_text())["many"]
+    assert [e["accuracy"] for e in results["many"]["endpoints"]] == [e["accuracy"] for e in demo["endpoints"]]
+    demo_rows = {r["method"]: r for r in demo["rows"]}
+    for r in results["many"]["rows"]:  # the same models and data: the same merges as the demo's
+        assert r["accuracy"] == pytest.approx(demo_rows[r["method"]]["accuracy"], abs=0.006), r["method"]
+    html = (out / "report.html").read_text()
+    assert "Merging 3 models" in html and "cca+repair" in html
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert "Merging 3 models" in (out / "report.html").read_text()
 
 
 def test_demo_refuses_to_overwrite_a_finished_run(demo_dir, capsys):
@@ -133,3 +168,41 @@ def test_layers_lists_block_outputs(capsys):
     assert main(["layers", "--arch", "resnet20"]) == 0
     out = capsys.readouterr().out
     assert "layer1.0 " in out and "layer3.2 " in out
+
+
+def test_probe_merges_as_the_library_does(tmp_path, checkpoints):
+    from mergescope.align import match_many
+    from mergescope.data import iter_batches, load_digits
+    from mergescope.features import merged_pair
+    from mergescope.perm import build_spec
+    from mergescope.probe import load_probe, state_sha256
+    from mergescope.train import load_checkpoint
+
+    other = tmp_path / "seed1.safetensors"
+    save_checkpoint(other, create_model("cnn_digits", width=8, seed=1))
+    out = tmp_path / "probe"
+    assert main(["probe", str(checkpoints["cnn"]), str(other), "--data", "digits", "--out", str(out),
+                 "--merge", "0.3", "--k", "3", "--quiet", "--device", "cpu"]) == 0
+    rows = json.loads((out / "results.json").read_text())["features"]["views"][0]["rows"]
+    assert rows["merged + REPAIR (α=0.3)"] == "merged_1"
+    (a, _), (b, _) = load_checkpoint(checkpoints["cnn"]), load_checkpoint(other)
+    data = load_digits("train")
+    spec = build_spec(a)
+    [match] = match_many(a, [b], spec, iter_batches(data, 256))
+    merged = merged_pair(a, b, spec, match.perms, data, 0.3)
+    stored = load_probe(out / "probe").config["models"]
+    for key, method in (("merged_0", "permuted"), ("merged_1", "permuted+repair"), ("merged_2", "naive")):
+        assert stored[key]["state_sha256"] == state_sha256(merged[method]), method
+
+
+@pytest.mark.parametrize("user, policy", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_cli_makes_openmp_wait_passively_unless_told_otherwise(user, policy):
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}  # conftest set it for this process
+    env |= {"OMP_DISPLAY_ENV": "VERBOSE"} | ({"OMP_WAIT_POLICY": user} if user else {})
+    code = "import os, mergescope.cli; print(os.environ['OMP_WAIT_POLICY'])"  # mergescope.cli imports torch
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == policy
+    if "OPENMP DISPLAY ENVIRONMENT" not in run.stderr:
+        pytest.skip("torch's OpenMP runtime is not libgomp: cannot see the policy it read")
+    spins = set(re.findall(r"GOMP_SPINCOUNT = '(\d+)'", run.stderr))  # what libgomp read when torch loaded it
+    assert spins and (spins == {"0"}) == (policy == "PASSIVE"), spins  # passive: no spinning at all

@@ -13,7 +13,7 @@ from torch import nn
 from mergescope.align.covariance import group_covariances
 from mergescope.data import iter_batches, load_digits, subset_per_class
 from mergescope.errors import ArchitectureError
-from mergescope.merge import interpolate_model
+from mergescope.merge import interpolate_model, repair_many
 from mergescope.merge.cca import INFO as CCA_INFO
 from mergescope.merge.cca import cca_maps, cca_merge_many
 from mergescope.merge.maps import (
@@ -209,6 +209,11 @@ def test_partial_zip_ends_at_the_full_zip_and_starts_near_the_ensemble(name, kw,
         err_first = ((first - ensemble).abs().max() / ensemble.abs().max()).item()
         err_full = ((full(x) - ensemble).abs().max() / ensemble.abs().max()).item()
     assert err_first < err_full  # zipping only the first layer keeps more of the two models
+
+    before = copy.deepcopy(a.state_dict())
+    partial = zipit_merge(a, b, None, spec, stats=stats, up_to=layers[0]).model
+    repair_many([a, b], spec, [types.SimpleNamespace(x=x)], reset=[partial])  # RESET reaches the heads too
+    assert all(torch.equal(v, a.state_dict()[k]) for k, v in before.items())  # ... copies, not A itself
 
 
 def test_partial_zip_refuses_an_unknown_layer(helpers):

@@ -11,7 +11,7 @@ from mergescope.data import load_digits
 from mergescope.errors import MergescopeError, NumericsError
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
-from mergescope.probe import StreamingTopK, load_probe, probe
+from mergescope.probe import StreamingTopK, load_probe, probe, state_sha256
 from mergescope.probe.reduce import reduce_activation
 from mergescope.probe.store import read_meta
 from mergescope.probe.taps import tap_model
@@ -258,6 +258,7 @@ def test_finished_pass_is_loaded_not_recomputed(digits, tmp_path):
     assert sidecar["dataset"] == {"name": "digits", "fingerprint": digits.fingerprint, "size": len(digits)}
     assert sidecar["layers"]["m0"] == ["features.2", "features.5", "features.9"]
     assert sidecar["channels"]["m1"] == {"features.2": 8, "features.5": 16, "features.9": 32}
+    assert {m: v["state_sha256"] for m, v in sidecar["models"].items()} == {m: state_sha256(v) for m, v in models.items()}
 
     with pytest.raises(MergescopeError, match="k: stored 5, now 10"):
         probe(models, counting, k=10, batch_size=300, subset_ids=[3, 1], run_dir=tmp_path, progress=False)
@@ -267,6 +268,18 @@ def test_finished_pass_is_loaded_not_recomputed(digits, tmp_path):
     assert counting.calls == 0
     redone = probe(models, counting, k=10, batch_size=300, run_dir=tmp_path, resume=False, progress=False)
     assert counting.calls == 5 and load_probe(tmp_path).k == 10 and redone.subset_ids is None
+
+
+def test_state_sha256_tells_weights_apart_not_copies():
+    model = create_model("cnn_digits", width=8, seed=0)
+    same = create_model("cnn_digits", width=8, seed=0)
+    assert state_sha256(model) == state_sha256(same)
+    with torch.no_grad():
+        same.features[0].weight[0, 0, 0, 0] += 1e-6
+    assert state_sha256(model) != state_sha256(same)
+    spec = build_spec(model)
+    permuted = permute_model(model, spec, random_perms(spec, torch.Generator().manual_seed(0)))
+    assert state_sha256(permuted) != state_sha256(model)  # the same function, other weights
 
 
 def test_reduce_activation_max_and_mean():

@@ -2,7 +2,9 @@
 
     mergescope demo [--out DIR]                      the whole study on the embedded digits, with a report
     mergescope train --arch NAME --data SPEC --out CKPT [--seed S] [--epochs N] [--part a|b]
-    mergescope sweep CKPT_A CKPT_B --data SPEC --out DIR [--matching activation|weight]
+    mergescope sweep CKPT_A CKPT_B --data SPEC --out DIR [--matching activation|weight] [--methods ...]
+    mergescope merge CKPT_0 CKPT_1 [CKPT ...] --data SPEC --out DIR [--methods ...]
+                                                     N models into one with every method, each evaluated
     mergescope probe CKPT_A CKPT_B [CKPT ...] --data SPEC --out DIR [--merge ALPHA]
                                                      top-k images of every channel, models aligned to the first
     mergescope compare RUN_DIR [--embedder clip|fallback] [--clip-weights PATH] [--threshold T] [--partial-merge]
@@ -16,9 +18,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+# Idle OpenMP threads sleep instead of spinning: on a loaded machine spinning threads fight for the cores and
+# 2-thread torch runs 2-5x slower. libgomp reads this when torch loads it, so it is set before torch is imported
+# (the package's __init__ imports nothing heavy); a user's own OMP_WAIT_POLICY wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
@@ -42,9 +50,9 @@ def _print_outcome(results: dict, run_dir: Path) -> None:
     from .report import barriers, headline
 
     print(headline(results["rows"], results["endpoints"]))
-    for b in barriers(results["rows"]):
+    for b in barriers(results["rows"], results["endpoints"]):
         if b["split"] == "test":
-            print(f"  {b['method']:<16} accuracy at α=0.5: {100 * b['midpoint_accuracy']:5.1f}%   "
+            print(f"  {b['method']:<18} accuracy at α=0.5: {100 * b['midpoint_accuracy']:5.1f}%   "
                   f"loss barrier: {b['loss_barrier']:.3f}")
     print(f"report: {run_dir / 'report.html'}")
 
@@ -107,13 +115,48 @@ def _cmd_sweep(args) -> None:
     _print_outcome(result.to_json(), run_dir)
 
 
+def _cmd_merge(args) -> None:
+    from .data import open_dataset
+    from .many import DEFAULT_METHODS, merge_many, save_many
+    from .runs import prepare_run_dir, write_manifest
+    from .sweep import check_same_architecture
+    from .train import load_checkpoint
+
+    loaded = [load_checkpoint(c, device=args.device) for c in args.checkpoints]
+    for model, _ in loaded[1:]:
+        check_same_architecture(loaded[0][0], model)
+    train = open_dataset(args.data, split=args.stats_split)
+    evals = {s: open_dataset(args.data, split=s) for s in args.eval_splits}
+    run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)
+    stats_ids = None
+    if args.stats_images and args.stats_images < len(train):
+        stats_ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.stats_images]
+        stats_ids = sorted(stats_ids.tolist())
+    methods = args.methods or DEFAULT_METHODS
+    start = time.perf_counter()
+    result = merge_many([m for m, _ in loaded], train, evals, methods, args.batch_size, stats_ids,
+                        device=args.device, progress=not args.quiet)
+    summary = {"models": [str(c) for c in args.checkpoints], "dataset": args.data, "data passes": result.passes,
+               "runtime": f"{time.perf_counter() - start:.1f} s on {args.device}"}
+    files = save_many(run_dir, result, f"mergescope merge: {len(loaded)} models", summary)
+    write_manifest(run_dir, {"merge": {"methods": list(methods), "batch_size": args.batch_size,
+                                       "stats_ids": stats_ids}, "data": args.data,
+                             "checkpoints": [str(c) for c in args.checkpoints]}, files,
+                   models={str(k): meta for k, (_, meta) in enumerate(loaded)}, timings=result.timings,
+                   dataset={"name": train.name, "fingerprint": train.fingerprint})
+    for split, s in result.summary.items():
+        print(f"{split}: mean model accuracy {100 * s['mean_endpoint_accuracy']:.1f}%")
+        for r in (r for r in result.rows if r["split"] == split):
+            print(f"  {r['method']:<20} {100 * r['accuracy']:5.1f}%  ({100 * s['gap'][r['method']]:+.1f} points)")
+    print(f"report: {run_dir / 'report.html'}")
+
+
 def _cmd_probe(args) -> None:
     from ._jsonio import write_json
     from .align import match_many
     from .data import iter_batches, len_batches, open_dataset
-    from .features import feature_study, merged_rows
-    from .merge import interpolate_model, repair_and_reset
-    from .perm import build_spec, permute_model
+    from .features import feature_study, merged_pair, merged_rows
+    from .perm import build_spec
     from .report import render_report
     from .report.features import feature_index_html
     from .runs import prepare_run_dir, write_manifest
@@ -136,12 +179,9 @@ def _cmd_probe(args) -> None:
                                             progress=not args.quiet, total=len_batches(data, args.batch_size))))
     merged = {}
     if args.merge is not None:
-        alpha, aligned_b = args.merge, permute_model(models["B"], spec, matches["B"].perms)
-        merged = {"permuted": interpolate_model(a, aligned_b, alpha), "naive": interpolate_model(a, models["B"], alpha)}
-        merged["permuted+repair"] = interpolate_model(a, aligned_b, alpha)
-        repair_and_reset(a, aligned_b, spec, iter_batches(data, args.batch_size), repair=[(alpha, merged["permuted+repair"])],
-                         device=args.device, progress=not args.quiet, total=len_batches(data, args.batch_size))
-        merged = merged_rows(merged, alpha)
+        pair = merged_pair(a, models["B"], spec, matches["B"].perms, data, args.merge, batch_size=args.batch_size,
+                           device=args.device, progress=not args.quiet)
+        merged = merged_rows(pair, args.merge)
     _, pages, recipes = feature_study(run_dir, data, models, matches=matches, merged=merged, spec=spec, k=args.k,
                                       reduction=args.reduction, batch_size=args.batch_size, device=args.device,
                                       progress=not args.quiet)
@@ -201,21 +241,35 @@ def _cmd_regress(args) -> None:
 
 def _cmd_report(args) -> None:
     from .report import render_report
+    from .runs import refresh_hashes
 
     run_dir = Path(args.run_dir)
     path = run_dir / "results.json"
     if not path.exists():
         raise MergescopeError(f"no results.json in {args.run_dir}: not a finished mergescope run folder")
     results = json.loads(path.read_text())
+    written = []
     features = results.get("features")
     if features and (run_dir / "probe").is_dir():
         from .data import open_dataset
         from .features import render_views
         from .probe import load_probe
 
-        render_views(run_dir, open_dataset(features["data"], split=features["split"]), load_probe(run_dir / "probe"),
-                     features["views"])
-    print(render_report(run_dir, results))
+        pages = render_views(run_dir, open_dataset(features["data"], split=features["split"]),
+                             load_probe(run_dir / "probe"), features["views"])
+        written += [run_dir / p["href"] for p in pages]
+    if results.get("regression"):
+        from .regression_run import rerender_regression
+
+        regression = rerender_regression(run_dir, results)
+        if regression is None:
+            print("note: the regression study has no stored top-k images (regression_topk.json; older studies lack "
+                  "it): its pages are left as they are (`mergescope regress RUN_DIR --overwrite` redoes it)",
+                  file=sys.stderr)
+        written += regression or []
+    written.append(render_report(run_dir, results))
+    refresh_hashes(run_dir, written)
+    print(written[-1])
 
 
 def _cmd_layers(args) -> None:
@@ -272,8 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--matching", choices=("activation", "weight"), default="activation")
-    p.add_argument("--methods", nargs="+", help="any of: naive permuted permuted+repair permuted+reset (default) "
-                   "and the map-based cca ot regression")
+    p.add_argument("--methods", nargs="+", help="default: naive permuted permuted+repair permuted+reset; any of the "
+                   "bases naive permuted cca ot regression, alone or with +repair or +reset (e.g. cca+repair)")
     p.add_argument("--alpha-step", type=float, default=0.05)
     p.add_argument("--batch-size", type=int, default=500)
     p.add_argument("--stats-split", default="train", help="split for matching and REPAIR statistics")
@@ -282,6 +336,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     _add_device(p)
     p.set_defaults(func=_cmd_sweep)
+
+    p = sub.add_parser("merge", help="merge two or more models into one with every method (all into the first "
+                       "one's channel space, equal weights) and evaluate each merge")
+    p.add_argument("checkpoints", nargs="+", help="two or more checkpoints of one architecture; the first is the "
+                   "reference")
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True, help="run folder")
+    p.add_argument("--methods", nargs="+", help="default: naive permuted permuted+repair permuted+reset cca+repair "
+                   "ot+repair regression+repair; bases naive permuted cca ot regression zipit (two models), alone "
+                   "or with +repair or +reset")
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--stats-split", default="train", help="split for matching, feature and REPAIR statistics")
+    p.add_argument("--stats-images", type=int, help="use this many (random, fixed) images for statistics")
+    p.add_argument("--eval-splits", nargs="+", default=["test"])
+    p.add_argument("--overwrite", action="store_true")
+    _add_device(p)
+    p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("probe", help="top-k images of every channel of every layer, models aligned to the first")
     p.add_argument("checkpoints", nargs="+", help="reference model first, then the models to align to it")

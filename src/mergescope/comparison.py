@@ -317,8 +317,7 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
     """
     from .align import match_many, weight_matching
     from .perm import build_spec, permute_model
-    from .probe import load_probe, probe
-    from .probe.probe import _state_sha256
+    from .probe import load_probe, probe, state_sha256
     from .runs import add_to_run, load_run
     from .train import load_checkpoint
 
@@ -369,7 +368,7 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
         for t, m in zip(tags[1:], matches):
             aligned_models[f"{t}_aligned"] = permute_model(models[t], spec, m.perms)
             want = stored.config.get("models", {}).get(f"{t}_aligned", {}).get("state_sha256")
-            if want is not None and _state_sha256(aligned_models[f"{t}_aligned"]) != want:
+            if want is not None and state_sha256(aligned_models[f"{t}_aligned"]) != want:
                 raise MergescopeError(f"realigning model {t} to {reference} gave other weights than the stored "
                                       "probe's; the comparison would not describe the probed models")
     result = stored

@@ -3,7 +3,8 @@
 Given a reference model A and other models of the same architecture, the others are aligned to A (activation
 matching, one pass for all), optional merged models are added, every model — unaligned ones too — is probed in
 one more pass, and the pairwise view (A, B before permutation, B aligned, merges) and the many-to-one view
-(A and every model aligned to it) are rendered as feature pages.
+(A and every model aligned to it) are rendered as feature pages. :func:`merged_pair` builds the merges the
+pairwise view shows (``mergescope probe --merge ALPHA``).
 """
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from torch import nn
 
 from .align import MatchResult, match_many
 from .data import ImageDataset, iter_batches, len_batches, subset_per_class
-from .perm import PermSpec, build_spec, permute_model
+from .merge import interpolate_model, repair_and_reset
+from .perm import Perms, PermSpec, build_spec, permute_model
 from .probe import ProbeResult, probe
 from .report.feature_views import matching_info, views_from_probe
 from .report.features import render_feature_pages
@@ -112,6 +114,44 @@ def render_views(run_dir: str | Path, dataset: ImageDataset, result: ProbeResult
     return render_feature_pages(run_dir, dataset, views)
 
 
+def merged_pair(
+    model_a: nn.Module,
+    model_b: nn.Module,
+    spec: PermSpec,
+    perms: Perms,
+    dataset: ImageDataset,
+    alpha: float = 0.5,
+    batch_size: int = 256,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> dict[str, nn.Module]:
+    """A and B merged at ``alpha``: B permuted onto A and interpolated, the same REPAIRed, and the direct average.
+
+    Args:
+        model_a, model_b: the reference and the model aligned to it (unaligned; both untouched).
+        spec: the permutation spec of their architecture.
+        perms: B's alignment to A (:attr:`MatchResult.perms`).
+        dataset: the images REPAIR takes its statistics from (one pass).
+        alpha: the weight of A: α·θ_A + (1−α)·θ_B.
+
+    Returns:
+        ``{"permuted", "permuted+repair", "naive"}`` -> merged model (new models), as a sweep's midpoint;
+        :func:`merged_rows` labels them for :func:`feature_study`.
+
+    Example:
+        >>> merged = merged_pair(a, b, spec, match.perms, train, alpha=0.5)
+        >>> feature_study("runs/x", train, {"A": a, "B": b}, merged=merged_rows(merged, 0.5))
+    """
+    aligned_b = permute_model(model_b, spec, perms)
+    merged = {"permuted": interpolate_model(model_a, aligned_b, alpha),
+              "permuted+repair": interpolate_model(model_a, aligned_b, alpha),
+              "naive": interpolate_model(model_a, model_b, alpha)}
+    repair_and_reset(model_a, aligned_b, spec, iter_batches(dataset, batch_size),
+                     repair=[(alpha, merged["permuted+repair"])], device=device, progress=progress,
+                     total=len_batches(dataset, batch_size))
+    return merged
+
+
 def merged_rows(midpoint: Mapping[str, nn.Module], alpha: float = 0.5) -> dict[str, nn.Module]:
     """Row labels for a sweep's merged models at the midpoint (permuted, +REPAIR, direct average)."""
     labels = {"permuted": f"merged (permuted, α={alpha:g})", "permuted+repair": f"merged + REPAIR (α={alpha:g})",
@@ -119,4 +159,4 @@ def merged_rows(midpoint: Mapping[str, nn.Module], alpha: float = 0.5) -> dict[s
     return {labels[m]: midpoint[m] for m in ("permuted", "permuted+repair", "naive") if m in midpoint}
 
 
-__all__ = ["default_subset", "feature_study", "merged_rows", "render_views"]
+__all__ = ["default_subset", "feature_study", "merged_pair", "merged_rows", "render_views"]

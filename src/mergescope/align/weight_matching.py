@@ -6,8 +6,9 @@ permutation maximizes ``sum_i C[i, p[i]]`` with ``C = sum over the group's weigh
 
 Speed: ``P(B)`` is kept fully permuted and only the weights a changed group touches are re-indexed; each weight
 axis's term of the cost is cached and recomputed only when a permutation on another axis of that weight moved;
-a group none of whose neighbours moved since its last solve is skipped (same cost, same optimum). The final,
-no-change sweep therefore costs nothing, and the cost matrices it returns are those of the final permutations.
+a group none of whose neighbours moved since its last solve is skipped (same cost, same optimum), so the final,
+no-change sweep costs nothing. The returned cost matrices are rebuilt from the cache at exit (only stale terms are
+recomputed): they are those of the returned permutations, also when ``max_iter`` stops the descent early.
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ def weight_matching(
         seed: seed of the random group order.
 
     Returns:
-        :class:`MatchResult` with ``similarity[g]`` the final cost matrix of group ``g`` (A channel × B channel).
+        :class:`MatchResult` with ``similarity[g]`` the cost matrix of group ``g`` (A channel × B channel) under
+        the returned permutations of the other groups.
 
     Example:
         >>> res = weight_matching(model_a.state_dict(), model_b.state_dict(), spec)
@@ -71,7 +73,6 @@ def weight_matching(
     a_flat = {(ax.param, ax.axis): _flat(a[ax.param], ax) for grp in spec.groups.values() for ax in grp.axes}
     term_cache: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
     solved: dict[str, tuple[int, ...]] = {}  # versions of a group's neighbours when its cost was last solved
-    costs: dict[str, torch.Tensor] = {}
 
     def cost(g: str) -> torch.Tensor:
         """C[i, j] = <A channel i, B channel j> with every other permutation applied; cached per weight axis."""
@@ -96,7 +97,7 @@ def weight_matching(
             stamp = tuple(version[o] for _, others in terms[g] for o in others)
             if solved.get(g) == stamp:
                 continue  # nothing it depends on moved: the same cost, the same optimum
-            c = costs[g] = cost(g)
+            c = cost(g)
             solved[g] = stamp
             new = best_permutation(c, f"weight-matching cost ({g})").to(device)
             rows = torch.arange(len(new), device=device)
@@ -110,7 +111,8 @@ def weight_matching(
                 improved = True
         if not improved:
             break
-    sims = {g: costs[g].double().cpu().numpy() for g in names}
+    # A group solved before a neighbour moved holds a stale cost when max_iter ends the descent: refresh at exit.
+    sims = {g: cost(g).double().cpu().numpy() for g in names}
     return MatchResult({g: p.cpu() for g, p in perms.items()}, sims, "weight")
 
 

@@ -14,6 +14,7 @@ the last layer with channels gives the full zip's function (the heads are then l
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -35,11 +36,12 @@ def _blend(out_a: torch.Tensor, out_b: torch.Tensor, alpha: float) -> torch.Tens
 
 
 class PartialZip(nn.Module):
-    """Container of the three models a partially zipped graph calls into (``zip``, ``a``, ``b``)."""
+    """Container of the three models a partially zipped graph calls into (``zip``, ``a``, ``b``): copies, so
+    that RESET or fine-tuning of the partial zip leaves the models it was made of alone."""
 
     def __init__(self, zipped: nn.Module, model_a: nn.Module, model_b: nn.Module):
         super().__init__()
-        self.zip, self.a, self.b = zipped, model_a, model_b
+        self.zip, self.a, self.b = (copy.deepcopy(m) for m in (zipped, model_a, model_b))
 
 
 def partial_zip_model(
@@ -62,7 +64,7 @@ def partial_zip_model(
         alpha: weight of A's output.
 
     Returns:
-        A traced module (an ``fx.GraphModule`` holding the three models under ``zip``, ``a`` and ``b``).
+        A traced module (an ``fx.GraphModule`` holding copies of the three models under ``zip``, ``a``, ``b``).
     """
     if layer not in spec.layers:
         raise ArchitectureError(f"unknown layer '{layer}' to zip up to; the layers are: {', '.join(spec.layers)}")

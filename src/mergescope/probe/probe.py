@@ -42,6 +42,7 @@ from .store import (
     read_probes,
     result_from_file,
     save_probe,
+    state_sha256,
     write,
 )
 
@@ -223,20 +224,11 @@ def _tap_all(models: dict[str, nn.Module], layers: Layers, dataset: ImageDataset
     return tapped, shapes
 
 
-def _state_sha256(model: nn.Module) -> str:
-    h = hashlib.sha256(b"mergescope.state/1")
-    for key, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def _config(models: dict[str, nn.Module], shapes: LayerShapes, k: int, reduction: str, dataset: ImageDataset,
             subset: torch.Tensor | None) -> dict[str, Any]:
     """What a stored result must match to be reused (JSON-able)."""
     return {
-        "models": {n: {"class": type(m).__name__, "state_sha256": _state_sha256(m)} for n, m in models.items()},
+        "models": {n: {"class": type(m).__name__, "state_sha256": state_sha256(m)} for n, m in models.items()},
         "layers": {n: list(layers) for n, layers in shapes.items()},
         "k": k,
         "reduction": reduction,

@@ -49,6 +49,7 @@ sidecar and is the one that is read.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch import nn
 
 from .._atomic import atomic_path, atomic_write_text
 from .._jsonio import package_version
@@ -72,6 +74,23 @@ CONFIG_KEYS = ("models", "layers", "k", "reduction", "dataset", "subset")  # wha
 def partial_file(rank: int = 0, world_size: int = 1) -> str:
     """File name of a pass checkpoint (one per rank when the pass is distributed)."""
     return "probe.partial.safetensors" if world_size == 1 else f"probe.partial.rank{rank}.safetensors"
+
+
+def state_sha256(model: nn.Module) -> str:
+    """The fingerprint a stored probe records per model (``models[name]["state_sha256"]``): sha256 of the state dict.
+
+    Covers every key, dtype, shape and byte of ``model.state_dict()`` (buffers included), in order; the device
+    does not matter. Equal hashes mean the same weights, so a stored probe can be tied to the models it probed.
+
+    Example:
+        >>> state_sha256(aligned_b) == load_probe("runs/x/probe").config["models"]["B_aligned"]["state_sha256"]
+    """
+    h = hashlib.sha256(b"mergescope.state/1")
+    for key, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _key(model: str, layer: str, name: str) -> str:
