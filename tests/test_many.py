@@ -12,8 +12,8 @@ from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
 from mergescope.train import TrainConfig, train_model
 
-ALIGNED = ["permuted", "permuted+repair", "permuted+reset", "cca", "cca+repair", "ot", "ot+repair", "regression",
-           "regression+repair"]
+ALIGNED = ["permuted", "permuted+repair", "permuted+reset", "mergemany", "mergemany+repair", "cca", "cca+repair", "ot",
+           "ot+repair", "regression", "regression+repair"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,8 @@ def test_merging_five_trained_models(digits):
         m = create_model("cnn_digits", width=16, seed=seed)
         train_model(m, train, TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=seed), progress=False)
         models.append(m.eval())
-    res = merge_many(models, train, {"test": test}, ["naive", "permuted", "permuted+repair", "cca+repair"])
+    res = merge_many(models, train, {"test": test}, ["naive", "permuted", "permuted+repair", "mergemany+repair",
+                                                     "cca+repair"])
     assert res.passes == {"matching": 1, "map statistics": 1, "repair/reset": 1, "evaluation": 1}
     acc = {r["method"]: r["accuracy"] for r in res.rows}
     ends = [e["accuracy"] for e in res.endpoints]
@@ -69,6 +70,7 @@ def test_merging_five_trained_models(digits):
     assert acc["naive"] < 0.5  # five independent networks averaged directly: far below the endpoints
     assert acc["permuted+repair"] > acc["permuted"] > acc["naive"]
     assert acc["cca+repair"] > acc["naive"] + 0.3
+    assert acc["mergemany+repair"] > acc["naive"] + 0.3
 
 
 def test_merge_many_refuses_what_it_cannot_do(digits):

@@ -2,7 +2,8 @@
 
 All models are put into the channel space of the first (the reference) and averaged with equal weights:
 θ = (1/N)·Σ_k T_k(θ_k), where T_k is the identity (``naive``), model k's permutation onto the reference
-(``permuted``: activation matching of every model to the reference), or its CCA / OT / regression map
+(``permuted``: activation matching of every model to the reference), its permutation into the models' common
+space (``mergemany``: Git Re-Basin's MergeMany, weight matching, no data), or its CCA / OT / regression map
 (:mod:`mergescope.merge.recipes`); ``zipit`` zips two models. ``+repair`` sets each merged channel's mean and
 std to the average of what the mapped models compute there; ``+reset`` recomputes BatchNorm statistics.
 
@@ -23,7 +24,7 @@ from torch import nn
 
 from ._csvio import write_rows
 from ._jsonio import write_json
-from .align import group_covariances, match_many
+from .align import group_covariances, match_many, merge_many_matching
 from .data import ImageDataset, iter_batches, len_batches
 from .errors import MergescopeError
 from .evaluate import evaluate_models
@@ -129,6 +130,9 @@ def merge_many(
             elif base == "zipit":
                 maps_a, maps_b, _ = zipit_maps(stats[0])
                 maps[base] = [maps_a, maps_b]
+    if "mergemany" in bases:
+        results = merge_many_matching([m.state_dict() for m in models], spec, device=device)
+        maps["mergemany"] = [permutation_maps(r.perms) for r in results]
     timings["alignment"] = time.perf_counter() - t0
 
     merged, repair, reset = {}, [], []

@@ -28,8 +28,9 @@ from .report import render_report, write_csv
 METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset")  # the default sweep
 # Map-based bases rewrite B in A's channel space by a per-group linear map fitted on the statistics set, then
 # interpolate — α·θ_A + (1−α)·T(θ_B). At α = 0 this is T(B), not B (T is exact only for permutations). ZipIt! is
-# not swept: its matching itself depends on α and is undefined at α = 0 and 1 (mergescope.many merges at one α).
-SWEEP_METHODS = tuple(m for m in ALL_METHODS if split_method(m)[0] != "zipit")
+# not swept: its matching itself depends on α and is undefined at α = 0 and 1; MergeMany moves A too (both merge
+# at one α in mergescope.many).
+SWEEP_METHODS = tuple(m for m in ALL_METHODS if split_method(m)[0] not in ("zipit", "mergemany"))
 
 
 @dataclass

@@ -2,9 +2,10 @@
 
 A method is a *base* — how the models are put into one channel space — optionally followed by a *fix*:
 
-* bases: ``naive`` (no alignment), ``permuted`` (activation or weight matching), and the map-based ``cca``,
-  ``ot``, ``regression`` (a per-group linear map fitted on joint feature statistics) and ``zipit`` (feature
-  zipping, also within one model; two models at a time);
+* bases: ``naive`` (no alignment), ``permuted`` (activation or weight matching onto the reference),
+  ``mergemany`` (Git Re-Basin's MergeMany: every model weight-matched onto the average of the others), and the
+  map-based ``cca``, ``ot``, ``regression`` (a per-group linear map fitted on joint feature statistics) and
+  ``zipit`` (feature zipping, also within one model; two models at a time);
 * fixes: ``+repair`` (REPAIR towards the mapped endpoints' channel statistics, :func:`repair_many`) or
   ``+reset`` (BatchNorm statistics recomputed; models with BatchNorm only).
 
@@ -27,7 +28,7 @@ MAP_METHODS = {
     "ot": lambda stats: ot_maps(stats)[0],
     "regression": lambda stats: regression_maps(stats)[0],
 }
-BASES = ("naive", "permuted", *MAP_METHODS, "zipit")
+BASES = ("naive", "permuted", "mergemany", *MAP_METHODS, "zipit")
 FIXES = ("", "+repair", "+reset")
 ALL_METHODS = tuple(base + fix for base in BASES for fix in FIXES)
 
