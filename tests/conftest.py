@@ -70,8 +70,45 @@ def image_batches(name: str, n: int, num_batches: int, seed: int = 0) -> list[ty
     return [types.SimpleNamespace(x=c, y=torch.zeros(len(c), dtype=torch.long)) for c in x.split(n)]
 
 
+def point_moments(model: nn.Module, spec, batches) -> dict:
+    """Per repair point: Moments of the model's pre-activations over ``batches`` (eval mode)."""
+    from mergescope.probe.stats import Moments, as_samples
+    from mergescope.probe.taps import tap_model
+
+    tapped = tap_model(model, [p.tap.name for p in spec.repair_points]).eval()
+    out = {p.tap.name: Moments() for p in spec.repair_points}
+    with torch.no_grad():
+        for batch in batches:
+            _, feats = tapped(batch.x)
+            for p in spec.repair_points:
+                out[p.tap.name].update(as_samples(feats[p.tap.name], p.tap.channel_dim))
+    return out
+
+
+def assert_repaired(spec, got: dict, before: dict, targets: dict) -> None:
+    """REPAIR hit its targets: ``got`` (point moments of the repaired model) has every point's target mean and std
+    (``targets[point] = (mean, std)``), and ``before`` (the unrepaired model's) was > 5 % off somewhere."""
+    worst_before = 0.0
+    for p in spec.repair_points:
+        name = p.tap.name
+        t_mean, t_std = targets[name]
+        scale = t_std.max().item()
+        torch.testing.assert_close(got[name].mean, t_mean, rtol=1e-4, atol=1e-4 * scale, msg=name)
+        torch.testing.assert_close(got[name].std, t_std, rtol=1e-4, atol=1e-4 * scale, msg=name)
+        worst_before = max(worst_before, ((before[name].std - t_std).abs() / t_std).max().item())
+    assert worst_before > 0.05  # REPAIR had something to fix
+
+
+def interpolated_targets(spec, stats_a: dict, stats_b: dict, alpha: float) -> dict:
+    """REPAIR's targets for θ(α) = α·A + (1−α)·B from the endpoints' point moments: {point: (mean, std)}."""
+    return {p.tap.name: (alpha * stats_a[p.tap.name].mean + (1 - alpha) * stats_b[p.tap.name].mean,
+                         alpha * stats_a[p.tap.name].std + (1 - alpha) * stats_b[p.tap.name].std)
+            for p in spec.repair_points}
+
+
 @pytest.fixture(scope="session")
 def helpers():
     return types.SimpleNamespace(image_shape=image_shape, random_images=random_images,
                                  image_batches=image_batches, randomize_batchnorm=randomize_batchnorm,
-                                 DIGIT_MODELS=DIGIT_MODELS)
+                                 point_moments=point_moments, assert_repaired=assert_repaired,
+                                 interpolated_targets=interpolated_targets, DIGIT_MODELS=DIGIT_MODELS)

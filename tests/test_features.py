@@ -10,8 +10,6 @@ from mergescope.data import iter_batches, load_digits
 from mergescope.features import merged_pair
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
-from mergescope.probe.stats import Moments, as_samples
-from mergescope.probe.taps import tap_model
 
 
 @pytest.fixture(scope="module")
@@ -33,19 +31,6 @@ def _outputs(model, dataset):
         return torch.cat([model.eval()(b.x) for b in iter_batches(dataset, 500)])
 
 
-def _point_moments(model, spec, dataset):
-    """Per repair point: Moments of the model's pre-activations over the dataset in one batch."""
-    tapped = tap_model(model, [p.tap.name for p in spec.repair_points]).eval()
-    [batch] = list(iter_batches(dataset, len(dataset)))
-    with torch.no_grad():
-        _, feats = tapped(batch.x)
-    out = {}
-    for p in spec.repair_points:
-        out[p.tap.name] = Moments()
-        out[p.tap.name].update(as_samples(feats[p.tap.name], p.tap.channel_dim))
-    return out
-
-
 @pytest.mark.parametrize("alpha", [1.0, 0.0])
 def test_merges_at_the_endpoints_compute_the_endpoint(alpha, pair, digits):
     a, b, spec, perms = pair
@@ -57,7 +42,7 @@ def test_merges_at_the_endpoints_compute_the_endpoint(alpha, pair, digits):
         torch.testing.assert_close(_outputs(model, digits), ref, rtol=1e-4, atol=1e-4 * scale, msg=method)
 
 
-def test_repaired_merge_has_the_interpolated_statistics(pair, digits):
+def test_repaired_merge_has_the_interpolated_statistics(pair, digits, helpers):
     alpha = 0.5
     a, b, spec, perms = pair
     states = [copy.deepcopy(m.state_dict()) for m in (a, b)]
@@ -66,18 +51,11 @@ def test_repaired_merge_has_the_interpolated_statistics(pair, digits):
     for m, state in zip((a, b), states):  # the inputs are untouched
         assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
     aligned_b = permute_model(b, spec, perms)
-    stats_a, stats_b = _point_moments(a, spec, digits), _point_moments(aligned_b, spec, digits)
-    plain, got = _point_moments(merged["permuted"], spec, digits), _point_moments(merged["permuted+repair"], spec, digits)
-    worst_plain = 0.0
-    for p in spec.repair_points:
-        name = p.tap.name
-        t_mean = alpha * stats_a[name].mean + (1 - alpha) * stats_b[name].mean
-        t_std = alpha * stats_a[name].std + (1 - alpha) * stats_b[name].std
-        scale = t_std.max().item()
-        torch.testing.assert_close(got[name].mean, t_mean, rtol=1e-4, atol=1e-4 * scale)
-        torch.testing.assert_close(got[name].std, t_std, rtol=1e-4, atol=1e-4 * scale)
-        worst_plain = max(worst_plain, ((plain[name].std - t_std).abs() / t_std).max().item())
-    assert worst_plain > 0.05  # the plain merge is off its targets, so REPAIR changed something
+    one_batch = list(iter_batches(digits, len(digits)))
+    stats_a, stats_b = (helpers.point_moments(m, spec, one_batch) for m in (a, aligned_b))
+    helpers.assert_repaired(spec, helpers.point_moments(merged["permuted+repair"], spec, one_batch),
+                            helpers.point_moments(merged["permuted"], spec, one_batch),
+                            helpers.interpolated_targets(spec, stats_a, stats_b, alpha))
     assert not torch.allclose(_outputs(merged["permuted+repair"], digits), _outputs(merged["permuted"], digits))
     naive = {k: alpha * v + (1 - alpha) * b.state_dict()[k] for k, v in a.state_dict().items() if v.is_floating_point()}
     assert all(torch.allclose(merged["naive"].state_dict()[k], v) for k, v in naive.items())

@@ -14,7 +14,7 @@ from mergescope.merge import (RepairTarget, alpha_grid, cca_maps, interpolate_mo
                               merge_models_with_maps, permutation_maps, repair_and_reset, repair_many)
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
-from mergescope.probe.stats import Moments, as_samples
+from mergescope.probe.stats import as_samples
 from mergescope.probe.taps import tap_model
 from mergescope.sweep import SweepConfig, run_sweep
 from mergescope.train import TrainConfig, train_model
@@ -77,18 +77,6 @@ def test_alpha_grid():
 
 # -- REPAIR and RESET ------------------------------------------------------------------------------------------
 
-def _point_moments(model, spec, batches):
-    """Per repair point: Moments of the model's pre-activations over ``batches`` (eval mode)."""
-    tapped = tap_model(model, [p.tap.name for p in spec.repair_points]).eval()
-    out = {p.tap.name: Moments() for p in spec.repair_points}
-    with torch.no_grad():
-        for batch in batches:
-            _, feats = tapped(batch.x)
-            for p in spec.repair_points:
-                out[p.tap.name].update(as_samples(feats[p.tap.name], p.tap.channel_dim))
-    return out
-
-
 def _outputs(model, batches):
     with torch.no_grad():
         return torch.cat([model.eval()(b.x) for b in batches])
@@ -115,24 +103,15 @@ def test_repair_interpolates_the_channel_statistics(name, kw, helpers, one_batch
     spec = build_spec(a)
     merged = interpolate_model(a, b, alpha)
     shapes = {k: v.shape for k, v in merged.state_dict().items()}
-    stats_a, stats_b = _point_moments(a, spec, one_batch), _point_moments(b, spec, one_batch)
-    unrepaired = _point_moments(merged, spec, one_batch)
+    stats_a, stats_b = helpers.point_moments(a, spec, one_batch), helpers.point_moments(b, spec, one_batch)
+    unrepaired = helpers.point_moments(merged, spec, one_batch)
 
     repair_and_reset(a, b, spec, one_batch, repair=[(alpha, merged)])
 
     assert {k: v.shape for k, v in merged.state_dict().items()} == shapes  # same architecture
     assert type(merged) is type(a)
-    got = _point_moments(merged, spec, one_batch)
-    worst_before = 0.0
-    for p in spec.repair_points:
-        name_ = p.tap.name
-        t_mean = alpha * stats_a[name_].mean + (1 - alpha) * stats_b[name_].mean
-        t_std = alpha * stats_a[name_].std + (1 - alpha) * stats_b[name_].std
-        scale = t_std.max().item()
-        torch.testing.assert_close(got[name_].mean, t_mean, rtol=1e-4, atol=1e-4 * scale)
-        torch.testing.assert_close(got[name_].std, t_std, rtol=1e-4, atol=1e-4 * scale)
-        worst_before = max(worst_before, ((unrepaired[name_].std - t_std).abs() / t_std).max().item())
-    assert worst_before > 0.05  # REPAIR had something to fix
+    helpers.assert_repaired(spec, helpers.point_moments(merged, spec, one_batch), unrepaired,
+                            helpers.interpolated_targets(spec, stats_a, stats_b, alpha))
 
 
 def test_repair_of_a_map_merge_of_three_models_targets_the_mapped_endpoints(helpers, one_batch):
@@ -145,15 +124,14 @@ def test_repair_of_a_map_merge_of_three_models_targets_the_mapped_endpoints(help
     maps = [{}, cca_maps(cov_b)[0], permutation_maps(random_perms(spec, torch.Generator().manual_seed(3)))]
     weights = (0.2, 0.3, 0.5)
     merged = merge_models_with_maps([a, b, c], weights, maps)
-    before = _point_moments(merged, spec, one_batch)
+    before = helpers.point_moments(merged, spec, one_batch)
 
     repair_many([a, b, c], spec, one_batch, repair=[RepairTarget(merged, weights, maps)])
 
-    got = _point_moments(merged, spec, one_batch)
     ends = [tap_model(m, [p.tap.name for p in spec.repair_points]).eval() for m in (a, b, c)]
     with torch.no_grad():
         feats = [e(one_batch[0].x)[1] for e in ends]
-    worst_before = 0.0
+    targets = {}
     for p in spec.repair_points:
         t_mean, t_std = 0.0, 0.0
         for w, f, m in zip(weights, feats, maps):
@@ -161,11 +139,8 @@ def test_repair_of_a_map_merge_of_three_models_targets_the_mapped_endpoints(help
             if p.tap.group in m:
                 y = y @ m[p.tap.group].forward.double().T
             t_mean, t_std = t_mean + w * y.mean(0), t_std + w * y.std(0, unbiased=False)
-        scale = t_std.max().item()
-        torch.testing.assert_close(got[p.tap.name].mean, t_mean, rtol=1e-4, atol=1e-4 * scale)
-        torch.testing.assert_close(got[p.tap.name].std, t_std, rtol=1e-4, atol=1e-4 * scale)
-        worst_before = max(worst_before, ((before[p.tap.name].std - t_std).abs() / t_std).max().item())
-    assert worst_before > 0.05  # REPAIR had something to fix
+        targets[p.tap.name] = t_mean, t_std
+    helpers.assert_repaired(spec, helpers.point_moments(merged, spec, one_batch), before, targets)
 
 
 def test_repair_through_permutation_maps_is_repair_of_the_aligned_model(helpers, digits):

@@ -38,6 +38,23 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def _add_merge_data(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that merge and evaluate (sweep, merge)."""
+    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--stats-split", default="train", help="split for matching, feature and REPAIR statistics")
+    p.add_argument("--stats-images", type=int, help="use this many (random, fixed) images for statistics")
+    p.add_argument("--eval-splits", nargs="+", default=["test"])
+    p.add_argument("--overwrite", action="store_true")
+    _add_device(p)
+
+
+def _stats_ids(n_images: int, wanted: int | None) -> list[int] | None:
+    """``wanted`` fixed random image ids (seed 0), sorted; None (all images) when not fewer than all."""
+    if not wanted or wanted >= n_images:
+        return None
+    return sorted(torch.randperm(n_images, generator=torch.Generator().manual_seed(0))[:wanted].tolist())
+
+
 def _cmd_demo(args) -> None:
     from .demo import DemoConfig, run_demo
 
@@ -95,10 +112,7 @@ def _cmd_sweep(args) -> None:
     train = open_dataset(args.data, split=args.stats_split)
     evals = {s: open_dataset(args.data, split=s) for s in args.eval_splits}
     run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)  # only once every input is known to be good
-    stats_ids = None
-    if args.stats_images and args.stats_images < len(train):
-        stats_ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.stats_images]
-        stats_ids = sorted(stats_ids.tolist())
+    stats_ids = _stats_ids(len(train), args.stats_images)
     cfg = SweepConfig(alphas=alpha_grid(args.alpha_step), methods=args.methods or METHODS,
                       matching=args.matching, batch_size=args.batch_size, stats_ids=stats_ids)
     start = time.perf_counter()
@@ -128,10 +142,7 @@ def _cmd_merge(args) -> None:
     train = open_dataset(args.data, split=args.stats_split)
     evals = {s: open_dataset(args.data, split=s) for s in args.eval_splits}
     run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)
-    stats_ids = None
-    if args.stats_images and args.stats_images < len(train):
-        stats_ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.stats_images]
-        stats_ids = sorted(stats_ids.tolist())
+    stats_ids = _stats_ids(len(train), args.stats_images)
     methods = args.methods or DEFAULT_METHODS
     start = time.perf_counter()
     result = merge_many([m for m, _ in loaded], train, evals, methods, args.batch_size, stats_ids,
@@ -329,12 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="default: naive permuted permuted+repair permuted+reset; any of the "
                    "bases naive permuted cca ot regression, alone or with +repair or +reset (e.g. cca+repair)")
     p.add_argument("--alpha-step", type=float, default=0.05)
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--stats-split", default="train", help="split for matching and REPAIR statistics")
-    p.add_argument("--stats-images", type=int, help="use this many (random, fixed) images for statistics")
-    p.add_argument("--eval-splits", nargs="+", default=["test"])
-    p.add_argument("--overwrite", action="store_true")
-    _add_device(p)
+    _add_merge_data(p)
     p.set_defaults(func=_cmd_sweep)
 
     p = sub.add_parser("merge", help="merge two or more models into one with every method (all into the first "
@@ -346,12 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", nargs="+", help="default: naive permuted permuted+repair permuted+reset cca+repair "
                    "ot+repair regression+repair; bases naive permuted cca ot regression zipit (two models), alone "
                    "or with +repair or +reset")
-    p.add_argument("--batch-size", type=int, default=500)
-    p.add_argument("--stats-split", default="train", help="split for matching, feature and REPAIR statistics")
-    p.add_argument("--stats-images", type=int, help="use this many (random, fixed) images for statistics")
-    p.add_argument("--eval-splits", nargs="+", default=["test"])
-    p.add_argument("--overwrite", action="store_true")
-    _add_device(p)
+    _add_merge_data(p)
     p.set_defaults(func=_cmd_merge)
 
     p = sub.add_parser("probe", help="top-k images of every channel of every layer, models aligned to the first")
