@@ -107,7 +107,7 @@ def test_regress_command_writes_csv_and_section(tmp_path, capsys):
     assert list(rows[0]) == ["layer", "channel", "m", "refit", "r2", "recovered"]
     layers = {r["layer"] for r in rows}
     assert layers == {"features.2", "features.5", "features.9"}
-    assert {r["refit"] for r in rows} == {"True", "False"}
+    assert {r["refit"] for r in rows} == {"true", "false"}  # flags as in every CSV of a run
     results = json.loads((run / "results.json").read_text())
     [section] = [s for s in results["sections"] if s["title"] == "Regression alignment"]
     assert "regression.csv" in section["html"] and "regress_" in section["html"]

@@ -163,55 +163,13 @@ def _cmd_merge(args) -> None:
 
 
 def _cmd_probe(args) -> None:
-    from ._jsonio import write_json
-    from .align import match_many
-    from .data import iter_batches, len_batches, open_dataset
-    from .features import feature_study, merged_pair, merged_rows
-    from .perm import build_spec
-    from .report import render_report
-    from .report.features import feature_index_html
-    from .runs import prepare_run_dir, write_manifest
-    from .sweep import check_same_architecture
-    from .train import load_checkpoint
+    from .features import ProbeConfig, probe_run
 
-    if len(args.checkpoints) < 2:
-        raise MergescopeError("give at least two checkpoints: the reference first, then the models to align to it")
-    loaded = [load_checkpoint(c, device=args.device) for c in args.checkpoints]
-    for model, _ in loaded[1:]:
-        check_same_architecture(loaded[0][0], model)
-    data = open_dataset(args.data, split=args.split)
-    run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)
-    tags = [chr(ord("A") + i) for i in range(len(loaded))]
-    models = {t: m for t, (m, _) in zip(tags, loaded)}
-    a = models["A"]
-    spec = build_spec(a, next(iter(iter_batches(data, 2))).x.to(args.device))
-    matches = dict(zip(tags[1:], match_many(a, [models[t] for t in tags[1:]], spec,
-                                            iter_batches(data, args.batch_size), device=args.device,
-                                            progress=not args.quiet, total=len_batches(data, args.batch_size))))
-    merged = {}
-    if args.merge is not None:
-        pair = merged_pair(a, models["B"], spec, matches["B"].perms, data, args.merge, batch_size=args.batch_size,
-                           device=args.device, progress=not args.quiet)
-        merged = merged_rows(pair, args.merge)
-    _, pages, recipes = feature_study(run_dir, data, models, matches=matches, merged=merged, spec=spec, k=args.k,
-                                      reduction=args.reduction, batch_size=args.batch_size, device=args.device,
-                                      progress=not args.quiet)
-    results = {
-        "title": f"mergescope feature study: {len(models)} models on {data.name}",
-        "headline": f"Top-{args.k} {data.name} images of every channel of {len(spec.layers)} layers, for "
-                    f"{len(models)} models aligned to {Path(args.checkpoints[0]).name}.",
-        "summary": {t: str(c) for t, c in zip(tags, args.checkpoints)} | {"dataset": f"{args.data} ({args.split})",
-                                                                          "reduction": args.reduction},
-        "matching": matches["B"].summary(),
-        "sections": [{"title": "Feature visualization", "html": feature_index_html(pages)}],
-        "features": {"data": args.data, "split": args.split, "views": recipes},
-    }
-    files = [write_json(run_dir / "results.json", results), render_report(run_dir, results)]
-    write_manifest(run_dir, {"checkpoints": args.checkpoints, "data": args.data, "split": args.split, "k": args.k,
-                             "reduction": args.reduction, "merge": args.merge}, files,
-                   models={t: meta for t, (_, meta) in zip(tags, loaded)},
-                   dataset={"name": data.name, "fingerprint": data.fingerprint})
-    print(f"report: {run_dir / 'report.html'}")
+    cfg = ProbeConfig(split=args.split, k=args.k, reduction=args.reduction, merge=args.merge,
+                      batch_size=args.batch_size)
+    probe_run(args.out, args.checkpoints, args.data, cfg, device=args.device, progress=not args.quiet,
+              overwrite=args.overwrite)
+    print(f"report: {Path(args.out) / 'report.html'}")
 
 
 def _cmd_compare(args) -> None:

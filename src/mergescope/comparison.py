@@ -14,7 +14,6 @@ are re-rendered with the metrics beside every channel.
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import time
@@ -25,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._atomic import atomic_path
 from .compare import (
     METRICS,
     ComparePair,
@@ -35,11 +33,13 @@ from .compare import (
 )
 from .data import ImageDataset, iter_batches, len_batches, open_dataset
 from .embed import EmbeddingCache, ImageEmbedder, create_embedder
+from ._csvio import write_rows
 from .errors import DatasetError, MergescopeError
 from .features import default_subset, render_views
 from .merge.partial import DEFAULT_FRACTIONS, group_scores, partial_merge_curves
 from .perm import PermSpec
 from .probe import ProbeResult
+from .runs import run_checkpoints
 from .report.compare_pages import (
     annotate_recipes,
     compare_section_html,
@@ -214,7 +214,7 @@ def channel_comparison(
     if partial is not None:
         t0 = time.perf_counter()
         partial_rows = partial_merge_study(res, partial, cfg, device=device, progress=progress)
-        files.append(_write_rows(run_dir / "partial_merge.csv", partial_rows, PARTIAL_COLUMNS))
+        files.append(write_rows(run_dir / "partial_merge.csv", PARTIAL_COLUMNS, partial_rows))
         timings["partial merging"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -269,25 +269,7 @@ def partial_merge_study(res: CompareResult, partial: PartialMergeInputs, config:
                                 progress=progress, total=len_batches(data, config.batch_size))
 
 
-def _write_rows(path: Path, rows: Sequence[Mapping], columns: Sequence[str]) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(columns)
-        w.writerows([["" if r.get(c) is None else repr(r[c]) if isinstance(r[c], float) else r[c]
-                      for c in columns] for r in rows])
-    return path
-
-
 # -- a finished run folder -------------------------------------------------------------------------------------
-
-def _checkpoints(run_dir: Path, manifest: Mapping, tags: Sequence[str]) -> dict[str, Path]:
-    """tag -> checkpoint: ``mergescope probe`` lists them in the manifest (A, B, C… in order); the demo keeps them
-    as ``checkpoints/model_<tag>.safetensors``."""
-    listed = manifest.get("config", {}).get("checkpoints")
-    if listed:
-        return {chr(ord("A") + i): Path(p) for i, p in enumerate(listed)}
-    return {t: run_dir / "checkpoints" / f"model_{t}.safetensors" for t in tags}
-
 
 def _matching_method(manifest: Mapping) -> str:
     cfg = manifest.get("config", {})
@@ -340,7 +322,7 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
     reference = stored.models[0]
     aligned = [m for m in stored.models if m.endswith("_aligned")]
     tags = [reference, *(m[: -len("_aligned")] for m in aligned)]
-    paths = _checkpoints(run_dir, manifest, tags)
+    paths = run_checkpoints(run_dir, manifest, tags)
     missing = [t for t in tags if t not in paths]
     if missing:
         raise MergescopeError(f"no checkpoint of model {missing[0]} in {run_dir}'s manifest")

@@ -4,11 +4,14 @@ Given a reference model A and other models of the same architecture, the others 
 matching, one pass for all), optional merged models are added, every model — unaligned ones too — is probed in
 one more pass, and the pairwise view (A, B before permutation, B aligned, merges) and the many-to-one view
 (A and every model aligned to it) are rendered as feature pages. :func:`merged_pair` builds the merges the
-pairwise view shows (``mergescope probe --merge ALPHA``).
+pairwise view shows, and :func:`probe_run` makes the whole study of a set of checkpoints a run folder
+(``mergescope probe``).
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +19,8 @@ import torch
 from torch import nn
 
 from .align import MatchResult, match_many
-from .data import ImageDataset, iter_batches, len_batches, subset_per_class
+from .data import ImageDataset, iter_batches, len_batches, open_dataset, subset_per_class
+from .errors import MergescopeError
 from .merge import interpolate_model, repair_and_reset
 from .perm import Perms, PermSpec, build_spec, permute_model
 from .probe import ProbeResult, probe
@@ -159,4 +163,72 @@ def merged_rows(midpoint: Mapping[str, nn.Module], alpha: float = 0.5) -> dict[s
     return {labels[m]: midpoint[m] for m in ("permuted", "permuted+repair", "naive") if m in midpoint}
 
 
-__all__ = ["default_subset", "feature_study", "merged_pair", "merged_rows", "render_views"]
+@dataclass
+class ProbeConfig:
+    """What ``mergescope probe`` ranks and merges (recorded in the run's manifest)."""
+
+    split: str = "train"  # which images to rank
+    k: int = 10  # images per channel
+    reduction: str = "max"  # feature map -> one number per image: "max" or "mean"
+    merge: float | None = None  # also probe A and B merged at this α (permuted, + REPAIR, direct average)
+    batch_size: int = 256
+
+
+def probe_run(run_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], data: str,
+              config: ProbeConfig | None = None, *, device: torch.device | str = "cpu", progress: bool = False,
+              overwrite: bool = False) -> dict:
+    """The feature study of checkpoints as a run folder: align every model to the first, probe them all (and the
+    merges of the first two if ``config.merge``), write the feature pages, ``results.json``, the report and the
+    manifest. Returns the results recorded in ``results.json``.
+
+    Example:
+        >>> probe_run("runs/probe", ["a.safetensors", "b.safetensors", "c.safetensors"], "digits")
+    """
+    from ._jsonio import write_json
+    from .report import render_report
+    from .report.features import feature_index_html
+    from .runs import prepare_run_dir, write_manifest
+    from .sweep import check_same_architecture
+    from .train import load_checkpoint
+
+    cfg = config or ProbeConfig()
+    if len(checkpoints) < 2:
+        raise MergescopeError("give at least two checkpoints: the reference first, then the models to align to it")
+    loaded = [load_checkpoint(c, device=device) for c in checkpoints]
+    for model, _ in loaded[1:]:
+        check_same_architecture(loaded[0][0], model)
+    dataset = open_dataset(data, split=cfg.split)
+    run_dir = prepare_run_dir(run_dir, overwrite=overwrite)  # only once every input is known to be good
+    tags = [chr(ord("A") + i) for i in range(len(loaded))]
+    models = {t: m for t, (m, _) in zip(tags, loaded)}
+    a = models["A"]
+    spec = build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
+    matches = dict(zip(tags[1:], match_many(a, [models[t] for t in tags[1:]], spec,
+                                            iter_batches(dataset, cfg.batch_size), device=device,
+                                            progress=progress, total=len_batches(dataset, cfg.batch_size))))
+    merged = {}
+    if cfg.merge is not None:
+        pair = merged_pair(a, models["B"], spec, matches["B"].perms, dataset, cfg.merge, batch_size=cfg.batch_size,
+                           device=device, progress=progress)
+        merged = merged_rows(pair, cfg.merge)
+    _, pages, recipes = feature_study(run_dir, dataset, models, matches=matches, merged=merged, spec=spec, k=cfg.k,
+                                      reduction=cfg.reduction, batch_size=cfg.batch_size, device=device,
+                                      progress=progress)
+    results = {
+        "title": f"mergescope feature study: {len(models)} models on {dataset.name}",
+        "headline": f"Top-{cfg.k} {dataset.name} images of every channel of {len(spec.layers)} layers, for "
+                    f"{len(models)} models aligned to {Path(checkpoints[0]).name}.",
+        "summary": {t: str(c) for t, c in zip(tags, checkpoints)} | {"dataset": f"{data} ({cfg.split})",
+                                                                     "reduction": cfg.reduction},
+        "matching": matches["B"].summary(),
+        "sections": [{"title": "Feature visualization", "html": feature_index_html(pages)}],
+        "features": {"data": data, "split": cfg.split, "views": recipes},
+    }
+    files = [write_json(run_dir / "results.json", results), render_report(run_dir, results)]
+    write_manifest(run_dir, {"checkpoints": [str(c) for c in checkpoints], "data": data, **asdict(cfg)}, files,
+                   models={t: meta for t, (_, meta) in zip(tags, loaded)},
+                   dataset={"name": dataset.name, "fingerprint": dataset.fingerprint})
+    return results
+
+
+__all__ = ["ProbeConfig", "default_subset", "feature_study", "merged_pair", "merged_rows", "probe_run", "render_views"]

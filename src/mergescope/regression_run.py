@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
+from ._csvio import write_rows
 from ._jsonio import write_json
 from .align.covariance import group_covariances
 from .align.regressed_topk import hard_channels, regressed_topk, single_weight_fits, summary_rows
 from .align.regression import DEFAULT_FRACTIONS, regression_from_stats, regression_subset
-from .comparison import _checkpoints, _write_rows
 from .data import iter_batches, len_batches, open_dataset
 from .errors import MergescopeError
 from .report.regression_pages import (
@@ -66,7 +66,7 @@ def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None,
                 device: torch.device | str = "cpu", progress: bool = False, overwrite: bool = False) -> dict:
     """The regression study of a run folder; returns the JSON recorded under ``results.json["regression"]``."""
     from .perm import build_spec
-    from .runs import add_to_run, load_run
+    from .runs import add_to_run, load_run, run_checkpoints
     from .train import load_checkpoint
 
     cfg = config or RegressConfig()
@@ -81,7 +81,7 @@ def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None,
     start = time.perf_counter()
     timings = {}
     dataset = open_dataset(features["data"], split=features["split"])
-    paths = _checkpoints(run_dir, manifest, ["A", "B"])
+    paths = run_checkpoints(run_dir, manifest, ["A", "B"])
     if "A" not in paths or "B" not in paths:
         raise MergescopeError(f"{run_dir}'s manifest lists fewer than two checkpoints")
     a = load_checkpoint(paths["A"], device=device)[0].eval()
@@ -105,7 +105,7 @@ def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None,
     rows = [{"layer": gt.layer, "channel": c, "m": mp.m, "refit": mp.refit, "r2": _nan_none(float(mp.r2[c])),
              "recovered": _nan_none(float(mp.recovered[c]))}
             for gt in tops.values() for mp in gt.maps.values() for c in range(len(mp.r2))]
-    csv_path = _write_rows(run_dir / CSV_NAME, rows, COLUMNS)
+    csv_path = write_rows(run_dir / CSV_NAME, COLUMNS, rows)
     hard = {layer: hard_channels(gt, cfg.sparse_fraction, cfg.hard_n) for layer, gt in tops.items()}
     views_path = write_json(run_dir / VIEWS_NAME, {"views": regression_records(tops, hard, cfg.sparse_fraction)})
     streams = {g: [t.name for t in spec.groups[g].observe] for g in dict.fromkeys(gt.group for gt in tops.values())

@@ -110,3 +110,12 @@ def refresh_hashes(run_dir: str | os.PathLike, files: Iterable[str | os.PathLike
         manifest["sha256"] = {**listed, **fresh}
         write_json(path, manifest)
     return path
+
+
+def run_checkpoints(run_dir: str | os.PathLike, manifest: dict, tags: Iterable[str]) -> dict[str, Path]:
+    """tag -> checkpoint of a run folder: ``mergescope probe`` lists them in the manifest (A, B, C… in order); the
+    demo keeps them as ``checkpoints/model_<tag>.safetensors``."""
+    listed = manifest.get("config", {}).get("checkpoints")
+    if listed:
+        return {chr(ord("A") + i): Path(p) for i, p in enumerate(listed)}
+    return {t: Path(run_dir) / "checkpoints" / f"model_{t}.safetensors" for t in tags}
