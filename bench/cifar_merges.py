@@ -34,6 +34,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # shared 2-core machines: no spinning OpenMP threads
 
 import argparse
+import copy
 import json
 import time
 from pathlib import Path
@@ -88,8 +89,7 @@ def partial_zips(models, train, test, ids, args) -> list[dict]:
     [stats] = group_covariances(a, [b], spec, batches(), device=args.device)
     plain = {layer: zipit_merge(a, b, None, spec, stats=stats, up_to=layer).model.to(args.device)
              for layer in spec.layers}
-    reset = {layer: zipit_merge(a, b, None, spec, stats=stats, up_to=layer).model.to(args.device)
-             for layer in spec.layers}
+    reset = {layer: copy.deepcopy(m) for layer, m in plain.items()}
     repair_many([a, b], spec, batches(), reset=list(reset.values()), device=args.device,
                 total=len_batches(train, args.eval_batch_size, ids=ids))
     nets = {f"{k}|plain": m for k, m in plain.items()} | {f"{k}|reset": m for k, m in reset.items()}

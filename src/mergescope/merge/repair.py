@@ -174,16 +174,18 @@ def repair_many(
                 kt[k, p.tap.name] = key
         keys.append(kt)
     population = {key: Moments() for key in transforms}
+    channel_dim = {p.tap.name: p.tap.channel_dim for p in points}
 
     def consume(batch, x, outs):
         if not repair:
             return
-        channel_dim = {p.tap.name: p.tap.channel_dim for p in points}
+        samples = {}  # (endpoint, point) -> (images × positions, C), shared by every map of that endpoint
         batch_stats = {}
         for key, how in transforms.items():
             k, name, _ = key
-            mean, std = batch_stats[key] = population[key].update(
-                _apply(as_samples(outs[f"end{k}"][1][name], channel_dim[name]), how))
+            if (k, name) not in samples:
+                samples[k, name] = as_samples(outs[f"end{k}"][1][name], channel_dim[name])
+            mean, std = batch_stats[key] = population[key].update(_apply(samples[k, name], how))
             if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):  # any NaN/Inf reaches these
                 raise NumericsError(f"NaN/Inf activations at '{name}' of endpoint {k} (0 = the first model)")
         for t, kt, r, model in zip(repair, keys, renorms, tapped):
