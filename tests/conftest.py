@@ -106,6 +106,26 @@ def interpolated_targets(spec, stats_a: dict, stats_b: dict, alpha: float) -> di
             for p in spec.repair_points}
 
 
+@functools.lru_cache(maxsize=None)
+def _trained_digits(arch: str, seed: int, epochs: int = 6, **kw) -> nn.Module:
+    from mergescope.data import load_digits
+    from mergescope.train import TrainConfig, train_model
+
+    model = create_model(arch, seed=seed, **kw)
+    train_model(model, load_digits("train"), TrainConfig(epochs=epochs, batch_size=64, lr=0.05, seed=seed),
+                progress=False)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def trained_digits():
+    """``trained_digits(arch, seed, epochs=6, **arch_kwargs)``: a model trained on the digits' train split, shared
+    across the session (don't modify it) — the *trained, non-permuted* pairs the oracle tests compare on, e.g.
+    ``trained_digits("cnn_digits", 0, width=16)`` and ``trained_digits("cnn_digits", 1, width=16)``; also
+    ``("resnet20", s, in_channels=1, width=1)`` and ``("cnn_digits", s, width=16, batchnorm=False)`` (no BN)."""
+    return _trained_digits
+
+
 @pytest.fixture(scope="session")
 def helpers():
     return types.SimpleNamespace(image_shape=image_shape, random_images=random_images,
