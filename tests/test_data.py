@@ -2,6 +2,7 @@
 
 import hashlib
 import io
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -324,8 +325,14 @@ def test_image_folder_imagenet_preset_and_fingerprint(tmp_path):
 
     assert ds.fingerprint == ImageFolderDataset(root, in_memory=False).fingerprint
     before = ds.fingerprint
+    data = (root / "x" / "a.png").read_bytes()
+    (root / "x" / "a.png").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # edited in place, same size
+    os.utime(root / "x" / "a.png", ns=(1, 1))
+    assert (root / "x" / "a.png").stat().st_size == len(data)
+    edited = ImageFolderDataset(root).fingerprint
+    assert edited != before
     Image.new("RGB", (300, 200), (0, 0, 255)).save(root / "x" / "c.png")
-    assert ImageFolderDataset(root).fingerprint != before
+    assert ImageFolderDataset(root).fingerprint not in (before, edited)
     with pytest.raises(DatasetError, match="preset"):
         ImageFolderDataset(root, preset="huge")
 

@@ -120,8 +120,8 @@ class ImageFolderDataset(ImageDataset):
         return load_rgb(self.paths[i])
 
     def _compute_fingerprint(self) -> str:
-        h = hashlib.sha256(b"mergescope.ImageFolderDataset/1\n")
+        h = hashlib.sha256(b"mergescope.ImageFolderDataset/2\n")
         for path, label in zip(self.paths, self.targets):
-            rel = Path(path).relative_to(self.root).as_posix()
-            h.update(f"{rel}\t{os.path.getsize(path)}\t{int(label)}\n".encode())
+            rel, st = Path(path).relative_to(self.root).as_posix(), os.stat(path)
+            h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{int(label)}\n".encode())
         return h.hexdigest()
