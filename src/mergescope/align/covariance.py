@@ -16,6 +16,7 @@ from torch import nn
 
 from ..errors import NumericsError
 from ..perm import PermSpec
+from ..perm.spec import TapPoint
 from ..probe.engine import run_pass
 from ..probe.stats import as_samples
 from ..probe.taps import tap_model
@@ -122,6 +123,23 @@ class JointMoments:
         return torch.where(either, both.to(corr.dtype) if constants_match else torch.zeros_like(corr), corr)
 
 
+PLACES = ("observe", "preactivation")  # where a group's joint statistics can be gathered (:func:`group_points`)
+
+
+def group_points(spec: PermSpec, group: str, at: str = "observe") -> list[TapPoint]:
+    """The tap points whose images × positions are pooled into ``group``'s statistics.
+
+    ``"observe"``: the group's observation points (``spec.groups[g].observe``: post-activation outputs, residual
+    block outputs); ``"preactivation"``: its repair points, each conv/linear output after its BatchNorm — the input
+    of the nonlinearity (OT fusion's pre-activations, Singh & Jaggi 2020).
+    """
+    if at == "observe":
+        return spec.groups[group].observe
+    if at == "preactivation":
+        return [p.tap for p in spec.repair_points if p.tap.group == group]
+    raise ValueError(f"at must be one of {', '.join(PLACES)}; got {at!r}")
+
+
 def group_covariances(
     reference: nn.Module,
     others: Sequence[nn.Module],
@@ -131,6 +149,7 @@ def group_covariances(
     groups: Sequence[str] | None = None,
     progress: bool = False,
     total: int | None = None,
+    at: str = "observe",
 ) -> list[dict[str, JointMoments]]:
     """Joint feature statistics of the reference with every other model, per group, in ONE data pass.
 
@@ -141,6 +160,8 @@ def group_covariances(
             outputs, residual block outputs), every observation point's images × positions pooled.
         batches: iterable of batches with an ``.x`` tensor.
         groups: restrict to these group names (default: all).
+        at: ``"observe"`` or ``"preactivation"`` (:func:`group_points`); several places in one pass:
+            :func:`group_covariances_at`.
 
     Returns:
         For each model of ``others``, ``{group: JointMoments}`` with a = the reference's channels.
@@ -150,11 +171,27 @@ def group_covariances(
         >>> stats["features.0"].correlation().shape
         torch.Size([16, 16])
     """
+    return group_covariances_at(reference, others, spec, batches, (at,), device, groups, progress, total)[at]
+
+
+def group_covariances_at(
+    reference: nn.Module,
+    others: Sequence[nn.Module],
+    spec: PermSpec,
+    batches: Iterable,
+    places: Sequence[str],
+    device: torch.device | str = "cpu",
+    groups: Sequence[str] | None = None,
+    progress: bool = False,
+    total: int | None = None,
+) -> dict[str, list[dict[str, JointMoments]]]:
+    """:func:`group_covariances` at several places (:data:`PLACES`) in the same ONE pass:
+    ``{place: [per model of others {group: JointMoments}]}``."""
     names = list(spec.groups) if groups is None else list(groups)
-    points = {g: spec.groups[g].observe for g in names}
+    points = {(place, g): group_points(spec, g, place) for place in dict.fromkeys(places) for g in names}
     taps = sorted({t.name for pts in points.values() for t in pts})
     tapped = {str(i): tap_model(m, taps).to(device).eval() for i, m in enumerate([reference, *others])}
-    stats = [{g: JointMoments() for g in names} for _ in others]
+    stats = [{key: JointMoments() for key in points} for _ in others]
 
     def consume(batch, x, outs):
         ref = outs["0"][1]
@@ -167,11 +204,11 @@ def group_covariances(
     run_pass(tapped, batches, consume, device=device, desc="joint feature statistics", total=total,
              progress=progress)
     for k, per_group in enumerate(stats):  # NaN/Inf anywhere in a batch poisons the sums: checked once
-        for g, st in per_group.items():
+        for (_, g), st in per_group.items():
             if st.mean is None:
                 raise NumericsError("no data: the batches were empty")
             bad = ~torch.isfinite(st.scatter.diagonal())
             if bad.any():
                 side = "the reference model" if bool(bad[: st.size_a].any()) else f"model {k + 1}"
                 raise NumericsError(f"NaN/Inf activations in group '{g}' of {side}")
-    return stats
+    return {place: [{g: st[place, g] for g in names} for st in stats] for place in dict.fromkeys(places)}
