@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from mergescope.cli import main
 from mergescope.models import create_model
@@ -206,3 +207,24 @@ def test_cli_makes_openmp_wait_passively_unless_told_otherwise(user, policy):
         pytest.skip("torch's OpenMP runtime is not libgomp: cannot see the policy it read")
     spins = set(re.findall(r"GOMP_SPINCOUNT = '(\d+)'", run.stderr))  # what libgomp read when torch loaded it
     assert spins and (spins == {"0"}) == (policy == "PASSIVE"), spins  # passive: no spinning at all
+
+
+def test_train_refuses_to_replace_a_checkpoint_and_to_call_training_images_test(tmp_path, capsys):
+    out = tmp_path / "m.safetensors"
+    args = ["train", "--arch", "mlp", "--arch-kwargs", '{"width": 8, "depth": 1}', "--data", "digits", "--epochs", "1",
+            "--out", str(out), "--quiet"]
+    assert main(args) == 0
+    before = out.read_bytes()
+    assert main(args) == 2
+    _assert_one_line_error(capsys, "--out", "--overwrite")
+    assert out.read_bytes() == before
+    assert main([*args, "--overwrite", "--seed", "1"]) == 0 and out.read_bytes() != before
+    tree = tmp_path / "tree"  # a plain ImageFolder tree: no test split of its own
+    for label in ("a", "b"):
+        (tree / label).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(tree / label / f"{i}.png")
+    assert main(["train", "--arch", "mlp", "--data", str(tree), "--eval", "--epochs", "1",
+                 "--out", str(tmp_path / "t.safetensors"), "--quiet"]) == 2
+    _assert_one_line_error(capsys, "--eval", "test split")
+    assert not (tmp_path / "t.safetensors").exists()

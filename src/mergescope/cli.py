@@ -76,9 +76,15 @@ def _print_outcome(results: dict, run_dir: Path) -> None:
 
 def _cmd_train(args) -> None:
     from .data import open_dataset, stratified_pair
+    from .data.open import has_split
     from .models import create_model
     from .train import TrainConfig, save_checkpoint, train_model
 
+    if Path(args.out).exists() and not args.overwrite:
+        raise MergescopeError(f"--out {args.out} already exists; pass --overwrite to replace it")
+    if args.eval and not has_split(args.data, "test"):
+        raise MergescopeError(f"--eval needs a test split, and --data {args.data} has none (a folder with test/ or "
+                              "*_test.npz beside the training images)")
     train = open_dataset(args.data, split="train")
     test = open_dataset(args.data, split="test") if args.eval else None
     ids = None
@@ -283,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", action="store_true", help="random crop + flip (32 px and larger images)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--eval", action="store_true", help="evaluate on the test split after training")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--part", choices=("a", "b"), help="train on one half of the 'stratified' class split")
     p.add_argument("--major", type=float, default=0.8, help="stratified split: share of the first half of classes")
     p.add_argument("--split-seed", type=int, default=0)

@@ -19,6 +19,15 @@ def _pack_for_split(directory: Path, split: str) -> Path | None:
     return packs[0] if packs else None
 
 
+def has_split(spec: str, split: str) -> bool:
+    """Whether ``spec`` names a dataset with a split of its own called ``split`` (``open_dataset`` gives a single
+    pack or a plain ImageFolder tree for every split, so "test" of such a spec is the training images)."""
+    if spec == "digits" or spec.startswith(CIFAR10_PREFIX):
+        return split in ("train", "test")
+    path = Path(spec).expanduser()
+    return path.is_dir() and (_pack_for_split(path, split) is not None or (path / split).is_dir())
+
+
 def open_dataset(spec: str, split: str = "train", **kw) -> ImageDataset:
     """Open a dataset by spec.
 
