@@ -58,14 +58,15 @@ def trained_models(args, train, test) -> list[torch.nn.Module]:
     """Train (or load, if its checkpoint exists) one model per seed."""
     models = []
     for seed in range(args.models):
-        path = Path(args.ckpt_dir) / f"{args.arch}_w{args.width:g}_e{args.epochs}_s{seed}.safetensors"
+        extra = "".join(f"_{k}{v}" for k, v in sorted(args.arch_kwargs.items()))
+        path = Path(args.ckpt_dir) / f"{args.arch}_w{args.width:g}{extra}_e{args.epochs}_s{seed}.safetensors"
         if path.exists():
             model, meta = load_checkpoint(path, device=args.device)
             print(f"loaded {path.name}: test accuracy {100 * meta['metrics']['test_acc']:.2f}%", flush=True)
         else:
             width = int(args.width) if args.width.is_integer() else args.width
             model = create_model(args.arch, width=width, seed=seed, in_channels=train.num_channels,
-                                 num_classes=len(train.classes))
+                                 num_classes=len(train.classes), **args.arch_kwargs)
             cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
                               augment=not args.no_augment,
                               device=args.device, amp=args.amp, eval_every=0)
@@ -129,6 +130,7 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT.parent / "shared" / "datasets" / "cifar10"))
     p.add_argument("--arch", default="vgg11_bn")
     p.add_argument("--width", type=float, default=0.25)
+    p.add_argument("--arch-kwargs", type=json.loads, default={}, help='more model arguments, e.g. \'{"batchnorm": false}\'')
     p.add_argument("--models", type=int, default=5)
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--lr", type=float, default=0.1)
