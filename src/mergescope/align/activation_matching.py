@@ -1,9 +1,14 @@
 """Activation matching (Jordan et al. 2023, REPAIR; Ainsworth et al. 2023, Git Re-Basin §3.1).
 
 For every permutation group, the Pearson correlation between each channel of the reference and each channel of
-the other model, over images × positions, at every place the group is observed (averaged over those places);
-the permutation maximizes the total matched correlation (``scipy.optimize.linear_sum_assignment``). All groups
-of all models are measured in ONE pass over the data.
+the other model, over images × positions; the permutation maximizes the total matched correlation
+(``scipy.optimize.linear_sum_assignment``). All groups of all models are measured in ONE pass over the data.
+
+Where a group is measured (``points``, :func:`mergescope.perm.observation_points`): by default where the
+reference code measures it — a residual stream on the output of its stage's last block (REPAIR's notebooks
+correlate ``blocks[:k+1]`` of both nets, k the stage's last block); ``points="all"`` averages the correlation
+matrices of every place the stream is observed (stem activation and every block output). Groups observed at
+one place (all non-residual ones) are measured there under both rules.
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import NumericsError
-from ..perm import PermSpec
+from ..perm import PermSpec, observation_points
 from ..probe.engine import run_pass
 from ..probe.stats import CoMoments, as_samples
 from ..probe.taps import tap_model
@@ -30,6 +35,7 @@ def match_many(
     device: torch.device | str = "cpu",
     progress: bool = False,
     total: int | None = None,
+    points: str = "stage_end",
 ) -> list[MatchResult]:
     """Align every model in ``others`` to ``reference`` by activation correlation, in one data pass.
 
@@ -38,6 +44,7 @@ def match_many(
         others: the models to permute onto the reference.
         spec: the permutation spec of the architecture (:func:`mergescope.perm.build_spec`).
         batches: iterable of batches with an ``.x`` tensor (e.g. :func:`mergescope.data.iter_batches`).
+        points: ``"stage_end"`` (default, the reference's) or ``"all"`` (module docstring).
 
     Returns:
         One :class:`MatchResult` per model in ``others``.
@@ -46,14 +53,15 @@ def match_many(
         >>> [res] = match_many(model_a, [model_b], build_spec(model_a), iter_batches(ds, 500))
         >>> model_b_aligned = permute_model(model_b, spec, res.perms)
     """
-    points = [t for g in spec.groups.values() for t in g.observe]
-    names = sorted({t.name for t in points})
-    tapped = {str(i): tap_model(m, names).to(device).eval() for i, m in enumerate([reference, *others])}
-    stats = {(k, t.name): CoMoments() for k in range(1, len(others) + 1) for t in points}
+    where = {g: observation_points(group, points) for g, group in spec.groups.items()}
+    taps = list({t.name: t for pts in where.values() for t in pts}.values())
+    tapped = {str(i): tap_model(m, [t.name for t in taps]).to(device).eval()
+              for i, m in enumerate([reference, *others])}
+    stats = {(k, t.name): CoMoments() for k in range(1, len(others) + 1) for t in taps}
 
     def consume(batch, x, outs):
         ref_feats = outs["0"][1]
-        for t in points:
+        for t in taps:
             a = as_samples(ref_feats[t.name], t.channel_dim)
             if not torch.isfinite(a).all():
                 raise NumericsError(f"NaN/Inf activations at layer '{t.name}' of the reference model")
@@ -65,10 +73,10 @@ def match_many(
     results = []
     for k in range(1, len(others) + 1):
         perms, sims, dead_a, dead_b = {}, {}, {}, {}
-        for gname, group in spec.groups.items():
-            corr = sum(stats[k, t.name].correlation() for t in group.observe) / len(group.observe)
-            da = torch.stack([stats[k, t.name].dead()[0] for t in group.observe]).all(0)
-            db = torch.stack([stats[k, t.name].dead()[1] for t in group.observe]).all(0)
+        for gname, pts in where.items():
+            corr = sum(stats[k, t.name].correlation() for t in pts) / len(pts)
+            da = torch.stack([stats[k, t.name].dead()[0] for t in pts]).all(0)
+            db = torch.stack([stats[k, t.name].dead()[1] for t in pts]).all(0)
             sims[gname] = corr.cpu().numpy()
             perms[gname] = best_permutation(sims[gname], f"correlation ({gname})")
             dead_a[gname] = da.nonzero().flatten().tolist()

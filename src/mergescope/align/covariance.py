@@ -4,8 +4,10 @@ Regression alignment, CCA merging, OT fusion and ZipIt! all start from the same 
 concatenated features ``[a; b]`` of a group (A's channels, then B's): the means and the full centred scatter
 matrix, whose blocks are Σ_AA, Σ_BB and Σ_AB. :class:`JointMoments` accumulates them in float64 with Chan et
 al.'s parallel update (like :class:`mergescope.probe.stats.CoMoments`), so memory is O(channels²), never
-O(samples), and the result does not depend on how the data was batched. Every image × position is one sample;
-a group observed at several places pools the samples of all of them (one map must serve all of them).
+O(samples), and the result does not depend on how the data was batched. Every image × position is one sample.
+A residual stream is measured where REPAIR's reference measures it for matching — its stage's last block output
+(``points="stage_end"``, :func:`mergescope.perm.observation_points`); ``points="all"`` pools the samples of every
+place it is observed (stem activation and every block output).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import NumericsError
-from ..perm import PermSpec
+from ..perm import PermSpec, observation_points
 from ..perm.spec import TapPoint
 from ..probe.engine import run_pass
 from ..probe.stats import as_samples
@@ -126,15 +128,16 @@ class JointMoments:
 PLACES = ("observe", "preactivation")  # where a group's joint statistics can be gathered (:func:`group_points`)
 
 
-def group_points(spec: PermSpec, group: str, at: str = "observe") -> list[TapPoint]:
+def group_points(spec: PermSpec, group: str, at: str = "observe", points: str = "stage_end") -> list[TapPoint]:
     """The tap points whose images × positions are pooled into ``group``'s statistics.
 
-    ``"observe"``: the group's observation points (``spec.groups[g].observe``: post-activation outputs, residual
-    block outputs); ``"preactivation"``: its repair points, each conv/linear output after its BatchNorm — the input
+    ``"observe"``: the group's observation points (post-activation outputs, residual block outputs) that
+    ``points`` selects (:func:`mergescope.perm.observation_points`: a residual stream's stage end by default, or
+    ``"all"``); ``"preactivation"``: its repair points, each conv/linear output after its BatchNorm — the input
     of the nonlinearity (OT fusion's pre-activations, Singh & Jaggi 2020).
     """
     if at == "observe":
-        return spec.groups[group].observe
+        return observation_points(spec.groups[group], points)
     if at == "preactivation":
         return [p.tap for p in spec.repair_points if p.tap.group == group]
     raise ValueError(f"at must be one of {', '.join(PLACES)}; got {at!r}")
@@ -150,18 +153,20 @@ def group_covariances(
     progress: bool = False,
     total: int | None = None,
     at: str = "observe",
+    points: str = "stage_end",
 ) -> list[dict[str, JointMoments]]:
     """Joint feature statistics of the reference with every other model, per group, in ONE data pass.
 
     Args:
         reference: model A (all models share the architecture described by ``spec``).
         others: the models B₁…B_n.
-        spec: the permutation spec; each group is observed at ``spec.groups[g].observe`` (post-activation
-            outputs, residual block outputs), every observation point's images × positions pooled.
+        spec: the permutation spec; each group is measured at :func:`group_points` (``at``, ``points``), the
+            images × positions of every point pooled.
         batches: iterable of batches with an ``.x`` tensor.
         groups: restrict to these group names (default: all).
         at: ``"observe"`` or ``"preactivation"`` (:func:`group_points`); several places in one pass:
             :func:`group_covariances_at`.
+        points: which observation points of a residual stream: ``"stage_end"`` (default) or ``"all"``.
 
     Returns:
         For each model of ``others``, ``{group: JointMoments}`` with a = the reference's channels.
@@ -171,7 +176,8 @@ def group_covariances(
         >>> stats["features.0"].correlation().shape
         torch.Size([16, 16])
     """
-    return group_covariances_at(reference, others, spec, batches, (at,), device, groups, progress, total)[at]
+    return group_covariances_at(reference, others, spec, batches, (at,), device, groups, progress, total,
+                                points)[at]
 
 
 def group_covariances_at(
@@ -184,11 +190,13 @@ def group_covariances_at(
     groups: Sequence[str] | None = None,
     progress: bool = False,
     total: int | None = None,
+    points: str = "stage_end",
 ) -> dict[str, list[dict[str, JointMoments]]]:
     """:func:`group_covariances` at several places (:data:`PLACES`) in the same ONE pass:
     ``{place: [per model of others {group: JointMoments}]}``."""
     names = list(spec.groups) if groups is None else list(groups)
-    points = {(place, g): group_points(spec, g, place) for place in dict.fromkeys(places) for g in names}
+    where = points  # the observation-point rule; `points` below is each (place, group)'s list of taps
+    points = {(place, g): group_points(spec, g, place, where) for place in dict.fromkeys(places) for g in names}
     taps = sorted({t.name for pts in points.values() for t in pts})
     tapped = {str(i): tap_model(m, taps).to(device).eval() for i, m in enumerate([reference, *others])}
     stats = [{key: JointMoments() for key in points} for _ in others]

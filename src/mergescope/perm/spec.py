@@ -8,8 +8,19 @@ feature map into a linear layer expands each channel into a block of ``H*W`` inp
 The graph is walked once in topological order, labelling each tensor with the group its channel axis belongs
 to; residual adds union groups (union-find). Groups tied to the network's input or output cannot be permuted
 and are dropped. Along the way the spec records, per group, where its channels can be *observed*
-(post-activation outputs, residual block outputs) and the *repair points* (pre-activation outputs of each
-conv/linear, after its BatchNorm if any) that REPAIR renormalizes.
+(post-activation outputs, residual block outputs), the *repair points* (pre-activation outputs of each
+conv/linear, after its BatchNorm if any) and the *residual block outputs* (a residual add, after the activation
+that follows it) — the points REPAIR corrects (:mod:`mergescope.merge.repair`).
+
+Where a residual stream is measured. A residual-stream group is observed at many places (the stem's activation
+and every block output of the stage). REPAIR's reference notebooks (Jordan et al. 2023, KellerJordan/REPAIR:
+``Merge-ResNet50-ImageNet`` and ``Train-and-Permute-CIFAR10-ResNet20``) match a stream once, on the output of the
+*last* block of its stage — the sub-network ``blocks[:k+1]`` with k the stage's last block — and apply that one
+permutation to every conv/BN writing into the stream. :func:`observation_points` gives that place by default
+(``"stage_end"``: the group's last observation point in graph order) and the average over every place as an
+option (``"all"``). (One ResNet20 notebook, ``Permute-CIFAR10-ResNet20``, indexes the third stage one block early;
+we follow the stage end, as the ResNet50 and the other ResNet20 notebook do.) A group observed at one place (every
+non-residual group) is the same under both rules.
 """
 from __future__ import annotations
 
@@ -62,6 +73,20 @@ class PermGroup:
     observe: list[TapPoint] = field(default_factory=list)
 
 
+MATCH_POINTS = ("stage_end", "all")  # where a group is measured for matching and joint statistics
+
+
+def observation_points(group: PermGroup, points: str = "stage_end") -> list[TapPoint]:
+    """The places whose statistics measure ``group`` (module docstring): ``"stage_end"`` — the last place the group
+    is observed in graph order (a residual stream: the output of its stage's last block, as REPAIR's reference
+    measures it); ``"all"`` — every observation point (stem activation and every block output)."""
+    if points == "stage_end":
+        return group.observe[-1:]
+    if points == "all":
+        return list(group.observe)
+    raise ValueError(f"points must be one of {', '.join(MATCH_POINTS)}; got {points!r}")
+
+
 @dataclass
 class PermSpec:
     """Everything mergescope knows about a model's permutation symmetry.
@@ -69,7 +94,8 @@ class PermSpec:
     Attributes:
         groups: the permutation groups, in graph order, by name.
         param_axes: for every state_dict key that some group moves, its axes (each None or a group name).
-        repair_points: the pre-activation outputs REPAIR renormalizes, in graph order.
+        repair_points: the pre-activation outputs (after the BatchNorm if any) of every permutable conv/linear,
+            in graph order: the points of the architecture-preserving REPAIR.
         layers: every observable layer (post-activation outputs, block outputs), in graph order, by canonical
             name — what the probe looks at by default and what :func:`list_layers` prints.
         fixed: names of creator layers whose channels cannot be permuted (tied to the input or output).
@@ -84,6 +110,7 @@ class PermSpec:
     layers: dict[str, TapPoint]
     fixed: list[str]
     tensors: dict[str, TapPoint] = field(default_factory=dict)
+    block_outputs: list[TapPoint] = field(default_factory=list)  # residual block outputs (add, + activation)
 
     def describe(self) -> str:
         lines = [f"{len(self.groups)} permutation groups"]
@@ -344,14 +371,18 @@ class _SpecBuilder:
             return TapPoint(self.names[node], node.name, group, G.shape_of(node)[lab.dim], lab.dim)
 
         layers: dict[str, TapPoint] = {}
+        block_outputs: list[TapPoint] = []
         for node in self.gm.graph.nodes:
             if node not in self.labels or self.labels[node].block != 1:
                 continue
             post_act = node in self.activation_nodes
             block_out = node in self.add_nodes and not any(u in self.activation_nodes for u in node.users)
+            after_add = post_act and any(a in self.add_nodes for a in node.all_input_nodes)
             if post_act or block_out:
                 t = tap(node)
                 layers[t.name] = t
+                if (block_out or after_add) and t.group is not None:
+                    block_outputs.append(t)
                 if t.group is not None:
                     groups[uf.find(self.labels[node].gid)].observe.append(t)
         for root, g in groups.items():
@@ -376,6 +407,7 @@ class _SpecBuilder:
             layers=layers,
             fixed=fixed,
             tensors={n.name: tap(n) for n, lab in self.labels.items() if lab.block == 1},
+            block_outputs=block_outputs,
         )
 
 
