@@ -1,8 +1,13 @@
 """Weight matching (Ainsworth et al. 2023, Git Re-Basin, Algorithm 1): coordinate descent over the groups.
 
-For one group at a time (random order each sweep), with every other permutation held fixed, the best
-permutation maximizes ``sum_i C[i, p[i]]`` with ``C = sum over the group's weight axes of A_axis @ P(B)_axisᵀ``
-(each weight viewed with that axis first and the rest flattened); sweeps repeat until none improves.
+Algorithm 1 (PermutationCoordinateDescent): start from the identity; in each sweep visit every group once, in a
+random order, and with every other permutation held fixed replace the group's permutation by the solution of the
+linear assignment problem ``max_p sum_i C[i, p[i]]``, ``C = sum over the group's weight axes of A_axis @ P(B)_axisᵀ``
+(each weight viewed with that axis first and the rest flattened; for an MLP layer ℓ: ``W_ℓ^A P_{ℓ-1} W_ℓ^Bᵀ +
+W_{ℓ+1}^Aᵀ P_{ℓ+1} W_{ℓ+1}^B`` plus the bias terms); sweeps repeat until one changes no permutation (a new
+solution is adopted only when it raises the group's objective by more than 1e-6 relative). The order of sweep k
+is the k-th ``permutation`` drawn from ``numpy.random.default_rng(seed)`` over the groups in spec order, as the
+reference (samuela/git-re-basin ``weight_matching``) draws a fresh random order per iteration.
 
 Speed: ``P(B)`` is kept fully permuted and only the weights a changed group touches are re-indexed; each weight
 axis's term of the cost is cached and recomputed only when a permutation on another axis of that weight moved;
