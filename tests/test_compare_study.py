@@ -19,7 +19,7 @@ from mergescope.compare import (
     write_compare_csv,
 )
 from mergescope.comparison import CompareConfig, channel_comparison, make_embedder
-from mergescope.data import iter_batches, load_digits, subset_per_class
+from mergescope.data import iter_batches, load_digits, stratified_subset, subset_per_class
 from mergescope.embed import EmbeddingCache
 from mergescope.evaluate import evaluate_models
 from mergescope.features import feature_study
@@ -63,7 +63,7 @@ def permuted_study(tmp_path_factory, digits):
 
 def test_model_vs_permuted_copies_is_identical_on_every_channel(permuted_study, digits):
     run, out, probed, _ = permuted_study
-    assert torch.equal(probed.subset_ids, torch.from_numpy(subset_per_class(digits.targets, 5, seed=0)))
+    assert torch.equal(probed.subset_ids, torch.from_numpy(stratified_subset(digits.targets, 5000, seed=0)))
     rows = read_compare_csv(run / "compare.csv")
     assert len(rows) == 2 * sum(CHANNELS.values())  # pairs × layers × channels
     keys = {(r["model"], r["layer"], r["channel"]) for r in rows}

@@ -15,9 +15,9 @@ import torch
 
 from mergescope.align.covariance import group_covariances
 from mergescope.align.regressed_topk import pick, regressed_activations, regressed_topk, single_weight_fits
-from mergescope.align.regression import regression_from_stats, regression_subset
+from mergescope.align.regression import regression_from_stats
 from mergescope.cli import main
-from mergescope.data import iter_batches, load_digits
+from mergescope.data import iter_batches, load_digits, subset_per_class
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
 from mergescope.probe import probe
@@ -33,7 +33,7 @@ def test_regressed_topk_of_a_permuted_copy_is_the_models_own(helpers, train):
     a = helpers.randomize_batchnorm(create_model("cnn_digits", seed=0, width=8), seed=2).eval()
     spec = build_spec(a)
     b = permute_model(a, spec, random_perms(spec, torch.Generator().manual_seed(0)))
-    [stats] = group_covariances(a, [b], spec, iter_batches(train, 50, ids=regression_subset(train)))
+    [stats] = group_covariances(a, [b], spec, iter_batches(train, 50, ids=subset_per_class(train.targets, 5)))
     res = regression_from_stats(stats, fractions=(0.05, 1.0))
     fits = {g: [*single_weight_fits(stats[g], res.fits[g]), res.fits[g]] for g in res.fits}
     tops = regressed_topk(a, b, spec, res, iter_batches(train, 256), k=10, fits=fits)
@@ -61,7 +61,7 @@ def test_regressed_topk_covers_every_layer_of_a_residual_stream(helpers, train):
     streams = [g for g, grp in spec.groups.items() if len(grp.observe) > 1]
     assert len(streams) == 3  # the stem's stream and two more (test_perm: relu, layer1.0, layer1.1, layer1.2)
     b = permute_model(a, spec, random_perms(spec, torch.Generator().manual_seed(0)))
-    [stats] = group_covariances(a, [b], spec, iter_batches(train, 50, ids=regression_subset(train)))
+    [stats] = group_covariances(a, [b], spec, iter_batches(train, 50, ids=subset_per_class(train.targets, 5)))
     res = regression_from_stats(stats, fractions=None)
     fits = {g: [*single_weight_fits(stats[g], res.fits[g]), res.fits[g]] for g in res.fits}
     tops = regressed_topk(a, b, spec, res, iter_batches(train, 256), k=10, fits=fits)
@@ -104,7 +104,7 @@ def test_regress_command_writes_csv_and_section(tmp_path, capsys):
     assert main(["regress", str(run), "--quiet"]) == 0
     with open(run / "regression.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["layer", "channel", "m", "refit", "r2", "recovered"]
+    assert list(rows[0]) == ["layer", "channel", "m", "refit", "r2_heldout", "r2_in_sample", "recovered"]
     layers = {r["layer"] for r in rows}
     assert layers == {"features.2", "features.5", "features.9"}
     assert {r["refit"] for r in rows} == {"true", "false"}  # flags as in every CSV of a run

@@ -12,10 +12,9 @@ from mergescope.align.regression import (
     keep_count,
     regress_many,
     regression_fit,
-    regression_subset,
     sparsify,
 )
-from mergescope.data import iter_batches, load_digits
+from mergescope.data import iter_batches, load_digits, subset_per_class
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
 
@@ -27,8 +26,8 @@ def train():
 
 @pytest.fixture(scope="module")
 def subset_batches(train):
-    """The default fitting subset (5 images per class) in batches of 20."""
-    return list(iter_batches(train, 20, ids=regression_subset(train)))
+    """A small fitting subset (5 images per class) in batches of 20."""
+    return list(iter_batches(train, 20, ids=subset_per_class(train.targets, 5)))
 
 
 def _cnn(helpers):
@@ -88,7 +87,7 @@ def test_regression_onto_a_mixed_copy_recovers_the_mixing_matrix(kind, train):
                           nn.Linear(8 * 64, 10))
         names = ("0.weight", "0.bias", "1.weight")
         a.input_size = (1, 8, 8)
-        batches = list(iter_batches(train, 20, ids=regression_subset(train)))
+        batches = list(iter_batches(train, 20, ids=subset_per_class(train.targets, 5)))
     a.eval()
     spec = build_spec(a)
     group = names[0].split(".")[0]
@@ -111,7 +110,7 @@ def test_streamed_statistics_do_not_depend_on_batching(helpers, train):
     a = _cnn(helpers)
     b = helpers.randomize_batchnorm(create_model("cnn_digits", seed=1, width=8), seed=3).eval()
     spec = build_spec(a)
-    ids = regression_subset(train)
+    ids = subset_per_class(train.targets, 5)
     [small] = group_covariances(a, [b], spec, iter_batches(train, 7, ids=ids))
     [whole] = group_covariances(a, [b], spec, iter_batches(train, len(ids), ids=ids))
     for g in spec.groups:

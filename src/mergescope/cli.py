@@ -171,8 +171,10 @@ def _cmd_merge(args) -> None:
 def _cmd_probe(args) -> None:
     from .features import ProbeConfig, probe_run
 
+    if args.subset_images < 1:
+        raise MergescopeError(f"--subset-images must be at least 1, got {args.subset_images}")
     cfg = ProbeConfig(split=args.split, k=args.k, reduction=args.reduction, merge=args.merge,
-                      batch_size=args.batch_size)
+                      batch_size=args.batch_size, subset_images=args.subset_images)
     probe_run(args.out, args.checkpoints, args.data, cfg, device=args.device, progress=not args.quiet,
               overwrite=args.overwrite)
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -183,6 +185,7 @@ def _cmd_compare(args) -> None:
 
     cfg = CompareConfig(embedder=args.embedder, clip_model=args.clip_model, clip_weights=args.clip_weights,
                         consensus_metric=args.consensus_metric, threshold=args.threshold,
+                        null_quantile=args.null_quantile, null_partners=args.null_partners,
                         partial_merge=args.partial_merge, alpha=args.alpha, eval_split=args.eval_split,
                         seeds=tuple(args.seeds), batch_size=args.batch_size)
     out = compare_run(args.run_dir, cfg, device=args.device, progress=not args.quiet, overwrite=args.overwrite)
@@ -190,9 +193,11 @@ def _cmd_compare(args) -> None:
     print(f"compared {len(res.rows)} channel pairs (δ embedder: {(res.embedder or {}).get('name', 'none')})")
     rule = res.rules["observation3"]
     for r in res.observation3:
+        if "share_all similar" not in r:
+            continue  # the metric has no null in this layer
         print(f"  {r['layer']:<20} all similar {100 * r['share_all similar']:5.1f}%   most similar "
               f"{100 * r['share_most similar']:5.1f}%   all dissimilar {100 * r['share_all dissimilar']:5.1f}%"
-              f"   ({rule['metric']} {'>=' if rule['higher_is_similar'] else '<='} {rule['threshold']})")
+              f"   ({rule['metric']} beyond the unmatched-channel null's {rule['quantile']:g} quantile)")
     if not res.observation3:
         print("  (Observation 3 needs at least two models aligned to the reference)")
     print(f"table: {run_dir / 'compare.csv'}")
@@ -202,13 +207,20 @@ def _cmd_compare(args) -> None:
 def _cmd_regress(args) -> None:
     from .regression_run import RegressConfig, regress_run
 
-    cfg = RegressConfig(per_class=args.per_class, ridge=args.ridge, k=args.k, batch_size=args.batch_size)
+    for option, value in (("--fit-images", args.fit_images), ("--heldout-images", args.heldout_images)):
+        if value < 1:
+            raise MergescopeError(f"{option} must be at least 1, got {value}")
+    cfg = RegressConfig(fit_images=args.fit_images, heldout_images=args.heldout_images, ridge=args.ridge, k=args.k,
+                        batch_size=args.batch_size)
     out = regress_run(args.run_dir, cfg, device=args.device, progress=not args.quiet, overwrite=args.overwrite)
     for r in out["summary"]:
         if r["label"] in ("m=1 refit", "all"):
             rec = "—" if r["mean_recovered"] is None else f"{100 * r['mean_recovered']:5.1f}%"
             r2 = "—" if r["mean_r2"] is None else f"{r['mean_r2']:.3f}"
-            print(f"  {r['layer']:<20} {r['label']:<10} mean R² {r2}   recovered top-{cfg.k} {rec}")
+            print(f"  {r['layer']:<20} {r['label']:<10} mean held-out R² {r2}   recovered top-{cfg.k} {rec}")
+    info = out["info"]
+    print(f"fitted on {info['subset']} images, R² on {info['heldout']} held-out images, top-k among the "
+          f"{info['ranked']} images outside the fitting subset")
     run_dir = Path(args.run_dir)
     print(f"table: {run_dir / 'regression.csv'}")
     print(f"report: {run_dir / 'report.html'}")
@@ -330,6 +342,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--merge", type=float, metavar="ALPHA", help="also probe A and B merged at ALPHA (permuted, "
                    "permuted + REPAIR, direct average)")
     p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--subset-images", type=int, default=5000, metavar="N", help="D′, the fixed subset whose "
+                   "activations the probe keeps for Kendall's τ: N images spread evenly over the classes, capped by "
+                   "the dataset (default 5000, the thesis's subset size; N ≥ 1)")
     p.add_argument("--overwrite", action="store_true")
     _add_device(p)
     p.set_defaults(func=_cmd_probe)
@@ -343,10 +358,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-weights", help="local CLIP weights file for open_clip (or a tag in its cache)")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32; OpenAI "
                    "weights from a file need ViT-B-32-quickgelu)")
-    p.add_argument("--threshold", type=float, default=0.5, help="Observation 3: a model is similar on a channel "
-                   "when the consensus metric is >= this (<= for clip_delta); default 0.5")
+    p.add_argument("--null-quantile", type=float, default=0.95, help="similar = beyond this quantile of the "
+                   "metric between unmatched channels of the layer (lower tail for clip_delta); default 0.95")
+    p.add_argument("--null-partners", type=int, default=32, help="unmatched partners sampled per channel for "
+                   "that null (seeded; all of them in smaller layers); default 32")
+    p.add_argument("--threshold", type=float, default=0.5, help="Observation 3's named variant "
+                   "'fixed_threshold': similar when the consensus metric is >= this (<= for clip_delta); default 0.5")
     p.add_argument("--consensus-metric", choices=("kendall_tau", "overlap", "correlation", "clip_delta"),
-                   default="kendall_tau", help="metric Observation 3 thresholds (default: kendall_tau)")
+                   default="kendall_tau", help="metric whose null judgement decides Observations 2 and 3 "
+                   "(default: kendall_tau)")
     p.add_argument("--partial-merge", action="store_true", help="also merge only the top/bottom x%% channels by "
                    "each metric (vs random channels) and plot accuracy curves")
     p.add_argument("--alpha", type=float, default=0.5, help="partial merging: weight of A in merged channels")
@@ -360,7 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("regress", help="regress each channel of A on all channels of B's same layer (sparsity "
                        "sweep, R², recovered top-k of the regressed channels) over a probe/demo run")
     p.add_argument("run_dir", help="a run folder made by `mergescope probe` or `mergescope demo`")
-    p.add_argument("--per-class", type=int, default=5, help="fitting subset: images per class (default 5)")
+    p.add_argument("--fit-images", type=int, default=5000, metavar="N", help="fitting subset: N images spread "
+                   "evenly over the classes (default 5000, the thesis's 5 per class × 1000 ImageNet classes; N ≥ 1; "
+                   "capped by what the held-out subset leaves)")
+    p.add_argument("--heldout-images", type=int, default=5000, metavar="N", help="held-out subset R² is judged "
+                   "on: N images spread evenly over the classes, disjoint from the fitting ones (default 5000, at most "
+                   "a fifth of the dataset; N ≥ 1)")
     p.add_argument("--ridge", type=float, default=0.0, help="relative ridge λ (default 0: least squares)")
     p.add_argument("--k", type=int, default=10, help="top-k images per channel")
     p.add_argument("--batch-size", type=int, default=256)

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .align import MatchResult, match_many
-from .data import ImageDataset, iter_batches, len_batches, open_dataset, subset_per_class
+from .data import ImageDataset, iter_batches, len_batches, open_dataset, stratified_subset
 from .errors import MergescopeError
 from .merge import interpolate_model, repair_and_reset
 from .perm import Perms, PermSpec, build_spec, permute_model
@@ -51,7 +51,7 @@ def feature_study(
         matches: tag -> an existing alignment to A (e.g. from the interpolation sweep); missing ones are computed.
         merged: row label -> a merged model whose channels are A's (shown in the pairwise view).
         subset_ids: the fixed subset D′ whose activations the probe keeps (for Kendall's τ); default
-            :func:`default_subset` (5 images per class, seed 0).
+            :func:`default_subset` (5,000 images, class-stratified, seed 0).
 
     Returns:
         The probe result, the index of feature pages ({"slug", "title", "layer", "channels", "href"}) and the
@@ -99,10 +99,18 @@ def feature_study(
     return result, render_views(run_dir, dataset, result, recipes), recipes
 
 
-def default_subset(dataset: ImageDataset, per_class: int = 5, seed: int = 0) -> np.ndarray:
-    """D′ (DESIGN "Kendall-τ(c)"): ``per_class`` images of every class, fixed seed (fewer where a class is smaller)."""
-    counts = np.bincount(np.asarray(dataset.targets, dtype=np.int64))
-    return subset_per_class(dataset.targets, int(min(per_class, counts[counts > 0].min())), seed=seed)
+SUBSET_IMAGES = 5000  # D′: the thesis's 5,000-image subset (000 §3.2.4 and A.3: "5000 images … i.e., 5 per class")
+
+
+def default_subset(dataset: ImageDataset, size: int = SUBSET_IMAGES, seed: int = 0) -> np.ndarray:
+    """D′ (DESIGN "Kendall-τ(c)"): ``size`` images spread evenly over the classes, fixed seed
+    (:func:`~mergescope.data.stratified_subset`; capped by the dataset).
+
+    The thesis does not size D′ for Kendall's τ; its only fixed subset is the regression's 5,000 ImageNet images
+    (5 per class × 1,000 classes, 000 §3.2.4), so D′ has 5,000 images whatever the number of classes: 500 per
+    class on CIFAR-10, all 1,437 images of the digits' train split.
+    """
+    return stratified_subset(dataset.targets, size, seed=seed)
 
 
 def render_views(run_dir: str | Path, dataset: ImageDataset, result: ProbeResult, recipes: list[dict]) -> list[dict]:
@@ -172,6 +180,7 @@ class ProbeConfig:
     reduction: str = "max"  # feature map -> one number per image: "max" or "mean"
     merge: float | None = None  # also probe A and B merged at this α (permuted, + REPAIR, direct average)
     batch_size: int = 256
+    subset_images: int = SUBSET_IMAGES  # D′: images whose activations the probe keeps (Kendall's τ)
 
 
 def probe_run(run_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], data: str,
@@ -213,7 +222,7 @@ def probe_run(run_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
         merged = merged_rows(pair, cfg.merge)
     _, pages, recipes = feature_study(run_dir, dataset, models, matches=matches, merged=merged, spec=spec, k=cfg.k,
                                       reduction=cfg.reduction, batch_size=cfg.batch_size, device=device,
-                                      progress=progress)
+                                      progress=progress, subset_ids=default_subset(dataset, cfg.subset_images))
     results = {
         "title": f"mergescope feature study: {len(models)} models on {dataset.name}",
         "headline": f"Top-{cfg.k} {dataset.name} images of every channel of {len(spec.layers)} layers, for "
@@ -231,4 +240,4 @@ def probe_run(run_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
     return results
 
 
-__all__ = ["ProbeConfig", "default_subset", "feature_study", "merged_pair", "merged_rows", "probe_run", "render_views"]
+__all__ = ["SUBSET_IMAGES", "ProbeConfig", "default_subset", "feature_study", "merged_pair", "merged_rows", "probe_run", "render_views"]

@@ -1,11 +1,13 @@
 """``mergescope regress RUN_DIR``: regression alignment of B onto A for a finished probe/demo run folder
 (issue 5, items 2 and 4), mirroring :func:`mergescope.comparison.compare_run`.
 
-Fits every group of A on the same layer of B (unaligned: the map needs no permutation) over the fixed subset
-(5 images per class; a residual stream pooled over all its layers), sweeps the sparsity, ranks the dataset's images
-by every regressed B channel at every observation point in one pass
-(:func:`mergescope.align.regressed_topk.regressed_topk`), and writes ``regression.csv`` (layer, channel, m, refit,
-r2, recovered; one block per observation point), ``regression_topk.json`` (the hard channels' top-k images),
+Fits every group of A on the same layer of B (unaligned: the map needs no permutation) over the fitting subset F
+(the thesis's 5,000 images, class-stratified, capped by the dataset; a residual stream pooled over all its layers),
+sweeps the sparsity, judges every map's R² on a disjoint held-out subset H (5,000 images, at most a fifth of the
+dataset: :func:`mergescope.align.regression.regression_subsets`), ranks every image outside F by every regressed B
+channel at every observation point in one pass (:func:`mergescope.align.regressed_topk.regressed_topk`; A's top-k
+over the same images), and writes ``regression.csv`` (layer, channel, m, refit, r2_heldout, r2_in_sample,
+recovered; one block per observation point), ``regression_topk.json`` (the hard channels' top-k images),
 ``figures/regression.png``, the hard channels' feature pages (``features/regress_*.html``) and the
 "Regression alignment" section of ``report.html``. The last three are rendered from what is stored
 (:func:`render_regression`), so ``mergescope report`` re-renders them without a model.
@@ -21,13 +23,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ._csvio import write_rows
 from ._jsonio import write_json
 from .align.covariance import group_covariances
 from .align.regressed_topk import hard_channels, regressed_topk, single_weight_fits, summary_rows
-from .align.regression import DEFAULT_FRACTIONS, regression_from_stats, regression_subset
+from .align.regression import (DEFAULT_FRACTIONS, FIT_IMAGES, HELDOUT_IMAGES, judged_result, regression_from_stats,
+                               regression_subsets)
 from .data import iter_batches, len_batches, open_dataset
 from .errors import MergescopeError
 from .report.regression_pages import (
@@ -41,14 +45,15 @@ from .report.regression_pages import (
 SECTION_TITLE = "Regression alignment"
 CSV_NAME = "regression.csv"
 VIEWS_NAME = "regression_topk.json"  # the hard channels' top-k images (A, B, regressed B): the pages' data
-COLUMNS = ("layer", "channel", "m", "refit", "r2", "recovered")
+COLUMNS = ("layer", "channel", "m", "refit", "r2_heldout", "r2_in_sample", "recovered")
 
 
 @dataclass
 class RegressConfig:
     """How to regress (recorded in the run's manifest)."""
 
-    per_class: int = 5  # fitting subset: images per class
+    fit_images: int = FIT_IMAGES  # fitting subset F (class-stratified, capped by the dataset)
+    heldout_images: int = HELDOUT_IMAGES  # held-out subset H that R² is judged on (at most a fifth of the dataset)
     ridge: float = 0.0  # relative ridge λ
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # sparsity sweep (m as a fraction of B's channels)
     sparse_fraction: float = 0.05  # "needs many weights": R²(all) − R²(this, refit)
@@ -89,32 +94,40 @@ def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None,
     spec = build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
 
     t0 = time.perf_counter()
-    ids = regression_subset(dataset, cfg.per_class)
-    [stats] = group_covariances(a, [b], spec, iter_batches(dataset, cfg.batch_size, ids=ids), device=device,
-                                progress=progress)
+    try:
+        ids, held = regression_subsets(dataset, cfg.fit_images, cfg.heldout_images)
+    except ValueError as e:
+        raise MergescopeError(str(e)) from None
+    [stats], [held_stats] = (group_covariances(a, [b], spec, iter_batches(dataset, cfg.batch_size, ids=s),
+                                               device=device, progress=progress) for s in (ids, held))
     res = regression_from_stats(stats, cfg.ridge, cfg.fractions)
     for g in res.fits:  # m = 1 exactly (the smallest fraction may keep more weights in wide layers)
         res.sweep[g] = [*single_weight_fits(stats[g], res.fits[g]), *res.sweep.get(g, [])]
+    res = judged_result(res, stats, held_stats)
     timings["fit"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    tops = regressed_topk(a, b, spec, res, iter_batches(dataset, cfg.batch_size), k=cfg.k, reduction=cfg.reduction,
-                          device=device, progress=progress, total=len_batches(dataset, cfg.batch_size))
+    ranked = np.setdiff1d(np.arange(len(dataset)), ids)  # every image outside the fitting subset
+    tops = regressed_topk(a, b, spec, res, iter_batches(dataset, cfg.batch_size, ids=ranked), k=cfg.k,
+                          reduction=cfg.reduction, device=device, progress=progress,
+                          total=len_batches(dataset, cfg.batch_size, ids=ranked))
     timings["top-k pass"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    rows = [{"layer": gt.layer, "channel": c, "m": mp.m, "refit": mp.refit, "r2": _nan_none(float(mp.r2[c])),
-             "recovered": _nan_none(float(mp.recovered[c]))}
+    rows = [{"layer": gt.layer, "channel": c, "m": mp.m, "refit": mp.refit, "r2_heldout": _nan_none(float(mp.r2[c])),
+             "r2_in_sample": _nan_none(float(mp.r2_fit[c])), "recovered": _nan_none(float(mp.recovered[c]))}
             for gt in tops.values() for mp in gt.maps.values() for c in range(len(mp.r2))]
     csv_path = write_rows(run_dir / CSV_NAME, COLUMNS, rows)
     hard = {layer: hard_channels(gt, cfg.sparse_fraction, cfg.hard_n) for layer, gt in tops.items()}
     views_path = write_json(run_dir / VIEWS_NAME, {"views": regression_records(tops, hard, cfg.sparse_fraction)})
     streams = {g: [t.name for t in spec.groups[g].observe] for g in dict.fromkeys(gt.group for gt in tops.values())
                if len(spec.groups[g].observe) > 1}
-    info = {"subset": len(ids), "per_class": cfg.per_class, "reduction": cfg.reduction, "images": len(dataset),
+    info = {"subset": len(ids), "heldout": len(held), "ranked": len(ranked), "reduction": cfg.reduction,
+            "images": len(dataset),
             "dataset": f"{features['data']} ({features['split']})", "k": cfg.k, "streams": streams,
             "sparse_label": f"{cfg.sparse_fraction * 100:g}% refit", "hard_n": cfg.hard_n}
     out = {"summary": summary_rows(tops), "hard_channels": hard, "info": info, "views": VIEWS_NAME,
            "data": features["data"], "split": features["split"], "samples": res.samples,
+           "heldout_samples": res.heldout_samples,
            "layers": {layer: gt.group for layer, gt in tops.items()}, "config": dataclasses.asdict(cfg),
            "timings": timings}
     section, out["pages"], files = render_regression(run_dir, out, dataset)

@@ -17,7 +17,9 @@ layer. The result has one :class:`GroupTopK` per observation point, keyed by lay
 each of its layers; the recovered fractions are the layer's own).
 
 Recovered fraction per A channel: |T_A ∩ T_regressed| / k, NaN where A's activation is constant over the
-dataset (a dead channel has no top-k to recover) or over the fitting subset (R² NaN: the fit gives it no weights).
+ranked images (a dead channel has no top-k to recover) or over the fitting subset (the fit gives it no weights).
+The ranked images are whatever ``batches`` holds; ``mergescope regress`` ranks every image outside the fitting
+subset (:mod:`mergescope.regression_run`), so the top-k too is judged out of sample.
 """
 from __future__ import annotations
 
@@ -49,7 +51,8 @@ class RegressedMap:
     ids: np.ndarray  # int64 [C_A, k]
     values: np.ndarray  # float32 [C_A, k]
     recovered: np.ndarray  # float [C_A]: |T_A ∩ T_regressed| / k (NaN: A's channel constant on the data)
-    r2: np.ndarray  # float [C_A] on the fitting subset
+    r2: np.ndarray  # float [C_A] on the held-out subset (RegressionFit.r2)
+    r2_fit: np.ndarray  # float [C_A] on the fitting subset (in-sample)
 
 
 @dataclass
@@ -195,11 +198,11 @@ def regressed_topk(
                        int(size[g][1]))
         for f, top in zip(chosen[g], maps_top[name]):
             ids = top.ids.cpu().numpy()
-            r2 = f.r2.cpu().numpy()
+            r2_fit = (f.r2 if f.r2_fit is None else f.r2_fit).cpu().numpy()
             recovered = _recovered(a_ids, ids, constant)
-            recovered[np.isnan(r2)] = np.nan  # constant on the fitting subset: the fit says nothing (weights 0)
+            recovered[np.isnan(r2_fit)] = np.nan  # constant on the fitting subset: the fit says nothing (weights 0)
             gt.maps[f.label] = RegressedMap(f.label, f.m, f.fraction, f.refit, ids, top.values.cpu().numpy(),
-                                            recovered, r2)
+                                            recovered, f.r2.cpu().numpy(), r2_fit)
         out[name] = gt
     return out
 
@@ -215,19 +218,23 @@ def single_weight_fits(stats, fit: RegressionFit) -> list[RegressionFit]:
 
 
 def summary_rows(tops: Mapping[str, GroupTopK]) -> list[dict]:
-    """Per layer and map: mean R² and mean recovered fraction (over channels where each is defined)."""
+    """Per layer and map: mean held-out R² (``mean_r2``), mean in-sample R² (``mean_r2_fit``) and mean recovered
+    fraction, each over the channels where it is defined."""
     rows = []
     for gt in tops.values():
         for mp in gt.maps.values():
-            r2, rc = mp.r2[~np.isnan(mp.r2)], mp.recovered[~np.isnan(mp.recovered)]
             rows.append({"layer": gt.layer, "group": gt.group, "label": mp.label, "m": mp.m,
-                         "fraction": mp.fraction, "refit": mp.refit,
-                         "mean_r2": float(r2.mean()) if r2.size else None,
-                         "mean_recovered": float(rc.mean()) if rc.size else None})
-        rc = gt.single_recovered[~np.isnan(gt.single_recovered)]
+                         "fraction": mp.fraction, "refit": mp.refit, "mean_r2": _nanmean(mp.r2),
+                         "mean_r2_fit": _nanmean(mp.r2_fit), "mean_recovered": _nanmean(mp.recovered)})
         rows.append({"layer": gt.layer, "group": gt.group, "label": "best single channel", "m": 1, "fraction": None,
-                     "refit": None, "mean_r2": None, "mean_recovered": float(rc.mean()) if rc.size else None})
+                     "refit": None, "mean_r2": None, "mean_r2_fit": None,
+                     "mean_recovered": _nanmean(gt.single_recovered)})
     return rows
+
+
+def _nanmean(v: np.ndarray) -> float | None:
+    v = v[~np.isnan(v)]
+    return float(v.mean()) if v.size else None
 
 
 def pick(gt: GroupTopK, m: int, refit: bool = True) -> RegressedMap | None:

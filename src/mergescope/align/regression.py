@@ -2,7 +2,8 @@
 of all channels of the same group of B, and how sparse that combination can be.
 
 For every channel i of A, ordinary least squares with intercept on B's channels, over images × positions at the
-group's observation points of a fixed image subset (default: 5 images per class, :func:`regression_subset`):
+group's observation points of a fixed **fitting subset** F (default: the thesis's 5,000 images, class-stratified,
+capped by the dataset — :func:`regression_subsets`):
 
     a_i ≈ W[i] · b + c_i,    W = Σ_AB (Σ_BB + λ·s·I)⁻¹,    c = μ_A − W μ_B,
 
@@ -10,15 +11,27 @@ with Σ the (population) covariances from the streamed normal equations (:class:
 full centred scatter of ``[a; b]`` in float64 — activations are never held), ``λ`` the optional ridge and
 ``s = mean(diag Σ_BB)`` (so λ is relative and scale-free). Singular systems (constant B channels) are solved
 with the pseudo-inverse (minimum-norm solution: constant channels get weight 0).
-R²_i = 1 − SSE_i / SST_i on the fitted samples; NaN for a constant A channel (nothing to explain).
+
+**R² is judged out of sample**, on a held-out subset H of images disjoint from F (:func:`regression_subsets`):
+
+    R²_i = 1 − Σ_H (a_i − W[i]·b − c_i)² / Σ_H (a_i − ā_i^H)²,
+
+the fitted map (W, c) on H's samples against H's own mean (like ``sklearn``'s ``r2_score`` on test data: it can
+be negative). It needs only H's moments: with H's mean μ^H and scatter S^H,
+Σ_H (a − Wb − c)² = S^H_aa − 2 (W∘S^H_ab)1 + diag(W S^H_bb Wᵀ) + n_H (μ^H_a − W μ^H_b − c)².
+NaN for an A channel constant on F or on H (nothing fitted or nothing to explain). The in-sample R² (on F
+itself) is kept as ``r2_fit``: with few images and many channels it is 1 by construction (50 images, 513
+unknowns), which is why it is not the headline.
 
 Sparsity: keep the top-m weights of each row by magnitude (``rank_by="weight"``: |W_ij|, the thesis's rule;
 ``"contribution"``: |W_ij|·σ_Bj, scale-free), either as they are (intercept re-centred: the best intercept for
-those weights) or refitted by least squares on the kept support (the normal equations restricted to it —
+those weights on F) or refitted by least squares on the kept support (the normal equations restricted to it —
 cheap from the same scatter). m is given as fractions of B's channels (1, 2, 5, 10, 25 %, all), at least 1.
+Every sparse map is fitted on F and judged on H like the full one.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,11 +40,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..data import subset_per_class
+from ..data import stratified_subset
 from ..perm import PermSpec
 from .covariance import JointMoments, group_covariances
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.10, 0.25, 1.0)  # the sparsity sweep: m as a fraction of B's channels
+FIT_IMAGES = 5000  # the thesis's fitting subset (000 §3.2.4, A.3: "5000 images … i.e., 5 images per class")
+HELDOUT_IMAGES = 5000  # the held-out subset R² is judged on (as many as the fit, at most a fifth of the dataset)
+HELDOUT_SHARE = 0.2  # the largest share of the dataset the held-out subset takes
 
 
 @dataclass
@@ -41,11 +57,14 @@ class RegressionFit:
     Attributes:
         weight: (C_A, C_B) map: a ≈ weight @ b + intercept.
         intercept: (C_A,).
-        r2: (C_A,) coefficient of determination on the fitted samples (NaN for a constant A channel).
+        r2: (C_A,) coefficient of determination on the held-out images (:func:`heldout_r2`; NaN for an A channel
+            constant on either subset); on the fitting images until :func:`judged` gives it held-out ones.
         m: weights kept per A channel (C_B for the full fit).
         fraction: the requested fraction of C_B (1.0 for the full fit).
         refit: whether the kept weights were refitted on their support.
         label: "all", "10%", "10% refit", …
+        r2_fit: (C_A,) R² on the fitting images themselves (in-sample).
+        heldout: whether ``r2`` is out of sample.
     """
 
     weight: torch.Tensor
@@ -55,14 +74,20 @@ class RegressionFit:
     fraction: float
     refit: bool
     label: str
+    r2_fit: torch.Tensor | None = None
+    heldout: bool = False
 
     def row(self, group: str) -> dict:
-        """A JSON-ready summary (R² over the non-constant A channels)."""
-        r2 = self.r2[~torch.isnan(self.r2)].cpu().numpy()
+        """A JSON-ready summary (R² over the A channels where it is defined)."""
         return {"group": group, "label": self.label, "fraction": self.fraction, "m": self.m, "refit": self.refit,
-                "mean_r2": float(r2.mean()) if r2.size else None,
-                "median_r2": float(np.median(r2)) if r2.size else None,
+                "heldout": self.heldout, **_r2_stats(self.r2, "r2"),
+                **_r2_stats(self.r2 if self.r2_fit is None else self.r2_fit, "r2_fit"),
                 "constant_a": int(torch.isnan(self.r2).sum())}
+
+
+def _r2_stats(r2: torch.Tensor, key: str) -> dict:
+    r = r2[~torch.isnan(r2)].cpu().numpy()
+    return {f"mean_{key}": float(r.mean()) if r.size else None, f"median_{key}": float(np.median(r)) if r.size else None}
 
 
 @dataclass
@@ -74,12 +99,14 @@ class RegressionResult:
         sweep: group -> the sparse fits, by fraction, each without and with refit.
         ridge: the relative ridge λ used.
         samples: samples (images × positions × observation points) each group was fitted on.
+        heldout_samples: samples each group's R² was judged on (empty: R² is in-sample).
     """
 
     fits: dict[str, RegressionFit]
     sweep: dict[str, list[RegressionFit]] = field(default_factory=dict)
     ridge: float = 0.0
     samples: dict[str, int] = field(default_factory=dict)
+    heldout_samples: dict[str, int] = field(default_factory=dict)
 
     def summary(self) -> list[dict]:
         """One JSON-ready row per group and fit (full fit first)."""
@@ -94,9 +121,26 @@ class RegressionResult:
         return {f.label: f.r2.cpu().numpy() for f in [self.fits[group], *self.sweep.get(group, [])]}
 
 
-def regression_subset(dataset, per_class: int = 5, seed: int = 0) -> np.ndarray:
-    """The default fitting subset: ``per_class`` images of every class (ids, via :func:`subset_per_class`)."""
-    return subset_per_class(dataset.targets, per_class, seed)
+def regression_subsets(dataset, fit_images: int = FIT_IMAGES, heldout_images: int = HELDOUT_IMAGES,
+                       seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """The fitting subset F and the disjoint held-out subset H (ids), both class-stratified
+    (:func:`~mergescope.data.stratified_subset`, fixed ``seed``).
+
+    H gets ``heldout_images`` but at most :data:`HELDOUT_SHARE` of the dataset (at least 1 image); F gets
+    ``fit_images`` from the rest, so on a large dataset F is exactly D′ of the same size and seed (the thesis's
+    5,000 images) and H another 5,000 images; on the digits' 1,437 training images F = 1,150 and H = 287.
+
+    Raises:
+        ValueError: a size below 1, or a dataset of fewer than 2 images.
+    """
+    if fit_images < 1 or heldout_images < 1:
+        raise ValueError(f"fit_images and heldout_images must be at least 1, got {fit_images} and {heldout_images}")
+    n = len(dataset.targets)
+    if n < 2:
+        raise ValueError(f"regression needs at least 2 images (one to fit, one held out), the dataset has {n}")
+    held = min(heldout_images, max(1, int(HELDOUT_SHARE * n)))
+    fit = stratified_subset(dataset.targets, min(fit_images, n - held), seed)
+    return fit, stratified_subset(dataset.targets, held, seed, exclude=fit)
 
 
 def _ridge_term(sbb: torch.Tensor, ridge: float) -> float:
@@ -117,12 +161,34 @@ def _psd_solve(g: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
     return (psd_pinv(g) @ rhs.unsqueeze(-1)).squeeze(-1)
 
 
-def _r2(stats: JointMoments, weight: torch.Tensor) -> torch.Tensor:
-    """R² per A channel of ``a ≈ weight @ b + best intercept``, from the scatter (no samples needed)."""
+def _constant_a(stats: JointMoments) -> torch.Tensor:
+    sst = stats.saa.diagonal()
+    return sst <= 1e-12 * sst.amax().clamp_min(1e-300)
+
+
+def _r2(stats: JointMoments, weight: torch.Tensor, intercept: torch.Tensor | None = None) -> torch.Tensor:
+    """R² per A channel of ``a ≈ weight @ b + intercept`` on the samples of ``stats``, from their moments (no
+    samples needed; None: the best intercept for them). NaN where A's channel is constant on them."""
     sst = stats.saa.diagonal()  # (C_A,)
     sse = sst - 2 * (weight * stats.sab).sum(1) + ((weight @ stats.sbb) * weight).sum(1)
-    constant = sst <= 1e-12 * sst.amax().clamp_min(1e-300)
-    return torch.where(constant, torch.full_like(sst, math.nan), 1 - sse.clamp_min(0) / sst.clamp_min(1e-300))
+    if intercept is not None:
+        sse = sse + stats.n * (stats.mean_a - weight @ stats.mean_b - intercept) ** 2
+    return torch.where(_constant_a(stats), torch.full_like(sst, math.nan), 1 - sse.clamp_min(0) / sst.clamp_min(1e-300))
+
+
+def heldout_r2(heldout: JointMoments, fit: RegressionFit, fitted: JointMoments | None = None) -> torch.Tensor:
+    """Out-of-sample R² of ``fit`` (weights and intercept as fitted) on the held-out samples' moments; NaN where
+    A's channel is constant on the held-out samples, or on the fitting samples ``fitted`` (the fit gave it none).
+    """
+    r2 = _r2(heldout, fit.weight, fit.intercept)
+    if fitted is not None:
+        r2 = torch.where(_constant_a(fitted), torch.full_like(r2, math.nan), r2)
+    return r2
+
+
+def judged(fit: RegressionFit, heldout: JointMoments, fitted: JointMoments) -> RegressionFit:
+    """``fit`` with its R² judged on the held-out samples (:func:`heldout_r2`) and the in-sample R² as ``r2_fit``."""
+    return dataclasses.replace(fit, r2=heldout_r2(heldout, fit, fitted), r2_fit=fit.r2, heldout=True)
 
 
 def _label(fraction: float, refit: bool) -> str:
@@ -203,40 +269,59 @@ def regress_many(
     device: torch.device | str = "cpu",
     progress: bool = False,
     total: int | None = None,
+    heldout_batches: Iterable | None = None,
 ) -> list[RegressionResult]:
-    """Regression alignment of every model in ``others`` onto ``reference``, in ONE data pass.
+    """Regression alignment of every model in ``others`` onto ``reference``: one pass over the fitting data and
+    one over the held-out data.
 
     Args:
         reference: model A, whose channels are explained.
         others: the models B whose channels explain them.
         spec: the permutation spec (groups and their observation points).
-        batches: the fitting data, e.g. ``iter_batches(ds, 50, ids=regression_subset(ds))``.
+        batches: the fitting data F, e.g. ``iter_batches(ds, 256, ids=fit)`` with ``fit, held =
+            regression_subsets(ds)``.
         ridge: relative ridge λ (see the module docstring).
         fractions: the sparsity sweep (None: only the full fit).
         rank_by: how the sweep ranks weights ("weight" or "contribution").
+        heldout_batches: the held-out data H that R² is judged on (None: R² on F itself, in-sample).
 
     Returns:
         One :class:`RegressionResult` per model in ``others``.
 
     Example:
-        >>> ids = regression_subset(train)
-        >>> [res] = regress_many(model_a, [model_b], spec, iter_batches(train, 50, ids=ids))
-        >>> res.fits["features.0"].r2.nanmean()
+        >>> fit, held = regression_subsets(train)
+        >>> [res] = regress_many(model_a, [model_b], spec, iter_batches(train, 256, ids=fit),
+        ...                      heldout_batches=iter_batches(train, 256, ids=held))
+        >>> res.fits["features.0"].r2.nanmean()  # held-out R²
     """
     all_stats = group_covariances(reference, others, spec, batches, device=device, progress=progress, total=total)
-    return [regression_from_stats(stats, ridge, fractions, rank_by) for stats in all_stats]
+    held = ([None] * len(others) if heldout_batches is None else
+            group_covariances(reference, others, spec, heldout_batches, device=device, progress=progress))
+    return [regression_from_stats(st, ridge, fractions, rank_by, h) for st, h in zip(all_stats, held)]
 
 
 def regression_from_stats(stats: dict[str, JointMoments], ridge: float = 0.0,
                           fractions: Sequence[float] | None = DEFAULT_FRACTIONS,
-                          rank_by: str = "weight") -> RegressionResult:
-    """The regression alignment (full fits and sparsity sweep) from already collected group statistics."""
+                          rank_by: str = "weight",
+                          heldout: dict[str, JointMoments] | None = None) -> RegressionResult:
+    """The regression alignment (full fits and sparsity sweep) from already collected group statistics of the
+    fitting images (``stats``) and, to judge R² out of sample, of the held-out images (``heldout``)."""
     fits, sweep = {}, {}
     for g, st in stats.items():
         fits[g] = regression_fit(st, ridge)
         if fractions:
             sweep[g] = sparsity_sweep(st, fits[g], fractions, ridge, rank_by)
-    return RegressionResult(fits, sweep, ridge, {g: st.n for g, st in stats.items()})
+    result = RegressionResult(fits, sweep, ridge, {g: st.n for g, st in stats.items()})
+    return result if heldout is None else judged_result(result, stats, heldout)
+
+
+def judged_result(result: RegressionResult, stats: dict[str, JointMoments],
+                  heldout: dict[str, JointMoments]) -> RegressionResult:
+    """Every fit of ``result`` (fitted on ``stats``) with its R² judged on the held-out statistics (:func:`judged`)."""
+    return dataclasses.replace(
+        result, fits={g: judged(f, heldout[g], stats[g]) for g, f in result.fits.items()},
+        sweep={g: [judged(f, heldout[g], stats[g]) for f in fs] for g, fs in result.sweep.items()},
+        heldout_samples={g: h.n for g, h in heldout.items()})
 
 
 def regression_alignment(model_a: nn.Module, model_b: nn.Module, spec: PermSpec, batches: Iterable,

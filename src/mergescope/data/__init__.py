@@ -9,7 +9,7 @@ from mergescope.data.loader import Batch, iter_batches, len_batches
 from mergescope.data.memory import InMemoryDataset
 from mergescope.data.normalize import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from mergescope.data.open import open_dataset
-from mergescope.data.splits import class_proportion_split, stratified_pair, subset_per_class
+from mergescope.data.splits import class_proportion_split, stratified_pair, stratified_subset, subset_per_class
 
 __all__ = [
     "Batch",
@@ -30,5 +30,6 @@ __all__ = [
     "load_jpeg_pack",
     "open_dataset",
     "stratified_pair",
+    "stratified_subset",
     "subset_per_class",
 ]

@@ -78,3 +78,46 @@ def subset_per_class(targets, per_class: int, seed: int = 0) -> np.ndarray:
             raise DatasetError(f"class {label} has only {len(members)} images, fewer than per_class={per_class}")
         chosen.append(_class_rng(seed, int(label)).choice(members, size=per_class, replace=False))
     return np.sort(np.concatenate(chosen)) if chosen else np.empty(0, dtype=np.int64)
+
+
+def stratified_subset(targets, size: int, seed: int = 0, exclude=None) -> np.ndarray:
+    """``size`` random images spread as evenly as the classes allow, e.g. 5,000 images of ImageNet's 1,000
+    classes = 5 per class (the thesis's regression subset, 000 §3.2.4), 500 per class of CIFAR-10.
+
+    Every class gets ``q`` images (fewer if it has fewer: all of them), with ``q`` the largest count that keeps the
+    total at most ``size``; the images still missing go one each to classes with images left, in a random order
+    (``seed``). Images are drawn at random within each class. ``size`` at least the number of candidates takes them
+    all (capped by the dataset).
+
+    Args:
+        targets: int labels [N].
+        size: images wanted (≥ 1).
+        seed: random seed.
+        exclude: ids that may not be drawn (e.g. a fitting subset, to draw a disjoint held-out set).
+
+    Returns:
+        Sorted int64 ids.
+    """
+    if size < 1:
+        raise DatasetError(f"a subset needs at least 1 image, got size={size}")
+    targets = np.asarray(targets, dtype=np.int64).reshape(-1)
+    free = np.ones(len(targets), dtype=bool)
+    if exclude is not None:
+        free[np.asarray(exclude, dtype=np.int64)] = False
+    labels = np.unique(targets[free])
+    members = [np.flatnonzero(free & (targets == label)) for label in labels]
+    counts = np.array([len(m) for m in members])
+    if size >= counts.sum():
+        return np.flatnonzero(free)
+    q = 0  # largest per-class quota with sum(min(counts, q)) <= size
+    for c in np.unique(counts):
+        if np.minimum(counts, c).sum() > size:
+            break
+        q = int(c)
+    q += int((size - np.minimum(counts, q).sum()) // (counts > q).sum())  # up to the next class size
+    take = np.minimum(counts, q)
+    spare = np.flatnonzero(take < counts)
+    extra = np.random.default_rng([seed, len(labels)]).permutation(spare)[: size - int(take.sum())]
+    take[extra] += 1
+    chosen = [_class_rng(seed, int(label)).permutation(m)[:t] for label, m, t in zip(labels, members, take)]
+    return np.sort(np.concatenate(chosen))

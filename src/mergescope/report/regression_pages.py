@@ -1,4 +1,4 @@
-"""Report pages of the regression alignment (issue 5, item 4): R² and recovered top-k against m per layer, and
+"""Report pages of the regression alignment (issue 5, item 4): held-out R² and recovered top-k against m per layer, and
 the image grids of the channels that need many weights (A, B's best single channel, regressed B at m = 1, 5 %,
 all)."""
 from __future__ import annotations
@@ -42,7 +42,7 @@ def plot_regression(summary: Sequence[Mapping], path) -> Path:
                 y = [np.nan if r[key] is None else r[key] for r in sel]
                 ax.plot(x, y, style, marker="o", ms=3, color=colors[li % len(colors)],
                         label=layer if refit and ax is axes[0] else None)
-    for ax, title in zip(axes, ("mean R² (fitting subset)", "mean recovered top-k of A")):
+    for ax, title in zip(axes, ("mean R² (held-out images)", "mean recovered top-k of A")):
         ax.set_xscale("log")
         ax.set_xlabel("weights kept per channel, m / C_B")
         ax.set_title(title + " — solid: refit, dashed: as kept", fontsize=9)
@@ -69,8 +69,8 @@ def regression_views(tops: Mapping[str, GroupTopK], hard: Mapping[str, Sequence[
                   **{label: mp.values for label, mp in maps.items() if mp is not None}}
         full, sparse = maps["regressed B (all)"], maps[f"regressed B ({fraction * 100:g}%, m={m})"]
         info = {"B channel": [float(j) for j in gt.single],
-                "R² all": [None if np.isnan(v) else float(v) for v in full.r2],
-                f"R² {fraction * 100:g}% refit": [None if np.isnan(v) else float(v) for v in sparse.r2],
+                "R² all (held-out)": [None if np.isnan(v) else float(v) for v in full.r2],
+                f"R² {fraction * 100:g}% refit (held-out)": [None if np.isnan(v) else float(v) for v in sparse.r2],
                 "recovered all": [None if np.isnan(v) else float(v) for v in full.recovered],
                 f"recovered {fraction * 100:g}%": [None if np.isnan(v) else float(v) for v in sparse.recovered]}
         views.append(FeatureView(SLUG, "Channels that need many weights", gt.layer, rows, values, info,
