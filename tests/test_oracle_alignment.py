@@ -187,3 +187,101 @@ def test_merge_many_is_algorithm_3(trained_digits):
         want = _read_perms(state, final[k])
         for g in CONVS:
             np.testing.assert_array_equal(result.perms[g].numpy(), want[g], err_msg=f"model {k}, {g}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ZipIt! (Sec. 4.3): greedy matching of the concatenated features [A; B] on their correlation matrix.
+
+
+def _zipit_greedy(corr: np.ndarray, c: int, a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the most similar pair of current features until c remain; returns (merge M, unmerge U).
+
+    After a merge the new feature's similarity to each other feature is the min of the two merged features',
+    times a (a ≤ 0: unpenalized, but never again with a feature of the models it came from). Each model may
+    merge within itself int(b·c/2) times: checked after each within-model merge, which then, once the budget is
+    ≤ 0, blocks all pairs of that model's features. The matrix shrinks: the merged feature takes the place of
+    its lower-index member (and that member's model), the other one is deleted."""
+    s = corr.astype(np.float64).copy()
+    np.fill_diagonal(s, -np.inf)
+    members = [[f] for f in range(2 * c)]
+    model = [0] * c + [1] * c
+    budget = [int(b * c / 2 + 1e-9)] * 2
+    while len(members) > c:
+        i, j = sorted(np.unravel_index(np.argmax(s), s.shape))
+        assert s[i, j] > -np.inf  # every case tested here always has an allowed pair
+        members[i] = members[i] + members[j]
+        row = np.minimum(s[i], s[j])
+        if a > 0:
+            row = row * a
+        else:
+            row[[k for k in range(len(model)) if model[k] in (model[i], model[j])]] = -np.inf
+        s[i, :], s[:, i] = row, row
+        s[i, i] = -np.inf
+        within = model[i] == model[j]
+        s = np.delete(np.delete(s, j, axis=0), j, axis=1)
+        del members[j], model[j]
+        if within:
+            budget[model[i]] -= 1
+            if budget[model[i]] <= 0:
+                same = [k for k in range(len(model)) if model[k] == model[i]]
+                s[np.ix_(same, same)] = -np.inf
+    unmerge = np.zeros((2 * c, c))
+    for col, group in enumerate(members):
+        unmerge[group, col] = 1.0
+    merge = unmerge.T / unmerge.sum(0)[:, None]  # the mean of each merged feature's members
+    return merge, unmerge
+
+
+@pytest.fixture(scope="module")
+def zip_stats(trained_digits):
+    model_a, model_b = trained_digits("cnn_digits", 0, width=16), trained_digits("cnn_digits", 1, width=16)
+    spec = build_spec(model_a)
+    [stats] = group_covariances(model_a, [model_b], spec, iter_batches(load_digits("train"), 500))
+    return stats
+
+
+@pytest.mark.parametrize("a, b", [(0.3, 0.125), (0.3, 0.5), (1.0, 0.25), (0.0, 0.125), (0.3, 0.0), (0.0, 0.0)])
+def test_zipit_is_the_papers_greedy_matching(zip_stats, a, b):
+    grew, within = 0, 0
+    for g, st in zip_stats.items():
+        c = st.size_a
+        want_m, want_u = _zipit_greedy(st.correlation(constants_match=True).numpy(), c, a, b)
+        got_m, got_u = zip_features(st, alpha=0.5, a=a, b=b)
+        np.testing.assert_array_equal(got_u.numpy(), want_u, err_msg=g)
+        np.testing.assert_allclose(got_m.numpy(), want_m, atol=1e-12, err_msg=g)
+        grew += int((want_u.sum(0) > 2).sum())  # merged features of three or more members
+        within += int((want_u[:c].sum(0) >= 2).sum() + (want_u[c:].sum(0) >= 2).sum())
+    assert within > 0  # the budget was used: the test sees within-model merges ...
+    if a != 0.0:
+        assert grew > 0  # ... and re-merges
+
+
+def _joint(features_a: torch.Tensor, features_b: torch.Tensor) -> JointMoments:
+    st = JointMoments()
+    st.update(features_a.double(), features_b.double())
+    return st
+
+
+def _features(n: int = 400, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_zipit_budget_zero_still_allows_one_merge_within_each_model():
+    """b = 0: the reference checks the budget only after a within-model merge, so A's two near-copies merge."""
+    x = _features()
+    fa = torch.stack([x[:, 0], x[:, 0] + 0.05 * x[:, 1], x[:, 2]], 1)  # A0 ≈ A1
+    fb = torch.stack([x[:, 3], x[:, 4], x[:, 5]], 1)
+    _, u = zip_features(_joint(fa, fb), a=0.3, b=0.0)
+    assert torch.equal(u[0], u[1])  # one merged feature holds both
+
+
+def test_zipit_a_zero_blocks_only_the_origin_models_features():
+    """a = 0: after an A–A merge the merged feature can still take B's twin; after an A–B merge it is done."""
+    x = _features()
+    fa = torch.stack([x[:, 0], x[:, 0] + 0.05 * x[:, 1], x[:, 2]], 1)  # A0 ≈ A1
+    fb = torch.stack([x[:, 0] + 0.2 * x[:, 3], x[:, 4], x[:, 5]], 1)  # B0 ≈ A0 too, a little less
+    _, u = zip_features(_joint(fa, fb), a=0.0, b=1.0)
+    assert u[:, 0].nonzero().flatten().tolist() == [0, 1, 3]  # A0, A1, then B0 (columns: B0 is feature 3)
+    fb = torch.stack([x[:, 0] + 0.01 * x[:, 3], x[:, 0] + 0.3 * x[:, 4], x[:, 5]], 1)  # B0 ≈ A0 first, B1 too
+    _, u = zip_features(_joint(fa, fb), a=0.0, b=1.0)
+    assert u[:, 0].nonzero().flatten().tolist() == [0, 3]  # A0–B0, and nothing joins them afterwards

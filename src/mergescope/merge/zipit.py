@@ -4,15 +4,25 @@ Per group, the features of A and B are concatenated ([a; b], 2C channels) and th
 over images × positions at the group's observation points (:class:`JointMoments`). Greedily, the most correlated
 pair of (current) features is merged into one, until C remain:
 
-* a pair may come from the same model (a within-model merge), at most ``b·C/2`` times per model (the
-  "β" budget; when spent, that model's features can only be merged with the other's);
-* a merged feature's correlation with the others becomes the minimum of its members', times ``a`` (the "α"
-  penalty on merging a feature again), so features can gather more than two members.
+* a pair may come from the same model (a within-model merge); each model has a budget of ``int(b·C/2)`` such
+  merges (the "β" same-model budget, Sec. 4.3). As in the reference, the budget is checked *after* each
+  within-model merge: once a model's budget is ≤ 0, pairs of two of its (current) features are blocked. So every
+  model gets at least one within-model merge, also at ``b = 0``;
+* the merged feature's similarity with every other feature becomes the minimum of the two merged features'
+  (current) similarities, times ``a`` (the "α" penalty on merging a feature again; penalties compound), so
+  features can gather more than two members. ``a ≤ 0`` (the reference's special case) keeps the minimum
+  unpenalized but blocks the merged feature's pairs with every feature of the models it came from: after an
+  A–B merge it is never merged again, after an A–A merge it can still join one of B's features.
 
-This follows the paper's algorithm (Sec. 4.3) with the hyper-parameters of the authors' public matching code
-(a = 0.3, b = 0.125) as defaults. Result: unmerge U (2C × C, U[f, c] = 1 if feature f belongs to merged
+This is the paper's greedy matching (Sec. 4.3; authors' code: gstoica27/ZipIt ``match_tensors_zipit``) with that
+code's defaults a = 0.3, b = 0.125; a merged feature's model of origin is that of its lowest-index member. Two
+deviations, both outside the reference's well-defined cases: the reference's ``a ≤ 0`` rule blocks index ranges
+of the original layout in a matrix that shrinks as features merge (so the ranges drift after the first merge);
+here it blocks by each feature's model of origin. And when every remaining pair is blocked (the reference would
+then merge a feature with itself), the most correlated remaining pair by raw correlation is merged.
+Result: unmerge U (2C × C, U[f, c] = 1 if feature f belongs to merged
 feature c) and merge M (C × 2C, the members' weighted mean: weight α for A's features, 1−α for B's, normalized
-per merged feature). The merged model is θ = α·T_A(θ_A) + (1−α)·T_B(θ_B) with forward_A = M[:, :C]/α,
+per merged feature; α = 0.5 is the reference's plain mean). The merged model is θ = α·T_A(θ_A) + (1−α)·T_B(θ_B) with forward_A = M[:, :C]/α,
 inverse_A = U[:C] (and the same for B), i.e. every layer computes M·[y_A; y_B] from features unmerged by U.
 Merged features keep the order of their lowest member (A's order where A's feature is a member), so for a
 permuted copy (every feature paired with its twin) the merge is permutation merging, exactly.
@@ -59,8 +69,8 @@ def zip_features(stats: JointMoments, alpha: float = 0.5, a: float = 0.3, b: flo
     Args:
         stats: joint statistics with a = A's features, b = B's.
         alpha: the weight of A's features in the merged mean (0 < alpha < 1).
-        a: penalty factor on a merged feature's correlations (0: never merge a feature twice).
-        b: within-model merge budget per model, as a fraction of C/2.
+        a: penalty factor on a merged feature's similarities (≤ 0: never again with its own models' features).
+        b: within-model merge budget per model, as a fraction of C/2 (checked after each within-model merge).
     """
     if not 0 < alpha < 1:
         raise ValueError(f"ZipIt! needs 0 < alpha < 1, got {alpha}")
@@ -70,13 +80,9 @@ def zip_features(stats: JointMoments, alpha: float = 0.5, a: float = 0.3, b: flo
     neg = -torch.inf
     sims = corr.clone()
     sims.fill_diagonal_(neg)
-    budget = [int(((d - ca) // 2) * b + 1e-4)] * 2
+    budget = [int(((d - ca) // 2) * b + 1e-4)] * 2  # C merges to make, shared equally by the two models
     active = torch.ones(d, dtype=torch.bool, device=corr.device)
     members: list[list[int]] = [[i] for i in range(d)]
-    for o in (0, 1):
-        if budget[o] <= 0:
-            same = origin == o
-            sims[same.unsqueeze(1) & same.unsqueeze(0)] = neg
     while int(active.sum()) > ca:
         flat = int(sims.argmax())
         i, j = divmod(flat, d)
@@ -86,7 +92,11 @@ def zip_features(stats: JointMoments, alpha: float = 0.5, a: float = 0.3, b: flo
             i, j = divmod(int(fallback.argmax()), d)
         i, j = min(i, j), max(i, j)
         members[i] += members[j]
-        new = torch.minimum(sims[i], sims[j]) * a if a > 0 else torch.full_like(sims[i], neg)
+        new = torch.minimum(sims[i], sims[j])
+        if a > 0:
+            new = new * a
+        else:  # never again with a feature of the models it came from
+            new[(origin == origin[i]) | (origin == origin[j])] = neg
         sims[i, :], sims[:, i] = new, new
         sims[j, :], sims[:, j] = neg, neg
         sims[i, i] = neg
