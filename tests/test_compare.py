@@ -13,7 +13,12 @@ from mergescope.compare import (
     category_table,
     clip_delta,
     clip_delta_from_ids,
+    clip_delta_pairs_from_ids,
     consensus_categories,
+    consensus_from_similar,
+    merged_categories_null,
+    null_threshold,
+    unmatched_partners,
     embedding_category_table,
     kendall_tau_b,
     merged_categories,
@@ -122,30 +127,35 @@ def test_kendall_edge_cases():
 
 
 def test_clip_delta_hand_computed():
-    # d = 2, k = 2, two channels; e1 = (1, 0), e2 = (0, 1), u = (1, 1)/√2, ids: e1 -> 0, e2 -> 1, u -> 2.
+    # d = 2, k = 2, two channels; e1 = (1, 0), e2 = (0, 1), u = (1, 1)/√2 = r·(1, 1), ids: e1 -> 0, e2 -> 1, u -> 2.
     #   channel 0: T_A = {e1, u}, T_B = {e2, u};   channel 1: T_A = {e2, u}, T_B = {e2, u} (identical).
-    # Channel 0:
-    #   C(T_A, T_A) = cos(e1, u) = 1/√2                         (the one distinct pair)
-    #   C(T_A, T_B) = mean{cos(e1,e2)=0, cos(e1,u)=1/√2, cos(u,e2)=1/√2}  (u·u: same image, left out) = √2/3
-    #   C(T_A(0), T_A(1)) = mean{cos(e1,e2)=0, cos(e1,u)=1/√2, cos(u,e2)=1/√2} = √2/3   (u·u left out)
-    #   δ(0) = (1/√2 − √2/3) / (√2/3) = (√2/6) / (√2/3) = 1/2
-    # Channel 1: T_B = T_A, so C(T_A, T_B) = C(T_A, T_A) and δ(1) = 0 exactly.
-    # Without ids nothing is known to be the same image: u·u = 1 counts in every cross term:
-    #   C(T_A, T_B) = C(T_A(0), T_A(1)) = (0 + 1/√2 + 1/√2 + 1)/4 = (1 + √2)/4
-    #   δ(0) = (1/√2 − (1+√2)/4) / ((1+√2)/4) = (√2 − 1)/(√2 + 1) = 3 − 2√2
+    # Thesis (default): only C(T_A, T_A) leaves out an image's pair with itself.
+    #   C(T_A(0), T_A(0)) = cos(e1, u) = r                                   (the one distinct pair)
+    #   C(T_A(0), T_B(0)) = mean{e1·e2 = 0, e1·u = r, u·e2 = r, u·u = 1} = (1 + √2)/4
+    #   C(T_A(0), T_A(1)) = the same four pairs = (1 + √2)/4                 (the denominator of channel 0)
+    #   δ(0) = (r − (1+√2)/4) / ((1+√2)/4) = (√2 − 1)/(√2 + 1) = 3 − 2√2
+    #   δ(1): T_B = T_A, S = cos(e2, u) = r, C(T_A, T_B) = (2 + 2r)/4, denominator (1+√2)/4:
+    #         δ(1) = (r − (1 + r)/2) / ((1+√2)/4) = −2(1 − r)/(1 + √2)       (= −(1 − S)/(k·b), k = 2)
+    # Named variant "distinct_images": u·u is left out of every C:
+    #   C(T_A(0), T_B(0)) = C(T_A(0), T_A(1)) = mean{0, r, r} = √2/3,  δ(0) = (r − √2/3)/(√2/3) = 1/2,  δ(1) = 0.
     r = math.sqrt(0.5)
     e1, e2, u = [1.0, 0.0], [0.0, 1.0], [r, r]
     emb_a = torch.tensor([[e1, u], [e2, u]])
     emb_b = torch.tensor([[e2, u], [e2, u]])
     ids_a, ids_b = torch.tensor([[0, 2], [1, 2]]), torch.tensor([[1, 2], [1, 2]])
     res = clip_delta(emb_a, emb_b, ids_a=ids_a, ids_b=ids_b)
-    assert res.defined.all()
-    torch.testing.assert_close(res.delta, torch.tensor([0.5, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    assert res.defined.all() and res.variant == "thesis"
+    thesis = [3 - 2 * math.sqrt(2), -2 * (1 - r) / (1 + math.sqrt(2))]
+    torch.testing.assert_close(res.delta, torch.tensor(thesis, dtype=torch.float64), rtol=0, atol=1e-12)
     torch.testing.assert_close(res.self_similarity[0].item(), r, rtol=0, atol=1e-12)
-    torch.testing.assert_close(res.cross_similarity[0].item(), math.sqrt(2) / 3, rtol=0, atol=1e-12)
-    torch.testing.assert_close(res.baseline[0].item(), math.sqrt(2) / 3, rtol=0, atol=1e-12)
-    no_ids = clip_delta(emb_a, emb_b)
-    torch.testing.assert_close(no_ids.delta[0].item(), 3 - 2 * math.sqrt(2), rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.cross_similarity[0].item(), (1 + math.sqrt(2)) / 4, rtol=0, atol=1e-12)
+    torch.testing.assert_close(res.baseline[0].item(), (1 + math.sqrt(2)) / 4, rtol=0, atol=1e-12)
+    distinct = clip_delta(emb_a, emb_b, ids_a=ids_a, ids_b=ids_b, variant="distinct_images")
+    torch.testing.assert_close(distinct.delta, torch.tensor([0.5, 0.0], dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(distinct.cross_similarity[0].item(), math.sqrt(2) / 3, rtol=0, atol=1e-12)
+    # without ids nothing is known to be the same image: both variants are the thesis's
+    torch.testing.assert_close(clip_delta(emb_a, emb_b).delta, res.delta, rtol=0, atol=1e-12)
+    torch.testing.assert_close(clip_delta(emb_a, emb_b, variant="distinct_images").delta, res.delta, rtol=0, atol=1e-12)
     # unnormalised input: normalised inside, same result
     torch.testing.assert_close(clip_delta(emb_a * 7, emb_b * 0.1, ids_a=ids_a, ids_b=ids_b).delta, res.delta)
     # from ids: a table, and a lookup function that must be called once with each distinct id
@@ -155,38 +165,120 @@ def test_clip_delta_hand_computed():
     looked_up = clip_delta_from_ids(ids_a, ids_b, lambda ids: (calls.append(ids.tolist()), table[ids] * 3)[1])
     assert calls == [[0, 1, 2]]
     torch.testing.assert_close(looked_up.delta, res.delta)
+    with pytest.raises(MergescopeError, match="variant"):
+        clip_delta(emb_a, emb_b, variant="distinct")
 
 
-def clip_delta_loop(emb_a, emb_b, ids_a, ids_b):
-    """The DESIGN formula written out pair by pair (distinct images only)."""
+def test_clip_delta_of_identical_top_k_sets_has_the_closed_form():
+    """T_B(j) = T_A(j) (k distinct images): C(T_A, T_B) = (k·1 + k(k−1)·S)/k², so
+    δ = (S − 1/k − (k−1)S/k) / b = −(1 − S)/(k·b), with S = C(T_A, T_A) (distinct pairs) and b the denominator."""
+    g = torch.Generator().manual_seed(1)
+    k, channels = 10, 6
+    table = torch.rand(200, 12, generator=g, dtype=torch.float64) + 0.05
+    ids = torch.stack([torch.randperm(200, generator=g)[:k] for _ in range(channels)])
+    res = clip_delta_from_ids(ids, ids, table)
+    unit = table / table.norm(dim=1, keepdim=True)
+    for j in range(channels):
+        e = unit[ids[j]]  # [k, d]
+        s = ((e @ e.T).sum() - k) / (k * (k - 1))  # C(T_A, T_A) over the k(k−1) distinct ordered pairs
+        b = sum(float((e @ unit[ids[p]].T).mean()) for p in range(channels) if p != j) / (channels - 1)
+        expected = -(1 - float(s)) / (k * b)
+        assert expected < 0
+        assert res.delta[j].item() == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert res.baseline[j].item() == pytest.approx(b, rel=1e-12)
+    distinct = clip_delta_from_ids(ids, ids, table, variant="distinct_images")
+    assert distinct.delta.abs().max() < 1e-12  # the named variant: identical sets give 0
+
+
+def clip_delta_loop(emb_a, emb_b, ids_a, ids_b, variant="thesis"):
+    """The formula written out pair by pair. Thesis: only C(X, X) skips the pair of an image with itself;
+    "distinct_images": every C skips pairs of one image (equal ids)."""
     def unit(v):
         return v / v.norm()
 
-    def c(x_emb, x_ids, y_emb, y_ids):
-        sims = [float(unit(x_emb[i]) @ unit(y_emb[j])) for i in range(len(x_ids)) for j in range(len(y_ids))
-                if x_ids[i] >= 0 and y_ids[j] >= 0 and x_ids[i] != y_ids[j]]
+    def c(x_emb, x_ids, y_emb, y_ids, self_pairs):
+        sims = []
+        for i in range(len(x_ids)):
+            for j in range(len(y_ids)):
+                if x_ids[i] < 0 or y_ids[j] < 0:
+                    continue  # padding
+                if (self_pairs or variant == "distinct_images") and x_ids[i] == y_ids[j]:
+                    continue
+                sims.append(float(unit(x_emb[i]) @ unit(y_emb[j])))
         return sum(sims) / len(sims)
 
     out = []
     for j in range(emb_a.shape[0]):
-        base = [c(emb_a[j], ids_a[j], emb_a[p], ids_a[p]) for p in range(emb_a.shape[0]) if p != j]
-        out.append((c(emb_a[j], ids_a[j], emb_a[j], ids_a[j]) - c(emb_a[j], ids_a[j], emb_b[j], ids_b[j]))
+        base = [c(emb_a[j], ids_a[j], emb_a[p], ids_a[p], False) for p in range(emb_a.shape[0]) if p != j]
+        out.append((c(emb_a[j], ids_a[j], emb_a[j], ids_a[j], True) - c(emb_a[j], ids_a[j], emb_b[j], ids_b[j], False))
                    / (sum(base) / len(base)))
     return torch.tensor(out, dtype=torch.float64)
 
 
-def test_clip_delta_vectorized_equals_the_formula_pair_by_pair():
+@pytest.mark.parametrize("variant", ["thesis", "distinct_images"])
+def test_clip_delta_vectorized_equals_the_formula_pair_by_pair(variant):
     g = torch.Generator().manual_seed(0)
     table = torch.rand(30, 8, generator=g, dtype=torch.float64) + 0.05  # positive, CLIP-like: denominators > 0
     ids_a, ids_b = (torch.stack([torch.randperm(30, generator=g)[:5] for _ in range(6)]) for _ in range(2))
     ids_b[2] = ids_a[2]  # one identical channel
     ids_b[3, 4] = -1  # padding
-    res = clip_delta_from_ids(ids_a, ids_b, table)
+    res = clip_delta_from_ids(ids_a, ids_b, table, variant=variant)
     expected = clip_delta_loop(table[ids_a.clamp_min(0)], table[ids_b.clamp_min(0)], ids_a.tolist(),
-                               ids_b.tolist())
+                               ids_b.tolist(), variant)
     assert res.defined.all()
     torch.testing.assert_close(res.delta, expected, rtol=0, atol=1e-10)
-    assert res.delta[2] == 0.0
+
+
+def test_clip_delta_on_half_shared_sets_equals_a_literal_loop():
+    """5 of 10 top images shared between A and B on every channel: the thesis's δ from explicit loops over the
+    images (cosines of raw embeddings), against the library; the distinct-images reading differs clearly."""
+    g = torch.Generator().manual_seed(3)
+    k, channels, d = 10, 8, 16
+    emb = torch.rand(400, d, generator=g, dtype=torch.float64) + 0.1
+    ids_a = torch.stack([torch.randperm(400, generator=g)[:k] for _ in range(channels)])
+    ids_b = ids_a.clone()
+    for j in range(channels):
+        fresh = [i for i in torch.randperm(400, generator=g).tolist() if i not in ids_a[j].tolist()][: k // 2]
+        ids_b[j, k // 2:] = torch.tensor(fresh)  # 5 shared, 5 new
+
+    def cos(x, y):
+        return float(x @ y) / (float(x.norm()) * float(y.norm()))
+
+    expected = []
+    for j in range(channels):
+        ta, tb = ids_a[j].tolist(), ids_b[j].tolist()
+        self_sum, self_n = 0.0, 0
+        for x in ta:
+            for y in ta:
+                if x != y:
+                    self_sum += cos(emb[x], emb[y])
+                    self_n += 1
+        cross = sum(cos(emb[x], emb[y]) for x in ta for y in tb) / (len(ta) * len(tb))
+        others = []
+        for p in range(channels):
+            if p != j:
+                tp = ids_a[p].tolist()
+                others.append(sum(cos(emb[x], emb[y]) for x in ta for y in tp) / (len(ta) * len(tp)))
+        expected.append((self_sum / self_n - cross) / (sum(others) / len(others)))
+    res = clip_delta_from_ids(ids_a, ids_b, emb)
+    np.testing.assert_allclose(res.delta.numpy(), expected, rtol=0, atol=1e-12)
+    distinct = clip_delta_from_ids(ids_a, ids_b, emb, variant="distinct_images")
+    assert (distinct.delta - res.delta).abs().min() > 1e-4  # another number: the variants are told apart
+
+
+def test_clip_delta_pairs_diagonal_is_clip_delta_and_rows_use_a_terms():
+    g = torch.Generator().manual_seed(2)
+    table = torch.rand(60, 8, generator=g, dtype=torch.float64) + 0.05
+    ids_a, ids_b = (torch.stack([torch.randperm(60, generator=g)[:4] for _ in range(5)]) for _ in range(2))
+    for variant in ("thesis", "distinct_images"):
+        pairs = clip_delta_pairs_from_ids(ids_a, ids_b, table, variant=variant)
+        diag = clip_delta_from_ids(ids_a, ids_b, table, variant=variant)
+        torch.testing.assert_close(pairs.delta.diagonal(), diag.delta, rtol=0, atol=1e-14)
+        for p in range(5):  # column p: B's channel p put in place of B's channel j, one channel at a time
+            shifted = ids_b[p].expand(5, -1)
+            torch.testing.assert_close(pairs.delta[:, p], clip_delta_from_ids(ids_a, shifted, table,
+                                                                              variant=variant).delta,
+                                       rtol=0, atol=1e-14)
 
 
 def test_clip_delta_flags_undefined_and_rejects_bad_input():
@@ -195,9 +287,14 @@ def test_clip_delta_flags_undefined_and_rejects_bad_input():
     assert torch.isnan(one_channel.delta_or_nan()).all() and one_channel.to_dict()["delta"] == [None]
     k1 = clip_delta(torch.rand(3, 1, 4) + 0.1, torch.rand(3, 1, 4) + 0.1)  # no distinct pair in T_A
     assert not k1.defined.any()
-    orthogonal = torch.eye(4)[None].expand(3, 4, 4)  # every cross-channel similarity is 0: zero denominator
-    ids = torch.arange(12).reshape(3, 4) % 4
-    assert not clip_delta(orthogonal, orthogonal, ids_a=ids, ids_b=ids).defined.any()
+    orthogonal = torch.eye(12).reshape(3, 4, 12)  # 12 orthogonal images: every C(T_A(j), T_A(p)) is 0
+    ids = torch.arange(12).reshape(3, 4)
+    for variant in ("thesis", "distinct_images"):
+        assert not clip_delta(orthogonal, orthogonal, ids_a=ids, ids_b=ids, variant=variant).defined.any()
+    shared = torch.eye(4)[None].expand(3, 4, 4)  # the same 4 orthogonal images in every channel
+    same = torch.arange(12).reshape(3, 4) % 4
+    assert clip_delta(shared, shared, ids_a=same, ids_b=same).defined.all()  # thesis: b = 1/4 (shared images)
+    assert not clip_delta(shared, shared, ids_a=same, ids_b=same, variant="distinct_images").defined.any()
     with pytest.raises(NumericsError):
         clip_delta(torch.zeros(2, 2, 3), torch.ones(2, 2, 3))
     with pytest.raises(MergescopeError):  # one id, two embeddings
@@ -327,6 +424,55 @@ def test_consensus_categories_and_spread():
     assert sample.count.tolist() == [3, 4, 4, 4, 4, 4]
 
 
+def test_unmatched_partners_are_seeded_distinct_and_never_the_matched_channel():
+    small = unmatched_partners(4, partners=32)  # C − 1 ≤ partners: every unmatched channel, in order
+    assert small.tolist() == [[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]]
+    big = unmatched_partners(50, partners=7, seed=3)
+    assert big.shape == (50, 7)
+    assert (big != torch.arange(50)[:, None]).all()  # never j itself
+    assert all(len(set(row)) == 7 for row in big.tolist())  # without replacement
+    assert torch.equal(big, unmatched_partners(50, partners=7, seed=3))  # seeded
+    assert not torch.equal(big, unmatched_partners(50, partners=7, seed=4))
+    counts = torch.bincount(unmatched_partners(400, partners=40).reshape(-1), minlength=400)
+    assert counts.min() > 10 and counts.max() < 80  # every channel is drawn about 40 times: uniform, no bias
+    with pytest.raises(MergescopeError, match="partners"):
+        unmatched_partners(5, partners=0)
+
+
+def test_null_threshold_quantile_and_direction():
+    values = np.arange(101, dtype=np.float64)  # 0 .. 100
+    usable = values != 100  # the 100 is left out of the pool
+    high = null_threshold("kendall_tau", values, usable, higher_is_similar=True, quantile=0.95)
+    assert high.threshold == pytest.approx(np.quantile(np.arange(100.0), 0.95)) and high.size == 100
+    low = null_threshold("clip_delta", values, usable, higher_is_similar=False, quantile=0.95)
+    assert low.threshold == pytest.approx(np.quantile(np.arange(100.0), 0.05))
+    # strictly beyond; unusable values are not judged
+    assert high.similar(np.array([95.0, 94.0, 99.0]), np.array([True, True, False])) == [True, False, None]
+    assert low.similar(np.array([4.0, 5.0, 0.0]), np.array([True, True, True])) == [True, False, True]
+    discrete = null_threshold("overlap", np.zeros(50), np.ones(50, bool), higher_is_similar=True)
+    assert discrete.threshold == 0.0 and discrete.similar(np.array([0.0, 0.1]), np.ones(2, bool)) == [False, True]
+    empty = null_threshold("kendall_tau", values, np.zeros(101, bool), higher_is_similar=True)
+    assert empty.threshold is None and empty.similar(values[:2], np.ones(2, bool)) == [None, None]
+    for q in (0.0, 1.0, 1.5):
+        with pytest.raises(MergescopeError, match="quantile"):
+            null_threshold("kendall_tau", values, usable, higher_is_similar=True, quantile=q)
+
+
+def test_merged_categories_null_and_consensus_from_similar():
+    matched = [True, False, False, False, False, None, False]
+    from_a = [False, True, False, True, False, True, None]
+    from_b = [False, False, True, True, False, True, True]
+    res = merged_categories_null(matched, from_a, from_b, {"metric": "kendall_tau"})
+    assert res.names() == ["matched", "A", "B", "mixed", "neither", "undefined", "undefined"]
+    shares = res.shares()
+    assert (shares["matched"], shares["unmatched"], shares["n_A"], shares["n_undefined"]) == (1, 6, 1, 2)
+    assert shares["share_mixed"] == pytest.approx(1 / 6)
+    similar = torch.tensor([[True, True, False, False], [True, False, False, True], [True, True, False, False]])
+    cons = consensus_from_similar(similar, max_outliers=1)
+    assert cons.names() == ["all similar", "most similar", "all dissimilar", "few similar"]
+    assert cons.similar_count.tolist() == [3, 2, 0, 1]
+
+
 def test_model_vs_its_permuted_copy_is_identical_by_every_metric():
     """Permute a model, align it back with the inverse permutation: identical activations, so τ = 1,
     overlap = 1 and CLIP-δ = 0 on every channel; the unaligned copy is visibly different."""
@@ -349,7 +495,12 @@ def test_model_vs_its_permuted_copy_is_identical_by_every_metric():
         assert (tau.tau[tau.defined] == 1.0).all(), name
         assert (topk_overlap(a.topk_ids, al.topk_ids) == 1.0).all(), name
         delta = clip_delta_from_ids(a.topk_ids, al.topk_ids, lambda ids: cache.get(ids, digits))
-        assert delta.defined.all() and (delta.delta.abs() < 1e-12).all(), name
+        k = a.topk_ids.shape[1]
+        closed = -(1 - delta.self_similarity) / (k * delta.baseline)  # identical sets: the closed form
+        assert delta.defined.all() and torch.allclose(delta.delta, closed, rtol=1e-10, atol=1e-14), name
+        distinct = clip_delta_from_ids(a.topk_ids, al.topk_ids, lambda ids: cache.get(ids, digits),
+                                       variant="distinct_images")
+        assert (distinct.delta.abs() < 1e-12).all(), name
         # unaligned: channel i of b is channel perms[i] of a, so most channels differ
         assert topk_overlap(a.topk_ids, b.topk_ids).mean() < 0.9, name
         assert (clip_delta_from_ids(a.topk_ids, b.topk_ids, lambda ids: cache.get(ids, digits)).delta > 0).any()

@@ -74,30 +74,49 @@ def test_model_vs_permuted_copies_is_identical_on_every_channel(permuted_study, 
         where = (r["model"], r["layer"], r["channel"])
         assert r["kendall_defined"] and r["kendall_tau"] == 1.0, where
         assert r["overlap"] == 1.0, where
-        assert r["clip_delta_defined"] and abs(r["clip_delta"]) < 1e-12, where
+        assert r["clip_delta_defined"] and r["clip_delta"] < 0, where  # thesis: identical sets, −(1 − S)/(k·b)
+        assert r["clip_delta_distinct_images_defined"] and abs(r["clip_delta_distinct_images"]) < 1e-12, where
         assert r["correlation"] == pytest.approx(1.0, abs=1e-3), where  # float32 statistics: 1 ± 2e-4
         assert not r["dead"] and r["consensus"] == "all similar", where
+        assert r["consensus_fixed_threshold"] == "all similar", where
         assert r["embedder_kind"] == "fallback" and r["embedder"].endswith("not CLIP"), where
         assert r["category"] == ("matched" if r["model"] == "B_aligned" else ""), where
-        assert r["category_embedding"] == r["category"], where  # the embedder is configured: both rules ran
+        assert r["category_id_overlap"] == r["category_embedding"] == r["category"], where  # every rule ran
+        # beyond the null of unmatched channels by every metric with a null; the correlation has none here
+        assert (r["similar_kendall_tau"], r["similar_clip_delta"], r["similar_overlap"]) == (True, True, True), where
+        assert r["similar_correlation"] is None and r["null_threshold_correlation"] is None, where
+        assert r["null_threshold_kendall_tau"] < 1 and r["null_threshold_overlap"] < 1, where
+        assert r["null_quantile"] == 0.95, where
     assert [o["share_all similar"] for o in out.result.observation3] == [1.0] * len(CHANNELS)
+    assert [o["fixed_threshold"]["share_all similar"] for o in out.result.observation3] == [1.0] * len(CHANNELS)
     assert {o["layer"]: o["matched"] for o in out.result.observation2} == CHANNELS
+    assert {o["layer"]: o["id_overlap"]["matched"] for o in out.result.observation2} == CHANNELS
     assert {o["layer"]: o["embedding"]["matched"] for o in out.result.observation2} == CHANNELS
     assert out.result.rules["observation2_embedding"]["close_min"] == 1.1
+    for s in out.result.layers:  # Observation 1: every matched channel is similar, with the threshold stated
+        assert s["share_similar_kendall_tau"] == s["share_similar_overlap"] == s["share_similar_clip_delta"] == 1.0
+        assert s["null_kendall_tau"]["size"] == s["channels"] * (s["channels"] - 1)  # all unmatched pairs (C ≤ 33)
+        assert s["share_similar_correlation"] is None
 
 
 def test_compare_csv_round_trips_the_embedding_category_and_reads_older_files(permuted_study, tmp_path):
     _, out, _, _ = permuted_study
-    rows = [dict(r, category_embedding=cat) for r, cat in zip(out.result.rows, ["A", "B", "mixed", "neither"] * 9999)]
+    rows = [dict(r, category_embedding=cat, similar_overlap=sim) for r, cat, sim in
+            zip(out.result.rows, ["A", "B", "mixed", "neither"] * 9999, [True, False, None] * 9999)]
     path = write_compare_csv(tmp_path / "c.csv", rows)
-    assert read_compare_csv(path) == rows
-    with open(path, newline="") as f:  # a file written before the column existed
-        table = [line[:-2] + line[-1:] for line in csv.reader(f)]  # category_embedding is the last but one
-    assert COLUMNS[-2] == "category_embedding"
+    assert read_compare_csv(path) == rows  # including the three states of similar_*
+    with open(path, newline="") as f:  # a file written before the newer columns existed
+        table = list(csv.reader(f))
+    newer = {"category_embedding", "clip_delta_distinct_images", "clip_delta_distinct_images_defined",
+             "null_quantile", "category_id_overlap", "consensus_fixed_threshold",
+             *(c for c in COLUMNS if c.startswith(("similar_", "null_threshold_")))}
+    keep = [i for i, c in enumerate(table[0]) if c not in newer]
     old = tmp_path / "old.csv"
     with open(old, "w", newline="") as f:
-        csv.writer(f).writerows(table)
-    assert [r["category_embedding"] for r in read_compare_csv(old)] == [""] * len(rows)
+        csv.writer(f).writerows([[line[i] for i in keep] for line in table])
+    back = read_compare_csv(old)
+    assert [r["category_embedding"] for r in back] == [""] * len(rows)
+    assert all(r["similar_kendall_tau"] is None and r["null_threshold_kendall_tau"] is None for r in back)
 
 
 def test_comparison_pages_show_the_metrics_and_link_every_channel(permuted_study):
@@ -132,8 +151,9 @@ def test_clip_embedder_from_a_local_weights_file_is_called_clip(permuted_study, 
     assert cfg.embedder_kind == "clip"
     run = tmp_path / "run"
     out = channel_comparison(run, digits, probed, recipes, cfg, embedder=make_embedder(cfg, None, digits))
-    assert {(r["embedder_kind"], r["clip_delta"], r["clip_delta_defined"]) for r in out.result.rows} == {
-        ("clip", 0.0, True)}
+    assert {(r["embedder_kind"], r["clip_delta_defined"], r["clip_delta"] < 0,
+             abs(r["clip_delta_distinct_images"]) < 1e-12) for r in out.result.rows} == {("clip", True, True, True)}
+    # identical sets: thesis δ < 0, the distinct-images variant 0
     assert "CLIP-δ B" in (run / "features" / "table_features.2.html").read_text()
     assert "fallback" not in out.section["html"]
 

@@ -3,8 +3,8 @@
 Over the probe of a feature study (:func:`mergescope.features.feature_study`: model A, the models aligned to it,
 their merges), every channel of A is compared with the same channel of each aligned model — Kendall's τ on D′,
 δ of the top-k images (CLIP, or the documented fallback embedder, never called CLIP), top-k overlap, matching
-correlation — the thesis's Observations 2 and 3 are counted, and optionally metric-guided partial merges are
-evaluated against random channel choices. :func:`channel_comparison` does it with models in memory (the demo);
+correlation — "similar" is judged against the null of unmatched channels, the thesis's Observations 1–3 are
+counted, and optionally metric-guided partial merges are evaluated against random channel choices. :func:`channel_comparison` does it with models in memory (the demo);
 :func:`compare_run` does it for a finished run folder (``mergescope compare``).
 
 Files written into the run folder: ``compare.csv`` (one row per pair × layer × channel,
@@ -25,6 +25,8 @@ import torch
 from torch import nn
 
 from .compare import (
+    DEFAULT_PARTNERS,
+    DEFAULT_QUANTILE,
     METRICS,
     ComparePair,
     CompareResult,
@@ -61,8 +63,10 @@ class CompareConfig:
     embedder: str | None = None  # "clip" or "fallback"; None: "clip" when clip_weights is given, else "fallback"
     clip_model: str = "ViT-B-32"  # open_clip model name (OpenAI weights from a file: "ViT-B-32-quickgelu")
     clip_weights: str | None = None  # CLIP weights file, or an open_clip tag already in its cache ("openai")
-    consensus_metric: str = "kendall_tau"  # Observation 3: which metric decides "similar"
-    threshold: float = 0.5  # Observation 3: similar when metric >= threshold (<= for clip_delta)
+    consensus_metric: str = "kendall_tau"  # Observations 2 and 3: whose null judgement decides "similar"
+    null_quantile: float = DEFAULT_QUANTILE  # similar = beyond this quantile of the unmatched-channel null
+    null_partners: int = DEFAULT_PARTNERS  # unmatched partners sampled per channel for the null (seeded)
+    threshold: float = 0.5  # Observation 3's named variant "fixed_threshold": metric >= threshold (<= for δ)
     partial_merge: bool = False  # also evaluate metric-guided partial merges (thesis Fig. 3.2)
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS  # shares of each group's channels merged
     seeds: tuple[int, ...] = (0, 1, 2)  # random-channel baselines
@@ -204,7 +208,8 @@ def channel_comparison(
     cache = EmbeddingCache(embedder) if embedder is not None else None
     res = compare_models(result, pairs, embed=None if cache is None else (lambda ids: cache.get(ids, dataset)),
                          embedder_name=getattr(embedder, "name", ""), embedder_kind=getattr(embedder, "kind", ""),
-                         consensus_metric=cfg.consensus_metric, threshold=cfg.threshold)
+                         consensus_metric=cfg.consensus_metric, threshold=cfg.threshold,
+                         null_quantile=cfg.null_quantile, null_partners=cfg.null_partners)
     if res.embedder is not None:
         res.embedder["images_embedded"] = cache.computed
     files = [write_compare_csv(run_dir / "compare.csv", res.rows)]

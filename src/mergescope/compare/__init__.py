@@ -1,26 +1,42 @@
 """Compare channels across models: Kendall's τ-b of activation rankings, CLIP-δ of top-k images, top-k overlap,
-and the channel categories of the thesis's Observations 2 and 3. Pure functions over tensors; :mod:`.study`
-combines them over a whole probe into tidy rows (and writes/reads those rows as ``compare.csv``).
+"similar" judged against the null of unmatched channels (:mod:`.null`), and the channel categories of the
+thesis's Observations 1–3. Pure functions over tensors; :mod:`.study` combines them over a whole probe into tidy
+rows (and writes/reads those rows as ``compare.csv``).
 """
 from .categories import (
     CONSENSUS_CATEGORIES,
     EMBEDDING_CATEGORIES,
     MERGED_CATEGORIES,
+    NULL_CATEGORIES,
     ConsensusCategories,
     EmbeddingCategories,
     MergedCategories,
+    NullCategories,
     Spread,
     category_table,
     consensus_categories,
+    consensus_from_similar,
     embedding_category_table,
     merged_categories,
     merged_categories_embedding,
     merged_categories_embedding_from_ids,
+    merged_categories_null,
     metric_spread,
 )
-from .clip_delta import ClipDeltaResult, clip_delta, clip_delta_from_ids
+from .clip_delta import (
+    CLIP_DELTA_VARIANTS,
+    ClipDeltaPairs,
+    ClipDeltaResult,
+    clip_delta,
+    clip_delta_from_ids,
+    clip_delta_pairs,
+    clip_delta_pairs_from_ids,
+    lookup_embeddings,
+)
 from .kendall import KendallResult, kendall_tau_b
+from .null import DEFAULT_PARTNERS, DEFAULT_QUANTILE, NullThreshold, null_threshold, unmatched_partners
 from .overlap import overlap_counts, topk_overlap
+from .pair_metrics import pair_values
 from .study import (
     COLUMNS,
     METRICS,
@@ -33,12 +49,17 @@ from .study import (
 )
 
 __all__ = [
+    "CLIP_DELTA_VARIANTS",
     "COLUMNS",
     "CONSENSUS_CATEGORIES",
+    "DEFAULT_PARTNERS",
+    "DEFAULT_QUANTILE",
     "EMBEDDING_CATEGORIES",
     "MERGED_CATEGORIES",
     "METRICS",
+    "NULL_CATEGORIES",
     "THESIS_OBSERVATION3",
+    "ClipDeltaPairs",
     "ClipDeltaResult",
     "ComparePair",
     "CompareResult",
@@ -46,20 +67,30 @@ __all__ = [
     "EmbeddingCategories",
     "KendallResult",
     "MergedCategories",
+    "NullCategories",
+    "NullThreshold",
     "Spread",
     "category_table",
     "clip_delta",
     "clip_delta_from_ids",
+    "clip_delta_pairs",
+    "clip_delta_pairs_from_ids",
     "compare_models",
     "consensus_categories",
+    "consensus_from_similar",
     "embedding_category_table",
     "kendall_tau_b",
     "merged_categories",
     "merged_categories_embedding",
     "merged_categories_embedding_from_ids",
+    "merged_categories_null",
     "metric_spread",
+    "lookup_embeddings",
+    "null_threshold",
     "overlap_counts",
+    "pair_values",
     "read_compare_csv",
     "topk_overlap",
+    "unmatched_partners",
     "write_compare_csv",
 ]

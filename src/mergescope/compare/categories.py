@@ -3,11 +3,16 @@
 Observation 2 (merged model): where aligned B does not match A on channel c, do the merged model's top-k images
 come from A, from B, from both, or from neither? Observation 3 (n models aligned to one reference): is channel c
 similar in all of them, in most, or in none? The thesis sorted channels by eye; these rules make the sorting
-reproducible, with every threshold a parameter.
+reproducible.
+
+Default rules judge "similar" against the null of :mod:`.null` (:func:`merged_categories_null`,
+:func:`consensus_from_similar`). Named variants: the image-id rule of Observation 2 (:func:`merged_categories`,
+"id_overlap"), its embedding-similarity rule (:func:`merged_categories_embedding`), and Observation 3 with a
+fixed threshold (:func:`consensus_categories`, "fixed_threshold").
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +28,7 @@ from .clip_delta import (
 from .overlap import first_occurrence, member, topk_overlap
 
 MERGED_CATEGORIES = ("matched", "A", "B", "mixed", "neither")
+NULL_CATEGORIES = ("matched", "A", "B", "mixed", "neither", "undefined")
 EMBEDDING_CATEGORIES = ("matched", "A", "B", "mixed", "neither", "undefined")
 CONSENSUS_CATEGORIES = ("all similar", "most similar", "few similar", "all dissimilar")
 
@@ -55,11 +61,7 @@ class MergedCategories:
 
     def shares(self) -> dict:
         """Counts per category, and the shares of "A"/"B"/"mixed"/"neither" among the unmatched channels."""
-        counts = {name: int((self.category == i).sum()) for i, name in enumerate(MERGED_CATEGORIES)}
-        unmatched = len(self.category) - counts["matched"]
-        return {"channels": len(self.category), "matched": counts["matched"], "unmatched": unmatched,
-                **{f"n_{n}": counts[n] for n in MERGED_CATEGORIES[1:]},
-                **{f"share_{n}": (counts[n] / unmatched if unmatched else None) for n in MERGED_CATEGORIES[1:]}}
+        return _unmatched_shares(self.category, MERGED_CATEGORIES)
 
 
 def merged_categories(ids_a: torch.Tensor, ids_b: torch.Tensor, ids_merged: torch.Tensor, *,
@@ -138,11 +140,69 @@ class EmbeddingCategories:
     def shares(self) -> dict:
         """Counts per category, and the shares of "A"/"B"/"mixed"/"neither"/"undefined" among the unmatched
         channels (the same denominator as :meth:`MergedCategories.shares`)."""
-        counts = {name: int((self.category == i).sum()) for i, name in enumerate(EMBEDDING_CATEGORIES)}
-        unmatched = len(self.category) - counts["matched"]
-        return {"channels": len(self.category), "matched": counts["matched"], "unmatched": unmatched,
-                **{f"n_{n}": counts[n] for n in EMBEDDING_CATEGORIES[1:]},
-                **{f"share_{n}": (counts[n] / unmatched if unmatched else None) for n in EMBEDDING_CATEGORIES[1:]}}
+        return _unmatched_shares(self.category, EMBEDDING_CATEGORIES)
+
+
+def _unmatched_shares(category: torch.Tensor, names: tuple[str, ...]) -> dict:
+    """Counts per category (names[0] is "matched") and the shares of the others among the unmatched channels."""
+    counts = {name: int((category == i).sum()) for i, name in enumerate(names)}
+    unmatched = len(category) - counts["matched"]
+    return {"channels": len(category), "matched": counts["matched"], "unmatched": unmatched,
+            **{f"n_{n}": counts[n] for n in names[1:]},
+            **{f"share_{n}": (counts[n] / unmatched if unmatched else None) for n in names[1:]}}
+
+
+@dataclass(frozen=True)
+class NullCategories:
+    """Observation 2 judged against the null, for one layer (see :func:`merged_categories_null`).
+
+    Attributes:
+        category: int64 [C], index into :data:`NULL_CATEGORIES`.
+        rule: the metric, quantile and thresholds used (JSON-ready).
+    """
+
+    category: torch.Tensor
+    rule: dict
+
+    def names(self) -> list[str]:
+        return [NULL_CATEGORIES[i] for i in self.category.tolist()]
+
+    def shares(self) -> dict:
+        """Counts per category and the shares of "A"/"B"/"mixed"/"neither"/"undefined" among unmatched channels."""
+        return _unmatched_shares(self.category, NULL_CATEGORIES)
+
+
+def merged_categories_null(matched: Sequence[bool | None], from_a: Sequence[bool | None],
+                           from_b: Sequence[bool | None], rule: dict | None = None) -> NullCategories:
+    """Observation 2 with one judgement of "similar" (beyond the null's quantile, :mod:`.null`) for every set.
+
+    Per channel j, with M the merged model and "~" = similar under one metric against its own null
+    (m(X_j, Y_p), p ≠ j, in the same layer):
+
+      ``matched``  A_j ~ B_j (Observation 1: aligned B matches A; not classified further);
+      ``A``        M_j ~ A_j and not M_j ~ B_j (images of one model dominate: thesis case 1);
+      ``B``        M_j ~ B_j and not M_j ~ A_j;
+      ``mixed``    M_j ~ A_j and M_j ~ B_j (images of both models appear: case 2);
+      ``neither``  neither (most images belong to neither model: case 3);
+      ``undefined`` a judgement it needs is undefined (a dead channel, an undefined metric).
+
+    For CLIP-δ, "M_j ~ X_j" is δ with X's self-similarity and denominator, T_M as the second set; for τ, τ-b of
+    M's and X's channel j on D′; for overlap, |T_X ∩ T_M| / k.
+
+    Args:
+        matched, from_a, from_b: per channel, the judgements A_j ~ B_j, A_j ~ M_j, B_j ~ M_j (None = undefined).
+        rule: recorded as is.
+    """
+    code = {name: i for i, name in enumerate(NULL_CATEGORIES)}
+    out = []
+    for ab, a, b in zip(matched, from_a, from_b, strict=True):
+        if ab:
+            out.append(code["matched"])
+        elif ab is None or a is None or b is None:
+            out.append(code["undefined"])
+        else:
+            out.append(code["mixed" if a and b else "A" if a else "B" if b else "neither"])
+    return NullCategories(torch.tensor(out, dtype=torch.long), dict(rule or {}))
 
 
 def merged_categories_embedding(emb_a: torch.Tensor, emb_b: torch.Tensor, emb_m: torch.Tensor, *,
@@ -308,15 +368,26 @@ def consensus_categories(similarity: torch.Tensor, threshold: float, *, higher_i
     similar = sim >= threshold if higher_is_similar else sim <= threshold
     if defined is not None:
         similar &= torch.as_tensor(defined, dtype=torch.bool, device=sim.device)
-    models = sim.shape[0]
+    rule = {"threshold": threshold, "higher_is_similar": higher_is_similar, "max_outliers": max_outliers}
+    return consensus_from_similar(similar, max_outliers=max_outliers, rule=rule)
+
+
+def consensus_from_similar(similar: torch.Tensor, *, max_outliers: int = 2,
+                           rule: dict | None = None) -> ConsensusCategories:
+    """Observation 3 from judgements already made: ``similar`` bool [n−1, C] (model m similar to the reference on
+    channel c, e.g. beyond the null of :mod:`.null`; an undefined judgement passed as False). Categories as in
+    :func:`consensus_categories`; ``rule`` is recorded as is."""
+    similar = torch.as_tensor(similar, dtype=torch.bool)
+    if similar.ndim != 2 or similar.shape[0] < 1:
+        raise MergescopeError(f"similar must be [n-1, C] with n-1 >= 1; got {tuple(similar.shape)}")
+    models = similar.shape[0]
     s = similar.sum(0)
     code = {name: i for i, name in enumerate(CONSENSUS_CATEGORIES)}
     cat = torch.full_like(s, code["few similar"])
     cat = torch.where((models - s <= max_outliers) & (s >= 1), code["most similar"], cat)
     cat = torch.where(s == models, code["all similar"], cat)
     cat = torch.where(s == 0, code["all dissimilar"], cat)
-    rule = {"threshold": threshold, "higher_is_similar": higher_is_similar, "max_outliers": max_outliers}
-    return ConsensusCategories(cat.long(), s.long(), models, rule)
+    return ConsensusCategories(cat.long(), s.long(), models, {"max_outliers": max_outliers, **(rule or {})})
 
 
 @dataclass(frozen=True)

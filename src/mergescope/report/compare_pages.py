@@ -112,12 +112,11 @@ def render_channel_tables(run_dir: str | os.PathLike, result, views: Sequence[st
         columns = []
         for (reference, model), rs in by_pair.items():
             lab = model_label(model)
-            columns += [(f"τ {lab}", "kendall_tau", rs), (f"{dl} {lab}", "clip_delta", rs),
-                        (f"overlap {lab}", "overlap", rs), (f"corr {lab}", "correlation", rs)]
-            if any(r["category"] for r in rs):  # Observation 2 only where a merged model was compared
-                columns.append((f"category {lab}", "category", rs))
-            if any(r.get("category_embedding") for r in rs):
-                columns.append((f"category by {embedding_label(_kind(result))} {lab}", "category_embedding", rs))
+            columns += [(f"{name} {lab}{_threshold_note(rs[0], metric)}", metric, rs) for metric, name in
+                        (("kendall_tau", "τ"), ("clip_delta", dl), ("overlap", "overlap"), ("correlation", "corr"))]
+            for col, name in _CATEGORY_COLUMNS:  # Observation 2 only where a merged model was compared
+                if any(r.get(col) for r in rs):
+                    columns.append((f"{name.format(emb=embedding_label(_kind(result)))} {lab}", col, rs))
         columns = [c for c in columns if not (c[1] == "clip_delta" and result.embedder is None)]
         consensus = next(iter(by_pair.values()))[0]["consensus"] != ""
         table = []
@@ -125,7 +124,7 @@ def render_channel_tables(run_dir: str | os.PathLike, result, views: Sequence[st
             cells = []
             for _, metric, rs in columns:
                 r = rs[j]
-                if metric in ("category", "category_embedding"):
+                if metric in _TEXT:
                     text = r.get(metric) or ""
                     cells.append({"text": text, "sort": text, "num": False, "flag": False})
                     continue
@@ -133,20 +132,42 @@ def render_channel_tables(run_dir: str | os.PathLike, result, views: Sequence[st
                 cells.append({"text": "" if v is None else f"{v:.3f}", "sort": f"{v:.6g}" if ok else "",
                               "num": True, "flag": v is not None and not ok})
             if consensus:
-                c = by_pair[pairs[0]][j]["consensus"] if pairs[0] in by_pair else ""
-                cells.append({"text": c, "sort": c, "num": False, "flag": False})
+                for col in ("consensus", "consensus_fixed_threshold"):
+                    c = by_pair[pairs[0]][j].get(col) or "" if pairs[0] in by_pair else ""
+                    cells.append({"text": c, "sort": c, "num": False, "flag": False})
             dead = any(rs[j]["dead"] for rs in by_pair.values())
             table.append({"channel": j, "dead": dead, "cells": cells,
                           "links": [{"slug": v, "href": channel_href(v, layer, j)} for v in links]})
-        headers = [{"name": name, "num": metric not in ("category", "category_embedding")}
-                   for name, metric, _ in columns]
+        headers = [{"name": name, "num": metric not in _TEXT} for name, metric, _ in columns]
         if consensus:
-            headers.append({"name": "consensus", "num": False})
+            headers += [{"name": "consensus (null)", "num": False},
+                        {"name": "consensus, fixed threshold", "num": False}]
         html = template.render(title=f"Channel table — {layer}", layer=layer, headers=headers, rows=table,
-                               delta_label=dl, embedder=result.embedder, subset_size=result.subset_size)
+                               delta_label=dl, embedder=result.embedder, subset_size=result.subset_size,
+                               quantile_text=_quantile_text(result.rules.get("similar", {}).get("quantile")))
         atomic_write_text(run_dir / FEATURES_DIR / table_name(layer), html)
         index.append({"layer": layer, "channels": channels, "href": f"{FEATURES_DIR}/{table_name(layer)}"})
     return index
+
+
+_CATEGORY_COLUMNS = (("category", "category (null)"), ("category_id_overlap", "category by id overlap"),
+                     ("category_embedding", "category by {emb}"))
+_TEXT = tuple(c for c, _ in _CATEGORY_COLUMNS)
+
+
+def _threshold_note(row: Mapping, metric: str) -> str:
+    """" (similar > 0.123)": the layer's null threshold for the metric, as a column header states it."""
+    t = row.get(f"null_threshold_{metric}")
+    if t is None:
+        return ""
+    side = "<" if metric == "clip_delta" else ">"
+    return f" (similar {side} {t:.3g})"
+
+
+def _quantile_text(q: float | None) -> str:
+    if q is None:
+        return "null quantile"
+    return f"{100 * q:g}th percentile (for δ, lower = similar: its {100 * (1 - q):g}th percentile)"
 
 
 def _usable(row: Mapping, metric: str) -> bool:
@@ -215,10 +236,13 @@ def compare_section_html(result, tables: Sequence[Mapping], histograms: Sequence
     o3 = result.rules["observation3"]
     metric_names = {"kendall_tau": "Kendall τ", "clip_delta": dl, "overlap": "top-k overlap",
                     "correlation": "matching correlation"}
+    o1_metrics = [(m, name) for m, name in metric_names.items()
+                  if any((s.get(f"null_{m}") or {}).get("threshold") is not None for s in result.layers)]
     return _environment().get_template("_compare_section.html").render(
         result=result, tables=tables, histograms=histograms, partial=partial, csv_href=csv_href,
         delta_label=dl, embedding_label=embedding_label(_kind(result)), labels={m: model_label(m) for _, m in _pairs(result)},
-        o3_metric=metric_names[o3["metric"]], o3=o3, thesis=result.thesis, notes=list(notes),
+        o3_metric=metric_names[o3["metric"]], o3=o3, o3f=result.rules["observation3_fixed_threshold"],
+        sim=result.rules["similar"], o1_metrics=o1_metrics, thesis=result.thesis, notes=list(notes),
         table_href={t["layer"]: t["href"] for t in tables})
 
 
