@@ -114,7 +114,8 @@ def _method_merges(a, b, spec, batches):
     [stats] = group_covariances(a, [b], spec, batches)
     out = {}
     for label, maps in [("cca", cca_maps(stats)[0]), ("ot exact", ot_maps(stats, reg=0)[0]),
-                        ("ot sinkhorn", ot_maps(stats, reg=0.01)[0]), ("regression", regression_maps(stats)[0]),
+                        ("ot sinkhorn", ot_maps(stats, reg=0.01, cost="correlation")[0]),
+                        ("regression", regression_maps(stats)[0]),
                         ("regression 10% refit pinv", regression_maps(stats, 0.1, inverse="pinv")[0])]:
         out[label] = merge_with_maps(a, b, maps, 0.5, layout)
     zipped = zipit_merge(a, b, None, spec, layout=layout, stats=stats)
@@ -156,8 +157,8 @@ def test_sinkhorn_tends_to_the_optimal_permutation():
     gaps = []
     for reg in (0.1, 0.01, 0.001):
         plan, _ = sinkhorn(cost, reg)
-        assert torch.allclose(plan.sum(0), torch.full((12,), 1 / 12, dtype=torch.float64), atol=1e-9)
-        assert torch.allclose(plan.sum(1), torch.full((12,), 1 / 12, dtype=torch.float64), atol=1e-5)
+        assert torch.allclose(plan.sum(1), torch.full((12,), 1 / 12, dtype=torch.float64), atol=1e-9)
+        assert torch.allclose(plan.sum(0), torch.full((12,), 1 / 12, dtype=torch.float64), atol=1e-5)
         gaps.append((plan - best).abs().sum().item())
     assert gaps[0] > gaps[1] > gaps[2] and gaps[2] < 1e-3
 

@@ -1,18 +1,27 @@
-"""CCA merging (Horoi et al. 2024, "Harmony in Diversity"): align linear combinations of features, not units.
+"""CCA merging (Horoi et al. 2024, "Harmony in Diversity: Merging Neural Networks with Canonical Correlation
+Analysis"): align linear combinations of features, not units.
 
-Per group, with regularized covariances S_A = Σ_AA + λ·s_A·I, S_B = Σ_BB + λ·s_B·I (s = mean variance, so λ is
-relative) and the cross-covariance Σ_AB of A's and B's features (images × positions at the group's observation
-points, from :class:`JointMoments`), CCA whitens both sides and takes the SVD of the whitened cross-covariance,
-S_A^{-1/2} Σ_AB S_B^{-1/2} = U diag(ρ) Vᵀ; the canonical directions are P_A = S_A^{-1/2} U, P_B = S_B^{-1/2} V
-and ρ the canonical correlations. B is mapped into A's space by identifying the canonical variates
+Per group, with Σ_AA, Σ_BB, Σ_AB the population (co)variances of A's and B's features (centred; images ×
+positions at the group's observation points — post-activation, as the reference's graphs hook them — from
+:class:`JointMoments`) and the regularised covariances S_A = Σ_AA + γ·I, S_B = Σ_BB + γ·I, CCA whitens both sides
+and takes the SVD of the whitened cross-covariance (CCA's standard solution, as the paper):
+
+    S_A^{-1/2} Σ_AB S_B^{-1/2} = U diag(ρ) Vᵀ,    P_A = S_A^{-1/2} U,  P_B = S_B^{-1/2} V,
+
+ρ the canonical correlations. B is mapped into A's space by identifying the canonical variates
 (P_Aᵀ a ≈ P_Bᵀ b) and undoing A's projection:
 
-    T = P_A^{-T} P_Bᵀ = S_A^{1/2} U Vᵀ S_B^{-1/2},    T⁻¹ = S_B^{1/2} V Uᵀ S_A^{-1/2}
+    T = P_A^{-T} P_Bᵀ = S_A^{1/2} U Vᵀ S_B^{-1/2},    T⁻¹ = S_B^{1/2} V Uᵀ S_A^{-1/2}.
 
-(the transform of the authors' public code, with our relative ridge). For a permuted copy (b = P a) T = Pᵀ
-exactly, for any λ. Means are not mapped (REPAIR/RESET restore them). Constant channels (ReLU units that never
-fire on the data) have no canonical directions — CCA would rotate them arbitrarily among themselves, with
-signs, waking them up — so CCA runs on the non-constant channels and constant ones get zero rows/columns in T.
+**Default (``cca``): the reference's regularisation** (shoroi/align-n-merge ``match_tensors_cca``): γ = 0.1
+added to the covariance itself (absolute, in the features' units; 0.1 is the function's default, and the
+reference's hyper-parameter search tries 1e-6…1e7 per setting). **Variant ``cca_relative``** (mergescope's earlier default):
+γ = λ·(mean variance of that side), so λ = 0.1 is scale-free. For a permuted copy (b = P a) T = Pᵀ exactly,
+either way. Means are not mapped (REPAIR/RESET restore them).
+
+One guard the reference lacks: constant channels (ReLU units that never fire on the data) have no canonical
+directions — the SVD would pair them arbitrarily, with signs, waking them up — so CCA runs on the non-constant
+channels and constant ones get zero rows/columns in T (identical to the reference when no channel is constant).
 
 Many models: each is mapped into the reference's space with its own T and all are averaged
 (:func:`cca_merge_many`), as in the paper's multi-model setting.
@@ -51,12 +60,13 @@ def _sym_power(s: torch.Tensor, p: float) -> torch.Tensor:
     return (v * e.clamp_min(1e-300).pow(p).unsqueeze(0)) @ v.T
 
 
-def cca_map(stats: JointMoments, ridge: float = 0.1) -> tuple[ChannelMap, torch.Tensor]:
+def cca_map(stats: JointMoments, ridge: float = 0.1, relative: bool = False) -> tuple[ChannelMap, torch.Tensor]:
     """The CCA map of B's channels into A's space for one group, and the canonical correlations (descending).
 
     Args:
         stats: joint statistics with a = A's features, b = B's.
-        ridge: relative ridge λ > 0 added to both covariances (λ·mean variance); constant channels need it.
+        ridge: γ > 0 added to both covariances' diagonals (the reference: 0.1).
+        relative: γ·(mean variance of each side) instead of γ (the ``cca_relative`` variant).
     """
     ca = stats.size_a
     live = ~stats.constant()
@@ -70,8 +80,9 @@ def cca_map(stats: JointMoments, ridge: float = 0.1) -> tuple[ChannelMap, torch.
         raise ValueError("CCA needs ridge > 0 when a covariance is singular (constant or collinear channels)")
     eye_a = torch.eye(ca, dtype=cov.dtype, device=cov.device)
     eye_b = torch.eye(len(sbb), dtype=cov.dtype, device=cov.device)
-    sa = saa + ridge * saa.diagonal().mean().clamp_min(1e-300) * eye_a
-    sb = sbb + ridge * sbb.diagonal().mean().clamp_min(1e-300) * eye_b
+    scale_a = saa.diagonal().mean().clamp_min(1e-300) if relative else 1.0
+    scale_b = sbb.diagonal().mean().clamp_min(1e-300) if relative else 1.0
+    sa, sb = saa + ridge * scale_a * eye_a, sbb + ridge * scale_b * eye_b
     sa_half, sa_ihalf = _sym_power(sa, 0.5), _sym_power(sa, -0.5)
     sb_half, sb_ihalf = _sym_power(sb, 0.5), _sym_power(sb, -0.5)
     u, rho, vh = torch.linalg.svd(sa_ihalf @ sab @ sb_ihalf, full_matrices=False)
@@ -83,9 +94,10 @@ def cca_map(stats: JointMoments, ridge: float = 0.1) -> tuple[ChannelMap, torch.
     return ChannelMap(forward, inverse), rho
 
 
-def cca_maps(stats: Mapping[str, JointMoments], ridge: float = 0.1) -> tuple[dict[str, ChannelMap], dict]:
+def cca_maps(stats: Mapping[str, JointMoments], ridge: float = 0.1, relative: bool = False
+             ) -> tuple[dict[str, ChannelMap], dict]:
     """:func:`cca_map` for every group; returns (maps, {group: canonical correlations})."""
-    return per_group(lambda st: cca_map(st, ridge), stats)
+    return per_group(lambda st: cca_map(st, ridge, relative), stats)
 
 
 def cca_merge_many(
@@ -95,6 +107,7 @@ def cca_merge_many(
     spec: PermSpec | None = None,
     weights: Sequence[float] | None = None,
     ridge: float = 0.1,
+    relative: bool = False,
     layout: MapLayout | None = None,
     stats: Sequence[Mapping[str, JointMoments]] | None = None,
     device: torch.device | str = "cpu",
@@ -106,7 +119,7 @@ def cca_merge_many(
         others: models of the same architecture.
         batches: data for the feature statistics (one pass; unused when ``stats`` is given).
         weights: averaging weights, reference first (default uniform; for two models, (α, 1−α)).
-        ridge: relative ridge of the CCA.
+        ridge, relative: the CCA's regularisation (:func:`cca_map`).
         stats: precomputed :func:`group_covariances` (one dict per model of ``others``).
 
     Returns:
@@ -116,5 +129,5 @@ def cca_merge_many(
         >>> res = cca_merge_many(model_a, [model_b], iter_batches(train, 500))
         >>> res.model            # the merged model, original architecture
     """
-    return merge_many_by_stats(reference, others, batches, lambda st: cca_maps(st, ridge), INFO, "canonical_correlations", spec,
+    return merge_many_by_stats(reference, others, batches, lambda st: cca_maps(st, ridge, relative), INFO, "canonical_correlations", spec,
                                weights, layout, stats, device)

@@ -30,8 +30,8 @@ after a conv/linear (on a residual stream) or a LayerNorm cannot be passed by a 
 **Nonlinearities.** ReLU (and max-pooling) commute with permutations and with positive diagonal scalings only.
 For any other map the rewritten model is an approximation of the original one — exact at the pre-activation
 of the group's own layers, approximate after the nonlinearity — which is why REPAIR/RESET matter more here.
-The maps are fitted on post-activation features (the spec's observation points) but applied to the layers'
-weights; that is the methods' own approximation (CCA merging, OT fusion, ZipIt! all do this).
+The maps are fitted on features — post-activation (the spec's observation points) for CCA merging, regression and
+ZipIt!, pre-activation for OT fusion — but applied to the layers' weights; that is the methods' own approximation.
 """
 from __future__ import annotations
 
@@ -400,9 +400,11 @@ def merge_many_by_stats(
     layout: MapLayout | None = None,
     stats=None,
     device: torch.device | str = "cpu",
+    at: str = "observe",
 ) -> "MapMergeResult":
     """The shared body of the map-based ``*_merge_many`` methods: one covariance pass, one map per group and
     model (``maps_from_stats(stats) -> (maps, extra)``), then the weighted merge in the reference's space.
+    ``at``: where the statistics are gathered (:func:`mergescope.align.covariance.group_points`).
 
     Returns:
         :class:`MapMergeResult` with ``extras[extra_key]`` = the per-model extras of ``maps_from_stats``.
@@ -412,7 +414,7 @@ def merge_many_by_stats(
     spec = spec or build_spec(reference)
     layout = layout or map_layout(reference, spec)
     if stats is None:
-        stats = group_covariances(reference, others, spec, batches, device=device)
+        stats = group_covariances(reference, others, spec, batches, device=device, at=at)
     n = len(others) + 1
     weights = list(weights) if weights is not None else [1.0 / n] * n
     per_model = [maps_from_stats(st) for st in stats]
