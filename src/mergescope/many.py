@@ -8,7 +8,8 @@ space (``mergemany``: Git Re-Basin's MergeMany, weight matching, no data), or it
 std to the average of what the mapped models compute there; ``+reset`` recomputes BatchNorm statistics.
 
 Data passes, whatever the number of models and methods: one for matching (if ``permuted`` is asked for), one for
-the joint feature statistics (if a map-based method is), one for REPAIR and RESET of every merged model at once,
+the joint feature statistics (if a map-based method is; at the observation points and, for OT fusion, also at the
+pre-activations), one for REPAIR and RESET of every merged model at once,
 and one per evaluation split for every model at once.
 """
 from __future__ import annotations
@@ -24,12 +25,13 @@ from torch import nn
 
 from ._csvio import write_rows
 from ._jsonio import write_json
-from .align import group_covariances, match_many, merge_many_matching
+from .align import match_many, merge_many_matching
+from .align.covariance import group_covariances_at
 from .data import ImageDataset, iter_batches, len_batches
 from .errors import MergescopeError
 from .evaluate import evaluate_models
 from .merge import RepairTarget, map_layout, merge_models_with_maps, permutation_maps, repair_many, zipit_maps
-from .merge.recipes import ALL_METHODS, MAP_METHODS, check_methods, has_batchnorm, split_method
+from .merge.recipes import ALL_METHODS, MAP_METHODS, check_methods, has_batchnorm, map_places, split_method
 from .perm import PermSpec, build_spec
 from .report import render_report
 from .report.many_pages import many_section
@@ -121,14 +123,15 @@ def merge_many(
         maps["permuted"] = [{}] + [permutation_maps(r.perms) for r in matches]
         passes["matching"] = 1
     if set(bases) & (set(MAP_METHODS) | {"zipit"}):
-        stats = group_covariances(ref, others, spec, stats_batches(), device=device, progress=progress,
-                                  total=n_stats)
+        places = map_places(bases)
+        stats = group_covariances_at(ref, others, spec, stats_batches(), places, device=device, progress=progress,
+                                     total=n_stats)  # one pass, every place a method needs
         passes["map statistics"] = 1
         for base in bases:
             if base in MAP_METHODS:
-                maps[base] = [{}] + [MAP_METHODS[base](st) for st in stats]
+                maps[base] = [{}] + [MAP_METHODS[base]({p: stats[p][k] for p in places}) for k in range(len(others))]
             elif base == "zipit":
-                maps_a, maps_b, _ = zipit_maps(stats[0])
+                maps_a, maps_b, _ = zipit_maps(stats["observe"][0])
                 maps[base] = [maps_a, maps_b]
     if "mergemany" in bases:
         results = merge_many_matching([m.state_dict() for m in models], spec, device=device)

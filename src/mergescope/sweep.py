@@ -1,7 +1,8 @@
 """The interpolation study of two models: align, merge along α with every method, repair, evaluate.
 
 Data passes: one over the statistics set for matching (activation matching), one for the joint feature
-statistics of the map-based methods (CCA, OT fusion, regression) if any is asked for, one for REPAIR and RESET of
+statistics of the map-based methods (CCA, OT fusion, regression; at the observation points and, for OT fusion,
+also at the pre-activations) if any is asked for, one for REPAIR and RESET of
 every merged model at once, and one per evaluation split for every model at once.
 """
 from __future__ import annotations
@@ -15,13 +16,14 @@ import torch
 from torch import nn
 
 from ._jsonio import write_json
-from .align import MatchResult, group_covariances, match_many, weight_matching
+from .align import MatchResult, match_many, weight_matching
+from .align.covariance import group_covariances_at
 from .data import ImageDataset, iter_batches, len_batches
 from .errors import ArchitectureError, MergescopeError
 from .evaluate import evaluate_models
 from .merge import (RepairTarget, alpha_grid, interpolate_model, map_layout, merge_with_maps, permutation_maps,
                     repair_many)
-from .merge.recipes import ALL_METHODS, MAP_METHODS, check_methods, has_batchnorm, split_method
+from .merge.recipes import ALL_METHODS, MAP_METHODS, check_methods, has_batchnorm, map_places, split_method
 from .perm import PermSpec, build_spec, permute_model
 from .report import render_report, write_csv
 
@@ -145,10 +147,11 @@ def run_sweep(
     maps_b = {"naive": {}, "permuted": permutation_maps(match.perms)}  # base -> B's maps into A's space
     if map_bases:
         t0 = time.perf_counter()
-        [stats] = group_covariances(model_a, [model_b], spec, stats_batches(), device=device, progress=progress,
-                                    total=n_stats)
+        places = map_places(map_bases)  # one pass, every place a method needs
+        stats = group_covariances_at(model_a, [model_b], spec, stats_batches(), places, device=device,
+                                     progress=progress, total=n_stats)
         passes["map statistics"] += 1
-        maps_b.update({m: MAP_METHODS[m](stats) for m in map_bases})
+        maps_b.update({m: MAP_METHODS[m]({p: stats[p][0] for p in places}) for m in map_bases})
         layout = map_layout(model_a, spec)
         timings["map statistics"] = time.perf_counter() - t0
     merged: dict[tuple[str, float], nn.Module] = {}

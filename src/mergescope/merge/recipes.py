@@ -4,7 +4,8 @@ A method is a *base* — how the models are put into one channel space — optio
 
 * bases: ``naive`` (no alignment), ``permuted`` (activation or weight matching onto the reference),
   ``mergemany`` (Git Re-Basin's MergeMany: every model weight-matched onto the average of the others), and the
-  map-based ``cca``, ``ot``, ``regression`` (a per-group linear map fitted on joint feature statistics) and
+  map-based ``cca``, ``ot``, ``regression`` (a per-group linear map fitted on joint feature statistics; each
+  default as its reference, with named variants ``cca_relative`` and ``ot_sinkhorn``, :data:`MAP_METHODS`) and
   ``zipit`` (feature zipping, also within one model; two models at a time);
 * fixes: ``+repair`` (REPAIR towards the mapped endpoints' channel statistics, :func:`repair_many`) or
   ``+reset`` (BatchNorm statistics recomputed; models with BatchNorm only).
@@ -13,24 +14,57 @@ E.g. ``permuted+repair`` is REPAIR's method, ``cca+repair`` CCA merging followed
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from torch import nn
 
+from ..align.covariance import PLACES, JointMoments
 from ..errors import MergescopeError
 from .cca import cca_maps
+from .maps import ChannelMap
 from .ot import ot_maps
 from .regression_merge import regression_maps
 
-# base -> (joint statistics of one model with the reference -> that model's maps into the reference's space)
+Stats = Mapping[str, JointMoments]  # group -> joint statistics of one model with the reference
+
+
+@dataclass(frozen=True)
+class MapMethod:
+    """A map-based base: where its joint statistics are gathered and how one model's maps are made from them."""
+
+    at: str  # "observe" or "preactivation" (mergescope.align.covariance.group_points)
+    maps: Callable[[Stats], dict[str, ChannelMap]]  # statistics at ``at`` -> maps into the reference's space
+    about: str  # the paper and how this variant reads it
+
+    def __call__(self, stats_at: Mapping[str, Stats]) -> dict[str, ChannelMap]:
+        """One model's maps from its statistics by place (``{place: {group: JointMoments}}``)."""
+        return self.maps(stats_at[self.at])
+
+
 MAP_METHODS = {
-    "cca": lambda stats: cca_maps(stats)[0],
-    "ot": lambda stats: ot_maps(stats)[0],
-    "regression": lambda stats: regression_maps(stats)[0],
+    "cca": MapMethod("observe", lambda st: cca_maps(st)[0],
+                     "CCA merging (Horoi et al. 2024) as its reference: 0.1·I added to each covariance"),
+    "cca_relative": MapMethod("observe", lambda st: cca_maps(st, relative=True)[0],
+                              "CCA merging with a relative ridge: 0.1 × each side's mean variance"),
+    "ot": MapMethod("preactivation", lambda st: ot_maps(st)[0],
+                    "OT fusion (Singh & Jaggi 2020) as its reference: exact OT, Euclidean distance of "
+                    "pre-activations"),
+    "ot_sinkhorn": MapMethod("observe", lambda st: ot_maps(st, reg=0.01, cost="correlation")[0],
+                             "OT fusion with 1 − correlation of post-activations and Sinkhorn (ε = 0.01 × mean cost)"),
+    "regression": MapMethod("observe", lambda st: regression_maps(st)[0],
+                            "regression merging: each group's least-squares map"),
 }
 BASES = ("naive", "permuted", "mergemany", *MAP_METHODS, "zipit")
 FIXES = ("", "+repair", "+reset")
 ALL_METHODS = tuple(base + fix for base in BASES for fix in FIXES)
+
+
+def map_places(bases: Iterable[str]) -> tuple[str, ...]:
+    """The places (:data:`mergescope.align.covariance.PLACES`) whose statistics these bases need (ZipIt!: the
+    observation points; bases without joint statistics: none)."""
+    wanted = {MAP_METHODS[b].at if b in MAP_METHODS else "observe" for b in bases if b in MAP_METHODS or b == "zipit"}
+    return tuple(p for p in PLACES if p in wanted)
 
 
 def split_method(method: str) -> tuple[str, str]:
