@@ -7,7 +7,9 @@ linear assignment problem ``max_p sum_i C[i, p[i]]``, ``C = sum over the group's
 W_{ℓ+1}^Aᵀ P_{ℓ+1} W_{ℓ+1}^B`` plus the bias terms); sweeps repeat until one changes no permutation (a new
 solution is adopted only when it raises the group's objective by more than 1e-6 relative). The order of sweep k
 is the k-th ``permutation`` drawn from ``numpy.random.default_rng(seed)`` over the groups in spec order, as the
-reference (samuela/git-re-basin ``weight_matching``) draws a fresh random order per iteration.
+reference (samuela/git-re-basin ``weight_matching``) draws a fresh random order per iteration. The cost covers
+every weight axis the spec moves, BatchNorm running statistics included; the reference's networks (JAX: batch
+statistics are not parameters; its ResNets use LayerNorm) have none, so it says nothing about them.
 
 Speed: ``P(B)`` is kept fully permuted and only the weights a changed group touches are re-indexed; each weight
 axis's term of the cost is cached and recomputed only when a permutation on another axis of that weight moved;
