@@ -143,8 +143,13 @@ def regression_subsets(dataset, fit_images: int = FIT_IMAGES, heldout_images: in
     return fit, stratified_subset(dataset.targets, held, seed, exclude=fit)
 
 
-def _ridge_term(sbb: torch.Tensor, ridge: float) -> float:
-    """λ·mean(diag S_BB): the ridge in the scatter's units."""
+Ridge = float | torch.Tensor  # one relative λ, or one per A channel (C_A,)
+
+
+def _ridge_term(sbb: torch.Tensor, ridge: Ridge) -> float | torch.Tensor:
+    """λ·mean(diag S_BB): the ridge in the scatter's units (a tensor λ: one per A channel)."""
+    if isinstance(ridge, torch.Tensor):
+        return ridge.to(sbb) * float(sbb.diagonal().mean())
     return ridge * float(sbb.diagonal().mean()) if ridge > 0 else 0.0
 
 
@@ -200,16 +205,24 @@ def _intercept(stats: JointMoments, weight: torch.Tensor) -> torch.Tensor:
     return stats.mean_a - weight @ stats.mean_b
 
 
-def regression_fit(stats: JointMoments, ridge: float = 0.0) -> RegressionFit:
+def regression_fit(stats: JointMoments, ridge: Ridge = 0.0) -> RegressionFit:
     """The full least-squares map of A's channels on B's (see the module docstring).
 
     Args:
         stats: joint statistics with a = A's features, b = B's (:func:`group_covariances`).
-        ridge: relative ridge λ ≥ 0 (0: ordinary least squares, pseudo-inverse where singular).
+        ridge: relative ridge λ ≥ 0 (0: ordinary least squares, pseudo-inverse where singular), or a (C_A,)
+            tensor: row i solved with its own λ_i.
     """
     sbb, sab = stats.sbb, stats.sab  # (C_B, C_B), (C_A, C_B)
-    g = sbb + _ridge_term(sbb, ridge) * torch.eye(len(sbb), dtype=sbb.dtype, device=sbb.device)
-    weight = sab @ psd_pinv(g)  # (C_A, C_B); g is symmetric
+    lam = _ridge_term(sbb, ridge)
+    if isinstance(lam, torch.Tensor):  # W_i = S_ab,i (S_bb + λ_i I)⁻¹ for every row, from one eigendecomposition
+        e, v = torch.linalg.eigh(sbb)
+        denom = e + lam.unsqueeze(1)  # (C_A, C_B)
+        inv = torch.where(denom > 1e-12 * e.amax().clamp_min(1e-300), 1.0 / denom.clamp_min(1e-300),
+                          torch.zeros_like(denom))
+        weight = ((sab @ v) * inv) @ v.T
+    else:
+        weight = sab @ psd_pinv(sbb + lam * torch.eye(len(sbb), dtype=sbb.dtype, device=sbb.device))  # symmetric
     return RegressionFit(weight, _intercept(stats, weight), _r2(stats, weight), len(sbb), 1.0, False, "all")
 
 
@@ -218,7 +231,7 @@ def keep_count(fraction: float, channels: int) -> int:
     return int(min(channels, max(1, math.floor(fraction * channels + 0.5))))
 
 
-def sparsify(stats: JointMoments, fit: RegressionFit, fraction: float, refit: bool, ridge: float = 0.0,
+def sparsify(stats: JointMoments, fit: RegressionFit, fraction: float, refit: bool, ridge: Ridge = 0.0,
              rank_by: str = "weight") -> RegressionFit:
     """Keep the top-m weights per A channel of ``fit`` (m = :func:`keep_count`), refitted on the support or not.
 
@@ -226,7 +239,7 @@ def sparsify(stats: JointMoments, fit: RegressionFit, fraction: float, refit: bo
         stats: the statistics ``fit`` came from.
         fit: the full fit whose weights are ranked.
         fraction: m as a fraction of B's channels (1.0 keeps all).
-        refit: solve the normal equations restricted to the kept support (with the same ridge).
+        refit: solve the normal equations restricted to the kept support (with the same ridge, scalar or per row).
         rank_by: "weight" (|W|) or "contribution" (|W|·σ_B).
     """
     c_b = fit.weight.shape[1]
@@ -243,7 +256,9 @@ def sparsify(stats: JointMoments, fit: RegressionFit, fraction: float, refit: bo
         else:
             sbb = stats.sbb
             g = sbb[support.unsqueeze(-1), support.unsqueeze(-2)]  # (C_A, m, m)
-            g = g + _ridge_term(sbb, ridge) * torch.eye(m, dtype=g.dtype, device=g.device)
+            lam = _ridge_term(sbb, ridge)
+            lam = lam.view(-1, 1, 1) if isinstance(lam, torch.Tensor) else lam
+            g = g + lam * torch.eye(m, dtype=g.dtype, device=g.device)
             rhs = stats.sab.gather(1, support)  # (C_A, m)
             weight = torch.zeros_like(fit.weight).scatter_(1, support, _psd_solve(g, rhs))
     else:
