@@ -5,7 +5,9 @@ All models are put into the channel space of the first (the reference) and avera
 (``permuted``: activation matching of every model to the reference), its permutation into the models' common
 space (``mergemany``: Git Re-Basin's MergeMany, weight matching, no data), or its CCA / OT / regression map
 (:mod:`mergescope.merge.recipes`); ``zipit`` zips two models. ``+repair`` sets each merged channel's mean and
-std to the average of what the mapped models compute there; ``+reset`` recomputes BatchNorm statistics.
+std to the average of what the mapped models compute there (on a residual net at every block output, through an
+added layer, with every BatchNorm reset, as REPAIR's reference; ``+repair_preact``: at the pre-activations,
+fused); ``+reset`` recomputes BatchNorm statistics.
 
 Data passes, whatever the number of models and methods: one for matching (if ``permuted`` is asked for), one for
 the joint feature statistics (if a map-based method is; at the observation points and, for OT fusion, also at the
@@ -17,7 +19,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -31,12 +33,13 @@ from .data import ImageDataset, iter_batches, len_batches
 from .errors import MergescopeError
 from .evaluate import evaluate_models
 from .merge import RepairTarget, map_layout, merge_models_with_maps, permutation_maps, repair_many, zipit_maps
-from .merge.recipes import ALL_METHODS, MAP_METHODS, check_methods, has_batchnorm, map_places, split_method
+from .merge.recipes import (ALL_METHODS, MAP_METHODS, REPAIR_FIXES, check_methods, has_batchnorm, map_places,
+                             split_method)
 from .perm import PermSpec, build_spec
 from .report import render_report
 from .report.many_pages import many_section
 from .runs import RESULTS
-from .sweep import check_same_architecture
+from .sweep import check_same_architecture, corrections
 
 DEFAULT_METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset", "cca+repair", "ot+repair",
                    "regression+repair")
@@ -53,6 +56,7 @@ class ManyResult:
         endpoints: one per input model and split: model (its index), split, loss, accuracy.
         summary: per split, the mean endpoint accuracy and, per method, its accuracy minus that mean.
         merged: method -> the merged model.
+        corrections: method -> which points of the architecture its fix corrects.
     """
 
     rows: list[dict]
@@ -62,10 +66,11 @@ class ManyResult:
     passes: dict[str, int]
     timings: dict[str, float]
     merged: dict[str, nn.Module]
+    corrections: dict[str, str] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "endpoints": self.endpoints, "summary": self.summary, "methods": self.methods,
-                "passes": self.passes, "timings": self.timings}
+                "passes": self.passes, "timings": self.timings, "corrections": self.corrections}
 
 
 def merge_many(
@@ -78,6 +83,7 @@ def merge_many(
     spec: PermSpec | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    match_points: str = "stage_end",
 ) -> ManyResult:
     """Merge ``models`` (all into the first one's space, equal weights) with every method and evaluate them.
 
@@ -88,6 +94,8 @@ def merge_many(
         methods: names from :data:`mergescope.merge.recipes.ALL_METHODS` (``zipit`` needs exactly two models;
             ``+reset`` is skipped for models without BatchNorm).
         stats_ids: training images for the statistics (None: all).
+        match_points: where a residual stream is measured for matching and joint statistics: ``"stage_end"``
+            (REPAIR's reference) or ``"all"`` (:func:`mergescope.perm.observation_points`).
 
     Example:
         >>> res = merge_many([m0, m1, m2, m3, m4], train, {"test": test}, ["permuted+repair", "cca+repair"])
@@ -119,13 +127,14 @@ def merge_many(
 
     t0 = time.perf_counter()
     if "permuted" in bases:
-        matches = match_many(ref, others, spec, stats_batches(), device=device, progress=progress, total=n_stats)
+        matches = match_many(ref, others, spec, stats_batches(), device=device, progress=progress, total=n_stats,
+                             points=match_points)
         maps["permuted"] = [{}] + [permutation_maps(r.perms) for r in matches]
         passes["matching"] = 1
     if set(bases) & (set(MAP_METHODS) | {"zipit"}):
         places = map_places(bases)
         stats = group_covariances_at(ref, others, spec, stats_batches(), places, device=device, progress=progress,
-                                     total=n_stats)  # one pass, every place a method needs
+                                     total=n_stats, points=match_points)  # one pass, every place a method needs
         passes["map statistics"] = 1
         for base in bases:
             if base in MAP_METHODS:
@@ -145,8 +154,8 @@ def merge_many(
         if base not in built:
             built[base] = merge_models_with_maps(models, weights, maps[base], layout)
         net = merged[method] = built[base] if not fix else copy.deepcopy(built[base])
-        if fix == "repair":
-            repair.append(RepairTarget(net, weights, maps[base]))
+        if fix in REPAIR_FIXES:
+            repair.append(RepairTarget(net, weights, maps[base], REPAIR_FIXES[fix]))
         elif fix == "reset":
             reset.append(net)
 
@@ -170,7 +179,7 @@ def merge_many(
         summary[split] = {"mean_endpoint_accuracy": mean,
                           "gap": {m: scores[m]["accuracy"] - mean for m in methods}}
     timings["evaluation"] = time.perf_counter() - t0
-    return ManyResult(rows, endpoints, summary, methods, passes, timings, merged)
+    return ManyResult(rows, endpoints, summary, methods, passes, timings, merged, corrections(spec, methods))
 
 
 def write_many(run_dir: Path, result: ManyResult) -> tuple[dict, list[Path]]:

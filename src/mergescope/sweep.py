@@ -23,7 +23,9 @@ from .errors import ArchitectureError, MergescopeError
 from .evaluate import evaluate_models
 from .merge import (RepairTarget, alpha_grid, interpolate_model, map_layout, merge_with_maps, permutation_maps,
                     repair_many)
-from .merge.recipes import ALL_METHODS, MAP_METHODS, check_methods, has_batchnorm, map_places, split_method
+from .merge.recipes import (ALL_METHODS, MAP_METHODS, REPAIR_FIXES, check_methods, has_batchnorm, map_places,
+                             split_method)
+from .merge.repair import describe_repair
 from .perm import PermSpec, build_spec, permute_model
 from .report import render_report, write_csv
 
@@ -44,6 +46,7 @@ class SweepConfig:
     matching: str = "activation"  # "activation" (correlation) or "weight" (Git Re-Basin weight matching)
     batch_size: int = 500  # images per batch in every pass
     stats_ids: Sequence[int] | None = None  # training images for matching and REPAIR statistics (None: all)
+    match_points: str = "stage_end"  # where a residual stream is measured: "stage_end" (the reference) or "all"
 
 
 @dataclass
@@ -59,11 +62,22 @@ class SweepResult:
     aligned_b: nn.Module
     midpoint: dict[str, nn.Module]  # method -> its merged model at the α closest to 0.5 (for feature views)
     spec: PermSpec  # the permutation spec used
+    corrections: dict[str, str] = field(default_factory=dict)  # method -> which points its fix corrects
 
     def to_json(self) -> dict:
         return {"rows": self.rows, "endpoints": self.endpoints, "matching": self.match.summary(),
                 "matching_method": self.match.method, "passes": self.passes, "timings": self.timings,
-                "methods": self.methods}
+                "methods": self.methods, "corrections": self.corrections}
+
+
+def corrections(spec: PermSpec, methods: Sequence[str]) -> dict[str, str]:
+    """Method -> which points of this architecture its fix corrects (``+repair``, ``+repair_preact``, ``+reset``)."""
+    out = {}
+    for method in methods:
+        fix = split_method(method)[1]
+        out[method] = (describe_repair(spec, REPAIR_FIXES[fix]) if fix in REPAIR_FIXES
+                       else "every BatchNorm's statistics recomputed" if fix == "reset" else "nothing")
+    return out
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:
@@ -133,7 +147,7 @@ def run_sweep(
     t0 = time.perf_counter()
     if cfg.matching == "activation":
         [match] = match_many(model_a, [model_b], spec, stats_batches(), device=device, progress=progress,
-                             total=n_stats)
+                             total=n_stats, points=cfg.match_points)
         passes["matching"] += 1
     elif cfg.matching == "weight":
         match = weight_matching(model_a.state_dict(), model_b.state_dict(), spec, device=device)
@@ -149,7 +163,7 @@ def run_sweep(
         t0 = time.perf_counter()
         places = map_places(map_bases)  # one pass, every place a method needs
         stats = group_covariances_at(model_a, [model_b], spec, stats_batches(), places, device=device,
-                                     progress=progress, total=n_stats)
+                                     progress=progress, total=n_stats, points=cfg.match_points)
         passes["map statistics"] += 1
         maps_b.update({m: MAP_METHODS[m]({p: stats[p][0] for p in places}) for m in map_bases})
         layout = map_layout(model_a, spec)
@@ -164,8 +178,8 @@ def run_sweep(
             else:
                 net = interpolate_model(model_a, model_b if base == "naive" else aligned_b, alpha)
             merged[method, alpha] = net
-            if fix == "repair":
-                repair.append(RepairTarget(net, (alpha, 1.0 - alpha), ({}, maps_b[base])))
+            if fix in REPAIR_FIXES:
+                repair.append(RepairTarget(net, (alpha, 1.0 - alpha), ({}, maps_b[base]), REPAIR_FIXES[fix]))
             elif fix == "reset":
                 reset.append(net)
 
@@ -191,7 +205,8 @@ def run_sweep(
     rows.sort(key=lambda r: (r["split"], methods.index(r["method"]), r["alpha"]))
     mid = min(cfg.alphas, key=lambda a: abs(a - 0.5))
     midpoint = {m: merged[m, mid] for m in methods}
-    return SweepResult(rows, endpoints, match, methods, passes, timings, aligned_b, midpoint, spec)
+    return SweepResult(rows, endpoints, match, methods, passes, timings, aligned_b, midpoint, spec,
+                       corrections(spec, methods))
 
 
 def save_sweep(run_dir: Path, result: SweepResult, title: str, summary: Mapping[str, object],

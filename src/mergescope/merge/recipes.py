@@ -7,8 +7,11 @@ A method is a *base* — how the models are put into one channel space — optio
   map-based ``cca``, ``ot``, ``regression`` (a per-group linear map fitted on joint feature statistics; each
   default as its reference, with named variants ``cca_relative`` and ``ot_sinkhorn``, :data:`MAP_METHODS`) and
   ``zipit`` (feature zipping, also within one model; two models at a time);
-* fixes: ``+repair`` (REPAIR towards the mapped endpoints' channel statistics, :func:`repair_many`) or
-  ``+reset`` (BatchNorm statistics recomputed; models with BatchNorm only).
+* fixes: ``+repair`` (REPAIR towards the mapped endpoints' channel statistics, :func:`repair_many`, at the
+  points REPAIR's reference corrects: on a residual net every block output through an added layer, and every
+  BatchNorm reset), ``+repair_preact`` (REPAIR of the pre-activation outputs only, fused: the original
+  architecture; the same as ``+repair`` on non-residual nets) or ``+reset`` (BatchNorm statistics recomputed;
+  models with BatchNorm only).
 
 E.g. ``permuted+repair`` is REPAIR's method, ``cca+repair`` CCA merging followed by REPAIR.
 """
@@ -56,7 +59,8 @@ MAP_METHODS = {
                             "regression merging: each group's least-squares map"),
 }
 BASES = ("naive", "permuted", "mergemany", *MAP_METHODS, "zipit")
-FIXES = ("", "+repair", "+reset")
+FIXES = ("", "+repair", "+repair_preact", "+reset")
+REPAIR_FIXES = {"repair": "reference", "repair_preact": "preact"}  # fix -> RepairTarget.points
 ALL_METHODS = tuple(base + fix for base in BASES for fix in FIXES)
 
 
