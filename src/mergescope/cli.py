@@ -45,7 +45,14 @@ def _add_merge_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stats-images", type=int, help="use this many (random, fixed) images for statistics")
     p.add_argument("--eval-splits", nargs="+", default=["test"])
     p.add_argument("--overwrite", action="store_true")
+    _add_match_points(p)
     _add_device(p)
+
+
+def _add_match_points(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--match-points", choices=("stage_end", "all"), default="stage_end",
+                   help="where a residual stream is measured for matching and joint statistics: its stage's last "
+                   "block output (default, as REPAIR's reference) or the average over every place it is seen")
 
 
 def _stats_ids(n_images: int, wanted: int | None) -> list[int] | None:
@@ -120,7 +127,8 @@ def _cmd_sweep(args) -> None:
     run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)  # only once every input is known to be good
     stats_ids = _stats_ids(len(train), args.stats_images)
     cfg = SweepConfig(alphas=alpha_grid(args.alpha_step), methods=args.methods or METHODS,
-                      matching=args.matching, batch_size=args.batch_size, stats_ids=stats_ids)
+                      matching=args.matching, batch_size=args.batch_size, stats_ids=stats_ids,
+                      match_points=args.match_points)
     start = time.perf_counter()
     result = run_sweep(model_a, model_b, train, evals, cfg, device=args.device, progress=not args.quiet)
     summary = {"model A": str(args.model_a), "model B": str(args.model_b), "dataset": args.data,
@@ -152,12 +160,12 @@ def _cmd_merge(args) -> None:
     methods = args.methods or DEFAULT_METHODS
     start = time.perf_counter()
     result = merge_many([m for m, _ in loaded], train, evals, methods, args.batch_size, stats_ids,
-                        device=args.device, progress=not args.quiet)
+                        device=args.device, progress=not args.quiet, match_points=args.match_points)
     summary = {"models": [str(c) for c in args.checkpoints], "dataset": args.data, "data passes": result.passes,
                "runtime": f"{time.perf_counter() - start:.1f} s on {args.device}"}
     files = save_many(run_dir, result, f"mergescope merge: {len(loaded)} models", summary)
     write_manifest(run_dir, {"merge": {"methods": list(methods), "batch_size": args.batch_size,
-                                       "stats_ids": stats_ids}, "data": args.data,
+                                       "stats_ids": stats_ids, "match_points": args.match_points}, "data": args.data,
                              "checkpoints": [str(c) for c in args.checkpoints]}, files,
                    models={str(k): meta for k, (_, meta) in enumerate(loaded)}, timings=result.timings,
                    dataset={"name": train.name, "fingerprint": train.fingerprint})
@@ -174,7 +182,7 @@ def _cmd_probe(args) -> None:
     if args.subset_images < 1:
         raise MergescopeError(f"--subset-images must be at least 1, got {args.subset_images}")
     cfg = ProbeConfig(split=args.split, k=args.k, reduction=args.reduction, merge=args.merge,
-                      batch_size=args.batch_size, subset_images=args.subset_images)
+                      batch_size=args.batch_size, subset_images=args.subset_images, match_points=args.match_points)
     probe_run(args.out, args.checkpoints, args.data, cfg, device=args.device, progress=not args.quiet,
               overwrite=args.overwrite)
     print(f"report: {Path(args.out) / 'report.html'}")
@@ -315,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--matching", choices=("activation", "weight"), default="activation")
     p.add_argument("--methods", nargs="+", help="default: naive permuted permuted+repair permuted+reset; any of the "
-                   "bases naive permuted cca ot regression, alone or with +repair or +reset (e.g. cca+repair)")
+                   "bases naive permuted cca ot regression, alone or with +repair, +repair_preact or +reset "
+                   "(e.g. cca+repair)")
     p.add_argument("--alpha-step", type=float, default=0.05)
     _add_merge_data(p)
     p.set_defaults(func=_cmd_sweep)
@@ -346,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "activations the probe keeps for Kendall's τ: N images spread evenly over the classes, capped by "
                    "the dataset (default 5000, the thesis's subset size; N ≥ 1)")
     p.add_argument("--overwrite", action="store_true")
+    _add_match_points(p)
     _add_device(p)
     p.set_defaults(func=_cmd_probe)
 

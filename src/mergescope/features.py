@@ -181,6 +181,7 @@ class ProbeConfig:
     merge: float | None = None  # also probe A and B merged at this α (permuted, + REPAIR, direct average)
     batch_size: int = 256
     subset_images: int = SUBSET_IMAGES  # D′: images whose activations the probe keeps (Kendall's τ)
+    match_points: str = "stage_end"  # where a residual stream is matched: "stage_end" (the reference) or "all"
 
 
 def probe_run(run_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], data: str,
@@ -214,7 +215,8 @@ def probe_run(run_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
     spec = build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
     matches = dict(zip(tags[1:], match_many(a, [models[t] for t in tags[1:]], spec,
                                             iter_batches(dataset, cfg.batch_size), device=device,
-                                            progress=progress, total=len_batches(dataset, cfg.batch_size))))
+                                            progress=progress, total=len_batches(dataset, cfg.batch_size),
+                                            points=cfg.match_points)))
     merged = {}
     if cfg.merge is not None:
         pair = merged_pair(a, models["B"], spec, matches["B"].perms, dataset, cfg.merge, batch_size=cfg.batch_size,

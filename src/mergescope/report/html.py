@@ -55,7 +55,7 @@ def _records(items, keys: tuple[str, ...]) -> list[dict]:
 def report_context(results: Mapping, figures: list[Path], run_dir: Path) -> dict:
     """Everything the template shows, computed from ``results`` (figures given as paths under ``run_dir``)."""
     rows = _rows(results)
-    stats = barriers(rows, results.get("endpoints")) if rows else []
+    stats = barriers(rows, results.get("endpoints"), results.get("corrections")) if rows else []
     colors = method_colors(methods(rows)) if rows else {}
     split = splits(rows)[0] if rows else None
     best, baseline = best_and_baseline(stats, split) if rows else (None, None)

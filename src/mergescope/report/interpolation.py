@@ -2,6 +2,10 @@
 
 A row is a dict ``{"method", "alpha", "split", "loss", "accuracy"}`` describing the merged model
 θ(α) = α·θ_A + (1−α)·P(θ_B) of one method, evaluated on one split. ``accuracy`` is a fraction in [0, 1].
+
+A method's *corrections* say which points of the architecture its fix corrects (a study's ``corrections``,
+e.g. ``permuted+repair`` on a ResNet: every residual block output through an added layer, every BatchNorm reset;
+``permuted+repair_preact``: the pre-activation outputs, fused; ``permuted+reset``: BatchNorm statistics only).
 """
 
 from __future__ import annotations
@@ -105,7 +109,8 @@ def _model_ends(endpoints: Iterable[Mapping] | None) -> dict[str, dict[str, tupl
             for (model, split) in by if model == "A" and ("B", split) in by}
 
 
-def barriers(rows: Iterable[Mapping], endpoints: Iterable[Mapping] | None = None) -> list[dict]:
+def barriers(rows: Iterable[Mapping], endpoints: Iterable[Mapping] | None = None,
+             corrections: Mapping[str, str] | None = None) -> list[dict]:
     """Barrier and midpoint of every ``(method, split)`` curve, in first-seen order.
 
     With L(α), Acc(α) the loss and accuracy of θ(α), and the endpoints L(0), L(1), Acc(0), Acc(1):
@@ -119,7 +124,8 @@ def barriers(rows: Iterable[Mapping], endpoints: Iterable[Mapping] | None = None
     rewritten in A's basis, an approximation that can be much worse than B, so its own endpoints would hide its
     barrier. ``alpha_at_loss_barrier`` is the maximising α, and ``midpoint_loss`` / ``midpoint_accuracy`` are
     L(0.5) / Acc(0.5) (linearly interpolated if α = 0.5 was not evaluated). Values are NaN when the curve contains
-    NaN. A curve without a row at α = 0 or α = 1 raises MergescopeError.
+    NaN. A curve without a row at α = 0 or α = 1 raises MergescopeError. ``corrects`` is the method's entry of
+    ``corrections`` (which points its fix corrects; empty when not given).
     """
     ends = _model_ends(endpoints)
     out = []
@@ -135,6 +141,7 @@ def barriers(rows: Iterable[Mapping], endpoints: Iterable[Mapping] | None = None
             "alpha_at_loss_barrier": alpha_at,
             "midpoint_loss": value_at(curve, "loss", 0.5),
             "midpoint_accuracy": value_at(curve, "accuracy", 0.5),
+            "corrects": (corrections or {}).get(method, ""),
         })
     return out
 
