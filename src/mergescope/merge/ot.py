@@ -12,8 +12,10 @@ conv channel's map over positions and samples the same way), raw values — neit
 computed from the joint statistics as sqrt(N·(E[a_i²] + E[b_j²] − 2 E[a_i b_j])). The gathering points are the
 caller's: :func:`mergescope.align.covariance.group_covariances` with ``at="preactivation"`` (each conv/linear
 output after its BatchNorm, the input of the ReLU; the reference's nets have no BatchNorm, where this is the
-layer's own output). The problem is solved exactly (POT's ``ot.emd``, network simplex); for equal widths the
-optimum is a permutation.
+layer's own output). A residual stream has no single pre-activation: the outputs of every conv writing into it
+(the stem, each block's last conv, the shortcut convs, after their BatchNorms) are pooled — the reference's
+``--handle-skips`` computes one plan per conv and averages plans across the skip, a shared permutation needs one.
+The problem is solved exactly (POT's ``ot.emd``, network simplex); for equal widths the optimum is a permutation.
 
 **Variant ``ot_sinkhorn`` (mergescope's earlier default):** cost 1 − Pearson correlation on the post-activation
 features (the observation points; two constant channels cost 0, a constant and a varying one 1), divided by
