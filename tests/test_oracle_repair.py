@@ -30,6 +30,7 @@ from mergescope.data import iter_batches, load_digits
 from mergescope.merge import RepairTarget, interpolate_model, repair_many
 from mergescope.merge.repair import extra_layers
 from mergescope.perm import build_spec, permute_model
+from mergescope.sweep import SweepConfig, run_sweep
 
 ALPHA = 0.5
 STAGES = ("layer1", "layer2", "layer3")
@@ -224,3 +225,19 @@ def test_repair_and_reset_are_different_methods_on_a_resnet(repaired, data):
     scale = out["reset"].abs().max()
     assert ((out["repair"] - out["reset"]).abs().max() / scale).item() > 0.05
     assert ((out["repair"] - out["repair_preact"]).abs().max() / scale).item() > 0.05
+
+
+def test_the_sweep_repairs_a_resnet_as_the_reference_and_says_so(pair, data):
+    a, b = pair
+    train, test = load_digits("train"), load_digits("test")
+    methods = ["permuted+repair", "permuted+repair_preact", "permuted+reset"]
+    res = run_sweep(a, b, train, {"test": test}, SweepConfig(alphas=[0.0, 0.5, 1.0], methods=methods,
+                                                              batch_size=len(train)))
+    assert extra_layers(res.midpoint["permuted+repair"]) == [n for n, _ in _blocks(a)]
+    assert extra_layers(res.midpoint["permuted+repair_preact"]) == []
+    corrects = res.to_json()["corrections"]
+    assert "9 residual block outputs" in corrects["permuted+repair"] and "reset" in corrects["permuted+repair"]
+    assert "pre-activation" in corrects["permuted+repair_preact"]
+    loss = {r["method"]: r["loss"] for r in res.rows if r["alpha"] == 0.5}
+    assert abs(loss["permuted+repair"] - loss["permuted+reset"]) > 1e-3
+    assert abs(loss["permuted+repair"] - loss["permuted+repair_preact"]) > 1e-3

@@ -9,7 +9,8 @@ from .partial import (group_scores, partial_merge_curves, partial_merge_model, p
                       select_channels)
 from .partial_zip import partial_zip_model
 from .regression_merge import regression_map, regression_maps, regression_merge_many
-from .repair import RepairTarget, repair_and_reset, repair_many
+from .repair import (REPAIR_POINTS, RepairTarget, describe_repair, extra_layers, repair_and_reset, repair_many,
+                     repair_plan)
 from .zipit import zip_features, zipit_maps, zipit_merge
 
 __all__ = [
@@ -17,7 +18,7 @@ __all__ = [
     "cca_maps", "cca_merge_many", "combine_states", "group_scores", "interpolate_model", "interpolate_state",
     "map_layout", "map_model", "merge_models_with_maps", "merge_with_maps", "ot_map", "ot_maps", "ot_merge_many",
     "partial_merge_curves", "partial_merge_model", "partial_merge_state", "partial_zip_model", "permutation_index", "permutation_maps",
-    "RepairTarget", "regression_map", "regression_maps", "regression_merge_many", "repair_and_reset",
-    "repair_many", "select_channels",
+    "REPAIR_POINTS", "RepairTarget", "describe_repair", "extra_layers", "regression_map", "regression_maps",
+    "regression_merge_many", "repair_and_reset", "repair_many", "repair_plan", "select_channels",
     "sinkhorn", "zip_features", "zipit_maps", "zipit_merge",
 ]

@@ -154,7 +154,8 @@ def _block(model: nn.Module, point: RepairPoint) -> nn.Module:
 def _add_output_norm(model: nn.Module, point: RepairPoint, got: Moments, t_mean: torch.Tensor,
                      t_std: torch.Tensor, ndim: int) -> None:
     """Append to the block at ``point`` an eval-mode BatchNorm with γ = σ_t, β = μ_t and running statistics the
-    block output's (μ_θ, σ_θ²): y' = (y − μ_θ)·σ_t/σ_θ + μ_t, the reference's ``ResetLayer`` after its pass."""
+    block output's (μ_θ, σ_θ²): y' = (y − μ_θ)·σ_t/σ_θ + μ_t, the reference's ``ResetLayer`` after its pass.
+    """
     block = _block(model, point)
     live = got.std > _EPS
     if isinstance(block, _WithOutputNorm):  # repaired before: compose the new correction into its BatchNorm
