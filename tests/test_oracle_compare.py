@@ -12,7 +12,7 @@ import scipy.stats
 import torch
 
 from mergescope.align import match_many
-from mergescope.compare import read_compare_csv, unmatched_partners
+from mergescope.compare import ComparePair, compare_models, read_compare_csv, unmatched_partners
 from mergescope.comparison import CompareConfig, channel_comparison, make_embedder
 from mergescope.data import iter_batches, load_digits
 from mergescope.embed import EmbeddingCache
@@ -187,3 +187,22 @@ def test_observation2_categories_judge_the_merged_sets_against_their_own_nulls(s
             else:
                 expected = "mixed" if am and bm else "A" if am else "B" if bm else "neither"
             assert r["category"] == expected and r["merged_model"] == merged, (layer, j)
+
+
+def test_correlation_null_from_a_full_matrix_uses_its_off_diagonal_entries(study):
+    """With the alignment's full correlation matrix (A's channel j × the aligned model's channel p), the
+    correlation gets a null: the 95th percentile of the entries (j, p ≠ j), all of them for C − 1 ≤ 32."""
+    probe_result = study["probe"]
+    g = np.random.default_rng(0)
+    matrices = {layer: g.uniform(-0.2, 0.6, (probe_result["A", layer].channels,) * 2)
+                for layer in probe_result.layers["A"]}
+    for m in matrices.values():
+        np.fill_diagonal(m, 0.9)
+    res = compare_models(probe_result, [ComparePair("A", "B_aligned", correlation_matrix=matrices)],
+                         layers=["features.2", "features.5"])
+    for s in res.layers:
+        m = matrices[s["layer"]]
+        off = [m[j, p] for j in range(len(m)) for p in range(len(m)) if p != j]
+        assert s["null_correlation"]["threshold"] == pytest.approx(float(np.quantile(off, Q)), abs=1e-12)
+        assert s["share_similar_correlation"] == 1.0  # 0.9 on the diagonal: beyond every off-diagonal entry
+    assert all(r["correlation"] == pytest.approx(0.9) for r in res.rows)

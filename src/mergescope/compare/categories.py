@@ -24,6 +24,7 @@ from .clip_delta import (
     _masked_mean,
     _shared_id_pairs,
     _unit_rows,
+    lookup_embeddings,
 )
 from .overlap import first_occurrence, member, topk_overlap
 
@@ -290,18 +291,7 @@ def merged_categories_embedding_from_ids(ids_a: torch.Tensor, ids_b: torch.Tenso
     ids = [torch.as_tensor(i).long() for i in (ids_a, ids_b, ids_m)]
     if any(i.ndim != 2 for i in ids) or len({i.shape[0] for i in ids}) != 1:
         raise MergescopeError(f"ids must be [C, k] with one C; got {', '.join(str(tuple(i.shape)) for i in ids)}")
-    flat = torch.cat([i.reshape(-1) for i in ids])
-    uniq, inverse = torch.unique(flat[flat >= 0], return_inverse=True)
-    table = torch.as_tensor(embed[uniq.to(embed.device)] if isinstance(embed, torch.Tensor) else embed(uniq))
-    if table.ndim != 2 or table.shape[0] != uniq.numel():
-        raise MergescopeError(f"the embedding lookup returned shape {tuple(table.shape)} for {uniq.numel()} ids; "
-                              "expected [ids, d]")
-    rows = torch.zeros(flat.numel(), table.shape[1], dtype=table.dtype, device=table.device)
-    rows[(flat >= 0).to(table.device)] = table[inverse.to(table.device)]
-    parts, start = [], 0
-    for i in ids:
-        parts.append(rows[start:start + i.numel()].reshape(*i.shape, -1))
-        start += i.numel()
+    parts = lookup_embeddings(embed, *ids)
     return merged_categories_embedding(*parts, ids_a=ids[0], ids_b=ids[1], ids_m=ids[2], **rule)
 
 
