@@ -38,7 +38,39 @@ class Mutant:
     why: str  # the bug in words
 
 
+_ALIGN = "tests/test_oracle_alignment.py"
+_COMPARE = "tests/test_oracle_compare.py"
 MUTANTS: tuple[Mutant, ...] = (
+    # -- weight matching, MergeMany, ZipIt! (Git Re-Basin Algorithms 1 and 3; Stoica et al. 2024)
+    Mutant("wm_fixed_order_one_sweep", "align/weight_matching.py",
+           "for gi in rng.permutation(len(names)):", "for gi in (range(len(names)) if _ == 0 else ()):",
+           (_ALIGN,), "weight matching in a fixed group order, one sweep"),
+    Mutant("mergemany_to_model_0", "align/merge_many_matching.py",
+           "target = {k: sum(current[j][k] for j in range(n) if j != i) / (n - 1) for k in keys}",
+           "target = {k: current[0][k] for k in keys}",
+           (f"{_ALIGN}::test_merge_many_is_algorithm_3",), "MergeMany aligns every model to model 0"),
+    Mutant("mergemany_one_round", "align/merge_many_matching.py", "if decrease <= 1e-12:", "if True:",
+           (f"{_ALIGN}::test_merge_many_is_algorithm_3",), "MergeMany stops after one round"),
+    Mutant("zipit_max_update", "merge/zipit.py", "new = torch.minimum(sims[i], sims[j])",
+           "new = torch.maximum(sims[i], sims[j])", (_ALIGN,), "ZipIt! similarity update with max instead of min"),
+    Mutant("zipit_budget_32x", "merge/zipit.py", "budget = [int(((d - ca) // 2) * b + 1e-4)] * 2",
+           "budget = [int(((d - ca) // 2) * b * 32 + 1e-4)] * 2", (_ALIGN,), "ZipIt! within-model budget 32x"),
+    Mutant("zipit_a0_blocks_all", "merge/zipit.py", "new[(origin == origin[i]) | (origin == origin[j])] = neg",
+           "new[:] = neg", (_ALIGN,), "ZipIt! a = 0 forbids every re-merge, not only the origin models'"),
+    Mutant("zipit_b0_forbids_first", "merge/zipit.py", "    while int(active.sum()) > ca:",
+           "    for o in (0, 1):\n        if budget[o] <= 0:\n            sims[(origin == o).unsqueeze(1) & "
+           "(origin == o).unsqueeze(0)] = neg\n    while int(active.sum()) > ca:",
+           (_ALIGN,), "ZipIt! b = 0 forbids the first within-model merge"),
+    # -- CLIP-δ and the null of "similar" (thesis 000 §3.1.4; DESIGN "Similar")
+    Mutant("clip_delta_distinct_default", "compare/clip_delta.py",
+           '    if variant == "distinct_images" and ids_a is not None:', "    if ids_a is not None:",
+           ("tests/test_compare.py", _COMPARE), "CLIP-δ drops same-image pairs from C(T_A,T_B) and the denominator"),
+    Mutant("null_matched_partners", "compare/study.py",
+           "    rows, cols = diag[:, None].expand_as(partners).reshape(-1), partners.reshape(-1)",
+           "    rows, cols = diag[:, None].expand_as(partners).reshape(-1), diag[:, None].expand_as(partners).reshape(-1)",
+           (_COMPARE,), "the null uses the matched partner instead of unmatched channels"),
+    Mutant("null_delta_direction", "compare/null.py", "    q = quantile if higher_is_similar else 1.0 - quantile",
+           "    q = quantile", ("tests/test_compare.py", _COMPARE), "the null quantile not flipped for δ (lower = similar)"),
 )
 
 
