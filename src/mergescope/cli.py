@@ -323,8 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--matching", choices=("activation", "weight"), default="activation")
     p.add_argument("--methods", nargs="+", help="default: naive permuted permuted+repair permuted+reset; any of the "
-                   "bases naive permuted cca cca_relative ot ot_sinkhorn regression, alone or with +repair, +repair_preact or "
-                   "+reset "
+                   "bases naive permuted cca cca_relative ot ot_sinkhorn regression, alone or with +repair, "
+                   "+repair_preact or +reset "
                    "(e.g. cca+repair)")
     p.add_argument("--alpha-step", type=float, default=0.05)
     _add_merge_data(p)
@@ -337,8 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--methods", nargs="+", help="default: naive permuted permuted+repair permuted+reset cca+repair "
-                   "ot+repair regression+repair; bases naive permuted mergemany cca cca_relative ot ot_sinkhorn regression "
-                   "zipit (two models), alone "
+                   "ot+repair regression+repair; bases naive permuted mergemany cca cca_relative ot ot_sinkhorn "
+                   "regression zipit (two models), alone "
                    "or with +repair or +reset")
     _add_merge_data(p)
     p.set_defaults(func=_cmd_merge)

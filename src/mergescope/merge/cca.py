@@ -15,8 +15,8 @@ and takes the SVD of the whitened cross-covariance (CCA's standard solution, as 
 
 **Default (``cca``): the reference's regularisation** (shoroi/align-n-merge ``match_tensors_cca``): γ = 0.1
 added to the covariance itself (absolute, in the features' units; 0.1 is the function's default, and the
-reference's hyper-parameter search tries 1e-6…1e7 per setting). **Variant ``cca_relative``** (mergescope's earlier default):
-γ = λ·(mean variance of that side), so λ = 0.1 is scale-free. For a permuted copy (b = P a) T = Pᵀ exactly,
+reference's hyper-parameter search tries 1e-6…1e7 per setting). **Variant ``cca_relative``** (mergescope's earlier
+default): γ = λ·(mean variance of that side), so λ = 0.1 is scale-free. For a permuted copy (b = P a) T = Pᵀ exactly,
 either way. Means are not mapped (REPAIR/RESET restore them).
 
 One guard the reference lacks: constant channels (ReLU units that never fire on the data) have no canonical
@@ -129,5 +129,5 @@ def cca_merge_many(
         >>> res = cca_merge_many(model_a, [model_b], iter_batches(train, 500))
         >>> res.model            # the merged model, original architecture
     """
-    return merge_many_by_stats(reference, others, batches, lambda st: cca_maps(st, ridge, relative), INFO, "canonical_correlations", spec,
-                               weights, layout, stats, device)
+    return merge_many_by_stats(reference, others, batches, lambda st: cca_maps(st, ridge, relative), INFO,
+                               "canonical_correlations", spec, weights, layout, stats, device)

@@ -27,8 +27,8 @@ diag(Π·1)⁻¹ Π — Π divided by its row sums, the barycentric projection o
 average of B channels, rows sum to 1) — is applied to the output axes; the input axes of the next layer get
 inverse = diag(Πᵀ·1)⁻¹ Πᵀ — Πᵀ divided by B's marginal, each B channel an average of A channels. The reference
 multiplies the next layer by its own normalised plan instead (divided by B's marginal with ``--correction``,
-by A's with ``--proper-marginals``); with uniform marginals and equal widths — every merge of two models of one
-architecture — all of these are C·Π and C·Πᵀ, and an exact plan is a permutation, applied as one.
+by A's with ``--proper-marginals``); with uniform marginals and equal widths — every merge of two models of
+one architecture — all of these are C·Π and C·Πᵀ, and an exact plan is a permutation, applied as one.
 """
 from __future__ import annotations
 

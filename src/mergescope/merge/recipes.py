@@ -54,7 +54,8 @@ MAP_METHODS = {
                     "OT fusion (Singh & Jaggi 2020) as its reference: exact OT, Euclidean distance of "
                     "pre-activations"),
     "ot_sinkhorn": MapMethod("observe", lambda st: ot_maps(st, reg=0.01, cost="correlation")[0],
-                             "OT fusion with 1 − correlation of post-activations and Sinkhorn (ε = 0.01 × mean cost)"),
+                             "OT fusion with 1 − correlation of post-activations and Sinkhorn "
+                             "(ε = 0.01 × mean cost)"),
     "regression": MapMethod("observe", lambda st: regression_maps(st)[0],
                             "regression merging: each group's least-squares map"),
 }
