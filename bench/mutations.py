@@ -40,6 +40,7 @@ class Mutant:
 
 _ALIGN = "tests/test_oracle_alignment.py"
 _COMPARE = "tests/test_oracle_compare.py"
+_MAPS = "tests/test_oracle_maps.py"
 MUTANTS: tuple[Mutant, ...] = (
     # -- weight matching, MergeMany, ZipIt! (Git Re-Basin Algorithms 1 and 3; Stoica et al. 2024)
     Mutant("wm_fixed_order_one_sweep", "align/weight_matching.py",
@@ -61,6 +62,24 @@ MUTANTS: tuple[Mutant, ...] = (
            "    for o in (0, 1):\n        if budget[o] <= 0:\n            sims[(origin == o).unsqueeze(1) & "
            "(origin == o).unsqueeze(0)] = neg\n    while int(active.sum()) > ca:",
            (_ALIGN,), "ZipIt! b = 0 forbids the first within-model merge"),
+    # -- CCA merging (Horoi et al. 2024) and OT fusion (Singh & Jaggi 2020)
+    Mutant("cca_no_whitening", "merge/cca.py",
+           "    forward[la.unsqueeze(1), lb.unsqueeze(0)] = sa_half @ rot @ sb_ihalf\n"
+           "    inverse[lb.unsqueeze(1), la.unsqueeze(0)] = sb_half @ rot.T @ sa_ihalf",
+           "    forward[la.unsqueeze(1), lb.unsqueeze(0)] = rot\n    inverse[lb.unsqueeze(1), la.unsqueeze(0)] = rot.T",
+           (_MAPS,), "CCA without whitening: T = U·Vᵀ (plain Procrustes)"),
+    Mutant("cca_relative_ridge_default", "merge/cca.py",
+           "def cca_maps(stats: Mapping[str, JointMoments], ridge: float = 0.1, relative: bool = False",
+           "def cca_maps(stats: Mapping[str, JointMoments], ridge: float = 0.1, relative: bool = True",
+           (_MAPS,), "CCA's ridge relative to the mean variance instead of the reference's 0.1·I"),
+    Mutant("ot_column_sums", "merge/ot.py", "    forward = plan / plan.sum(1, keepdim=True).clamp_min(1e-300)",
+           "    forward = plan / plan.sum(0, keepdim=True).clamp_min(1e-300)",
+           (_MAPS,), "OT's forward map normalised by column instead of row sums"),
+    Mutant("ot_squared_euclidean", "merge/ot.py", '        return sq.sqrt() if cost == "euclidean" else sq',
+           "        return sq", (_MAPS,), "OT on squared instead of plain Euclidean distances"),
+    Mutant("ot_post_activations", "merge/recipes.py", '    "ot": MapMethod("preactivation", lambda st: ot_maps(st)[0],',
+           '    "ot": MapMethod("observe", lambda st: ot_maps(st)[0],', (_MAPS,),
+           "OT on post-activation features instead of pre-activations"),
     # -- CLIP-δ and the null of "similar" (thesis 000 §3.1.4; DESIGN "Similar")
     Mutant("clip_delta_distinct_default", "compare/clip_delta.py",
            '    if variant == "distinct_images" and ids_a is not None:', "    if ids_a is not None:",
