@@ -41,6 +41,7 @@ class Mutant:
 _ALIGN = "tests/test_oracle_alignment.py"
 _COMPARE = "tests/test_oracle_compare.py"
 _MAPS = "tests/test_oracle_maps.py"
+_REPAIR = "tests/test_oracle_repair.py"
 MUTANTS: tuple[Mutant, ...] = (
     # -- weight matching, MergeMany, ZipIt! (Git Re-Basin Algorithms 1 and 3; Stoica et al. 2024)
     Mutant("wm_fixed_order_one_sweep", "align/weight_matching.py",
@@ -62,6 +63,15 @@ MUTANTS: tuple[Mutant, ...] = (
            "    for o in (0, 1):\n        if budget[o] <= 0:\n            sims[(origin == o).unsqueeze(1) & "
            "(origin == o).unsqueeze(0)] = neg\n    while int(active.sum()) > ca:",
            (_ALIGN,), "ZipIt! b = 0 forbids the first within-model merge"),
+    # -- REPAIR (Jordan et al. 2023) on residual nets, residual streams measured at the stage end
+    Mutant("repair_resnet_bn_only", "merge/repair.py", 'if points == "reference" and spec.block_outputs:',
+           "if False and spec.block_outputs:", (_REPAIR,),
+           "REPAIR on a ResNet corrects BatchNorm outputs only (= RESET up to rounding)"),
+    Mutant("stream_all_points", "perm/spec.py", "return group.observe[-1:]", "return list(group.observe)", (_REPAIR,),
+           "residual streams matched on the average over every observation point, not the stage end"),
+    Mutant("repair_target_std_a", "merge/repair.py",
+           "t_std = sum(w * s.std for w, s in zip(t.weights, stats))", "t_std = stats[0].std", (_REPAIR,),
+           "REPAIR's target std is σ_A, not the interpolation of the endpoints'"),
     # -- CCA merging (Horoi et al. 2024) and OT fusion (Singh & Jaggi 2020)
     Mutant("cca_no_whitening", "merge/cca.py",
            "    forward[la.unsqueeze(1), lb.unsqueeze(0)] = sa_half @ rot @ sb_ihalf\n"
