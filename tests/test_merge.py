@@ -73,6 +73,7 @@ def test_alpha_grid():
     assert len(grid) == 21 and grid[0] == 0.0 and grid[-1] == 1.0
     assert 0.5 in grid and grid[10] == 0.5
     assert all(abs((hi - lo) - 0.05) < 1e-12 for lo, hi in zip(grid, grid[1:]))
+    assert alpha_grid(1 / 3) == [0.0, round(1 / 3, 10), 0.5, round(2 / 3, 10), 1.0]  # the midpoint, never guessed
 
 
 # -- REPAIR and RESET ------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -30,19 +31,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+from . import _argtypes as T
 from .errors import MergescopeError
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
+    p.add_argument("--device", type=T.device, default="cuda" if torch.cuda.is_available() else "cpu", help="torch device")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def _add_merge_data(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that merge and evaluate (sweep, merge)."""
-    p.add_argument("--batch-size", type=int, default=500)
+    p.add_argument("--batch-size", type=T.positive_int, default=500)
     p.add_argument("--stats-split", default="train", help="split for matching, feature and REPAIR statistics")
-    p.add_argument("--stats-images", type=int, help="use this many (random, fixed) images for statistics")
+    p.add_argument("--stats-images", type=T.positive_int, help="use this many (random, fixed) images for statistics")
     p.add_argument("--eval-splits", nargs="+", default=["test"])
     p.add_argument("--overwrite", action="store_true")
     _add_match_points(p)
@@ -75,7 +77,7 @@ def _print_outcome(results: dict, run_dir: Path) -> None:
 
     print(headline(results["rows"], results["endpoints"]))
     for b in barriers(results["rows"], results["endpoints"]):
-        if b["split"] == "test":
+        if b["split"] == "test" and not math.isnan(b["midpoint_accuracy"]):
             print(f"  {b['method']:<18} accuracy at α=0.5: {100 * b['midpoint_accuracy']:5.1f}%   "
                   f"loss barrier: {b['loss_barrier']:.3f}")
     print(f"report: {run_dir / 'report.html'}")
@@ -98,9 +100,8 @@ def _cmd_train(args) -> None:
     if args.part:
         ids_a, ids_b = stratified_pair(train.targets, major=args.major, seed=args.split_seed)
         ids = ids_a if args.part == "a" else ids_b
-    arch_kw = json.loads(args.arch_kwargs) if args.arch_kwargs else {}
-    model = create_model(args.arch, in_channels=train.num_channels, num_classes=len(train.classes),
-                         seed=args.seed, **arch_kw)
+    model = create_model(args.arch, seed=args.seed, **{"in_channels": train.num_channels,
+                                                       "num_classes": len(train.classes), **args.arch_kwargs})
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       augment=args.augment, device=args.device, amp=args.amp, label_smoothing=args.label_smoothing)
     metrics = train_model(model, train, cfg, eval_ds=test, progress=not args.quiet,
@@ -115,6 +116,7 @@ def _cmd_train(args) -> None:
 def _cmd_sweep(args) -> None:
     from .data import open_dataset
     from .merge import alpha_grid
+    from .models import check_input_fits
     from .runs import prepare_run_dir, write_manifest
     from .sweep import METHODS, SweepConfig, check_same_architecture, run_sweep, save_sweep
     from .train import load_checkpoint
@@ -123,6 +125,7 @@ def _cmd_sweep(args) -> None:
     model_b, meta_b = load_checkpoint(args.model_b, device=args.device)
     check_same_architecture(model_a, model_b)
     train = open_dataset(args.data, split=args.stats_split)
+    check_input_fits(model_a, train, f"checkpoint {args.model_a}")
     evals = {s: open_dataset(args.data, split=s) for s in args.eval_splits}
     run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)  # only once every input is known to be good
     stats_ids = _stats_ids(len(train), args.stats_images)
@@ -146,6 +149,7 @@ def _cmd_sweep(args) -> None:
 def _cmd_merge(args) -> None:
     from .data import open_dataset
     from .many import DEFAULT_METHODS, merge_many, save_many
+    from .models import check_input_fits
     from .runs import prepare_run_dir, write_manifest
     from .sweep import check_same_architecture
     from .train import load_checkpoint
@@ -154,6 +158,7 @@ def _cmd_merge(args) -> None:
     for model, _ in loaded[1:]:
         check_same_architecture(loaded[0][0], model)
     train = open_dataset(args.data, split=args.stats_split)
+    check_input_fits(loaded[0][0], train, f"checkpoint {args.checkpoints[0]}")
     evals = {s: open_dataset(args.data, split=s) for s in args.eval_splits}
     run_dir = prepare_run_dir(args.out, overwrite=args.overwrite)
     stats_ids = _stats_ids(len(train), args.stats_images)
@@ -179,8 +184,6 @@ def _cmd_merge(args) -> None:
 def _cmd_probe(args) -> None:
     from .features import ProbeConfig, probe_run
 
-    if args.subset_images < 1:
-        raise MergescopeError(f"--subset-images must be at least 1, got {args.subset_images}")
     cfg = ProbeConfig(split=args.split, k=args.k, reduction=args.reduction, merge=args.merge,
                       batch_size=args.batch_size, subset_images=args.subset_images, match_points=args.match_points)
     probe_run(args.out, args.checkpoints, args.data, cfg, device=args.device, progress=not args.quiet,
@@ -215,9 +218,6 @@ def _cmd_compare(args) -> None:
 def _cmd_regress(args) -> None:
     from .regression_run import RegressConfig, regress_run
 
-    for option, value in (("--fit-images", args.fit_images), ("--heldout-images", args.heldout_images)):
-        if value < 1:
-            raise MergescopeError(f"{option} must be at least 1, got {value}")
     cfg = RegressConfig(fit_images=args.fit_images, heldout_images=args.heldout_images, ridge=args.ridge, k=args.k,
                         batch_size=args.batch_size)
     out = regress_run(args.run_dir, cfg, device=args.device, progress=not args.quiet, overwrite=args.overwrite)
@@ -285,33 +285,33 @@ def _cmd_layers(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mergescope", description=__doc__.split("\n\n")[0])
+    parser = T.OneLineParser(prog="mergescope", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("demo", help="train two digit CNNs, align, merge, repair, report (about a minute on a CPU)")
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--matching", choices=("activation", "weight"), default="activation")
-    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--epochs", type=T.positive_int, default=6)
     p.add_argument("--overwrite", action="store_true", help="replace an existing run in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("train", help="train one model and save it as safetensors + JSON sidecar")
     p.add_argument("--arch", required=True, help="zoo name (see `mergescope layers`), e.g. resnet20")
-    p.add_argument("--arch-kwargs", help='JSON, e.g. \'{"width": 4}\'')
+    p.add_argument("--arch-kwargs", type=T.json_object, default={}, help='JSON, e.g. \'{"width": 4}\'')
     p.add_argument("--data", required=True, help="digits | cifar10:ROOT | PACK.npz | pack folder | ImageFolder tree")
     p.add_argument("--out", required=True, help="checkpoint path (*.safetensors)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1)
-    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--epochs", type=T.positive_int, default=10)
+    p.add_argument("--batch-size", type=T.positive_int, default=128)
+    p.add_argument("--lr", type=T.positive_float, default=0.1)
+    p.add_argument("--label-smoothing", type=T.unit_float, default=0.0)
     p.add_argument("--augment", action="store_true", help="random crop + flip (32 px and larger images)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on CUDA")
     p.add_argument("--eval", action="store_true", help="evaluate on the test split after training")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--part", choices=("a", "b"), help="train on one half of the 'stratified' class split")
-    p.add_argument("--major", type=float, default=0.8, help="stratified split: share of the first half of classes")
+    p.add_argument("--major", type=T.unit_float, default=0.8, help="stratified split: share of the first half of classes")
     p.add_argument("--split-seed", type=int, default=0)
     _add_device(p)
     p.set_defaults(func=_cmd_train)
@@ -326,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "bases naive permuted cca cca_relative ot ot_sinkhorn regression, alone or with +repair, "
                    "+repair_preact or +reset "
                    "(e.g. cca+repair)")
-    p.add_argument("--alpha-step", type=float, default=0.05)
+    p.add_argument("--alpha-step", type=T.alpha_step, default=0.05)
     _add_merge_data(p)
     p.set_defaults(func=_cmd_sweep)
 
@@ -348,12 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="train", help="which images to rank (default: train)")
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--k", type=int, default=10, help="images per channel")
+    p.add_argument("--k", type=T.positive_int, default=10, help="images per channel")
     p.add_argument("--reduction", choices=("max", "mean"), default="max", help="feature map -> one number per image")
-    p.add_argument("--merge", type=float, metavar="ALPHA", help="also probe A and B merged at ALPHA (permuted, "
+    p.add_argument("--merge", type=T.unit_float, metavar="ALPHA", help="also probe A and B merged at ALPHA (permuted, "
                    "permuted + REPAIR, direct average)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--subset-images", type=int, default=5000, metavar="N", help="D′, the fixed subset whose "
+    p.add_argument("--batch-size", type=T.positive_int, default=256)
+    p.add_argument("--subset-images", type=T.positive_int, default=5000, metavar="N", help="D′, the fixed subset whose "
                    "activations the probe keeps for Kendall's τ: N images spread evenly over the classes, capped by "
                    "the dataset (default 5000, the thesis's subset size; N ≥ 1)")
     p.add_argument("--overwrite", action="store_true")
@@ -370,21 +370,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-weights", help="local CLIP weights file for open_clip (or a tag in its cache)")
     p.add_argument("--clip-model", default="ViT-B-32", help="open_clip model name (default: ViT-B-32; OpenAI "
                    "weights from a file need ViT-B-32-quickgelu)")
-    p.add_argument("--null-quantile", type=float, default=0.95, help="similar = beyond this quantile of the "
+    p.add_argument("--null-quantile", type=T.unit_float, default=0.95, help="similar = beyond this quantile of the "
                    "metric between unmatched channels of the layer (lower tail for clip_delta); default 0.95")
-    p.add_argument("--null-partners", type=int, default=32, help="unmatched partners sampled per channel for "
+    p.add_argument("--null-partners", type=T.positive_int, default=32, help="unmatched partners sampled per channel for "
                    "that null (seeded; all of them in smaller layers); default 32")
-    p.add_argument("--threshold", type=float, default=0.5, help="Observation 3's named variant "
+    p.add_argument("--threshold", type=T.finite_float, default=0.5, help="Observation 3's named variant "
                    "'fixed_threshold': similar when the consensus metric is >= this (<= for clip_delta); default 0.5")
     p.add_argument("--consensus-metric", choices=("kendall_tau", "overlap", "correlation", "clip_delta"),
                    default="kendall_tau", help="metric whose null judgement decides Observations 2 and 3 "
                    "(default: kendall_tau)")
     p.add_argument("--partial-merge", action="store_true", help="also merge only the top/bottom x%% channels by "
                    "each metric (vs random channels) and plot accuracy curves")
-    p.add_argument("--alpha", type=float, default=0.5, help="partial merging: weight of A in merged channels")
+    p.add_argument("--alpha", type=T.unit_float, default=0.5, help="partial merging: weight of A in merged channels")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="partial merging: random baselines")
     p.add_argument("--eval-split", default="test", help="partial merging: split to evaluate on (default: test)")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=T.positive_int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in the run folder")
     _add_device(p)
     p.set_defaults(func=_cmd_compare)
@@ -392,15 +392,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("regress", help="regress each channel of A on all channels of B's same layer (sparsity "
                        "sweep, R², recovered top-k of the regressed channels) over a probe/demo run")
     p.add_argument("run_dir", help="a run folder made by `mergescope probe` or `mergescope demo`")
-    p.add_argument("--fit-images", type=int, default=5000, metavar="N", help="fitting subset: N images spread "
+    p.add_argument("--fit-images", type=T.positive_int, default=5000, metavar="N", help="fitting subset: N images spread "
                    "evenly over the classes (default 5000, the thesis's 5 per class × 1000 ImageNet classes; N ≥ 1; "
                    "capped by what the held-out subset leaves)")
-    p.add_argument("--heldout-images", type=int, default=5000, metavar="N", help="held-out subset R² is judged "
+    p.add_argument("--heldout-images", type=T.positive_int, default=5000, metavar="N", help="held-out subset R² is judged "
                    "on: N images spread evenly over the classes, disjoint from the fitting ones (default 5000, at most "
                    "a fifth of the dataset; N ≥ 1)")
-    p.add_argument("--ridge", type=float, default=0.0, help="relative ridge λ (default 0: least squares)")
-    p.add_argument("--k", type=int, default=10, help="top-k images per channel")
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--ridge", type=T.nonnegative_float, default=0.0, help="relative ridge λ (default 0: least squares)")
+    p.add_argument("--k", type=T.positive_int, default=10, help="top-k images per channel")
+    p.add_argument("--batch-size", type=T.positive_int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier regression study in the run folder")
     _add_device(p)
     p.set_defaults(func=_cmd_regress)

@@ -37,6 +37,7 @@ def interpolate_model(model_a: nn.Module, model_b: nn.Module, alpha: float) -> n
 
 
 def alpha_grid(step: float = 0.05) -> list[float]:
-    """α = 0, step, …, 1 (rounded so 0.5 is exactly 0.5)."""
+    """α = 0, step, …, 1 and always 0.5, the midpoint every barrier table reports (rounded so 0.5 is exactly 0.5;
+    ``step`` = 1/n, e.g. 1/3 gives 0, 1/3, 0.5, 2/3, 1)."""
     n = round(1 / step)
-    return [round(i / n, 10) for i in range(n + 1)]
+    return sorted({round(i / n, 10) for i in range(n + 1)} | {0.5})

@@ -7,11 +7,13 @@ Importing this package registers: ``mlp``, ``cnn_digits``, ``vgg11``, ``vgg11_bn
 
 from mergescope.models import alexnet, cnn, mlp, resnet, torchvision_models, vgg  # noqa: F401  (registration)
 from mergescope.models._registry import ARCH_ATTR, create_model, list_models, model_config, register_model
+from mergescope.models.inputs import check_input_fits
 from mergescope.models.weights import apply_state_dict, check_state_dict, load_state_dict_file, read_safetensors
 
 __all__ = [
     "ARCH_ATTR",
     "apply_state_dict",
+    "check_input_fits",
     "check_state_dict",
     "create_model",
     "list_models",

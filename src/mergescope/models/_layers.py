@@ -13,10 +13,10 @@ def scaled(channels: int, width: float) -> int:
 
 
 def check_positive(model: str, **values: float) -> None:
-    """Raise ArchitectureError naming the first argument that isn't > 0."""
+    """Raise ArchitectureError naming the first argument that isn't a number > 0."""
     for key, value in values.items():
-        if not value > 0:
-            raise ArchitectureError(f"model '{model}' needs {key} > 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise ArchitectureError(f"model '{model}' needs {key} to be a number > 0, got {value!r}")
 
 
 def conv_bn_relu(in_ch: int, out_ch: int, batchnorm: bool, kernel_size: int = 3) -> list[nn.Module]:

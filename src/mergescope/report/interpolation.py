@@ -89,6 +89,11 @@ def value_at(curve: Sequence[dict], key: str, alpha: float) -> float:
     return math.nan
 
 
+def _evaluated_at(curve: Sequence[dict], key: str, alpha: float) -> float:
+    """``key`` of the row at ``alpha``; NaN when the curve has no such row."""
+    return next((r[key] for r in curve if abs(r["alpha"] - alpha) <= _ALPHA_TOL), math.nan)
+
+
 def _max_gap(curve: Sequence[dict], key: str, sign: float, ends: Mapping[str, tuple[float, float]] | None
              ) -> tuple[float, float]:
     """Largest ``sign·(f(α) − line(α))`` over the curve, and the α where it occurs (NaN if any value is NaN).
@@ -123,8 +128,8 @@ def barriers(rows: Iterable[Mapping], endpoints: Iterable[Mapping] | None = None
     method's own values at α = 0 and 1. The two agree for permutation merges; a map-based merge at α = 0 is B
     rewritten in A's basis, an approximation that can be much worse than B, so its own endpoints would hide its
     barrier. ``alpha_at_loss_barrier`` is the maximising α, and ``midpoint_loss`` / ``midpoint_accuracy`` are
-    L(0.5) / Acc(0.5) (linearly interpolated if α = 0.5 was not evaluated). Values are NaN when the curve contains
-    NaN. A curve without a row at α = 0 or α = 1 raises MergescopeError. ``corrects`` is the method's entry of
+    L(0.5) / Acc(0.5) — NaN when α = 0.5 was not evaluated (never interpolated: between α = 1/3 and 2/3 the
+    curve can be anything). Values are NaN when the curve contains NaN. A curve without a row at α = 0 or α = 1 raises MergescopeError. ``corrects`` is the method's entry of
     ``corrections`` (which points its fix corrects; empty when not given).
     """
     ends = _model_ends(endpoints)
@@ -139,8 +144,8 @@ def barriers(rows: Iterable[Mapping], endpoints: Iterable[Mapping] | None = None
             "loss_barrier": loss_barrier,
             "accuracy_barrier": accuracy_barrier,
             "alpha_at_loss_barrier": alpha_at,
-            "midpoint_loss": value_at(curve, "loss", 0.5),
-            "midpoint_accuracy": value_at(curve, "accuracy", 0.5),
+            "midpoint_loss": _evaluated_at(curve, "loss", 0.5),
+            "midpoint_accuracy": _evaluated_at(curve, "accuracy", 0.5),
             "corrects": (corrections or {}).get(method, ""),
         })
     return out

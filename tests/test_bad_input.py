@@ -1,0 +1,99 @@
+"""Bad values at the command line's edge: each ends in one line ``error: ...`` naming the option and what is
+allowed, exit status 2, before anything is read or written (the run folder stays as it was)."""
+import pytest
+
+from mergescope.cli import main
+from mergescope.models import create_model
+from mergescope.report.interpolation import barriers
+from mergescope.train import save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    paths = []
+    for seed in (0, 1):
+        paths.append(str(root / f"m{seed}.safetensors"))
+        save_checkpoint(paths[-1], create_model("cnn_digits", width=4, seed=seed))
+    return paths
+
+
+CASES = [  # (command tail after the checkpoints / run folder, words the one line must hold)
+    ("sweep", ["--batch-size", "0"], ["--batch-size", "at least 1"]),
+    ("sweep", ["--alpha-step", "0"], ["--alpha-step", "1/n"]),
+    ("sweep", ["--alpha-step", "2"], ["--alpha-step", "1/n"]),
+    ("sweep", ["--alpha-step", "-0.1"], ["--alpha-step"]),
+    ("sweep", ["--alpha-step", "0.3"], ["--alpha-step", "1/n"]),
+    ("sweep", ["--stats-images", "-5"], ["--stats-images", "at least 1"]),
+    ("sweep", ["--device", "bogus"], ["--device", "bogus"]),
+    ("merge", ["--batch-size", "0"], ["--batch-size"]),
+    ("probe", ["--batch-size", "0"], ["--batch-size"]),
+    ("probe", ["--merge", "2"], ["--merge", "between 0 and 1"]),
+    ("probe", ["--k", "0"], ["--k"]),
+    ("compare", ["--alpha", "-0.5"], ["--alpha", "between 0 and 1"]),
+    ("compare", ["--alpha", "2"], ["--alpha"]),
+    ("compare", ["--threshold", "nan"], ["--threshold", "finite"]),
+    ("compare", ["--batch-size", "0", "--partial-merge"], ["--batch-size"]),
+    ("regress", ["--k", "0"], ["--k"]),
+    ("regress", ["--k", "-1"], ["--k"]),
+    ("regress", ["--ridge", "-1"], ["--ridge", ">= 0"]),
+    ("regress", ["--fit-images", "0"], ["--fit-images"]),
+]
+
+
+@pytest.mark.parametrize("command, tail, words", CASES, ids=[f"{c}{' '.join(t)}" for c, t, _ in CASES])
+def test_a_bad_value_is_one_line_naming_the_option(tmp_path, ckpts, capsys, command, tail, words):
+    out = tmp_path / "run"
+    if command in ("sweep", "probe", "merge"):
+        argv = [command, *ckpts, "--data", "digits", "--out", str(out), "--quiet", *tail]
+    else:  # compare / regress read a run folder: the value is refused before the folder is looked at
+        out.mkdir()
+        argv = [command, str(out), "--quiet", *tail]
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    assert not out.exists() or not any(out.iterdir())
+
+
+@pytest.mark.parametrize("kwargs, words", [("{width: 4}", ["--arch-kwargs", "not JSON"]),
+                                            ("[4]", ["--arch-kwargs", "JSON object"]),
+                                            ('{"width": "4"}', ["width", "number > 0"]),
+                                            ('{"widht": 4}', ["widht", "takes"])])
+def test_bad_arch_kwargs_are_one_line(tmp_path, capsys, kwargs, words):
+    argv = ["train", "--arch", "cnn_digits", "--arch-kwargs", kwargs, "--data", "digits", "--epochs", "1",
+            "--out", str(tmp_path / "m.safetensors"), "--quiet"]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # refused by the parser
+        code = e.code
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_model_that_does_not_fit_the_images_is_named_before_the_pass(tmp_path, capsys):
+    paths = []
+    for seed in (0, 1):  # a CIFAR-sized model given the 8x8 digits
+        paths.append(str(tmp_path / f"v{seed}.safetensors"))
+        save_checkpoint(paths[-1], create_model("alexnet_cifar", width=0.125, in_channels=1, seed=seed))
+    assert main(["sweep", *paths, "--data", "digits", "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and len(err.splitlines()) == 1, err
+    assert "v0.safetensors" in err and "1×8×8" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_midpoint_is_measured_never_interpolated():
+    rows = [{"method": "m", "alpha": a, "split": "test", "loss": 1.0, "accuracy": acc}
+            for a, acc in ((0.0, 0.9), (1 / 3, 0.2), (2 / 3, 0.2), (1.0, 0.9))]
+    [b] = barriers(rows)
+    assert b["midpoint_accuracy"] != b["midpoint_accuracy"]  # NaN: α = 0.5 was not evaluated
+    [b] = barriers(rows + [{"method": "m", "alpha": 0.5, "split": "test", "loss": 2.0, "accuracy": 0.1}])
+    assert b["midpoint_accuracy"] == 0.1
