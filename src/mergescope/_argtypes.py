@@ -20,12 +20,16 @@ def _number(text: str, kind: type) -> float | int:
     return value
 
 
+def _within(value, ok: bool, allowed: str):
+    if not ok:
+        raise argparse.ArgumentTypeError(f"{value:g} is not allowed: must be {allowed}")
+    return value
+
+
 def positive_int(text: str) -> int:
     """An integer ≥ 1 (batch sizes, image counts, k, epochs)."""
     value = _number(text, int)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be at least 1")
-    return value
+    return _within(value, value >= 1, "at least 1")
 
 
 def finite_float(text: str) -> float:
@@ -36,25 +40,19 @@ def finite_float(text: str) -> float:
 def positive_float(text: str) -> float:
     """A finite number > 0 (learning rates)."""
     value = _number(text, float)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not allowed: must be > 0")
-    return value
+    return _within(value, value > 0, "> 0")
 
 
 def nonnegative_float(text: str) -> float:
-    """A finite number ≥ 0 (ridges, label smoothing)."""
+    """A finite number ≥ 0 (ridges)."""
     value = _number(text, float)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value:g} is not allowed: must be >= 0")
-    return value
+    return _within(value, value >= 0, ">= 0")
 
 
 def unit_float(text: str) -> float:
     """A number in [0, 1] (interpolation weights α, quantiles, shares)."""
     value = _number(text, float)
-    if not 0 <= value <= 1:
-        raise argparse.ArgumentTypeError(f"{value:g} is not allowed: must be between 0 and 1")
-    return value
+    return _within(value, 0 <= value <= 1, "between 0 and 1")
 
 
 def alpha_step(text: str) -> float:
