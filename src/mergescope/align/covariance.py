@@ -133,12 +133,16 @@ def group_points(spec: PermSpec, group: str, at: str = "observe", points: str = 
 
     ``"observe"``: the group's observation points (post-activation outputs, residual block outputs) that
     ``points`` selects (:func:`mergescope.perm.observation_points`: a residual stream's stage end by default, or
-    ``"all"``); ``"preactivation"``: its repair points, each conv/linear output after its BatchNorm — the input
-    of the nonlinearity (OT fusion's pre-activations, Singh & Jaggi 2020).
+    ``"all"``); ``"preactivation"``: the input of the nonlinearity (OT fusion's pre-activations, Singh & Jaggi
+    2020) — for a residual stream, the sum of the add before the ReLU at those same observation points (the
+    stream's own pre-activation: at its stage's last block by default), for any other group its repair points,
+    each conv/linear output after its BatchNorm.
     """
     if at == "observe":
         return observation_points(spec.groups[group], points)
     if at == "preactivation":
+        if any(t.group == group for t in spec.block_outputs):
+            return [spec.activation_inputs.get(t.name, t) for t in observation_points(spec.groups[group], points)]
         return [p.tap for p in spec.repair_points if p.tap.group == group]
     raise ValueError(f"at must be one of {', '.join(PLACES)}; got {at!r}")
 

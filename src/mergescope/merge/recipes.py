@@ -52,7 +52,8 @@ MAP_METHODS = {
                               "CCA merging with a relative ridge: 0.1 × each side's mean variance"),
     "ot": MapMethod("preactivation", lambda st: ot_maps(st)[0],
                     "OT fusion (Singh & Jaggi 2020) as its reference: exact OT, Euclidean distance of "
-                    "pre-activations"),
+                    "pre-activations; a residual stream's is its stage end's sum before the ReLU, one plan per "
+                    "group where the reference averages per-conv maps across skips"),
     "ot_sinkhorn": MapMethod("observe", lambda st: ot_maps(st, reg=0.01, cost="correlation")[0],
                              "OT fusion with 1 − correlation of post-activations and Sinkhorn "
                              "(ε = 0.01 × mean cost)"),

@@ -102,6 +102,8 @@ class PermSpec:
         tensors: every tensor of the traced graph whose channel axis is known (not flattened), by fx node name:
             its group (None: tied to the input or output) and channel axis — e.g. what crosses a cut through
             the graph (:func:`mergescope.merge.partial_zip.partial_zip_model`).
+        activation_inputs: for every post-activation layer, the tensor entering its activation (a residual
+            block output: the sum of the add, before the ReLU) — a stream's pre-activations.
     """
 
     groups: dict[str, PermGroup]
@@ -111,6 +113,7 @@ class PermSpec:
     fixed: list[str]
     tensors: dict[str, TapPoint] = field(default_factory=dict)
     block_outputs: list[TapPoint] = field(default_factory=list)  # residual block outputs (add, + activation)
+    activation_inputs: dict[str, TapPoint] = field(default_factory=dict)  # post-activation layer -> what entered it
 
     def describe(self) -> str:
         lines = [f"{len(self.groups)} permutation groups"]
@@ -372,6 +375,7 @@ class _SpecBuilder:
 
         layers: dict[str, TapPoint] = {}
         block_outputs: list[TapPoint] = []
+        activation_inputs: dict[str, TapPoint] = {}
         for node in self.gm.graph.nodes:
             if node not in self.labels or self.labels[node].block != 1:
                 continue
@@ -381,6 +385,8 @@ class _SpecBuilder:
             if post_act or block_out:
                 t = tap(node)
                 layers[t.name] = t
+                if post_act:
+                    activation_inputs[t.name] = tap(self._tensor_args(node)[0])
                 if (block_out or after_add) and t.group is not None:
                     block_outputs.append(t)
                 if t.group is not None:
@@ -408,6 +414,7 @@ class _SpecBuilder:
             fixed=fixed,
             tensors={n.name: tap(n) for n, lab in self.labels.items() if lab.block == 1},
             block_outputs=block_outputs,
+            activation_inputs=activation_inputs,
         )
 
 
