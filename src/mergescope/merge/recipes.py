@@ -58,7 +58,11 @@ MAP_METHODS = {
                              "OT fusion with 1 − correlation of post-activations and Sinkhorn "
                              "(ε = 0.01 × mean cost)"),
     "regression": MapMethod("observe", lambda st: regression_maps(st)[0],
-                            "regression merging: each group's least-squares map"),
+                            "regression merging: each group's least-squares map of A's features on B's, ridge "
+                            "0.1·(1 − R²) per channel (vanishes on an exact fit)"),
+    "regression_ols": MapMethod("observe", lambda st: regression_maps(st, ridge=0.0)[0],
+                                "regression merging with plain least squares (no ridge): large weights on rarely "
+                                "firing B channels flood nets without BatchNorm"),
 }
 BASES = ("naive", "permuted", "mergemany", *MAP_METHODS, "zipit")
 FIXES = ("", "+repair", "+repair_preact", "+reset")
