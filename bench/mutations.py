@@ -42,6 +42,7 @@ _ALIGN = "tests/test_oracle_alignment.py"
 _COMPARE = "tests/test_oracle_compare.py"
 _MAPS = "tests/test_oracle_maps.py"
 _REPAIR = "tests/test_oracle_repair.py"
+_REGRESSION = "tests/test_oracle_regression.py"
 MUTANTS: tuple[Mutant, ...] = (
     # -- weight matching, MergeMany, ZipIt! (Git Re-Basin Algorithms 1 and 3; Stoica et al. 2024)
     Mutant("wm_fixed_order_one_sweep", "align/weight_matching.py",
@@ -90,6 +91,25 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("ot_post_activations", "merge/recipes.py", '    "ot": MapMethod("preactivation", lambda st: ot_maps(st)[0],',
            '    "ot": MapMethod("observe", lambda st: ot_maps(st)[0],', (_MAPS,),
            "OT on post-activation features instead of pre-activations"),
+    # -- regression alignment (thesis 000 §3.2.4) and the regression merge
+    Mutant("r2_in_sample", "align/regression.py", "r2=heldout_r2(heldout, fit, fitted)",
+           "r2=heldout_r2(fitted, fit, fitted)", (_REGRESSION,), "R² measured on the images the map was fitted on"),
+    Mutant("r2_no_intercept_term", "align/regression.py",
+           "        sse = sse + stats.n * (stats.mean_a - weight @ stats.mean_b - intercept) ** 2", "        sse = sse",
+           (_REGRESSION,), "held-out R² ignores the fit's error in the mean"),
+    Mutant("dprime_5_per_class", "features.py", "return stratified_subset(dataset.targets, size, seed=seed)",
+           "return stratified_subset(dataset.targets, 5 * len(np.unique(dataset.targets)), seed=seed)",
+           (_REGRESSION,), "D′ back to 5 images per class whatever the class count"),
+    Mutant("fit_5_per_class", "align/regression.py",
+           "fit = stratified_subset(dataset.targets, min(fit_images, n - held), seed)",
+           "fit = stratified_subset(dataset.targets, 5 * len(np.unique(dataset.targets)), seed)",
+           (_REGRESSION,), "the fitting subset back to 5 images per class"),
+    Mutant("sparsity_smallest_weights", "align/regression.py", "support = score.topk(m, dim=1).indices",
+           "support = score.topk(m, dim=1, largest=False).indices", (_REGRESSION,),
+           "the sparsity sweep keeps the m smallest weights"),
+    Mutant("regression_merge_ols", "merge/regression_merge.py",
+           "    lam = merge_ridge(stats) if ridge is None else ridge", "    lam = 0.0 if ridge is None else ridge",
+           (_REGRESSION,), "the regression merge without its ridge (collapses on nets without BatchNorm)"),
     # -- CLIP-δ and the null of "similar" (thesis 000 §3.1.4; DESIGN "Similar")
     Mutant("clip_delta_distinct_default", "compare/clip_delta.py",
            '    if variant == "distinct_images" and ids_a is not None:', "    if ids_a is not None:",
