@@ -1,5 +1,5 @@
 """Oracle tests of CCA merging (Horoi et al. 2024) and OT fusion (Singh & Jaggi 2020) on a TRAINED, NON-PERMUTED
-digits pair (cnn_digits ×16, seeds 0 and 1, the digits' train split).
+digits pair (cnn_digits ×16, seeds 0 and 1, the digits' train split; OT on residual streams: ResNet20 ×1).
 
 Written from the papers, not from the library: features are collected with plain forward hooks (post-activation
 = the ReLU modules' outputs, pre-activation = the BatchNorm outputs), each conv channel's map flattened over
@@ -7,7 +7,8 @@ images × positions. CCA: population covariances, the ridge γ·I, symmetric squ
 the SVD of the whitened cross-covariance and T = S_A^{1/2} U Vᵀ S_B^{-1/2}. OT: the Euclidean cost
 ‖a_i − b_j‖ between raw pre-activation vectors, the exact problem solved by ``linear_sum_assignment`` (equal
 widths: a permutation) or by the LP ``scipy.optimize.linprog`` (unequal widths, uniform marginals), and the
-barycentric maps Π/row sums, Πᵀ/column sums.
+barycentric maps Π/row sums, Πᵀ/column sums. A residual stream's pre-activation is its own: at the stage's last
+block, the sum bn2(conv2(·)) + shortcut(x) that enters the block's final ReLU.
 """
 from __future__ import annotations
 
@@ -39,9 +40,8 @@ def pair(trained_digits):
     return trained_digits("cnn_digits", 0, width=16), trained_digits("cnn_digits", 1, width=16)
 
 
-def _raw(model, x: torch.Tensor) -> dict[str, np.ndarray]:
+def _raw(model, x: torch.Tensor, names=tuple(n for pts in GROUPS.values() for n in pts)) -> dict[str, np.ndarray]:
     """Module name -> (samples, C) float64: its output over images × positions, channels last (forward hooks)."""
-    names = [n for pts in GROUPS.values() for n in pts]
     modules = dict(model.named_modules())
     got = {}
     handles = [modules[n].register_forward_hook(lambda m, i, o, n=n: got.__setitem__(n, o.detach().clone()))
@@ -160,6 +160,34 @@ def test_sweep_merges_with_the_preactivation_transport_in_one_statistics_pass(pa
     want = merge_with_maps(a, b, {g: ChannelMap(p, p.T) for g, p in perms.items()}, 0.5).state_dict()
     got = res.midpoint["ot"].state_dict()
     assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+RESNET_PREACTIVATIONS = {  # group -> the modules whose outputs add up to its pre-activation (the ReLU's input)
+    "conv1": ("layer1.2.bn2", "layer1.2.shortcut"),  # the stream of stage 1: its last block's residual sum
+    "layer2.0.conv2": ("layer2.2.bn2", "layer2.2.shortcut"),
+    "layer3.0.conv2": ("layer3.2.bn2", "layer3.2.shortcut"),
+    **{f"layer{i}.{j}.conv1": (f"layer{i}.{j}.bn1",) for i in (1, 2, 3) for j in (0, 1, 2)},  # inside a block
+}
+
+
+def test_ot_transports_a_residual_streams_own_preactivation_on_a_trained_resnet(trained_digits, train):
+    """The permutation of each ResNet20 group is the exact OT plan of the Euclidean cost between the raw
+    pre-activations — a residual stream's taken where it enters the ReLU at its stage's last block."""
+    a, b = (trained_digits("resnet20", s, in_channels=1, width=1) for s in (0, 1))
+    x = torch.cat([bt.x for bt in iter_batches(train, 500)])
+    names = [n for parts in RESNET_PREACTIVATIONS.values() for n in parts]
+    raw_a, raw_b = _raw(a, x, names), _raw(b, x, names)
+    spec = build_spec(a)
+    assert set(spec.groups) == set(RESNET_PREACTIVATIONS)
+    [stats] = group_covariances_at(a, [b], spec, iter_batches(train, 500), ("preactivation",))["preactivation"]
+    maps = MAP_METHODS["ot"]({"preactivation": stats})
+    for group, parts in RESNET_PREACTIVATIONS.items():
+        pre_a, pre_b = sum(raw_a[n] for n in parts), sum(raw_b[n] for n in parts)
+        rows, cols = linear_sum_assignment(_euclidean_cost(pre_a, pre_b))
+        perm = torch.zeros(len(rows), len(rows), dtype=torch.float64)
+        perm[rows, cols] = 1.0
+        assert torch.equal(maps[group].forward, perm), group
+        assert torch.equal(maps[group].inverse, perm.T), group
 
 
 # -- defaults are not their variants ----------------------------------------------------------------------------
