@@ -228,3 +228,23 @@ def test_train_refuses_to_replace_a_checkpoint_and_to_call_training_images_test(
                  "--out", str(tmp_path / "t.safetensors"), "--quiet"]) == 2
     _assert_one_line_error(capsys, "--eval", "test split")
     assert not (tmp_path / "t.safetensors").exists()
+
+
+def test_demo_stores_its_alignments_and_judges_the_correlation_against_its_null(demo_dir):
+    import numpy as np
+
+    from mergescope.align.store import correlation_matrices
+    from mergescope.compare import read_compare_csv
+
+    manifest = json.loads((demo_dir / "manifest.json").read_text())
+    assert "alignment.safetensors" in manifest["sha256"]
+    rows = read_compare_csv(demo_dir / "compare.csv")
+    for tag in ("B", "C"):
+        matrices = correlation_matrices(demo_dir / "alignment.safetensors", tag)
+        assert set(matrices) == {"features.2", "features.5", "features.9"}
+        for layer, matrix in matrices.items():
+            mine = [r for r in rows if r["model"] == f"{tag}_aligned" and r["layer"] == layer]
+            diag = np.diagonal(matrix)[[int(r["channel"]) for r in mine]]  # the matched pairs
+            assert np.allclose(diag, [float(r["correlation"]) for r in mine], atol=1e-5)
+            assert all(r["similar_correlation"] in ("true", "false", True, False) for r in mine)
+            assert len({r["null_threshold_correlation"] for r in mine}) == 1  # one threshold per layer

@@ -82,10 +82,11 @@ def test_model_vs_permuted_copies_is_identical_on_every_channel(permuted_study, 
         assert r["embedder_kind"] == "fallback" and r["embedder"].endswith("not CLIP"), where
         assert r["category"] == ("matched" if r["model"] == "B_aligned" else ""), where
         assert r["category_id_overlap"] == r["category_embedding"] == r["category"], where  # every rule ran
-        # beyond the null of unmatched channels by every metric with a null; the correlation has none here
-        assert (r["similar_kendall_tau"], r["similar_clip_delta"], r["similar_overlap"]) == (True, True, True), where
-        assert r["similar_correlation"] is None and r["null_threshold_correlation"] is None, where
+        # beyond the null of unmatched channels by every metric, the correlation's from the stored alignment
+        assert (r["similar_kendall_tau"], r["similar_clip_delta"], r["similar_overlap"],
+                r["similar_correlation"]) == (True, True, True, True), where
         assert r["null_threshold_kendall_tau"] < 1 and r["null_threshold_overlap"] < 1, where
+        assert r["null_threshold_correlation"] < 0.99, where
         assert r["null_quantile"] == 0.95, where
     assert [o["share_all similar"] for o in out.result.observation3] == [1.0] * len(CHANNELS)
     assert [o["fixed_threshold"]["share_all similar"] for o in out.result.observation3] == [1.0] * len(CHANNELS)
@@ -96,7 +97,7 @@ def test_model_vs_permuted_copies_is_identical_on_every_channel(permuted_study, 
     for s in out.result.layers:  # Observation 1: every matched channel is similar, with the threshold stated
         assert s["share_similar_kendall_tau"] == s["share_similar_overlap"] == s["share_similar_clip_delta"] == 1.0
         assert s["null_kendall_tau"]["size"] == s["channels"] * (s["channels"] - 1)  # all unmatched pairs (C ≤ 33)
-        assert s["share_similar_correlation"] is None
+        assert s["share_similar_correlation"] == 1.0
 
 
 def test_compare_csv_round_trips_the_embedding_category_and_reads_older_files(permuted_study, tmp_path):
@@ -267,7 +268,7 @@ def _one_line_error(capsys, *words):
         assert w in err, err
 
 
-def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys):
+def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys, monkeypatch):
     ckpts = []
     for seed in (0, 1, 2):
         ckpts.append(tmp_path / f"m{seed}.safetensors")
@@ -275,7 +276,16 @@ def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys):
     run = tmp_path / "run"
     assert main(["probe", *map(str, ckpts), "--data", "digits", "--out", str(run), "--merge", "0.5", "--quiet",
                  "--batch-size", "512"]) == 0
-    assert main(["compare", str(run), "--partial-merge", "--quiet", "--seeds", "0", "1"]) == 0
+    assert (run / "alignment.safetensors").is_file()
+    import mergescope.align
+
+    def no_matching(*args, **kwargs):
+        raise AssertionError("compare matched the models again instead of reading the run's alignment")
+
+    with monkeypatch.context() as patched:  # the stored alignment serves the partial merges: no matching pass
+        patched.setattr(mergescope.align, "match_many", no_matching)
+        patched.setattr(mergescope.align, "weight_matching", no_matching)
+        assert main(["compare", str(run), "--partial-merge", "--quiet", "--seeds", "0", "1"]) == 0
     rows = read_compare_csv(run / "compare.csv")
     assert len(rows) == 2 * sum(CHANNELS.values())
     assert {r["category"] for r in rows if r["model"] == "B_aligned"} <= {"matched", "A", "B", "mixed", "neither"}
@@ -292,8 +302,10 @@ def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys):
     assert main(["compare", str(run), "--quiet"]) == 2
     _one_line_error(capsys, "already holds a comparison", "--overwrite")
 
-    # an older run folder whose probe kept no D′ activations: A and the aligned models are realigned (checked
-    # against the stored weights' hashes) and probed again with D′ into probe_subset/ — the same τ comes out
+    # an older run folder whose probe kept no D′ activations and no alignment: A and the aligned models are
+    # realigned (checked against the stored weights' hashes) and probed again with D′ into probe_subset/ — the
+    # same τ comes out
+    (run / "alignment.safetensors").unlink()
     stored = load_probe(run / "probe")
     for layers in stored.probes.values():
         for lp in layers.values():

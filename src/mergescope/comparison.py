@@ -33,6 +33,7 @@ from .compare import (
     compare_models,
     write_compare_csv,
 )
+from .align.store import ALIGNMENT_FILE, correlation_matrices, load_perms
 from .data import ImageDataset, iter_batches, len_batches, open_dataset
 from .embed import EmbeddingCache, ImageEmbedder, create_embedder
 from ._csvio import write_rows
@@ -205,6 +206,10 @@ def channel_comparison(
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     pairs = pairs_from_recipes(result, recipes)
+    if (run_dir / ALIGNMENT_FILE).is_file():  # the stored matching gives the correlation's null
+        pairs = [dataclasses.replace(p, correlation_matrix=correlation_matrices(run_dir / ALIGNMENT_FILE,
+                                                                                p.model[: -len("_aligned")]))
+                 for p in pairs]
     cache = EmbeddingCache(embedder) if embedder is not None else None
     res = compare_models(result, pairs, embed=None if cache is None else (lambda ids: cache.get(ids, dataset)),
                          embedder_name=getattr(embedder, "name", ""), embedder_kind=getattr(embedder, "kind", ""),
@@ -287,7 +292,8 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
 
     Reads ``results.json`` ("features": data, split, views), the stored probe (``probe/``) and the checkpoints;
     when the probe has no D′ activations, probes A and the aligned models again with D′ into ``probe_subset/``
-    (realigning them first, and checking the realigned weights against the stored probe's hashes). Writes the
+    (aligned with the run's stored permutations, ``alignment.safetensors``, or — in older run folders — realigned;
+    either way the aligned weights are checked against the stored probe's hashes). Writes the
     comparison's files, adds the "Channel comparison" section to ``report.html`` and records the comparison in
     ``results.json`` and ``manifest.json``.
 
@@ -347,16 +353,21 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
         a = models[reference]
         spec = build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
         others = [models[t] for t in tags[1:]]
-        if _matching_method(manifest) == "weight":
-            matches = [weight_matching(a.state_dict(), m.state_dict(), spec, device=device) for m in others]
+        stored_perms = [load_perms(run_dir / ALIGNMENT_FILE, t) if (run_dir / ALIGNMENT_FILE).is_file() else None
+                        for t in tags[1:]]
+        if all(p is not None for p in stored_perms):  # the run's own alignment: no matching again
+            perms = stored_perms
+        elif _matching_method(manifest) == "weight":  # an older run folder without alignment.safetensors
+            perms = [weight_matching(a.state_dict(), m.state_dict(), spec, device=device).perms for m in others]
         else:
-            matches = match_many(a, others, spec, iter_batches(dataset, cfg.batch_size), device=device,
-                                 progress=progress, total=len_batches(dataset, cfg.batch_size))
-        for t, m in zip(tags[1:], matches):
-            aligned_models[f"{t}_aligned"] = permute_model(models[t], spec, m.perms)
+            perms = [m.perms for m in match_many(a, others, spec, iter_batches(dataset, cfg.batch_size),
+                                                 device=device, progress=progress,
+                                                 total=len_batches(dataset, cfg.batch_size))]
+        for t, p in zip(tags[1:], perms):
+            aligned_models[f"{t}_aligned"] = permute_model(models[t], spec, p)
             want = stored.config.get("models", {}).get(f"{t}_aligned", {}).get("state_sha256")
             if want is not None and state_sha256(aligned_models[f"{t}_aligned"]) != want:
-                raise MergescopeError(f"realigning model {t} to {reference} gave other weights than the stored "
+                raise MergescopeError(f"aligning model {t} to {reference} gave other weights than the stored "
                                       "probe's; the comparison would not describe the probed models")
     result = stored
     if need_subset:

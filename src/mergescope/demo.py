@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .align.store import ALIGNMENT_FILE
 from .comparison import (
     CompareConfig,
     PartialMergeInputs,
@@ -87,6 +88,7 @@ def run_demo(out: str | Path, config: DemoConfig | None = None, progress: bool =
     probed, pages, recipes = feature_study(run_dir, train, dict(zip(tags, models)), matches={tags[1]: result.match},
                                            merged=merged_rows(result.midpoint), spec=result.spec,
                                            batch_size=len(train), progress=progress)
+    files.append(run_dir / ALIGNMENT_FILE)
     sections, extra, timings = [], {}, dict(result.timings)
     if cfg.compare:
         t0 = time.perf_counter()

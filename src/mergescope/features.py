@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .align import MatchResult, match_many
+from .align.store import ALIGNMENT_FILE, save_alignments
 from .data import ImageDataset, iter_batches, len_batches, open_dataset, stratified_subset
 from .errors import MergescopeError
 from .merge import interpolate_model, repair_and_reset
@@ -67,6 +68,7 @@ def feature_study(
         found = match_many(ref, [models[t] for t in todo], spec, iter_batches(dataset, batch_size), device=device,
                            progress=progress, total=len_batches(dataset, batch_size))
         matches.update(zip(todo, found))
+    save_alignments(run_dir / ALIGNMENT_FILE, spec, matches)
     probed = {tags[0]: ref}
     for t in tags[1:]:
         probed[t] = models[t]
@@ -235,7 +237,8 @@ def probe_run(run_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLik
         "sections": [{"title": "Feature visualization", "html": feature_index_html(pages)}],
         "features": {"data": data, "split": cfg.split, "views": recipes},
     }
-    files = [write_json(run_dir / "results.json", results), render_report(run_dir, results)]
+    files = [write_json(run_dir / "results.json", results), render_report(run_dir, results),
+             run_dir / ALIGNMENT_FILE]
     write_manifest(run_dir, {"checkpoints": [str(c) for c in checkpoints], "data": data, **asdict(cfg)}, files,
                    models={t: meta for t, (_, meta) in zip(tags, loaded)},
                    dataset={"name": dataset.name, "fingerprint": dataset.fingerprint})
