@@ -4,7 +4,6 @@ import pytest
 
 from mergescope.cli import main
 from mergescope.models import create_model
-from mergescope.report.interpolation import barriers
 from mergescope.train import save_checkpoint
 
 
@@ -89,11 +88,3 @@ def test_a_model_that_does_not_fit_the_images_is_named_before_the_pass(tmp_path,
     assert "v0.safetensors" in err and "1×8×8" in err
     assert not (tmp_path / "run").exists()
 
-
-def test_the_midpoint_is_measured_never_interpolated():
-    rows = [{"method": "m", "alpha": a, "split": "test", "loss": 1.0, "accuracy": acc}
-            for a, acc in ((0.0, 0.9), (1 / 3, 0.2), (2 / 3, 0.2), (1.0, 0.9))]
-    [b] = barriers(rows)
-    assert b["midpoint_accuracy"] != b["midpoint_accuracy"]  # NaN: α = 0.5 was not evaluated
-    [b] = barriers(rows + [{"method": "m", "alpha": 0.5, "split": "test", "loss": 2.0, "accuracy": 0.1}])
-    assert b["midpoint_accuracy"] == 0.1

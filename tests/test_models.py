@@ -38,7 +38,7 @@ def test_unknown_model_names_the_known_ones():
 def test_unknown_argument_is_an_architecture_error():
     with pytest.raises(ArchitectureError, match="no argument.*depthh"):
         create_model("mlp", depthh=2)
-    with pytest.raises(ArchitectureError, match="width > 0"):
+    with pytest.raises(ArchitectureError, match="width to be a number > 0"):
         create_model("resnet20", width=0)
 
 
