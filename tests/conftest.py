@@ -127,6 +127,20 @@ def trained_digits():
 
 
 @pytest.fixture(scope="session")
+def digits_train():
+    """The digits' train split (1,437 images), shared."""
+    from mergescope.data import load_digits
+
+    return load_digits("train")
+
+
+@pytest.fixture(scope="session")
+def digits_pair(trained_digits):
+    """The oracle tests' trained, non-permuted pair: cnn_digits ×16, seeds 0 and 1 (as the demo's A and B)."""
+    return trained_digits("cnn_digits", 0, width=16), trained_digits("cnn_digits", 1, width=16)
+
+
+@pytest.fixture(scope="session")
 def helpers():
     return types.SimpleNamespace(image_shape=image_shape, random_images=random_images,
                                  image_batches=image_batches, randomize_batchnorm=randomize_batchnorm,

@@ -18,7 +18,7 @@ import torch
 from scipy.optimize import linear_sum_assignment, linprog
 
 from mergescope.align.covariance import JointMoments, group_covariances_at
-from mergescope.data import iter_batches, load_digits
+from mergescope.data import iter_batches
 from mergescope.merge.maps import ChannelMap, merge_with_maps
 from mergescope.merge.ot import ot_map
 from mergescope.merge.recipes import MAP_METHODS
@@ -28,16 +28,6 @@ from mergescope.sweep import SweepConfig, run_sweep
 GROUPS = {"features.0": ("features.1", "features.2"),  # group -> (pre-activation module, post-activation module)
           "features.3": ("features.4", "features.5"),
           "features.7": ("features.8", "features.9")}
-
-
-@pytest.fixture(scope="module")
-def train():
-    return load_digits("train")
-
-
-@pytest.fixture(scope="module")
-def pair(trained_digits):
-    return trained_digits("cnn_digits", 0, width=16), trained_digits("cnn_digits", 1, width=16)
 
 
 def _raw(model, x: torch.Tensor, names=tuple(n for pts in GROUPS.values() for n in pts)) -> dict[str, np.ndarray]:
@@ -56,12 +46,12 @@ def _raw(model, x: torch.Tensor, names=tuple(n for pts in GROUPS.values() for n 
 
 
 @pytest.fixture(scope="module")
-def raw(pair, train):
+def raw(digits_pair, digits_train):
     """Both models' raw features on every training image, and the library's statistics (one pass, both places)."""
-    a, b = pair
-    x = torch.cat([bt.x for bt in iter_batches(train, 500)])
+    a, b = digits_pair
+    x = torch.cat([bt.x for bt in iter_batches(digits_train, 500)])
     spec = build_spec(a)
-    stats = group_covariances_at(a, [b], spec, iter_batches(train, 500), ("observe", "preactivation"))
+    stats = group_covariances_at(a, [b], spec, iter_batches(digits_train, 500), ("observe", "preactivation"))
     return _raw(a, x), _raw(b, x), {place: per_model[0] for place, per_model in stats.items()}
 
 
@@ -147,10 +137,10 @@ def test_ot_barycentric_maps_for_unequal_widths_on_a_trained_pair(raw):
     assert np.allclose(got.forward.sum(1).numpy(), 1.0) and np.allclose(got.inverse.sum(1).numpy(), 1.0)
 
 
-def test_sweep_merges_with_the_preactivation_transport_in_one_statistics_pass(pair, raw, train):
-    a, b = pair
+def test_sweep_merges_with_the_preactivation_transport_in_one_statistics_pass(digits_pair, raw, digits_train):
+    a, b = digits_pair
     raw_a, raw_b, stats = raw
-    res = run_sweep(a, b, train, {}, SweepConfig(alphas=[0.5], methods=["ot", "cca"]))
+    res = run_sweep(a, b, digits_train, {}, SweepConfig(alphas=[0.5], methods=["ot", "cca"]))
     assert res.passes["map statistics"] == 1
     perms = {}
     for group, (pre, _) in GROUPS.items():
@@ -170,16 +160,16 @@ RESNET_PREACTIVATIONS = {  # group -> the modules whose outputs add up to its pr
 }
 
 
-def test_ot_transports_a_residual_streams_own_preactivation_on_a_trained_resnet(trained_digits, train):
+def test_ot_transports_a_residual_streams_own_preactivation_on_a_trained_resnet(trained_digits, digits_train):
     """The permutation of each ResNet20 group is the exact OT plan of the Euclidean cost between the raw
     pre-activations — a residual stream's taken where it enters the ReLU at its stage's last block."""
     a, b = (trained_digits("resnet20", s, in_channels=1, width=1) for s in (0, 1))
-    x = torch.cat([bt.x for bt in iter_batches(train, 500)])
+    x = torch.cat([bt.x for bt in iter_batches(digits_train, 500)])
     names = [n for parts in RESNET_PREACTIVATIONS.values() for n in parts]
     raw_a, raw_b = _raw(a, x, names), _raw(b, x, names)
     spec = build_spec(a)
     assert set(spec.groups) == set(RESNET_PREACTIVATIONS)
-    [stats] = group_covariances_at(a, [b], spec, iter_batches(train, 500), ("preactivation",))["preactivation"]
+    [stats] = group_covariances_at(a, [b], spec, iter_batches(digits_train, 500), ("preactivation",))["preactivation"]
     maps = MAP_METHODS["ot"]({"preactivation": stats})
     for group, parts in RESNET_PREACTIVATIONS.items():
         pre_a, pre_b = sum(raw_a[n] for n in parts), sum(raw_b[n] for n in parts)

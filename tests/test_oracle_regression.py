@@ -19,16 +19,6 @@ from mergescope.perm import build_spec
 from mergescope.regression_run import RegressConfig
 
 
-@pytest.fixture(scope="module")
-def train():
-    return load_digits("train")
-
-
-@pytest.fixture(scope="module")
-def pair(trained_digits):
-    return trained_digits("cnn_digits", 0, width=16), trained_digits("cnn_digits", 1, width=16)
-
-
 def _raw(model, layer: str, x: torch.Tensor) -> np.ndarray:
     """(samples, C) float64: the module's output over images × positions, channels last."""
     got = []
@@ -55,14 +45,14 @@ def _r2(a: np.ndarray, pred: np.ndarray) -> float:
 
 
 @pytest.fixture(scope="module")
-def oracle(pair, train):
+def oracle(digits_pair, digits_train):
     """Library result and the raw activations of every group on the fitting and the held-out subsets."""
-    a, b = pair
-    fit, held = regression_subsets(train)
+    a, b = digits_pair
+    fit, held = regression_subsets(digits_train)
     spec = build_spec(a)
-    [res] = regress_many(a, [b], spec, iter_batches(train, 256, ids=fit), fractions=(0.1, 1.0),
-                         heldout_batches=iter_batches(train, 256, ids=held))
-    xf, xh = (torch.as_tensor(train.get_batch(ids)[0]) for ids in (fit, held))
+    [res] = regress_many(a, [b], spec, iter_batches(digits_train, 256, ids=fit), fractions=(0.1, 1.0),
+                         heldout_batches=iter_batches(digits_train, 256, ids=held))
+    xf, xh = (torch.as_tensor(digits_train.get_batch(ids)[0]) for ids in (fit, held))
     raw = {}
     for g, group in spec.groups.items():
         [tap] = group.observe
@@ -116,17 +106,17 @@ def test_sparsity_sweep_keeps_the_top_m_weights_literally(oracle):
             assert refit.r2[i].item() == pytest.approx(_r2(r["ha"][:, i], r["hb"] @ w + c), abs=1e-7)
 
 
-def test_subsets_have_the_thesis_size_and_are_disjoint(oracle, train):
+def test_subsets_have_the_thesis_size_and_are_disjoint(oracle, digits_train):
     _, _, (fit, held) = oracle
-    n = len(train)
+    n = len(digits_train)
     assert RegressConfig().fit_images == 5000 and RegressConfig().heldout_images == 5000
     assert ProbeConfig().subset_images == 5000
     assert len(held) == int(0.2 * n) and len(fit) == n - len(held)  # digits: capped by the dataset
     assert len(np.intersect1d(fit, held)) == 0
     for ids in (fit, held):  # class-stratified: per-class counts as even as the classes allow
-        counts = np.bincount(np.asarray(train.targets)[ids], minlength=10)
+        counts = np.bincount(np.asarray(digits_train.targets)[ids], minlength=10)
         assert counts.min() > 0 and counts.sum() == len(ids)
-    assert np.array_equal(default_subset(train), np.arange(n))  # D′ = 5,000 images, capped: all 1,437
+    assert np.array_equal(default_subset(digits_train), np.arange(n))  # D′ = 5,000 images, capped: all 1,437
 
     class Big:  # 1,000 classes × 30 images: 5,000 images = 5 per class (the thesis's ImageNet subset)
         targets = np.repeat(np.arange(1000), 30)
@@ -143,7 +133,7 @@ def test_subsets_have_the_thesis_size_and_are_disjoint(oracle, train):
     assert (np.bincount(Cifar.targets[default_subset(Cifar)]) == 500).all()
 
 
-def test_regression_merge_of_a_net_without_batchnorm_holds_up(trained_digits, train):
+def test_regression_merge_of_a_net_without_batchnorm_holds_up(trained_digits, digits_train):
     """Issue 9: on nets without BatchNorm, least-squares maps put large weights on rarely-firing B channels, whose
     pre-activations then flood the rewritten layers (regression+REPAIR 77.5 % at α = ½ vs 95.3 % permuted+REPAIR
     on this pair). With the merge's default ridge it is within 2 points of permuted+REPAIR, also at α = 0."""
@@ -151,14 +141,14 @@ def test_regression_merge_of_a_net_without_batchnorm_holds_up(trained_digits, tr
 
     a, b = (trained_digits("cnn_digits", s, width=16, batchnorm=False) for s in (0, 1))
     cfg = SweepConfig(alphas=[0.0, 0.5], methods=["permuted+repair", "regression+repair"])
-    res = run_sweep(a, b, train, {"test": load_digits("test")}, cfg)
+    res = run_sweep(a, b, digits_train, {"test": load_digits("test")}, cfg)
     acc = {(r["method"], r["alpha"]): r["accuracy"] for r in res.rows}
-    assert acc["permuted+repair", 0.5] > 0.9  # a pair that merges well by permutation
+    assert acc["permuted+repair", 0.5] > 0.9  # a digits_pair that merges well by permutation
     assert acc["regression+repair", 0.5] >= acc["permuted+repair", 0.5] - 0.02
     assert acc["regression+repair", 0.0] >= 0.8  # T(B) itself is still a usable model (B: 98 %)
 
 
-def test_regression_merge_ridge_vanishes_on_an_exact_fit(trained_digits, train):
+def test_regression_merge_ridge_vanishes_on_an_exact_fit(trained_digits, digits_train):
     """The default ridge is scaled by the unexplained variance, so a permuted copy is merged back exactly."""
     from mergescope.align.covariance import group_covariances
     from mergescope.merge import merge_with_maps, regression_maps
@@ -167,7 +157,7 @@ def test_regression_merge_ridge_vanishes_on_an_exact_fit(trained_digits, train):
     a = trained_digits("cnn_digits", 0, width=16, batchnorm=False)
     spec = build_spec(a)
     b = permute_model(a, spec, random_perms(spec, torch.Generator().manual_seed(0)))
-    batches = list(iter_batches(train, 500))
+    batches = list(iter_batches(digits_train, 500))
     [stats] = group_covariances(a, [b], spec, batches)
     merged = merge_with_maps(a, b, regression_maps(stats)[0], 0.5)
     x = torch.cat([bt.x for bt in batches])
