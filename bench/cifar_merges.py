@@ -176,9 +176,10 @@ def main() -> None:
         mean = 100 * res.summary["test"]["mean_endpoint_accuracy"]
         print(f"\n{name} (mean endpoint {mean:.2f}; {secs:.0f} s, passes {res.passes})")
         bases = [b for b in BASES if any(m.startswith(b) for m in acc)]
-        print(f"{'base':<12}" + "".join(f"{'+' + f[1:] if f else 'plain':>10}" for f in FIXES))
+        wb, wf = max(map(len, bases)) + 2, max(map(len, FIXES)) + 2
+        print(f"{'base':<{wb}}" + "".join(f"{'+' + f[1:] if f else 'plain':>{wf}}" for f in FIXES))
         for b in bases:
-            print(f"{b:<12}" + "".join(f"{acc[b + f]:>10.2f}" if b + f in acc else f"{'—':>10}" for f in FIXES))
+            print(f"{b:<{wb}}" + "".join(f"{acc[b + f]:>{wf}.2f}" if b + f in acc else f"{'—':>{wf}}" for f in FIXES))
         base = acc["permuted+repair"]
         maps = {m: a for m, a in acc.items() if not m.startswith(("naive", "permuted", "mergemany"))}
         best_map = max(maps, key=maps.get)
