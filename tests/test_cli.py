@@ -238,6 +238,8 @@ def test_demo_stores_its_alignments_and_judges_the_correlation_against_its_null(
 
     manifest = json.loads((demo_dir / "manifest.json").read_text())
     assert "alignment.safetensors" in manifest["sha256"]
+    html = (demo_dir / "report.html").read_text()
+    assert "Observation 1" in html and "&amp;gt;" not in html and "&amp;lt;" not in html  # thresholds once escaped
     rows = read_compare_csv(demo_dir / "compare.csv")
     for tag in ("B", "C"):
         matrices = correlation_matrices(demo_dir / "alignment.safetensors", tag)
