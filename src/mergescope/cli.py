@@ -57,6 +57,15 @@ def _add_match_points(p: argparse.ArgumentParser) -> None:
                    "block output (default, as REPAIR's reference) or the average over every place it is seen")
 
 
+def _methods_help(default: str, exclude: tuple[str, ...] = ()) -> str:
+    """The --methods help, from the method names the library knows (merge.recipes)."""
+    from .merge.recipes import BASES, FIXES
+
+    bases = " ".join(b + (" (two models)" if b == "zipit" else "") for b in BASES if b not in exclude)
+    fixes = ", ".join(f for f in FIXES if f)
+    return f"default: {default}; any of the bases {bases}, alone or with {fixes} (e.g. cca+repair)"
+
+
 def _stats_ids(n_images: int, wanted: int | None) -> list[int] | None:
     """``wanted`` fixed random image ids (seed 0), sorted; None (all images) when not fewer than all."""
     if not wanted or wanted >= n_images:
@@ -322,10 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="run folder")
     p.add_argument("--matching", choices=("activation", "weight"), default="activation")
-    p.add_argument("--methods", nargs="+", help="default: naive permuted permuted+repair permuted+reset; any of the "
-                   "bases naive permuted cca cca_relative ot ot_sinkhorn regression, alone or with +repair, "
-                   "+repair_preact or +reset "
-                   "(e.g. cca+repair)")
+    p.add_argument("--methods", nargs="+", help=_methods_help("naive permuted permuted+repair permuted+reset",
+                                                              exclude=("zipit", "mergemany")))
     p.add_argument("--alpha-step", type=T.alpha_step, default=0.05)
     _add_merge_data(p)
     p.set_defaults(func=_cmd_sweep)
@@ -336,10 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "reference")
     p.add_argument("--data", required=True)
     p.add_argument("--out", required=True, help="run folder")
-    p.add_argument("--methods", nargs="+", help="default: naive permuted permuted+repair permuted+reset cca+repair "
-                   "ot+repair regression+repair; bases naive permuted mergemany cca cca_relative ot ot_sinkhorn "
-                   "regression zipit (two models), alone "
-                   "or with +repair or +reset")
+    p.add_argument("--methods", nargs="+", help=_methods_help("naive permuted permuted+repair permuted+reset "
+                                                              "cca+repair ot+repair regression+repair"))
     _add_merge_data(p)
     p.set_defaults(func=_cmd_merge)
 
