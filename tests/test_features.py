@@ -59,3 +59,33 @@ def test_repaired_merge_has_the_interpolated_statistics(pair, digits, helpers):
     assert not torch.allclose(_outputs(merged["permuted+repair"], digits), _outputs(merged["permuted"], digits))
     naive = {k: alpha * v + (1 - alpha) * b.state_dict()[k] for k, v in a.state_dict().items() if v.is_floating_point()}
     assert all(torch.allclose(merged["naive"].state_dict()[k], v) for k, v in naive.items())
+
+
+def test_a_resnet_merge_repaired_with_added_layers_is_probed_at_the_references_block_outputs(tmp_path, digits):
+    """REPAIR on a ResNet appends a BatchNorm to every block: the feature study probes every row at A's layers,
+    and a merge's block output ``layer1.0`` is the corrected one (the block's own output, after that layer)."""
+    from mergescope.align import activation_matching
+    from mergescope.features import feature_study
+    from mergescope.merge import extra_layers
+    from mergescope.probe.taps import tap_model
+
+    a, b = (create_model("resnet20", in_channels=1, width=1, seed=s).eval() for s in (0, 1))
+    spec = build_spec(a, next(iter(iter_batches(digits, 2))).x)
+    match = activation_matching(a, b, spec, iter_batches(digits, 512))
+    merged = merged_pair(a, b, spec, match.perms, digits, batch_size=512)
+    repaired = merged["permuted+repair"]
+    assert "layer1.0" in extra_layers(repaired)
+    result, _, _ = feature_study(tmp_path, digits, {"A": a, "B": b}, matches={"B": match},
+                                 merged={"permuted+repair": repaired}, spec=spec, batch_size=512)
+    assert set(result.layers["merged_0"]) == set(spec.layers)
+    x = next(iter(iter_batches(digits, 64))).x
+    tapped = tap_model(repaired, ["layer1.0"]).eval()
+    seen = {}
+    hook = repaired.get_submodule("layer1.0").register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    try:
+        with torch.no_grad():
+            _, feats = tapped(x)
+            repaired(x)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(feats["layer1.0"], seen["out"])

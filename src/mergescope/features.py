@@ -77,8 +77,10 @@ def feature_study(
     keys = {label: f"merged_{i}" for i, label in enumerate(merged)}
     probed.update({keys[label]: m for label, m in merged.items()})
     subset_ids = default_subset(dataset) if subset_ids is None else subset_ids
-    result = probe(probed, dataset, k=k, reduction=reduction, batch_size=batch_size, device=device,
-                   run_dir=run_dir / "probe", progress=progress, subset_ids=subset_ids)
+    # every model at the reference's layers: channel c of each row is A's channel c (a merge REPAIRed with added
+    # block-output layers has its own spec, whose block outputs are the corrected ones under the same names)
+    result = probe(probed, dataset, layers=list(spec.layers), k=k, reduction=reduction, batch_size=batch_size,
+                   device=device, run_dir=run_dir / "probe", progress=progress, subset_ids=subset_ids)
 
     info = matching_info(spec, matches, list(spec.layers))
     recipes = []
