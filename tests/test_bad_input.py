@@ -37,6 +37,9 @@ CASES = [  # (command tail after the checkpoints / run folder, words the one lin
     ("regress", ["--k", "-1"], ["--k"]),
     ("regress", ["--ridge", "-1"], ["--ridge", ">= 0"]),
     ("regress", ["--fit-images", "0"], ["--fit-images"]),
+    ("compare", ["--seeds", "0", "-1", "--partial-merge"], ["--seeds", ">= 0"]),
+    ("compare", ["--null-partners", "0"], ["--null-partners"]),
+    ("compare", ["--null-quantile", "1.5"], ["--null-quantile"]),
 ]
 
 

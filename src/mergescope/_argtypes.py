@@ -32,6 +32,12 @@ def positive_int(text: str) -> int:
     return _within(value, value >= 1, "at least 1")
 
 
+def seed(text: str) -> int:
+    """An integer ≥ 0 (random seeds: numpy's generators refuse negative ones)."""
+    value = _number(text, int)
+    return _within(value, value >= 0, ">= 0")
+
+
 def finite_float(text: str) -> float:
     """Any finite number (no nan, no inf)."""
     return _number(text, float)

@@ -310,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--arch-kwargs", type=T.json_object, default={}, help='JSON, e.g. \'{"width": 4}\'')
     p.add_argument("--data", required=True, help="digits | cifar10:ROOT | PACK.npz | pack folder | ImageFolder tree")
     p.add_argument("--out", required=True, help="checkpoint path (*.safetensors)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=T.seed, default=0)
     p.add_argument("--epochs", type=T.positive_int, default=10)
     p.add_argument("--batch-size", type=T.positive_int, default=128)
     p.add_argument("--lr", type=T.positive_float, default=0.1)
@@ -321,7 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--part", choices=("a", "b"), help="train on one half of the 'stratified' class split")
     p.add_argument("--major", type=T.unit_float, default=0.8, help="stratified split: share of the first half of classes")
-    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--split-seed", type=T.seed, default=0)
     _add_device(p)
     p.set_defaults(func=_cmd_train)
 
@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partial-merge", action="store_true", help="also merge only the top/bottom x%% channels by "
                    "each metric (vs random channels) and plot accuracy curves")
     p.add_argument("--alpha", type=T.unit_float, default=0.5, help="partial merging: weight of A in merged channels")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="partial merging: random baselines")
+    p.add_argument("--seeds", type=T.seed, nargs="+", default=[0, 1, 2], help="partial merging: random baselines")
     p.add_argument("--eval-split", default="test", help="partial merging: split to evaluate on (default: test)")
     p.add_argument("--batch-size", type=T.positive_int, default=256)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier comparison in the run folder")
