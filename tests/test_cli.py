@@ -64,7 +64,10 @@ def test_demo_merges_all_three_models(demo_dir):
     assert acc["permuted+repair"] > acc["naive"] + 0.5
     assert len(many["endpoints"]) == 3 and many["passes"]["repair/reset"] == 1
     assert (demo_dir / "merges.csv").read_text().splitlines()[0] == "method,models,split,loss,accuracy"
-    assert "Merging 3 models" in (demo_dir / "report.html").read_text()
+    html = (demo_dir / "report.html").read_text()
+    assert "Merging 3 models" in html
+    section = html[html.index("Merging 3 models"):]
+    assert "<th>Corrects</th>" in section and many["corrections"]["permuted+repair"] in section
     assert "merges.csv" in json.loads((demo_dir / "manifest.json").read_text())["sha256"]
 
 
