@@ -33,13 +33,13 @@ from .data import ImageDataset, iter_batches, len_batches
 from .errors import MergescopeError
 from .evaluate import evaluate_models
 from .merge import RepairTarget, map_layout, merge_models_with_maps, permutation_maps, repair_many, zipit_maps
-from .merge.recipes import (ALL_METHODS, MAP_METHODS, REPAIR_FIXES, check_methods, has_batchnorm, map_places,
-                             split_method)
+from .merge.recipes import (ALL_METHODS, MAP_METHODS, REPAIR_FIXES, check_methods, corrections, has_batchnorm,
+                             map_places, split_method)
 from .perm import PermSpec, build_spec
 from .report import render_report
 from .report.many_pages import many_section
 from .runs import RESULTS
-from .sweep import check_same_architecture, corrections
+from .sweep import check_same_architecture
 
 DEFAULT_METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset", "cca+repair", "ot+repair",
                    "regression+repair")

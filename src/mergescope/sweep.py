@@ -23,9 +23,8 @@ from .errors import ArchitectureError, MergescopeError
 from .evaluate import evaluate_models
 from .merge import (RepairTarget, alpha_grid, interpolate_model, map_layout, merge_with_maps, permutation_maps,
                     repair_many)
-from .merge.recipes import (ALL_METHODS, MAP_METHODS, REPAIR_FIXES, check_methods, has_batchnorm, map_places,
-                             split_method)
-from .merge.repair import describe_repair
+from .merge.recipes import (ALL_METHODS, MAP_METHODS, REPAIR_FIXES, check_methods, corrections, has_batchnorm,
+                             map_places, split_method)
 from .perm import PermSpec, build_spec, permute_model
 from .report import render_report, write_csv
 
@@ -68,16 +67,6 @@ class SweepResult:
         return {"rows": self.rows, "endpoints": self.endpoints, "matching": self.match.summary(),
                 "matching_method": self.match.method, "passes": self.passes, "timings": self.timings,
                 "methods": self.methods, "corrections": self.corrections}
-
-
-def corrections(spec: PermSpec, methods: Sequence[str]) -> dict[str, str]:
-    """Method -> which points of this architecture its fix corrects (``+repair``, ``+repair_preact``, ``+reset``)."""
-    out = {}
-    for method in methods:
-        fix = split_method(method)[1]
-        out[method] = (describe_repair(spec, REPAIR_FIXES[fix]) if fix in REPAIR_FIXES
-                       else "every BatchNorm's statistics recomputed" if fix == "reset" else "nothing")
-    return out
 
 
 def check_same_architecture(model_a: nn.Module, model_b: nn.Module) -> None:

@@ -199,19 +199,18 @@ def group_covariances_at(
     """:func:`group_covariances` at several places (:data:`PLACES`) in the same ONE pass:
     ``{place: [per model of others {group: JointMoments}]}``."""
     names = list(spec.groups) if groups is None else list(groups)
-    where = points  # the observation-point rule; `points` below is each (place, group)'s list of taps
-    points = {(place, g): group_points(spec, g, place, where) for place in dict.fromkeys(places) for g in names}
-    taps = sorted({t.name for pts in points.values() for t in pts})
+    taps_of = {(place, g): group_points(spec, g, place, points) for place in dict.fromkeys(places) for g in names}
+    taps = sorted({t.name for pts in taps_of.values() for t in pts})
     tapped = {str(i): tap_model(m, taps).to(device).eval() for i, m in enumerate([reference, *others])}
-    stats = [{key: JointMoments() for key in points} for _ in others]
+    stats = [{key: JointMoments() for key in taps_of} for _ in others]
 
     def consume(batch, x, outs):
         ref = outs["0"][1]
-        for g, pts in points.items():
+        for key, pts in taps_of.items():
             for t in pts:
                 a = as_samples(ref[t.name], t.channel_dim)
                 for k in range(len(others)):
-                    stats[k][g].update(a, as_samples(outs[str(k + 1)][1][t.name], t.channel_dim))
+                    stats[k][key].update(a, as_samples(outs[str(k + 1)][1][t.name], t.channel_dim))
 
     run_pass(tapped, batches, consume, device=device, desc="joint feature statistics", total=total,
              progress=progress)

@@ -17,17 +17,19 @@ E.g. ``permuted+repair`` is REPAIR's method, ``cca+repair`` CCA merging followed
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
 from ..align.covariance import PLACES, JointMoments
 from ..errors import MergescopeError
+from ..perm import PermSpec
 from .cca import cca_maps
 from .maps import ChannelMap
 from .ot import ot_maps
 from .regression_merge import regression_maps
+from .repair import describe_repair
 
 Stats = Mapping[str, JointMoments]  # group -> joint statistics of one model with the reference
 
@@ -75,6 +77,16 @@ def map_places(bases: Iterable[str]) -> tuple[str, ...]:
     observation points; bases without joint statistics: none)."""
     wanted = {MAP_METHODS[b].at if b in MAP_METHODS else "observe" for b in bases if b in MAP_METHODS or b == "zipit"}
     return tuple(p for p in PLACES if p in wanted)
+
+
+def corrections(spec: PermSpec, methods: Sequence[str]) -> dict[str, str]:
+    """Method -> which points of this architecture its fix corrects (``+repair``, ``+repair_preact``, ``+reset``)."""
+    out = {}
+    for method in methods:
+        fix = split_method(method)[1]
+        out[method] = (describe_repair(spec, REPAIR_FIXES[fix]) if fix in REPAIR_FIXES
+                       else "every BatchNorm's statistics recomputed" if fix == "reset" else "nothing")
+    return out
 
 
 def split_method(method: str) -> tuple[str, str]:
