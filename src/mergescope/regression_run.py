@@ -30,8 +30,8 @@ from ._csvio import write_rows
 from ._jsonio import write_json
 from .align.covariance import group_covariances
 from .align.regressed_topk import hard_channels, regressed_topk, single_weight_fits, summary_rows
-from .align.regression import (DEFAULT_FRACTIONS, FIT_IMAGES, HELDOUT_IMAGES, judged_result, regression_from_stats,
-                               regression_subsets)
+from .align.regression import (DEFAULT_FRACTIONS, FIT_IMAGES, FIT_POINTS, HELDOUT_IMAGES, judged_result,
+                               regression_from_stats, regression_subsets)
 from .data import iter_batches, len_batches, open_dataset
 from .errors import MergescopeError
 from .report.regression_pages import (
@@ -99,7 +99,8 @@ def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None,
     except ValueError as e:
         raise MergescopeError(str(e)) from None
     [stats], [held_stats] = (group_covariances(a, [b], spec, iter_batches(dataset, cfg.batch_size, ids=s),
-                                               device=device, progress=progress) for s in (ids, held))
+                                               device=device, progress=progress, points=FIT_POINTS)
+                             for s in (ids, held))
     res = regression_from_stats(stats, cfg.ridge, cfg.fractions)
     for g in res.fits:  # m = 1 exactly (the smallest fraction may keep more weights in wide layers)
         res.sweep[g] = [*single_weight_fits(stats[g], res.fits[g]), *res.sweep.get(g, [])]

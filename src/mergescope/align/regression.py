@@ -45,6 +45,7 @@ from ..perm import PermSpec
 from .covariance import JointMoments, group_covariances
 
 DEFAULT_FRACTIONS = (0.01, 0.02, 0.05, 0.10, 0.25, 1.0)  # the sparsity sweep: m as a fraction of B's channels
+FIT_POINTS = "all"  # a residual stream's fit pools every block output: one map, ranked at each of them
 FIT_IMAGES = 5000  # the thesis's fitting subset (000 §3.2.4, A.3: "5000 images … i.e., 5 images per class")
 HELDOUT_IMAGES = 5000  # the held-out subset R² is judged on (as many as the fit, at most a fifth of the dataset)
 HELDOUT_SHARE = 0.2  # the largest share of the dataset the held-out subset takes
@@ -309,9 +310,11 @@ def regress_many(
         ...                      heldout_batches=iter_batches(train, 256, ids=held))
         >>> res.fits["features.0"].r2.nanmean()  # held-out R²
     """
-    all_stats = group_covariances(reference, others, spec, batches, device=device, progress=progress, total=total)
+    all_stats = group_covariances(reference, others, spec, batches, device=device, progress=progress, total=total,
+                                  points=FIT_POINTS)
     held = ([None] * len(others) if heldout_batches is None else
-            group_covariances(reference, others, spec, heldout_batches, device=device, progress=progress))
+            group_covariances(reference, others, spec, heldout_batches, device=device, progress=progress,
+                              points=FIT_POINTS))
     return [regression_from_stats(st, ridge, fractions, rank_by, h) for st, h in zip(all_stats, held)]
 
 
