@@ -202,20 +202,23 @@ def test_damaged_checkpoint(saved_vgg, damage):
 
 
 def test_wrong_architecture_names_the_first_bad_key(saved_vgg):
-    with pytest.raises(CheckpointError) as exc:
-        load_checkpoint(saved_vgg, arch="resnet20")
-    assert_one_line(exc, "does not fit architecture 'resnet20'", "missing tensor 'conv1.weight'", "unexpected tensor '")
-    assert re.search(r"unexpected tensor '(features|classifier)\.\d*\.?(weight|bias)'", str(exc.value))
-    # the same mix-up recorded in the sidecar
+    # the mix-up recorded in the sidecar
     side = sidecar_path(saved_vgg)
     info = json.loads(side.read_text())
     info["arch"] = {"name": "resnet20", "kwargs": {}}
     side.write_text(json.dumps(info))
     with pytest.raises(CheckpointError, match="does not fit architecture 'resnet20'"):
         load_checkpoint(saved_vgg)
+    # the same mix-up given explicitly for a file without a sidecar
+    side.unlink()
+    with pytest.raises(CheckpointError) as exc:
+        load_checkpoint(saved_vgg, arch="resnet20")
+    assert_one_line(exc, "does not fit architecture 'resnet20'", "missing tensor 'conv1.weight'", "unexpected tensor '")
+    assert re.search(r"unexpected tensor '(features|classifier)\.\d*\.?(weight|bias)'", str(exc.value))
 
 
 def test_wrong_width_names_both_shapes(saved_vgg):
+    sidecar_path(saved_vgg).unlink()
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(saved_vgg, arch="vgg11", arch_kwargs={"width": 0.5})
     assert_one_line(exc, "tensor 'features.0.weight'", "(16, 3, 3, 3) in the checkpoint", "(32, 3, 3, 3) in the model")
@@ -225,7 +228,7 @@ def test_missing_sidecar(saved_vgg):
     sidecar_path(saved_vgg).unlink()
     with pytest.raises(CheckpointError) as exc:
         load_checkpoint(saved_vgg)
-    assert_one_line(exc, "sidecar", "missing", "arch=")
+    assert_one_line(exc, "sidecar", "missing", "--arch NAME")
     model, meta = load_checkpoint(saved_vgg, arch="vgg11", arch_kwargs={"width": 0.25})
     assert meta == {} and model_config(model)["kwargs"]["width"] == 0.25
 

@@ -2,6 +2,9 @@
 
 Every model made by :func:`create_model` carries ``model.mergescope_arch = {"name": ..., "kwargs": {...}}``
 (all builder arguments, defaults filled in), so a checkpoint can rebuild exactly the same architecture.
+
+Besides names registered one by one, a *namespace* resolves a whole family of names spelled ``PREFIX:NAME``
+(``timm:resnet18``) to entries on demand, so a library's own model list needn't be copied in here.
 """
 
 from __future__ import annotations
@@ -28,10 +31,12 @@ class ModelEntry:
     name: str  # registry key, e.g. "resnet20"
     builder: Builder  # callable(**kwargs) -> nn.Module
     transient: tuple[str, ...]  # builder kwargs that don't shape the architecture (not recorded)
-    image_size: tuple[int, ...] | None  # spatial size of a natural input; None for flat (MLP) inputs
+    image_size: tuple[int, ...] | None  # spatial size of a natural input; None: flat (MLP) input, or unknown
+    channels_arg: str = "in_channels"  # the builder argument giving the number of input channels
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
+_NAMESPACES: dict[str, Callable[[str], ModelEntry]] = {}
 
 
 def register_model(
@@ -61,15 +66,39 @@ def register_model(
     return decorator
 
 
+def register_namespace(prefix: str, resolve: Callable[[str], ModelEntry]) -> None:
+    """Make every name ``prefix:NAME`` resolve to ``resolve(NAME)`` (which raises ArchitectureError if unknown).
+
+    Args:
+        prefix: the part before the colon, e.g. ``"timm"``; must be unique.
+        resolve: maps ``NAME`` to its entry; the entry's ``name`` must be the full ``prefix:NAME``.
+    """
+    if prefix in _NAMESPACES:
+        raise ArchitectureError(f"model namespace '{prefix}:' is registered twice")
+    _NAMESPACES[prefix] = resolve
+
+
 def list_models() -> list[str]:
-    """Names of all registered architectures, sorted."""
+    """Names of all registered architectures, sorted (namespaces such as ``timm:NAME`` not expanded)."""
     return sorted(_REGISTRY)
 
 
-def _entry(name: str) -> ModelEntry:
+def get_model_entry(name: str) -> ModelEntry:
+    """The entry of a registered name or of a ``prefix:NAME`` in a registered namespace."""
+    prefix, colon, rest = name.partition(":")
+    if colon and prefix in _NAMESPACES:
+        return _NAMESPACES[prefix](rest)
     if name not in _REGISTRY:
-        raise ArchitectureError(f"unknown model '{name}'; known models: {', '.join(list_models())}")
+        spaces = "".join(f" or {p}:NAME" for p in sorted(_NAMESPACES))
+        raise ArchitectureError(f"unknown model '{name}'; known models: {', '.join(list_models())}{spaces}")
     return _REGISTRY[name]
+
+
+def _input_size(entry: ModelEntry, kwargs: dict[str, Any]) -> tuple[int, ...] | None:
+    """(C, H, W) of a natural input, (in_features,) for a flat one, None when unknown."""
+    if entry.image_size is not None:
+        return (kwargs[entry.channels_arg], *entry.image_size)
+    return (kwargs["in_features"],) if "in_features" in kwargs else None
 
 
 def _bind_kwargs(entry: ModelEntry, kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -98,7 +127,7 @@ def create_model(
     """Build a registered architecture.
 
     Args:
-        name: a name from :func:`list_models`.
+        name: a name from :func:`list_models`, or ``PREFIX:NAME`` in a registered namespace (``timm:resnet18``).
         seed: if given, parameters are initialised under ``torch.manual_seed(seed)`` without disturbing the
             global RNG; otherwise the global RNG is used.
         device: where to put the model (default: CPU).
@@ -108,7 +137,7 @@ def create_model(
     Returns:
         The model, with ``model.mergescope_arch`` recording name and full kwargs.
     """
-    entry = _entry(name)
+    entry = get_model_entry(name)
     full_kwargs = _bind_kwargs(entry, kwargs)
     if seed is None:
         model = entry.builder(**full_kwargs)
@@ -118,10 +147,9 @@ def create_model(
             model = entry.builder(**full_kwargs)
     recorded = {k: v for k, v in full_kwargs.items() if k not in entry.transient}
     setattr(model, ARCH_ATTR, {"name": name, "kwargs": recorded})
-    if entry.image_size is None:
-        model.input_size = (full_kwargs["in_features"],)
-    else:
-        model.input_size = (full_kwargs["in_channels"], *entry.image_size)
+    input_size = _input_size(entry, full_kwargs)
+    if input_size is not None:
+        model.input_size = input_size
     if device is not None or dtype is not None:
         model.to(device=device, dtype=dtype)
     return model

@@ -1,6 +1,7 @@
 """Training and checkpointing: ``train_model`` + ``TrainConfig``, safetensors checkpoints with JSON sidecars."""
 
 from mergescope.train.checkpoint import (
+    checkpoint_sha256,
     load_checkpoint,
     load_state_dict_file,
     read_checkpoint_info,
@@ -13,6 +14,7 @@ from mergescope.train.trainer import TrainConfig, train_model
 
 __all__ = [
     "TrainConfig",
+    "checkpoint_sha256",
     "evaluate_model",
     "get_schedule",
     "list_schedules",

@@ -6,6 +6,10 @@
      "arch": {"name": "resnet20", "kwargs": {...}}, "weights": "a.safetensors", "meta": {...}}
 
 Both files are written atomically (temporary file + ``os.replace``).
+
+:func:`load_checkpoint` also takes checkpoints from elsewhere: any state-dict file (safetensors, or ``.pt/.pth/.bin``
+read with ``weights_only=True``) plus an architecture name (a zoo name, ``tv_*`` or ``timm:NAME``), its
+``num_classes`` and input channels read off the tensors unless given.
 """
 
 from __future__ import annotations
@@ -20,13 +24,15 @@ from torch import nn
 
 from mergescope._atomic import atomic_path, atomic_write_text
 from mergescope._jsonio import dumps, package_version
+from mergescope.data.cache import file_sha256
 from mergescope.errors import CheckpointError
-from mergescope.models import apply_state_dict, create_model, load_state_dict_file, model_config, read_safetensors
+from mergescope.models import apply_state_dict, create_model, infer_shape_kwargs, load_state_dict_file, model_config
 
 FORMAT = "mergescope-checkpoint"
 FORMAT_VERSION = 1
 
 __all__ = [
+    "checkpoint_sha256",
     "load_checkpoint",
     "load_state_dict_file",
     "read_checkpoint_info",
@@ -96,34 +102,74 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
+def checkpoint_sha256(path: str | Path) -> str:
+    """sha256 hex digest of the weights file ``path`` (not its sidecar), to record and later check a checkpoint."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    return file_sha256(path)
+
+
+def _sidecar_arch(side: Path, info: dict[str, Any], arch: str | None, arch_kwargs: dict[str, Any]) -> tuple[str, dict]:
+    """The sidecar's architecture, after checking that an explicitly given one agrees with it."""
+    name, recorded = info["arch"]["name"], info["arch"]["kwargs"]
+    if arch is not None and arch != name:
+        raise CheckpointError(f"--arch {arch} disagrees with the sidecar {side}, which records {name}")
+    for key, value in arch_kwargs.items():
+        if key not in recorded:
+            raise CheckpointError(f"--arch-kwargs {key}={json.dumps(value)} but {side} records no {key} "
+                                  f"(it records: {', '.join(recorded) or 'none'})")
+        if recorded[key] != value:
+            raise CheckpointError(f"--arch-kwargs {key}={json.dumps(value)} but {side} records "
+                                  f"{key}={json.dumps(recorded[key])}")
+    return name, dict(recorded)
+
+
+def _build_to_fit(arch: str, arch_kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """``arch`` built with ``arch_kwargs``, its shape arguments not given there read off ``state``."""
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        shapes = create_model(arch, **arch_kwargs)
+    inferred = {k: v for k, v in infer_shape_kwargs(shapes, state).items() if k not in arch_kwargs}
+    return create_model(arch, seed=0, **arch_kwargs, **inferred)  # seeded: loading leaves the global RNG alone
+
+
 def load_checkpoint(
     path: str | Path,
     device: torch.device | str = "cpu",
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild a model from a safetensors checkpoint.
+    """Rebuild a model from a mergescope checkpoint or from any state-dict file.
 
     Args:
-        path: the weights file.
+        path: the weights file: ``*.safetensors``/``*.st``, or ``*.pt``/``*.pth``/``*.bin`` (``torch.load`` with
+            ``weights_only=True``); a ``{"state_dict": ...}`` wrapper and a ``module.`` prefix on every key are
+            undone.
         device: where the model goes.
-        arch: architecture name; overrides the sidecar (required when there is no sidecar).
-        arch_kwargs: builder arguments for ``arch`` (default: none, i.e. the builder's defaults).
+        arch: architecture name (a zoo name, ``tv_*``, ``timm:NAME``); required without a sidecar, and must
+            equal the sidecar's when both are there.
+        arch_kwargs: builder arguments; with a sidecar each must equal the recorded one. Without one, a
+            ``num_classes`` or input-channel argument not given is read off the classifier's / stem's shape.
 
     Returns:
         ``(model, meta)``: the model in eval mode, and the sidecar's ``meta`` (``{}`` without a sidecar).
+
+    Example:
+        >>> model, _ = load_checkpoint("a.pth", arch="tv_resnet18")  # doctest: +SKIP
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file not found: {path}")
     side = sidecar_path(path)
     info = read_checkpoint_info(path) if side.is_file() else None
-    if arch is None:
-        if info is None:
-            raise CheckpointError(f"checkpoint sidecar {side} is missing; pass arch= (and arch_kwargs=) to load {path}")
-        arch, arch_kwargs = info["arch"]["name"], info["arch"]["kwargs"]
-    state = read_safetensors(path)
-    model = create_model(arch, seed=0, **(arch_kwargs or {}))  # seeded: loading leaves the global RNG alone
+    kwargs = dict(arch_kwargs or {})
+    if info is not None:
+        arch, kwargs = _sidecar_arch(side, info, arch, kwargs)
+    elif arch is None:
+        raise CheckpointError(f"checkpoint sidecar {side} is missing, so the architecture of {path} is unknown; "
+                              "pass --arch NAME [--arch-kwargs JSON] (a zoo name, tv_* or timm:NAME)")
+    state = load_state_dict_file(path)
+    model = _build_to_fit(arch, kwargs, state)
     apply_state_dict(model, state, source=f"checkpoint {path}", arch=arch)
     model.to(device)
     model.eval()
