@@ -52,6 +52,8 @@ class TapPoint:
     group: str | None  # the group whose channels this tensor carries (None: not permutable, e.g. the logits)
     channels: int  # number of channels
     channel_dim: int  # axis of the channels in the tensor (1 for NCHW conv maps and (N, C) features)
+    spatial: bool  # the tensor has positions besides batch and channels (a conv feature map, N×C×H×W);
+    # False: a flat feature vector (N, C), e.g. a linear layer's output
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class PermSpec:
         repair_points: the pre-activation outputs (after the BatchNorm if any) of every permutable conv/linear,
             in graph order: the points of the architecture-preserving REPAIR.
         layers: every observable layer (post-activation outputs, block outputs), in graph order, by canonical
-            name — what the probe looks at by default and what :func:`list_layers` prints.
+            name — what :func:`list_layers` prints; :func:`select_layers` picks the probe's layers from them
+            (by default the convolutional ones: ``TapPoint.spatial``).
         fixed: names of creator layers whose channels cannot be permuted (tied to the input or output).
         tensors: every tensor of the traced graph whose channel axis is known (not flattened), by fx node name:
             its group (None: tied to the input or output) and channel axis — e.g. what crosses a cut through
@@ -303,8 +306,12 @@ class _SpecBuilder:
             return
         if node.op == "get_attr":
             return
-        if G.shape_of(node) is None or not self._tensor_args(node):
-            return  # sizes, shapes and other non-tensor values
+        if G.shape_of(node) is None:  # not a tensor: a size or shape, or several tensors (a split)
+            if self._tensor_args(node) and not G.is_metadata_query(node):
+                raise self._fail(node, "turns a feature map into a value that is not one tensor (e.g. a split)")
+            return
+        if not self._tensor_args(node):
+            return  # a tensor that does not depend on the input (a constant, a mask built from sizes)
         target = node.target
         if node.op == "call_module":
             mod = self.modules[target]
@@ -371,7 +378,8 @@ class _SpecBuilder:
             lab = self.labels[node]
             root = uf.find(lab.gid)
             group = groups[root].name if root in groups else None
-            return TapPoint(self.names[node], node.name, group, G.shape_of(node)[lab.dim], lab.dim)
+            shape = G.shape_of(node)
+            return TapPoint(self.names[node], node.name, group, shape[lab.dim], lab.dim, len(shape) > 2)
 
         layers: dict[str, TapPoint] = {}
         block_outputs: list[TapPoint] = []

@@ -25,7 +25,7 @@ from .._jsonio import package_version
 from ..data.base import ImageDataset, as_ids
 from ..data.loader import iter_batches, len_batches
 from ..errors import ArchitectureError, MergescopeError
-from ..perm import build_spec
+from ..perm import LAYER_SELECTIONS, build_spec, select_layers
 from .distributed import barrier, batch_range, gather_flags, gather_state, world
 from .engine import run_pass
 from .reduce import REDUCTIONS, tap_reduced
@@ -46,13 +46,13 @@ from .store import (
     write,
 )
 
-Layers = Mapping[str, Sequence[str]] | Sequence[str] | None
+Layers = Mapping[str, str | Sequence[str]] | str | Sequence[str] | None
 
 
 def probe(
     models: Mapping[str, nn.Module],
     dataset: ImageDataset,
-    layers: Layers = None,
+    layers: Layers = "conv",
     k: int = 10,
     reduction: str = "max",
     batch_size: int = 256,
@@ -70,9 +70,11 @@ def probe(
         models: name -> model (names become file keys: no ``/``). Models are moved to ``device`` and probed in
             eval mode; their train/eval flags are restored afterwards.
         dataset: an index-stable dataset; image ids are its indices.
-        layers: canonical layer names (:func:`mergescope.perm.list_layers`) — one list for all models, or a
-            dict model -> list. Default: every layer of ``build_spec(model).layers`` (the output of each
-            conv's nonlinearity; ResNets: also every block output).
+        layers: a selection of :func:`mergescope.perm.select_layers` — ``"conv"`` (default; None means the
+            same): the layers with spatial feature maps, i.e. the output of each conv's nonlinearity and, in
+            ResNets, every block output (a model without any, e.g. an MLP: all its layers); ``"all"``: linear
+            layers too — or canonical layer names (:func:`mergescope.perm.list_layers`, any node name of the
+            traced graph), one list for all models, or a dict model -> selection or list.
         k: images kept per channel.
         reduction: ``"max"`` or ``"mean"`` over the spatial positions of a feature map.
         batch_size: images per batch (the batch sequence is fixed: no shuffle, so resuming is exact).
@@ -201,19 +203,22 @@ def _tap_all(models: dict[str, nn.Module], layers: Layers, dataset: ImageDataset
         if unknown or missing:
             raise MergescopeError(f"layers must name exactly the models {sorted(models)}; "
                                   f"unknown {unknown}, missing {missing}")
-    elif isinstance(layers, str):
-        raise MergescopeError("layers must be a list of layer names (or a dict model -> list), not a string")
     example = torch.zeros(2, dataset.num_channels, *dataset.image_size)  # no data read: reuse stays pass-free
     tapped, shapes = {}, {}
     for name, model in models.items():
         wanted = layers[name] if isinstance(layers, Mapping) else layers
+        if wanted is None:
+            wanted = "conv"
+        elif isinstance(wanted, str) and wanted not in LAYER_SELECTIONS:
+            wanted = [wanted]  # one layer name
         try:
-            spec_layers = build_spec(model, example).layers
+            spec = build_spec(model, example)
         except ArchitectureError:
-            if wanted is None:
+            if isinstance(wanted, str):
                 raise
-            spec_layers = {}  # explicit layers of a model the spec can't handle: channels on axis 1
-        names = list(dict.fromkeys(spec_layers if wanted is None else wanted))
+            spec = None  # explicit layers of a model the spec can't handle: channels on axis 1
+        spec_layers = spec.layers if spec is not None else {}
+        names = select_layers(spec, wanted) if isinstance(wanted, str) else list(dict.fromkeys(wanted))
         if not names:
             raise MergescopeError(f"no layers to probe in model '{name}'")
         dims = {layer: spec_layers[layer].channel_dim if layer in spec_layers else 1 for layer in names}
