@@ -91,6 +91,14 @@ def canonical_names(gm: fx.GraphModule) -> dict[fx.Node, str]:
     return names
 
 
+def is_metadata_query(node: fx.Node) -> bool:
+    """Whether ``node`` reads only a tensor's metadata (``x.shape``, ``x.size(1)``, ``x.ndim``, ``len(x)``): a
+    value computed from sizes carries no channels, unlike, say, the tuple of tensors a ``split`` returns."""
+    if node.op == "call_method":
+        return node.target in METADATA_METHODS
+    return node.op == "call_function" and node.target in METADATA_FUNCTIONS
+
+
 # Elementwise ops that keep every channel where it is.
 ACTIVATION_MODULES = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.ELU, nn.Hardswish,
@@ -116,3 +124,5 @@ PASSTHROUGH_FUNCTIONS = {
 ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add, "add", "add_"}
 SCALE_FUNCTIONS = {operator.mul, operator.truediv, torch.mul, "mul", "div", operator.imul}
 RESHAPE_FUNCTIONS = {torch.flatten, "flatten", "view", "reshape"}
+METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "type"}
+METADATA_FUNCTIONS = {getattr, len, torch.numel}  # getattr: x.shape, x.ndim, x.dtype (a tensor attribute is a tensor)
