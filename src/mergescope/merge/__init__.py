@@ -1,24 +1,63 @@
-"""Merging: interpolation along α, REPAIR and RESET, metric-guided partial merging, and merging with maps
-(CCA, OT fusion, regression, ZipIt!) instead of permutations."""
-from .cca import cca_map, cca_maps, cca_merge_many
-from .interpolate import alpha_grid, interpolate_model, interpolate_state
-from .maps import (ChannelMap, MapLayout, MapMergeResult, MethodInfo, combine_states, map_layout, map_model,
-                   merge_models_with_maps, merge_with_maps, permutation_index, permutation_maps)
-from .ot import activation_cost, ot_map, ot_maps, ot_merge_many, sinkhorn
-from .partial import (group_scores, partial_merge_curves, partial_merge_model, partial_merge_state,
-                      select_channels)
-from .partial_zip import partial_zip_model
-from .regression_merge import regression_map, regression_maps, regression_merge_many
-from .repair import (REPAIR_POINTS, RepairTarget, describe_repair, extra_layers, repair_and_reset, repair_many,
-                     repair_plan)
-from .zipit import zip_features, zipit_maps, zipit_merge
+"""Merging: interpolation along α, REPAIR and RESET, metric-guided partial merging, merging with maps
+(CCA, OT fusion, regression, ZipIt!) instead of permutations, and the registry of merge methods
+(:mod:`mergescope.merge.methods`).
 
-__all__ = [
-    "ChannelMap", "MapLayout", "MapMergeResult", "MethodInfo", "activation_cost", "alpha_grid", "cca_map",
-    "cca_maps", "cca_merge_many", "combine_states", "group_scores", "interpolate_model", "interpolate_state",
-    "map_layout", "map_model", "merge_models_with_maps", "merge_with_maps", "ot_map", "ot_maps", "ot_merge_many",
-    "partial_merge_curves", "partial_merge_model", "partial_merge_state", "partial_zip_model", "permutation_index", "permutation_maps",
-    "REPAIR_POINTS", "RepairTarget", "describe_repair", "extra_layers", "regression_map", "regression_maps",
-    "regression_merge_many", "repair_and_reset", "repair_many", "repair_plan", "select_channels",
-    "sinkhorn", "zip_features", "zipit_maps", "zipit_merge",
-]
+Names are imported on first use, so ``mergescope.merge.methods`` (the registry the command line's help is built
+from) can be imported without torch.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ provides, for type checkers and IDEs
+    from .cca import cca_map, cca_maps, cca_merge_many
+    from .interpolate import alpha_grid, interpolate_model, interpolate_state
+    from .maps import (ChannelMap, MapLayout, MapMergeResult, MethodInfo, combine_states, map_layout, map_model,
+                       merge_models_with_maps, merge_with_maps, permutation_index, permutation_maps)
+    from .methods import (FAMILIES, NEEDS, AlignInputs, Fix, HyperParam, MergeMethod, StatsMaps, get_fix,
+                          get_merge_method, list_fixes, list_merge_methods, methods_help, methods_table,
+                          register_merge_method, stats_places)
+    from .ot import activation_cost, ot_map, ot_maps, ot_merge_many, sinkhorn
+    from .partial import (group_scores, partial_merge_curves, partial_merge_model, partial_merge_state,
+                          select_channels)
+    from .partial_zip import partial_zip_model
+    from .regression_merge import regression_map, regression_maps, regression_merge_many
+    from .repair import (REPAIR_POINTS, RepairTarget, describe_repair, extra_layers, repair_and_reset,
+                         repair_many, repair_plan)
+    from .zipit import zip_features, zipit_maps, zipit_merge
+
+_EXPORTS = {  # submodule -> the names re-exported from it
+    "cca": ("cca_map", "cca_maps", "cca_merge_many"),
+    "interpolate": ("alpha_grid", "interpolate_model", "interpolate_state"),
+    "maps": ("ChannelMap", "MapLayout", "MapMergeResult", "MethodInfo", "combine_states", "map_layout", "map_model",
+             "merge_models_with_maps", "merge_with_maps", "permutation_index", "permutation_maps"),
+    "methods": ("FAMILIES", "NEEDS", "AlignInputs", "Fix", "HyperParam", "MergeMethod", "StatsMaps", "get_fix",
+                "get_merge_method", "list_fixes", "list_merge_methods", "methods_help", "methods_table",
+                "register_merge_method", "stats_places"),
+    "ot": ("activation_cost", "ot_map", "ot_maps", "ot_merge_many", "sinkhorn"),
+    "partial": ("group_scores", "partial_merge_curves", "partial_merge_model", "partial_merge_state",
+                "select_channels"),
+    "partial_zip": ("partial_zip_model",),
+    "regression_merge": ("regression_map", "regression_maps", "regression_merge_many"),
+    "repair": ("REPAIR_POINTS", "RepairTarget", "describe_repair", "extra_layers", "repair_and_reset", "repair_many",
+               "repair_plan"),
+    "zipit": ("zip_features", "zipit_maps", "zipit_merge"),
+}
+_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_SOURCE)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a re-exported name or a submodule on first access."""
+    if name in _SOURCE:
+        value = getattr(importlib.import_module(f".{_SOURCE[name]}", __name__), name)
+    else:
+        try:
+            value = importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{name}":
+                raise
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = value
+    return value

@@ -1,0 +1,234 @@
+"""The merge-method registry: every registered method is checked here for free (timm's tests/test_models.py style).
+
+For each method: its metadata is well-formed; its alignment step takes exactly its declared hyperparameters and
+reads only the inputs it declares; its ``exact_for_permuted`` flag is true — merging a trained model with a
+randomly permuted copy of itself gives the model's outputs back when the flag says so, and does not when it
+says not; a sweepable method leaves the reference's channels as they are; ``max_models`` is enforced.
+"""
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from mergescope import merge
+from mergescope.align import match_many
+from mergescope.align.covariance import PLACES, group_covariances_at
+from mergescope.data import iter_batches, load_digits, subset_per_class
+from mergescope.errors import MergescopeError
+from mergescope.merge import recipes
+from mergescope.merge.methods import (FAMILIES, NEEDS, AlignInputs, StatsMaps, get_fix, get_merge_method,
+                                      list_fixes, list_merge_methods, methods_help, methods_table,
+                                      register_merge_method)
+from mergescope.perm import build_spec, permute_model, random_perms
+
+METHODS = list_merge_methods()
+
+
+def _rel_err(model, ref, x) -> float:
+    with torch.no_grad():
+        y, want = model.eval()(x), ref.eval()(x)
+    return ((y - want).abs().max() / want.abs().max()).item()
+
+
+class Case:
+    """Models of one architecture with everything any method may need gathered once (sweep.py's way: activation
+    matching of every model to the first, joint statistics at every place in one pass); :meth:`inputs` hands a
+    method only what it declares."""
+
+    def __init__(self, models, batches):
+        self.models, self.batches = list(models), batches
+        self.x = torch.cat([b.x for b in batches])
+        self.spec = build_spec(self.models[0], self.x[:8])
+        self.layout = merge.map_layout(self.models[0], self.spec)
+        ref, others = self.models[0], self.models[1:]
+        self.matches = match_many(ref, others, self.spec, batches)
+        self.stats = group_covariances_at(ref, others, self.spec, batches, PLACES)
+
+    def inputs(self, method, n: int | None = None) -> AlignInputs:
+        n = n or len(self.models)
+        return AlignInputs(self.models[:n], self.spec,
+                           matches=self.matches[:n - 1] if "matches" in method.needs else None,
+                           stats={p: self.stats[p][:n - 1] for p in method.places()} or None)
+
+    def merged(self, method, n: int):
+        weights = [1.0 / n] * n
+        maps = method(self.inputs(method, n))
+        assert len(maps) == n
+        return merge.merge_models_with_maps(self.models[:n], weights, maps, self.layout), maps
+
+
+@pytest.fixture(scope="module")
+def batches():
+    """200 training digits (20 per class), two batches: statistics and outputs on the same images."""
+    train = load_digits("train")
+    return list(iter_batches(train, 100, ids=subset_per_class(train.targets, 20)))
+
+
+@pytest.fixture(scope="module")
+def copies(trained_digits, batches):
+    """A trained digits CNN and two randomly permuted copies of it."""
+    a = trained_digits("cnn_digits", 0, width=16)
+    spec = build_spec(a)
+    perms = [random_perms(spec, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    return Case([a, *(permute_model(a, spec, p) for p in perms)], batches)
+
+
+@pytest.fixture(scope="module")
+def pair(trained_digits, batches):
+    """The trained, non-permuted pair (seeds 0 and 1)."""
+    return Case([trained_digits("cnn_digits", s, width=16) for s in (0, 1)], batches)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_metadata_is_well_formed(name):
+    m = get_merge_method(name)
+    assert m.name == name and m.family in FAMILIES and m.paper.strip() and m.about.strip()
+    assert m.needs <= set(NEEDS)
+    assert m.max_models is None or m.max_models >= 2
+    for h in m.hyperparams:
+        assert h.type in (bool, int, float, str) and h.help.strip()
+        assert type(h.default) is h.type and h.check(h.default, name) == h.default
+        assert not h.choices or h.default in h.choices
+    assert len({h.name for h in m.hyperparams}) == len(m.hyperparams)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_align_takes_exactly_the_declared_hyperparameters(name):
+    """The registry's defaults are the only ones: the alignment code declares each hyperparameter, none defaulted."""
+    m = get_merge_method(name)
+    fn = m.align.fit if isinstance(m.align, StatsMaps) else m.align
+    params = list(inspect.signature(fn).parameters.values())[1:]
+    assert [p.name for p in params] == [h.name for h in m.hyperparams]
+    assert all(p.default is inspect.Parameter.empty for p in params)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_exact_for_permuted_flag_is_true(name, copies):
+    """Merging a trained model with a randomly permuted copy returns its function iff the flag says so."""
+    m = get_merge_method(name)
+    net, _ = copies.merged(m, 2)
+    err = _rel_err(net, copies.models[0], copies.x)
+    if m.exact_for_permuted:
+        assert err < 1e-4, f"{name} is flagged exact for permuted copies but is off by {err:.2e}"
+    else:
+        assert err > 1e-2, f"{name} is flagged not exact for permuted copies but is exact ({err:.2e})"
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if get_merge_method(n).max_models is None
+                                  and get_merge_method(n).exact_for_permuted])
+def test_three_permuted_copies_merge_into_the_model(name, copies):
+    net, _ = copies.merged(get_merge_method(name), 3)
+    assert _rel_err(net, copies.models[0], copies.x) < 1e-4
+
+
+@pytest.mark.parametrize("name", list_merge_methods(sweepable=True))
+def test_sweepable_methods_leave_the_reference_as_it_is(name, pair):
+    """A sweepable method maps the reference by the identity, so θ(α) = α·A + (1−α)·T(B) has A at α = 1."""
+    m = get_merge_method(name)
+    maps = m(pair.inputs(m))
+    for g, cmap in maps[0].items():
+        assert torch.equal(cmap.forward, torch.eye(len(cmap.forward), dtype=cmap.forward.dtype)), g
+
+
+@pytest.mark.parametrize("name", [n for n in METHODS if get_merge_method(n).max_models is not None])
+def test_max_models_is_enforced(name, copies):
+    m = get_merge_method(name)
+    n = m.max_models + 1
+    models = (copies.models * n)[:n]
+    with pytest.raises(MergescopeError, match=rf"^{name} merges at most {m.max_models} models, got {n}$"):
+        m(AlignInputs(models, copies.spec))
+
+
+@pytest.mark.parametrize("name", recipes.MAP_METHODS)
+def test_defaults_are_the_library_functions_defaults(name, pair):
+    """At its defaults a map method gives the maps of the library's function at the defaults its module docstring
+    names the reference's (and recipes.MAP_METHODS, which sweep and many read, the same), on a trained pair."""
+    direct = {
+        "cca": lambda st: merge.cca_maps(st)[0],
+        "cca_relative": lambda st: merge.cca_maps(st, relative=True)[0],
+        "ot": lambda st: merge.ot_maps(st)[0],
+        "ot_sinkhorn": lambda st: merge.ot_maps(st, reg=0.01, cost="correlation")[0],
+        "regression": lambda st: merge.regression_maps(st)[0],
+        "regression_ols": lambda st: merge.regression_maps(st, ridge=0.0)[0],
+    }[name]
+    m = get_merge_method(name)
+    [place] = m.places()
+    want = direct(pair.stats[place][0])
+    got = m(pair.inputs(m))[1]
+    legacy = recipes.MAP_METHODS[name]({p: pair.stats[p][0] for p in PLACES})
+    assert got.keys() == want.keys() == legacy.keys()
+    for g in want:
+        assert torch.equal(got[g].forward, want[g].forward) and torch.equal(got[g].inverse, want[g].inverse), g
+        assert torch.equal(legacy[g].forward, want[g].forward), g
+
+
+def test_hyperparameters_are_checked_and_used(pair):
+    cca = get_merge_method("cca")
+    inputs = pair.inputs(cca)
+    with pytest.raises(MergescopeError, match=r"^cca has no hyperparameter 'gamma'; it has: ridge$"):
+        cca(inputs, gamma=1.0)
+    with pytest.raises(MergescopeError, match=r"^cca: hyperparameter 'ridge' must be a float, got 'big'$"):
+        cca(inputs, ridge="big")
+    with pytest.raises(MergescopeError, match=r"must be one of regression, pinv, got 'inv'$"):
+        get_merge_method("regression")(pair.inputs(get_merge_method("regression")), inverse="inv")
+    g = next(iter(pair.spec.groups))
+    assert not torch.equal(cca(inputs, ridge=10)[1][g].forward, cca(inputs)[1][g].forward)
+
+
+def test_missing_inputs_are_named(copies):
+    with pytest.raises(ValueError, match="permuted needs the matches of the 1 other models"):
+        get_merge_method("permuted")(AlignInputs(copies.models[:2], copies.spec))
+    with pytest.raises(ValueError, match="ot needs the joint statistics at 'preactivation'"):
+        get_merge_method("ot")(AlignInputs(copies.models[:2], copies.spec, stats={"observe": copies.stats["observe"]}))
+
+
+def test_lookups_and_registration_errors():
+    with pytest.raises(MergescopeError, match=r"^unknown merge method 'cc'; known: naive, permuted, .*zipit$"):
+        get_merge_method("cc")
+    with pytest.raises(MergescopeError, match="^unknown merge method family 'maps'; known: ensemble, "):
+        list_merge_methods("maps")
+    with pytest.raises(ValueError, match="'naive' is already registered"):
+        register_merge_method("naive", family="aggregation", paper="p", about="a", exact_for_permuted=False)(
+            lambda inputs: [])
+    with pytest.raises(ValueError, match="family must be one of"):
+        register_merge_method("new", family="soup", paper="p", about="a", exact_for_permuted=False)(lambda i: [])
+    with pytest.raises(ValueError, match="needs must be a subset of"):
+        register_merge_method("new", family="map", paper="p", about="a", needs={"stats"},
+                              exact_for_permuted=False)(lambda i: [])
+    assert "new" not in list_merge_methods() and get_merge_method("naive").family == "aggregation"
+    assert list_merge_methods("map") == ["cca", "cca_relative", "ot", "ot_sinkhorn", "regression",
+                                         "regression_ols", "zipit"]
+    assert set(list_merge_methods(sweepable=False)) == {"mergemany", "zipit"}
+    with pytest.raises(MergescopeError, match="^unknown fix 'repairs'; known: repair, repair_preact, reset$"):
+        get_fix("repairs")
+
+
+def test_recipes_names_come_from_the_registry():
+    assert recipes.BASES == tuple(METHODS)
+    assert recipes.FIXES == ("", "+repair", "+repair_preact", "+reset")
+    assert recipes.REPAIR_FIXES == {"repair": "reference", "repair_preact": "preact"}
+    assert len(recipes.ALL_METHODS) == len(METHODS) * 4 and "cca+repair" in recipes.ALL_METHODS
+    assert set(recipes.MAP_METHODS) == {n for n in METHODS if isinstance(get_merge_method(n).align, StatsMaps)}
+    assert recipes.map_places(["naive", "permuted"]) == () and recipes.map_places(["zipit"]) == ("observe",)
+    assert recipes.map_places(["ot", "cca"]) == ("observe", "preactivation")
+
+
+def test_listings_name_every_method_and_fix():
+    table, help_ = methods_table(), methods_help("naive permuted", exclude=("zipit",))
+    for name in METHODS:
+        m = get_merge_method(name)
+        assert f"{name}  [{m.family}]" in table and m.paper in table
+        assert all(f"{h.name} = {h.default!r}" in table for h in m.hyperparams)
+        assert (name in help_.split("any of the bases ")[1].split(", alone")[0].split()) == (name != "zipit")
+    assert all(f"+{f}" in table and f"+{f}" in help_ for f in list_fixes())
+    assert help_.startswith("default: naive permuted; ")
+
+
+def test_the_registry_imports_without_torch():
+    code = "import sys, mergescope.merge.methods as m; m.methods_help(); m.methods_table(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
