@@ -16,8 +16,11 @@ from mergescope.perm import apply_permutation, build_spec, invert, permute_model
 timm = pytest.importorskip("timm")
 
 # test_resnet: a real, tiny residual net (deep stem, avg_down, blocks Basic/Basic/Bottleneck/Basic);
-# resnet18: timm's standard ResNet-18 (1x1-conv downsample).
-ARCHS = ("test_resnet", "resnet18")
+# resnet18: timm's standard ResNet-18 (1x1-conv downsample). Also timm's activations from create_act (its
+# in-place Tanh is a method call, tanh_) and the other global pools of SelectAdaptivePool2d ("fast": a mean).
+ARCHS = [("test_resnet", {}), ("resnet18", {}), ("test_resnet", {"act_layer": "tanh", "global_pool": "max"}),
+         ("test_resnet", {"act_layer": "silu", "global_pool": "fast"})]
+ARCH_IDS = [f"{name}-{'-'.join(map(str, kw.values()))}" if kw else name for name, kw in ARCHS]
 SIZE = (3, 32, 32)
 
 
@@ -27,30 +30,31 @@ def _images(n: int, seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def timm_model(helpers):
-    """``timm_model(name)``: a shared eval-mode timm model, random init, with random BatchNorm affine parameters
+    """``timm_model(name, **kw)``: a shared eval-mode timm model, random init, with random BatchNorm affine parameters
     (timm zero-inits each block's last BN) and running statistics estimated on the test images — as in a trained
     net, every channel is live (with raw random-init statistics dozens of deep channels never fire, and dead
     channels cannot be matched)."""
     cache = {}
 
-    def get(name: str) -> torch.nn.Module:
-        if name not in cache:
+    def get(name: str, **kw) -> torch.nn.Module:
+        key = (name, *sorted(kw.items()))
+        if key not in cache:
             torch.manual_seed(0)
-            model = helpers.randomize_batchnorm(timm.create_model(name, pretrained=False, num_classes=10))
+            model = helpers.randomize_batchnorm(timm.create_model(name, pretrained=False, num_classes=10, **kw))
             for m in model.modules():
                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
                     m.reset_running_stats()
                     m.momentum = None  # cumulative average over the calibration batch
             with torch.no_grad():
                 model.train()(_images(256, seed=2))
-            cache[name] = model.eval()
-        return cache[name]
+            cache[key] = model.eval()
+        return cache[key]
     return get
 
 
-@pytest.mark.parametrize("name", ARCHS)
-def test_timm_resnet_traces_into_the_expected_groups(name, timm_model):
-    model = timm_model(name)
+@pytest.mark.parametrize("name, kw", ARCHS, ids=ARCH_IDS)
+def test_timm_resnet_traces_into_the_expected_groups(name, kw, timm_model):
+    model = timm_model(name, **kw)
     spec = build_spec(model, _images(2))
     assert spec.fixed == ["fc"]  # the classifier behind SelectAdaptivePool2d + flatten
     last_stream = spec.param_axes["fc.weight"][1]
@@ -64,9 +68,9 @@ def test_timm_resnet_traces_into_the_expected_groups(name, timm_model):
     assert {k for k in params if k != "fc.bias"} <= moved  # every weight but the logits' bias moves
 
 
-@pytest.mark.parametrize("name", ARCHS)
-def test_a_random_permutation_of_a_timm_resnet_computes_the_same_function(name, timm_model):
-    model = timm_model(name)
+@pytest.mark.parametrize("name, kw", ARCHS, ids=ARCH_IDS)
+def test_a_random_permutation_of_a_timm_resnet_computes_the_same_function(name, kw, timm_model):
+    model = timm_model(name, **kw)
     x = _images(4, seed=1)
     spec = build_spec(model, x[:2])
     perms = random_perms(spec, torch.Generator().manual_seed(0))

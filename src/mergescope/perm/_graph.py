@@ -114,7 +114,7 @@ _F = torch.nn.functional
 ACTIVATION_FUNCTIONS = {
     torch.relu, _F.relu, torch.sigmoid, _F.sigmoid, torch.tanh, _F.tanh, _F.gelu, _F.silu, _F.elu,
     _F.leaky_relu, _F.relu6, _F.hardswish, _F.hardtanh, _F.softplus, _F.mish,
-    "relu", "sigmoid", "tanh", "relu_",
+    torch.relu_, "relu", "sigmoid", "tanh", "relu_", "sigmoid_", "tanh_",  # methods (timm's in-place Sigmoid, Tanh)
 }
 PASSTHROUGH_FUNCTIONS = {
     _F.dropout, _F.max_pool1d, _F.max_pool2d, _F.max_pool3d, _F.avg_pool1d, _F.avg_pool2d,
