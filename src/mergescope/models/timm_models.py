@@ -34,11 +34,10 @@ def timm_entry(name: str) -> ModelEntry:
     """The registry entry of timm model ``name`` (the part after ``timm:``)."""
     timm = _import_timm()
     if not timm.is_model(name):
-        raise ArchitectureError(
-            f"unknown timm model '{name}'; find names with python -c \"import timm; print(timm.list_models('*resnet*'))\""
-        )
+        hint = "python -c \"import timm; print(timm.list_models('*resnet*'))\""
+        raise ArchitectureError(f"unknown timm model '{name}'; find names with {hint}")
     cfg = timm.models.get_pretrained_cfg(name)
-    default_classes = (cfg.num_classes if cfg is not None else None) or _DEFAULT_NUM_CLASSES
+    default_classes = cfg.num_classes if cfg is not None and cfg.num_classes is not None else _DEFAULT_NUM_CLASSES
     input_size = getattr(cfg, "input_size", None)  # (C, H, W)
     full_name = f"{PREFIX}:{name}"
 
