@@ -166,6 +166,18 @@ def test_defaults_are_the_library_functions_defaults(name, pair):
         assert torch.equal(legacy[g].forward, want[g].forward), g
 
 
+def test_zipit_weighs_the_models_by_the_merge_weights(pair):
+    """ZipIt!'s merged mean weighs A's features by α: with merge weights (0.3, 0.7) the registry's maps give
+    zipit_merge(alpha=0.3) exactly (on a trained pair, where the weighting matters)."""
+    m = get_merge_method("zipit")
+    inputs = pair.inputs(m)
+    inputs.weights = [0.3, 0.7]
+    got = merge.merge_models_with_maps(pair.models, inputs.weights, m(inputs), pair.layout).state_dict()
+    want = merge.zipit_merge(*pair.models, None, pair.spec, alpha=0.3, layout=pair.layout,
+                             stats=pair.stats["observe"][0]).model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_hyperparameters_are_checked_and_used(pair):
     cca = get_merge_method("cca")
     inputs = pair.inputs(cca)
