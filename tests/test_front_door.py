@@ -190,7 +190,9 @@ def test_timm_checkpoint_round_trip(tmp_path):
 def test_raw_timm_state_dict_loads_with_arch(tmp_path):
     source = create_model(f"timm:{TIMM_SMALL}", num_classes=NUM_CLASSES, seed=1)
     torch.save({"model": {f"module.{k}": v for k, v in contiguous(source).items()}}, tmp_path / "t.pth")
+    rng = torch.random.get_rng_state()
     model, _ = load_checkpoint(tmp_path / "t.pth", arch=f"timm:{TIMM_SMALL}")
+    assert torch.equal(torch.random.get_rng_state(), rng)  # loading leaves the global RNG alone
     assert model_config(model)["kwargs"] == {"num_classes": NUM_CLASSES, "in_chans": 3}
     assert_same_state(model, contiguous(source))
 

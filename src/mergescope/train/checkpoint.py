@@ -110,7 +110,9 @@ def checkpoint_sha256(path: str | Path) -> str:
     return file_sha256(path)
 
 
-def _sidecar_arch(side: Path, info: dict[str, Any], arch: str | None, arch_kwargs: dict[str, Any]) -> tuple[str, dict]:
+def _sidecar_arch(
+    side: Path, info: dict[str, Any], arch: str | None, arch_kwargs: dict[str, Any]
+) -> tuple[str, dict[str, Any]]:
     """The sidecar's architecture, after checking that an explicitly given one agrees with it."""
     name, recorded = info["arch"]["name"], info["arch"]["kwargs"]
     if arch is not None and arch != name:
@@ -128,7 +130,7 @@ def _sidecar_arch(side: Path, info: dict[str, Any], arch: str | None, arch_kwarg
 def _build_to_fit(arch: str, arch_kwargs: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
     """``arch`` built with ``arch_kwargs``, its shape arguments not given there read off ``state``."""
     with torch.device("meta"):  # shapes only: no memory, no initialisation
-        shapes = create_model(arch, **arch_kwargs)
+        shapes = create_model(arch, seed=0, **arch_kwargs)
     inferred = {k: v for k, v in infer_shape_kwargs(shapes, state).items() if k not in arch_kwargs}
     return create_model(arch, seed=0, **arch_kwargs, **inferred)  # seeded: loading leaves the global RNG alone
 
