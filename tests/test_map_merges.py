@@ -14,20 +14,18 @@ from mergescope.align.covariance import group_covariances
 from mergescope.data import iter_batches, load_digits, subset_per_class
 from mergescope.errors import ArchitectureError
 from mergescope.merge import interpolate_model, repair_many
-from mergescope.merge.cca import INFO as CCA_INFO
-from mergescope.merge.cca import cca_maps, cca_merge_many
+from mergescope.merge.cca import cca_maps
 from mergescope.merge.maps import (
     ChannelMap,
     map_layout,
     map_model,
+    merge_models_with_maps,
     merge_with_maps,
     permutation_maps,
 )
-from mergescope.merge.ot import INFO as OT_INFO
+from mergescope.merge.methods import AlignInputs, get_merge_method
 from mergescope.merge.ot import ot_maps, sinkhorn
-from mergescope.merge.regression_merge import INFO as REG_INFO
-from mergescope.merge.regression_merge import regression_maps, regression_merge_many
-from mergescope.merge.zipit import INFO as ZIP_INFO
+from mergescope.merge.regression_merge import regression_maps
 from mergescope.merge.zipit import zip_features, zipit_merge
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
@@ -135,16 +133,19 @@ def test_map_merges_of_a_permuted_copy_return_the_function(name, kw, helpers, ba
         assert _rel_err(model, a, x) < 1e-4, label
 
 
-def test_many_models_into_one_reference_space(helpers, batches):
+@pytest.mark.parametrize("method", ["cca", "regression"])
+def test_many_models_into_one_reference_space(method, helpers, batches):
+    """Through the registry: every other model mapped into the reference's space (the reference's maps are the
+    identity), all three averaged with equal weights, give the reference's function back."""
     a = _model("cnn_digits", {"width": 8}, helpers)
     spec = build_spec(a)
-    copies = [permute_model(a, spec, random_perms(spec, torch.Generator().manual_seed(s))) for s in (1, 2)]
+    models = [a] + [permute_model(a, spec, random_perms(spec, torch.Generator().manual_seed(s))) for s in (1, 2)]
     x = torch.cat([bt.x for bt in batches])
-    res = cca_merge_many(a, copies, batches, spec)
-    assert len(res.maps) == 3 and res.weights == pytest.approx([1 / 3] * 3)
-    assert _rel_err(res.model, a, x) < 1e-4
-    res = regression_merge_many(a, copies, batches, spec)
-    assert _rel_err(res.model, a, x) < 1e-4
+    stats = group_covariances(a, models[1:], spec, batches)
+    maps = get_merge_method(method)(AlignInputs(models, spec, stats={"observe": stats}))
+    assert len(maps) == 3 and maps[0] == {} and all(m.keys() == spec.groups.keys() for m in maps[1:])
+    merged = merge_models_with_maps(models, [1 / 3] * 3, maps, map_layout(a, spec))
+    assert _rel_err(merged, a, x) < 1e-4
 
 
 def test_sinkhorn_tends_to_the_optimal_permutation():
@@ -191,7 +192,7 @@ def test_partial_zip_of_a_permuted_copy_is_the_model_at_every_cut(name, kw, help
     [stats] = group_covariances(a, [b], spec, batches, points="all")
     for layer in spec.layers:
         res = zipit_merge(a, b, None, spec, stats=stats, up_to=layer)
-        assert res.info.needs_extra_layers
+        assert res.model.state_dict().keys() != a.state_dict().keys()  # extra layers (both heads): not A's
         assert _rel_err(res.model, a, x) < 1e-4, layer
 
 
@@ -225,8 +226,3 @@ def test_partial_zip_refuses_an_unknown_layer(helpers):
     [stats] = group_covariances(a, [a], spec, [types.SimpleNamespace(x=x)])
     with pytest.raises(ArchitectureError, match="unknown layer 'nope'"):
         zipit_merge(a, a, None, spec, stats=stats, up_to="nope")
-
-
-def test_every_map_method_says_what_it_needs():
-    for info in (CCA_INFO, OT_INFO, REG_INFO, ZIP_INFO):
-        assert info.needs_extra_layers is False and info.exact_for_permuted_copies and info.notes

@@ -178,6 +178,33 @@ def test_zipit_weighs_the_models_by_the_merge_weights(pair):
     assert all(torch.equal(got[k], want[k]) for k in want)
 
 
+def _same_maps(x, y) -> bool:
+    """Two methods' outputs (per model, group -> ChannelMap) are the same bit for bit."""
+    def same(s, t):
+        return (s is None and t is None) or (s is not None and t is not None and torch.equal(s, t))
+
+    return len(x) == len(y) and all(
+        mx.keys() == my.keys() and all(same(mx[g].forward, my[g].forward) and same(mx[g].inverse, my[g].inverse)
+                                       for g in mx)
+        for mx, my in zip(x, y))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_uses_weights_flag_is_true(name, pair):
+    """A method's maps depend on the merge weights iff its ``uses_weights`` says so (the merge plan computes the
+    maps once per method unless the flag is set): on a trained pair, weights (0.3, 0.7) and (0.5, 0.5)."""
+    m = get_merge_method(name)
+    maps = []
+    for weights in ([0.3, 0.7], [0.5, 0.5]):
+        inputs = pair.inputs(m)
+        inputs.weights = weights
+        maps.append(m(inputs))
+    if m.uses_weights:
+        assert not _same_maps(*maps), f"{name} is flagged uses_weights but its maps ignore the weights"
+    else:
+        assert _same_maps(*maps), f"{name} is not flagged uses_weights but its maps depend on the weights"
+
+
 def test_hyperparameters_are_checked_and_used(pair):
     cca = get_merge_method("cca")
     inputs = pair.inputs(cca)

@@ -11,35 +11,35 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # what __getattr__ provides, for type checkers and IDEs
-    from .cca import cca_map, cca_maps, cca_merge_many
+    from .cca import cca_map, cca_maps
     from .interpolate import alpha_grid, interpolate_model, interpolate_state
-    from .maps import (ChannelMap, MapLayout, MapMergeResult, MethodInfo, combine_states, map_layout, map_model,
+    from .maps import (ChannelMap, MapLayout, MapMergeResult, combine_states, map_layout, map_model,
                        merge_models_with_maps, merge_with_maps, permutation_index, permutation_maps)
     from .methods import (FAMILIES, NEEDS, AlignInputs, Fix, HyperParam, MergeMethod, StatsMaps, get_fix,
                           get_merge_method, list_fixes, list_merge_methods, methods_help, methods_table,
                           register_merge_method, stats_places)
-    from .ot import activation_cost, ot_map, ot_maps, ot_merge_many, sinkhorn
+    from .ot import activation_cost, ot_map, ot_maps, sinkhorn
     from .partial import (group_scores, partial_merge_curves, partial_merge_model, partial_merge_state,
                           select_channels)
     from .partial_zip import partial_zip_model
-    from .regression_merge import regression_map, regression_maps, regression_merge_many
+    from .regression_merge import regression_map, regression_maps
     from .repair import (REPAIR_POINTS, RepairTarget, describe_repair, extra_layers, repair_and_reset,
                          repair_many, repair_plan)
     from .zipit import zip_features, zipit_maps, zipit_merge
 
 _EXPORTS = {  # submodule -> the names re-exported from it
-    "cca": ("cca_map", "cca_maps", "cca_merge_many"),
+    "cca": ("cca_map", "cca_maps"),
     "interpolate": ("alpha_grid", "interpolate_model", "interpolate_state"),
-    "maps": ("ChannelMap", "MapLayout", "MapMergeResult", "MethodInfo", "combine_states", "map_layout", "map_model",
+    "maps": ("ChannelMap", "MapLayout", "MapMergeResult", "combine_states", "map_layout", "map_model",
              "merge_models_with_maps", "merge_with_maps", "permutation_index", "permutation_maps"),
     "methods": ("FAMILIES", "NEEDS", "AlignInputs", "Fix", "HyperParam", "MergeMethod", "StatsMaps", "get_fix",
                 "get_merge_method", "list_fixes", "list_merge_methods", "methods_help", "methods_table",
                 "register_merge_method", "stats_places"),
-    "ot": ("activation_cost", "ot_map", "ot_maps", "ot_merge_many", "sinkhorn"),
+    "ot": ("activation_cost", "ot_map", "ot_maps", "sinkhorn"),
     "partial": ("group_scores", "partial_merge_curves", "partial_merge_model", "partial_merge_state",
                 "select_channels"),
     "partial_zip": ("partial_zip_model",),
-    "regression_merge": ("regression_map", "regression_maps", "regression_merge_many"),
+    "regression_merge": ("regression_map", "regression_maps"),
     "repair": ("REPAIR_POINTS", "RepairTarget", "describe_repair", "extra_layers", "repair_and_reset", "repair_many",
                "repair_plan"),
     "zipit": ("zip_features", "zipit_maps", "zipit_merge"),

@@ -23,35 +23,17 @@ One guard the reference lacks: constant channels (ReLU units that never fire on 
 directions — the SVD would pair them arbitrarily, with signs, waking them up — so CCA runs on the non-constant
 channels and constant ones get zero rows/columns in T (identical to the reference when no channel is constant).
 
-Many models: each is mapped into the reference's space with its own T and all are averaged
-(:func:`cca_merge_many`), as in the paper's multi-model setting.
+Many models: each is mapped into the reference's space with its own T and all are averaged, as in the paper's
+multi-model setting (the registry's ``cca``: :func:`mergescope.merge.methods.get_merge_method`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from ..align.covariance import JointMoments
-from ..perm import PermSpec
-from .maps import (
-    ChannelMap,
-    MapLayout,
-    MapMergeResult,
-    MethodInfo,
-    merge_many_by_stats,
-    per_group,
-)
-
-INFO = MethodInfo(
-    name="cca",
-    needs_extra_layers=False,
-    exact_for_permuted_copies=True,
-    notes="Maps are general invertible matrices: after each ReLU the mapped B only approximates B "
-          "(exact at pre-activations); BatchNorm is refolded (see merge.maps). Many models: all mapped into the "
-          "reference's space and averaged.",
-)
+from .maps import ChannelMap, per_group
 
 
 def _sym_power(s: torch.Tensor, p: float) -> torch.Tensor:
@@ -98,36 +80,3 @@ def cca_maps(stats: Mapping[str, JointMoments], ridge: float = 0.1, relative: bo
              ) -> tuple[dict[str, ChannelMap], dict]:
     """:func:`cca_map` for every group; returns (maps, {group: canonical correlations})."""
     return per_group(lambda st: cca_map(st, ridge, relative), stats)
-
-
-def cca_merge_many(
-    reference: nn.Module,
-    others: Sequence[nn.Module],
-    batches: Iterable,
-    spec: PermSpec | None = None,
-    weights: Sequence[float] | None = None,
-    ridge: float = 0.1,
-    relative: bool = False,
-    layout: MapLayout | None = None,
-    stats: Sequence[Mapping[str, JointMoments]] | None = None,
-    device: torch.device | str = "cpu",
-) -> MapMergeResult:
-    """Map every model of ``others`` into the reference's space by CCA and average all of them.
-
-    Args:
-        reference: the model whose channel space is kept.
-        others: models of the same architecture.
-        batches: data for the feature statistics (one pass; unused when ``stats`` is given).
-        weights: averaging weights, reference first (default uniform; for two models, (α, 1−α)).
-        ridge, relative: the CCA's regularisation (:func:`cca_map`).
-        stats: precomputed :func:`group_covariances` (one dict per model of ``others``).
-
-    Returns:
-        :class:`MapMergeResult` with extras {"canonical_correlations": [per model {group: ρ}]}.
-
-    Example:
-        >>> res = cca_merge_many(model_a, [model_b], iter_batches(train, 500))
-        >>> res.model            # the merged model, original architecture
-    """
-    return merge_many_by_stats(reference, others, batches, lambda st: cca_maps(st, ridge, relative), INFO,
-                               "canonical_correlations", spec, weights, layout, stats, device)

@@ -69,32 +69,21 @@ class ChannelMap:
         return torch.linalg.pinv(self.forward.double())
 
 
-@dataclass(frozen=True)
-class MethodInfo:
-    """What a merging method needs and guarantees (for reports and for choosing a method)."""
-
-    name: str
-    needs_extra_layers: bool  # False: the merged model has the original architecture
-    exact_for_permuted_copies: bool  # merging a model with a permuted copy of itself returns its function
-    notes: str
-
-
 @dataclass
 class MapMergeResult:
-    """A merged model with the maps that made it.
+    """A merged model with the maps that made it (what a method is and guarantees: its registry entry,
+    :func:`mergescope.merge.methods.get_merge_method`).
 
     Attributes:
-        model: the merged model (original architecture).
+        model: the merged model.
         maps: per input model (in the order given), group -> ChannelMap into the merged space ({} = identity).
         weights: the averaging weights w_k.
-        info: what the method is and where it approximates.
-        extras: method-specific results (canonical correlations, transport plans, R², merge/unmerge matrices).
+        extras: method-specific results (e.g. ZipIt!'s merge/unmerge matrices).
     """
 
     model: nn.Module
     maps: list[dict[str, ChannelMap]]
     weights: list[float]
-    info: MethodInfo
     extras: dict = field(default_factory=dict)
 
 
@@ -386,38 +375,3 @@ def per_group(map_fn, stats: Mapping[str, object]) -> tuple[dict[str, "ChannelMa
     for g, st in stats.items():
         maps[g], extras[g] = map_fn(st)
     return maps, extras
-
-
-def merge_many_by_stats(
-    reference: nn.Module,
-    others: Sequence[nn.Module],
-    batches,
-    maps_from_stats,
-    info: "MethodInfo",
-    extra_key: str,
-    spec: PermSpec | None = None,
-    weights: Sequence[float] | None = None,
-    layout: MapLayout | None = None,
-    stats=None,
-    device: torch.device | str = "cpu",
-    at: str = "observe",
-) -> "MapMergeResult":
-    """The shared body of the map-based ``*_merge_many`` methods: one covariance pass, one map per group and
-    model (``maps_from_stats(stats) -> (maps, extra)``), then the weighted merge in the reference's space.
-    ``at``: where the statistics are gathered (:func:`mergescope.align.covariance.group_points`).
-
-    Returns:
-        :class:`MapMergeResult` with ``extras[extra_key]`` = the per-model extras of ``maps_from_stats``.
-    """
-    from ..align.covariance import group_covariances
-
-    spec = spec or build_spec(reference)
-    layout = layout or map_layout(reference, spec)
-    if stats is None:
-        stats = group_covariances(reference, others, spec, batches, device=device, at=at)
-    n = len(others) + 1
-    weights = list(weights) if weights is not None else [1.0 / n] * n
-    per_model = [maps_from_stats(st) for st in stats]
-    maps = [{}] + [m for m, _ in per_model]
-    model = merge_models_with_maps([reference, *others], weights, maps, layout)
-    return MapMergeResult(model, maps, weights, info, {extra_key: [e for _, e in per_model]})

@@ -96,6 +96,7 @@ class MergeMethod:
     sweepable: bool  # the reference's maps are the identity: it can be swept along α with the reference moving
     hyperparams: tuple[HyperParam, ...]
     align: Callable[..., list[Maps]]  # (AlignInputs, **hyperparams) -> per model its maps into the merged space
+    uses_weights: bool = False  # its maps depend on the merge weights (AlignInputs.weights), as ZipIt!'s do
 
     def defaults(self) -> dict[str, Any]:
         return {h.name: h.default for h in self.hyperparams}
@@ -149,13 +150,13 @@ _METHODS: dict[str, MergeMethod] = {}
 
 def register_merge_method(name: str, *, family: str, paper: str, about: str, needs: Iterable[str] = (),
                           exact_for_permuted: bool, max_models: int | None = None, sweepable: bool = True,
-                          hyperparams: Sequence[HyperParam] = ()) -> Callable:
+                          hyperparams: Sequence[HyperParam] = (), uses_weights: bool = False) -> Callable:
     """Decorator: register the alignment step below it (``(AlignInputs, **hyperparams) -> list[Maps]``, or a
     :class:`StatsMaps`) as merge method ``name``; returns it unchanged. A name registered twice is an error."""
 
     def register(align: Callable[..., list[Maps]]) -> Callable[..., list[Maps]]:
         method = MergeMethod(name, family, paper, about, frozenset(needs), exact_for_permuted, max_models,
-                             sweepable, tuple(hyperparams), align)
+                             sweepable, tuple(hyperparams), align, uses_weights)
         if name in _METHODS:
             raise ValueError(f"merge method '{name}' is already registered")
         if "+" in name or not name:
@@ -407,6 +408,7 @@ register_merge_method(
 
 @register_merge_method(
     "zipit", family="map", needs={"stats:observe"}, exact_for_permuted=True, max_models=2, sweepable=False,
+    uses_weights=True,
     paper="Stoica et al. 2024, 'ZipIt! Merging Models from Different Tasks without Training' (ICLR 2024), the "
           "greedy matching of Sec. 4.3 (reference: gstoica27/ZipIt match_tensors_zipit)",
     about="features of both models zipped by correlation, within-model merges allowed, into a space neither "

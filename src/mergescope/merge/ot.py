@@ -38,34 +38,15 @@ one architecture — all of these are C·Π and C·Πᵀ, and an exact plan is a
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 
 import numpy as np
 import ot as pot
 import torch
-from torch import nn
 
 from ..align.covariance import JointMoments
 from ..errors import NumericsError
-from ..perm import PermSpec
-from .maps import (
-    ChannelMap,
-    MapLayout,
-    MapMergeResult,
-    MethodInfo,
-    merge_many_by_stats,
-    permutation_index,
-    per_group,
-)
-
-INFO = MethodInfo(
-    name="ot",
-    needs_extra_layers=False,
-    exact_for_permuted_copies=True,
-    notes="Default: exact OT on Euclidean distances of pre-activations gives a permutation (exact permutation "
-          "merging) for equal widths; entropic OT (ot_sinkhorn) gives averaging maps, an approximation after each "
-          "ReLU (exact at pre-activations); BatchNorm refolded (see merge.maps).",
-)
+from .maps import ChannelMap, per_group, permutation_index
 
 COSTS = ("euclidean", "sqeuclidean", "correlation")
 
@@ -162,28 +143,3 @@ def ot_maps(stats: Mapping[str, JointMoments], reg: float = 0.0, cost: str = "eu
             ) -> tuple[dict[str, ChannelMap], dict[str, torch.Tensor]]:
     """:func:`ot_map` for every group; returns (maps, {group: plan})."""
     return per_group(lambda st: ot_map(st, reg, cost), stats)
-
-
-def ot_merge_many(
-    reference: nn.Module,
-    others: Sequence[nn.Module],
-    batches: Iterable,
-    spec: PermSpec | None = None,
-    weights: Sequence[float] | None = None,
-    reg: float = 0.0,
-    cost: str = "euclidean",
-    at: str = "preactivation",
-    layout: MapLayout | None = None,
-    stats: Sequence[Mapping[str, JointMoments]] | None = None,
-    device: torch.device | str = "cpu",
-) -> MapMergeResult:
-    """Transport every model of ``others`` onto the reference's channels and average all of them.
-
-    Args: as :func:`mergescope.merge.cca.cca_merge_many`, with ``reg`` and ``cost`` of :func:`ot_map` and ``at``
-    the statistics' points (``"preactivation"``, the default; ``"observe"`` for ``ot_sinkhorn``).
-
-    Returns:
-        :class:`MapMergeResult` with extras {"plans": [per model {group: plan}]}.
-    """
-    return merge_many_by_stats(reference, others, batches, lambda st: ot_maps(st, reg, cost), INFO, "plans", spec,
-                               weights, layout, stats, device, at=at)

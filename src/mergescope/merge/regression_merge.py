@@ -36,37 +36,15 @@ permuted or linearly mixed copy is still recovered exactly.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
-from torch import nn
 
 from ..align.covariance import JointMoments
 from ..align.regression import RegressionFit, regression_fit, sparsify
-from ..perm import PermSpec
-from .maps import (
-    ChannelMap,
-    MapLayout,
-    MapMergeResult,
-    MethodInfo,
-    merge_many_by_stats,
-    per_group,
-)
+from .maps import ChannelMap, per_group
 
 MERGE_RIDGE = 0.1  # λ_i = MERGE_RIDGE·(1 − R²_i), relative (module docstring: OLS breaks nets without BatchNorm)
-
-INFO = MethodInfo(
-    name="regression",
-    needs_extra_layers=False,
-    exact_for_permuted_copies=True,
-    notes="T is the least-squares map of A's features on B's, fitted after the nonlinearity and applied to the "
-          "weights: an approximation after each ReLU (exact at pre-activations); sparse T (m < all) is usually "
-          "not invertible, hence inverse='regression' (B on A) or the pseudo-inverse; BatchNorm refolded. A ridge "
-          "0.1·(1 − R²) (relative, per channel) by default: unregularised least squares puts large weights on "
-          "rarely-firing B channels (small post-ReLU, large pre-activation variance), which wrecks nets without "
-          "BatchNorm (regression+REPAIR at alpha 0.5: digits CNN 77.5% -> 95.8%, CIFAR AlexNet x1/4 15.2% -> "
-          "44.9%). Even so T(B) is only an approximation of B there (digits 83% vs 98%, AlexNet 32% vs 42%).",
-)
 
 
 def merge_ridge(stats: JointMoments, scale: float = MERGE_RIDGE) -> torch.Tensor:
@@ -109,30 +87,3 @@ def regression_maps(stats: Mapping[str, JointMoments], fraction: float = 1.0, re
                     ) -> tuple[dict[str, ChannelMap], dict[str, RegressionFit]]:
     """:func:`regression_map` for every group; returns (maps, {group: fit})."""
     return per_group(lambda st: regression_map(st, fraction, refit, ridge, inverse), stats)
-
-
-def regression_merge_many(
-    reference: nn.Module,
-    others: Sequence[nn.Module],
-    batches: Iterable,
-    spec: PermSpec | None = None,
-    weights: Sequence[float] | None = None,
-    fraction: float = 1.0,
-    refit: bool = True,
-    ridge: float | None = None,
-    inverse: str = "regression",
-    layout: MapLayout | None = None,
-    stats: Sequence[Mapping[str, JointMoments]] | None = None,
-    device: torch.device | str = "cpu",
-) -> MapMergeResult:
-    """Map every model of ``others`` into the reference's space by regression and average all of them.
-
-    Args: as :func:`mergescope.merge.cca.cca_merge_many`, with ``fraction``, ``refit``, ``ridge`` and
-        ``inverse`` of :func:`regression_map`. The fitting data is usually the fixed subset
-        (``iter_batches(ds, 256, ids=regression_subsets(ds)[0])``).
-
-    Returns:
-        :class:`MapMergeResult` with extras {"fits": [per model {group: RegressionFit}]}.
-    """
-    return merge_many_by_stats(reference, others, batches, lambda st: regression_maps(st, fraction, refit, ridge, inverse), INFO, "fits", spec,
-                               weights, layout, stats, device)

@@ -246,9 +246,10 @@ def repair_many(
         reset: models whose BatchNorm statistics are recomputed; modified in place (BN momentum stays None).
 
     Example:
-        >>> res = cca_merge_many(model_a, [model_b], iter_batches(train, 500))
+        >>> maps = get_merge_method("cca")(AlignInputs([model_a, model_b], spec, stats={"observe": [stats]}))
+        >>> merged = merge_models_with_maps([model_a, model_b], [0.5, 0.5], maps)
         >>> repair_many([model_a, model_b], spec, iter_batches(train, 500),
-        ...             repair=[RepairTarget(res.model, res.weights, res.maps)])
+        ...             repair=[RepairTarget(merged, (0.5, 0.5), maps)])
     """
     plans = [repair_plan(spec, t.points) for t in repair]
     if any(not pts for pts, _ in plans):

@@ -29,11 +29,13 @@ permuted copy (every feature paired with its twin) the merge is permutation merg
 
 The full zip returns a model of the original width and architecture. Partial zipping (``up_to=layer``: zip up to
 a layer, then run both models' remaining layers and blend their outputs) needs extra layers — two heads — and
-returns a multi-head model (:mod:`mergescope.merge.partial_zip`).
+returns a multi-head model (:mod:`mergescope.merge.partial_zip`). REPAIR of a zip targets the zipped endpoints'
+features (:func:`mergescope.merge.repair.repair_many` with the zip's maps). What the method guarantees (exact for
+permuted copies, two models, maps that depend on the merge weights) is its registry entry, ``zipit``
+(:mod:`mergescope.merge.methods`).
 """
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable, Mapping
 
 import torch
@@ -41,25 +43,8 @@ from torch import nn
 
 from ..align.covariance import JointMoments, group_covariances
 from ..perm import PermSpec, build_spec
-from .maps import (
-    ChannelMap,
-    MapLayout,
-    MapMergeResult,
-    MethodInfo,
-    map_layout,
-    merge_models_with_maps,
-)
+from .maps import ChannelMap, MapLayout, MapMergeResult, map_layout, merge_models_with_maps
 from .partial_zip import partial_zip_model
-
-INFO = MethodInfo(
-    name="zipit",
-    needs_extra_layers=False,
-    exact_for_permuted_copies=True,
-    notes="The full zip keeps the architecture; partial zipping (up_to a layer) adds the two models' remaining "
-          "layers as two heads (extra layers). Within-model merges average features, an approximation after each "
-          "ReLU; BatchNorm refolded for groups with such merges, permuted otherwise. REPAIR targets the zipped "
-          "endpoint features (repair_many with the zip's maps).",
-)
 
 
 def zip_features(stats: JointMoments, alpha: float = 0.5, a: float = 0.3, b: float = 0.125
@@ -174,8 +159,6 @@ def zipit_merge(
         ca = stats[g].size_a
         from_a, from_b = u[:ca].sum(0), u[ca:].sum(0)  # members per merged feature from each model
         within[g] = (int((from_a >= 2).sum()), int((from_b >= 2).sum()))
-    info = INFO
     if up_to is not None:
         model = partial_zip_model(model, model_a, model_b, (maps_a, maps_b), spec, up_to, alpha)
-        info = dataclasses.replace(INFO, needs_extra_layers=True)
-    return MapMergeResult(model, [maps_a, maps_b], weights, info, {"merge_unmerge": mats, "within": within})
+    return MapMergeResult(model, [maps_a, maps_b], weights, {"merge_unmerge": mats, "within": within})
