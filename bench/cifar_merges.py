@@ -5,14 +5,14 @@ What it measures
     one-cycle SGD); checkpoints are kept in --ckpt-dir and reused, so an interrupted run resumes where it stopped.
     Then, with the statistics of --stats-images fixed training images and test accuracy on the 10,000 test images:
 
-    * 2 models (the first two), every method of ``mergescope.many`` (all into model 0's space, weights ½, ½):
+    * 2 models (the first two), every method of ``mergescope.studies.merge`` (all into model 0's space, weights ½, ½):
       naive, permuted (activation matching), CCA, OT, regression, ZipIt! — each plain, + REPAIR (towards the
       mapped endpoints' statistics) and + RESET;
     * partial zipping of the same two: zipped up to each layer, both models' own layers after it (+ RESET);
     * N models (all of them, equal weights): every method but ZipIt! (two models only).
 
     Every merged model of one table shares one matching pass, one feature-statistics pass, one REPAIR/RESET pass
-    and one evaluation pass (``mergescope.many.merge_many``).
+    and one evaluation pass (``mergescope.studies.merge.run``).
 
 Baseline / goals (issue 5)
     permutation + REPAIR on the same models in the same run. Goals: the best map-based merge beats it at the
@@ -44,7 +44,8 @@ import torch
 from mergescope.align import group_covariances
 from mergescope.data import iter_batches, len_batches, open_dataset
 from mergescope.evaluate import evaluate_models
-from mergescope.many import merge_many
+from mergescope.studies.merge import MergeConfig
+from mergescope.studies.merge import run as merge_study
 from mergescope.merge import repair_many, zipit_merge
 from mergescope.merge.recipes import BASES, FIXES
 from mergescope.models import create_model
@@ -154,17 +155,18 @@ def main() -> None:
     train, test = open_dataset(args.data, "train", **kw), open_dataset(args.data, "test", **kw)
     models = trained_models(args, train, test)
     ids = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[: args.stats_images].sort().values
-    common = dict(batch_size=args.eval_batch_size, stats_ids=ids.tolist(), device=args.device,
-                  progress=not args.quiet)
+    common = dict(batch_size=args.eval_batch_size, stats_ids=ids.tolist())
+    run_on = dict(device=args.device, progress=not args.quiet)
     t0 = time.perf_counter()
-    two = merge_many(models[:2], train, {"test": test}, [b + f for b in BASES for f in FIXES], **common)
+    two = merge_study(models[:2], train, {"test": test}, MergeConfig([b + f for b in BASES for f in FIXES], **common),
+                      **run_on)
     t_two = time.perf_counter() - t0
     partial = [] if args.no_partial else partial_zips(models, train, test, ids, args)
     many = None
     if args.models > 2:
         t0 = time.perf_counter()
-        many = merge_many(models, train, {"test": test}, [b + f for b in BASES if b != "zipit" for f in FIXES],
-                          **common)
+        many = merge_study(models, train, {"test": test},
+                           MergeConfig([b + f for b in BASES if b != "zipit" for f in FIXES], **common), **run_on)
         t_many = time.perf_counter() - t0
 
     print(f"\n{args.arch} width {args.width:g}, {args.epochs} epochs, statistics on {args.stats_images} training "

@@ -30,7 +30,7 @@ import torch
 
 from mergescope.align import match_many
 from mergescope.compare import clip_delta_from_ids
-from mergescope.comparison import CompareConfig, make_embedder
+from mergescope.studies.compare import CompareConfig, make_embedder
 from mergescope.data import iter_batches, load_digits
 from mergescope.embed import EmbeddingCache
 from mergescope.models import create_model

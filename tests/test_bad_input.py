@@ -27,7 +27,7 @@ CASES = [  # (command tail after the checkpoints / run folder, words the one lin
     ("sweep", ["--device", "bogus"], ["--device", "bogus"]),
     ("merge", ["--batch-size", "0"], ["--batch-size"]),
     ("probe", ["--batch-size", "0"], ["--batch-size"]),
-    ("probe", ["--merge", "2"], ["--merge", "between 0 and 1"]),
+    ("probe", ["--alpha", "2"], ["--alpha", "between 0 and 1"]),
     ("probe", ["--k", "0"], ["--k"]),
     ("compare", ["--alpha", "-0.5"], ["--alpha", "between 0 and 1"]),
     ("compare", ["--alpha", "2"], ["--alpha"]),

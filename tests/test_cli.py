@@ -177,7 +177,7 @@ def test_layers_lists_block_outputs(capsys):
 def test_probe_merges_as_the_library_does(tmp_path, checkpoints):
     from mergescope.align import match_many
     from mergescope.data import iter_batches, load_digits
-    from mergescope.features import merged_pair
+    from mergescope.studies.probe import merged_pair
     from mergescope.perm import build_spec
     from mergescope.probe import load_probe, state_sha256
     from mergescope.train import load_checkpoint
@@ -186,7 +186,7 @@ def test_probe_merges_as_the_library_does(tmp_path, checkpoints):
     save_checkpoint(other, create_model("cnn_digits", width=8, seed=1))
     out = tmp_path / "probe"
     assert main(["probe", str(checkpoints["cnn"]), str(other), "--data", "digits", "--out", str(out),
-                 "--merge", "0.3", "--k", "3", "--quiet", "--device", "cpu"]) == 0
+                 "--alpha", "0.3", "--k", "3", "--quiet", "--device", "cpu"]) == 0
     rows = json.loads((out / "results.json").read_text())["features"]["views"][0]["rows"]
     assert rows["merged + REPAIR (α=0.3)"] == "merged_1"
     (a, _), (b, _) = load_checkpoint(checkpoints["cnn"]), load_checkpoint(other)

@@ -18,11 +18,12 @@ from mergescope.compare import (
     read_compare_csv,
     write_compare_csv,
 )
-from mergescope.comparison import CompareConfig, channel_comparison, make_embedder
+from mergescope.studies.compare import CompareConfig, make_embedder
+from mergescope.studies.compare import run as channel_comparison
 from mergescope.data import iter_batches, load_digits, stratified_subset, subset_per_class
 from mergescope.embed import EmbeddingCache
 from mergescope.evaluate import evaluate_models
-from mergescope.features import feature_study
+from mergescope.studies.probe import run as feature_study
 from mergescope.merge import (
     interpolate_model,
     interpolate_state,
@@ -274,7 +275,7 @@ def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys, monkeypatch):
         ckpts.append(tmp_path / f"m{seed}.safetensors")
         save_checkpoint(ckpts[-1], create_model("cnn_digits", width=8, seed=seed))
     run = tmp_path / "run"
-    assert main(["probe", *map(str, ckpts), "--data", "digits", "--out", str(run), "--merge", "0.5", "--quiet",
+    assert main(["probe", *map(str, ckpts), "--data", "digits", "--out", str(run), "--alpha", "0.5", "--quiet",
                  "--batch-size", "512"]) == 0
     assert (run / "alignment.safetensors").is_file()
     import mergescope.align

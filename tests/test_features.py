@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mergescope.data import iter_batches, load_digits
-from mergescope.features import merged_pair
+from mergescope.studies.probe import merged_pair
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
 
@@ -65,7 +65,7 @@ def test_a_resnet_merge_repaired_with_added_layers_is_probed_at_the_references_b
     """REPAIR on a ResNet appends a BatchNorm to every block: the feature study probes every row at A's layers,
     and a merge's block output ``layer1.0`` is the corrected one (the block's own output, after that layer)."""
     from mergescope.align import activation_matching
-    from mergescope.features import feature_study
+    from mergescope.studies.probe import run as feature_study
     from mergescope.merge import extra_layers
     from mergescope.probe.taps import tap_model
 

@@ -7,7 +7,8 @@ import torch
 
 from mergescope.data import iter_batches, load_digits, subset_per_class
 from mergescope.errors import MergescopeError
-from mergescope.many import merge_many
+from mergescope.studies.merge import MergeConfig
+from mergescope.studies.merge import run as merge_study
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
 from mergescope.train import TrainConfig, train_model
@@ -35,7 +36,7 @@ def test_five_permuted_copies_merge_back_into_the_model(name, kw, helpers, digit
                         for s in range(1, 5)]
     train = digits[0]
     ids = subset_per_class(train.targets, 20)
-    res = merge_many(copies, train, {}, ["naive", *ALIGNED], batch_size=100, stats_ids=ids, spec=spec)
+    res = merge_study(copies, train, {}, MergeConfig(["naive", *ALIGNED], batch_size=100, stats_ids=ids), spec=spec)
     x = next(iter(iter_batches(train, 64))).x
     want = _outputs(model, x)
     scale = want.abs().max()
@@ -58,8 +59,8 @@ def test_merging_five_trained_models(digits):
         m = create_model("cnn_digits", width=16, seed=seed)
         train_model(m, train, TrainConfig(epochs=4, batch_size=64, lr=0.05, seed=seed), progress=False)
         models.append(m.eval())
-    res = merge_many(models, train, {"test": test}, ["naive", "permuted", "permuted+repair", "mergemany+repair",
-                                                     "cca+repair"])
+    res = merge_study(models, train, {"test": test}, MergeConfig(["naive", "permuted", "permuted+repair",
+                                                                 "mergemany+repair", "cca+repair"]))
     assert res.passes == {"matching": 1, "map statistics": 1, "repair/reset": 1, "evaluation": 1}
     acc = {r["method"]: r["accuracy"] for r in res.rows}
     ends = [e["accuracy"] for e in res.endpoints]
@@ -76,8 +77,8 @@ def test_merging_five_trained_models(digits):
 def test_merge_many_refuses_what_it_cannot_do(digits):
     m = [create_model("cnn_digits", width=4, seed=s) for s in range(3)]
     with pytest.raises(MergescopeError, match="zipit merges two models"):
-        merge_many(m, digits[0], {}, ["zipit"])
+        merge_study(m, digits[0], {}, MergeConfig(["zipit"]))
     with pytest.raises(MergescopeError, match=r"unknown merge method 'cca\+fancy'"):
-        merge_many(m, digits[0], {}, ["cca+fancy"])
+        merge_study(m, digits[0], {}, MergeConfig(["cca+fancy"]))
     with pytest.raises(MergescopeError, match="at least two"):
-        merge_many(m[:1], digits[0], {}, ["naive"])
+        merge_study(m[:1], digits[0], {}, MergeConfig(["naive"]))

@@ -16,7 +16,8 @@ from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
 from mergescope.probe.stats import as_samples
 from mergescope.probe.taps import tap_model
-from mergescope.sweep import SweepConfig, run_sweep
+from mergescope.studies.sweep import SweepConfig
+from mergescope.studies.sweep import run as run_sweep
 from mergescope.train import TrainConfig, train_model
 
 

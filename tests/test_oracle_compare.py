@@ -13,10 +13,11 @@ import torch
 
 from mergescope.align import match_many
 from mergescope.compare import ComparePair, compare_models, read_compare_csv, unmatched_partners
-from mergescope.comparison import CompareConfig, channel_comparison, make_embedder
+from mergescope.studies.compare import CompareConfig, make_embedder
+from mergescope.studies.compare import run as channel_comparison
 from mergescope.data import iter_batches, load_digits
 from mergescope.embed import EmbeddingCache
-from mergescope.features import feature_study
+from mergescope.studies.probe import run as feature_study
 from mergescope.merge import interpolate_model
 from mergescope.perm import build_spec, permute_model
 

@@ -23,7 +23,8 @@ from mergescope.merge.maps import ChannelMap, merge_with_maps
 from mergescope.merge.ot import ot_map
 from mergescope.merge.recipes import MAP_METHODS
 from mergescope.perm import build_spec
-from mergescope.sweep import SweepConfig, run_sweep
+from mergescope.studies.sweep import SweepConfig
+from mergescope.studies.sweep import run as run_sweep
 
 GROUPS = {"features.0": ("features.1", "features.2"),  # group -> (pre-activation module, post-activation module)
           "features.3": ("features.4", "features.5"),

@@ -14,9 +14,9 @@ import torch
 
 from mergescope.align.regression import regress_many, regression_subsets
 from mergescope.data import iter_batches, load_digits
-from mergescope.features import ProbeConfig, default_subset
+from mergescope.studies.probe import ProbeConfig, default_subset
 from mergescope.perm import build_spec
-from mergescope.regression_run import RegressConfig
+from mergescope.studies.regress import RegressConfig
 
 
 def _raw(model, layer: str, x: torch.Tensor) -> np.ndarray:
@@ -137,7 +137,8 @@ def test_regression_merge_of_a_net_without_batchnorm_holds_up(trained_digits, di
     """Issue 9: on nets without BatchNorm, least-squares maps put large weights on rarely-firing B channels, whose
     pre-activations then flood the rewritten layers (regression+REPAIR 77.5 % at α = ½ vs 95.3 % permuted+REPAIR
     on this pair). With the merge's default ridge it is within 2 points of permuted+REPAIR, also at α = 0."""
-    from mergescope.sweep import SweepConfig, run_sweep
+    from mergescope.studies.sweep import SweepConfig
+    from mergescope.studies.sweep import run as run_sweep
 
     a, b = (trained_digits("cnn_digits", s, width=16, batchnorm=False) for s in (0, 1))
     cfg = SweepConfig(alphas=[0.0, 0.5], methods=["permuted+repair", "regression+repair"])

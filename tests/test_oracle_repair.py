@@ -30,7 +30,8 @@ from mergescope.data import iter_batches, load_digits
 from mergescope.merge import RepairTarget, interpolate_model, repair_many
 from mergescope.merge.repair import extra_layers
 from mergescope.perm import build_spec, permute_model
-from mergescope.sweep import SweepConfig, run_sweep
+from mergescope.studies.sweep import SweepConfig
+from mergescope.studies.sweep import run as run_sweep
 
 ALPHA = 0.5
 STAGES = ("layer1", "layer2", "layer3")

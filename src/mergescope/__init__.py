@@ -1,9 +1,9 @@
 """mergescope: align independently trained networks by permutation, merge them, and look inside the result.
 
 The stages of the data flow live in subpackages — ``data``, ``models``, ``train``, ``perm``, ``align``,
-``merge``, ``probe``, ``evaluate``, ``compare``, ``embed``, ``report`` — and the studies that compose them in
-``sweep`` (interpolation), ``features`` (top-k images of aligned models) and ``comparison`` (channel metrics).
-The most used entry points are re-exported here.
+``merge``, ``probe``, ``evaluate``, ``compare``, ``embed``, ``report`` — and the studies that compose them, one
+module per command, in ``studies`` (``sweep``, ``merge``, ``probe``, ``compare``, ``regress``, ``demo``; each a
+``Config``, ``run`` in memory and ``run_folder``). The most used entry points are re-exported here.
 
 They are imported on first use, so ``import mergescope`` does not import torch: the command line
 (:mod:`mergescope.cli`) sets torch's OpenMP environment before torch is loaded.
@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # what __getattr__ provides, for type checkers and IDEs
     from .merge import interpolate_model, repair_and_reset
     from .perm import build_spec, list_layers, permute_model
     from .probe import load_probe
-    from .sweep import SweepConfig, run_sweep
+    from .studies.sweep import SweepConfig
+    from .studies.sweep import run as run_sweep
 
     __version__: str
 
@@ -40,15 +41,17 @@ _EXPORTS = {  # submodule -> the names re-exported from it
     "merge": ("interpolate_model", "repair_and_reset"),
     "perm": ("build_spec", "list_layers", "permute_model"),
     "probe": ("load_probe",),
-    "sweep": ("SweepConfig", "run_sweep"),
+    "studies.sweep": ("SweepConfig",),
 }
-_SOURCE = {name: module for module, names in _EXPORTS.items() for name in names}
+_SOURCE = {name: (module, name) for module, names in _EXPORTS.items() for name in names}
+_SOURCE["run_sweep"] = ("studies.sweep", "run")
 
 
 def __getattr__(name: str) -> Any:
     """Import a re-exported name, ``__version__`` or a subpackage on first access."""
     if name in _SOURCE:
-        value = getattr(importlib.import_module(f".{_SOURCE[name]}", __name__), name)
+        module, attr = _SOURCE[name]
+        value = getattr(importlib.import_module(f".{module}", __name__), attr)
     elif name == "__version__":
         from ._jsonio import package_version
 

@@ -103,6 +103,20 @@ def device(text: str) -> str:
     return text
 
 
+def device_or_auto(text: str) -> str:
+    """``auto`` (resolved when the command runs: cuda when available, else cpu) or a :func:`device`."""
+    return text if text == "auto" else device(text)
+
+
+def resolve_device(text: str) -> str:
+    """``auto`` -> ``cuda`` when available, else ``cpu``; any other device as given."""
+    if text != "auto":
+        return text
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line, ``error: <command>: <message>``, exit status 2."""
 

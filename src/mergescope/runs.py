@@ -10,7 +10,7 @@ import json
 import platform
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -119,3 +119,10 @@ def run_checkpoints(run_dir: str | os.PathLike, manifest: dict, tags: Iterable[s
     if listed:
         return {chr(ord("A") + i): Path(p) for i, p in enumerate(listed)}
     return {t: Path(run_dir) / "checkpoints" / f"model_{t}.safetensors" for t in tags}
+
+
+def run_arch(manifest: Mapping) -> dict[str, Any]:
+    """``arch``/``arch_kwargs`` the run's checkpoints were loaded with (``{}``: their sidecars), for
+    :func:`mergescope.train.load_checkpoint`."""
+    cfg = manifest.get("config", {})
+    return {"arch": cfg["arch"], "arch_kwargs": cfg.get("arch_kwargs") or None} if cfg.get("arch") else {}

@@ -4,12 +4,12 @@ Given a reference model A and other models of the same architecture, the others 
 matching, one pass for all), optional merged models are added, every model — unaligned ones too — is probed in
 one more pass, and the pairwise view (A, B before permutation, B aligned, merges) and the many-to-one view
 (A and every model aligned to it) are rendered as feature pages. :func:`merged_pair` builds the merges the
-pairwise view shows, and :func:`probe_run` makes the whole study of a set of checkpoints a run folder
-(``mergescope probe``).
+pairwise view shows, and :func:`run_folder` makes the whole study of a set of checkpoints a run folder
+(``mergescope probe``). The probed layers are the thesis's by default — convolutional channels and residual block
+outputs (000 §3.1.3, App. C; :func:`mergescope.perm.select_layers`) — linear layers on request.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,18 +18,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from .align import MatchResult, match_many
-from .align.store import ALIGNMENT_FILE, save_alignments
-from .data import ImageDataset, iter_batches, len_batches, open_dataset, stratified_subset
-from .errors import MergescopeError
-from .merge import interpolate_model, repair_and_reset
-from .perm import Perms, PermSpec, build_spec, permute_model
-from .probe import ProbeResult, probe
-from .report.feature_views import matching_info, views_from_probe
-from .report.features import render_feature_pages
+from ..align import MatchResult, match_many
+from ..align.store import ALIGNMENT_FILE, save_alignments
+from ..data import ImageDataset, iter_batches, len_batches, stratified_subset
+from ..merge import interpolate_model, repair_and_reset
+from ..perm import Perms, PermSpec, build_spec, permute_model, select_layers
+from ..probe import ProbeResult, probe
+from ..report.feature_views import matching_info, views_from_probe
+from ..report.features import render_feature_pages
+from .common import StudyInputs, dataset_record, prepare
 
 
-def feature_study(
+def aligned_key(tag: str) -> str:
+    """The probe's name for model ``tag`` permuted onto the reference."""
+    return f"{tag}_aligned"
+
+
+def run(
     run_dir: str | Path,
     dataset: ImageDataset,
     models: Mapping[str, nn.Module],
@@ -42,6 +47,9 @@ def feature_study(
     device: torch.device | str = "cpu",
     progress: bool = False,
     subset_ids=None,
+    layers: str | Sequence[str] = "conv",
+    sources: Mapping[str, Mapping[str, str]] | None = None,
+    points: str = "stage_end",
 ) -> tuple[ProbeResult, list[dict], list[dict]]:
     """Align every model to the first, probe them all in one pass, and write the feature pages.
 
@@ -53,6 +61,10 @@ def feature_study(
         merged: row label -> a merged model whose channels are A's (shown in the pairwise view).
         subset_ids: the fixed subset D′ whose activations the probe keeps (for Kendall's τ); default
             :func:`default_subset` (5,000 images, class-stratified, seed 0).
+        layers: which layers to probe: ``"conv"`` (the thesis's: conv channels and residual block outputs),
+            ``"all"`` or layer names (:func:`mergescope.perm.select_layers`).
+        sources: tag -> {"checkpoint", "sha256"} of the models' files, recorded with the alignment.
+        points: where residual streams are measured when matching here.
 
     Returns:
         The probe result, the index of feature pages ({"slug", "title", "layer", "channels", "href"}) and the
@@ -66,27 +78,29 @@ def feature_study(
     todo = [t for t in tags[1:] if t not in matches]
     if todo:
         found = match_many(ref, [models[t] for t in todo], spec, iter_batches(dataset, batch_size), device=device,
-                           progress=progress, total=len_batches(dataset, batch_size))
+                           progress=progress, total=len_batches(dataset, batch_size), points=points)
         matches.update(zip(todo, found))
-    save_alignments(run_dir / ALIGNMENT_FILE, spec, matches)
+    save_alignments(run_dir / ALIGNMENT_FILE, spec, {t: matches[t] for t in tags[1:]}, reference=tags[0],
+                    sources=sources, points=points)
+    probe_layers = select_layers(spec, layers)
     probed = {tags[0]: ref}
     for t in tags[1:]:
         probed[t] = models[t]
-        probed[f"{t}_aligned"] = permute_model(models[t], spec, matches[t].perms)
+        probed[aligned_key(t)] = permute_model(models[t], spec, matches[t].perms)
     merged = dict(merged or {})
     keys = {label: f"merged_{i}" for i, label in enumerate(merged)}
     probed.update({keys[label]: m for label, m in merged.items()})
     subset_ids = default_subset(dataset) if subset_ids is None else subset_ids
     # every model at the reference's layers: channel c of each row is A's channel c (a merge REPAIRed with added
     # block-output layers has its own spec, whose block outputs are the corrected ones under the same names)
-    result = probe(probed, dataset, layers=list(spec.layers), k=k, reduction=reduction, batch_size=batch_size,
+    result = probe(probed, dataset, layers=probe_layers, k=k, reduction=reduction, batch_size=batch_size,
                    device=device, run_dir=run_dir / "probe", progress=progress, subset_ids=subset_ids)
 
-    info = matching_info(spec, matches, list(spec.layers))
+    info = matching_info(spec, matches, probe_layers)
     recipes = []
     if len(tags) >= 2:
         a, b = tags[0], tags[1]
-        rows = {a: a, f"{b} (before permutation)": b, f"{b} aligned to {a}": f"{b}_aligned",
+        rows = {a: a, f"{b} (before permutation)": b, f"{b} aligned to {a}": aligned_key(b),
                 **{label: keys[label] for label in merged}}
         recipes.append({
             "slug": "pair", "title": f"{a}, {b} and their merges", "rows": rows,
@@ -96,7 +110,7 @@ def feature_study(
     if len(tags) >= 3:
         recipes.append({
             "slug": "many", "title": f"{len(tags)} models aligned to {tags[0]}", "channel_info": info,
-            "rows": {f"{tags[0]} (reference)": tags[0], **{f"{t} aligned to {tags[0]}": f"{t}_aligned" for t in tags[1:]}},
+            "rows": {f"{tags[0]} (reference)": tags[0], **{f"{t} aligned to {tags[0]}": aligned_key(t) for t in tags[1:]}},
             "note": "Every model is permuted onto the reference; rows that look alike mean a feature all models learned."})
     recipes = [{**r, "channel_info": {layer: {k: [float(x) for x in v] for k, v in d.items()}
                                       for layer, d in r["channel_info"].items()}} for r in recipes]
@@ -152,11 +166,11 @@ def merged_pair(
 
     Returns:
         ``{"permuted", "permuted+repair", "naive"}`` -> merged model (new models), as a sweep's midpoint;
-        :func:`merged_rows` labels them for :func:`feature_study`.
+        :func:`merged_rows` labels them for :func:`run`.
 
     Example:
         >>> merged = merged_pair(a, b, spec, match.perms, train, alpha=0.5)
-        >>> feature_study("runs/x", train, {"A": a, "B": b}, merged=merged_rows(merged, 0.5))
+        >>> run("runs/x", train, {"A": a, "B": b}, merged=merged_rows(merged, 0.5))
     """
     aligned_b = permute_model(model_b, spec, perms)
     merged = {"permuted": interpolate_model(model_a, aligned_b, alpha),
@@ -179,72 +193,72 @@ def merged_rows(midpoint: Mapping[str, nn.Module], alpha: float = 0.5) -> dict[s
 class ProbeConfig:
     """What ``mergescope probe`` ranks and merges (recorded in the run's manifest)."""
 
-    split: str = "train"  # which images to rank
     k: int = 10  # images per channel
     reduction: str = "max"  # feature map -> one number per image: "max" or "mean"
-    merge: float | None = None  # also probe A and B merged at this α (permuted, + REPAIR, direct average)
+    alpha: float | None = None  # also probe A and B merged at this α (permuted, + REPAIR, direct average)
     batch_size: int = 256
     subset_images: int = SUBSET_IMAGES  # D′: images whose activations the probe keeps (Kendall's τ)
     match_points: str = "stage_end"  # where a residual stream is matched: "stage_end" (the reference) or "all"
+    matching: str = "activation"  # how the models are aligned to the reference: "activation" or "weight"
+    layers: str | Sequence[str] = "conv"  # "conv" (the thesis's layers), "all", or layer names
 
 
-def probe_run(run_dir: str | os.PathLike, checkpoints: Sequence[str | os.PathLike], data: str,
-              config: ProbeConfig | None = None, *, device: torch.device | str = "cpu", progress: bool = False,
-              overwrite: bool = False) -> dict:
+def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: Mapping | None = None) -> dict:
     """The feature study of checkpoints as a run folder: align every model to the first, probe them all (and the
-    merges of the first two if ``config.merge``), write the feature pages, ``results.json``, the report and the
-    manifest. Returns the results recorded in ``results.json``.
+    merges of the first two at ``config.alpha``), write the feature pages, ``alignment.safetensors``,
+    ``results.json``, the report and the manifest. Returns the results recorded in ``results.json``.
 
     Example:
-        >>> probe_run("runs/probe", ["a.safetensors", "b.safetensors", "c.safetensors"], "digits")
+        >>> run_folder(StudyInputs(["a.safetensors", "b.safetensors", "c.safetensors"], "digits", "runs/probe"))
     """
-    from ._jsonio import write_json
-    from .report import render_report
-    from .report.features import feature_index_html
-    from .runs import prepare_run_dir, write_manifest
-    from .sweep import check_same_architecture
-    from .train import load_checkpoint
+    from .._jsonio import write_json
+    from ..align import weight_matching
+    from ..report import render_report
+    from ..report.features import feature_index_html
+    from ..runs import prepare_run_dir, write_manifest
 
     cfg = config or ProbeConfig()
-    if len(checkpoints) < 2:
-        raise MergescopeError("give at least two checkpoints: the reference first, then the models to align to it")
-    loaded = [load_checkpoint(c, device=device) for c in checkpoints]
-    for model, _ in loaded[1:]:
-        check_same_architecture(loaded[0][0], model)
-    dataset = open_dataset(data, split=cfg.split)
-    run_dir = prepare_run_dir(run_dir, overwrite=overwrite)  # only once every input is known to be good
-    tags = [chr(ord("A") + i) for i in range(len(loaded))]
-    models = {t: m for t, (m, _) in zip(tags, loaded)}
-    a = models["A"]
+    device, progress = inputs.device, inputs.progress
+    loaded, dataset, _ = prepare(inputs)
+    a = loaded.models[0]
     spec = build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
-    matches = dict(zip(tags[1:], match_many(a, [models[t] for t in tags[1:]], spec,
-                                            iter_batches(dataset, cfg.batch_size), device=device,
-                                            progress=progress, total=len_batches(dataset, cfg.batch_size),
-                                            points=cfg.match_points)))
+    probe_layers = select_layers(spec, cfg.layers)  # an unknown layer name is refused before the folder is touched
+    run_dir = prepare_run_dir(inputs.out, overwrite=inputs.overwrite)  # only once every input is known to be good
+    tags = loaded.tags
+    models = dict(zip(tags, loaded.models))
+    if cfg.matching == "weight":
+        matches = {t: weight_matching(a.state_dict(), models[t].state_dict(), spec, device=device) for t in tags[1:]}
+    else:
+        matches = dict(zip(tags[1:], match_many(a, [models[t] for t in tags[1:]], spec,
+                                                iter_batches(dataset, cfg.batch_size), device=device,
+                                                progress=progress, total=len_batches(dataset, cfg.batch_size),
+                                                points=cfg.match_points)))
     merged = {}
-    if cfg.merge is not None:
-        pair = merged_pair(a, models["B"], spec, matches["B"].perms, dataset, cfg.merge, batch_size=cfg.batch_size,
+    if cfg.alpha is not None:
+        pair = merged_pair(a, models["B"], spec, matches["B"].perms, dataset, cfg.alpha, batch_size=cfg.batch_size,
                            device=device, progress=progress)
-        merged = merged_rows(pair, cfg.merge)
-    _, pages, recipes = feature_study(run_dir, dataset, models, matches=matches, merged=merged, spec=spec, k=cfg.k,
-                                      reduction=cfg.reduction, batch_size=cfg.batch_size, device=device,
-                                      progress=progress, subset_ids=default_subset(dataset, cfg.subset_images))
+        merged = merged_rows(pair, cfg.alpha)
+    _, pages, recipes = run(run_dir, dataset, models, matches=matches, merged=merged, spec=spec, k=cfg.k,
+                            reduction=cfg.reduction, batch_size=cfg.batch_size, device=device, progress=progress,
+                            subset_ids=default_subset(dataset, cfg.subset_images), layers=probe_layers,
+                            sources=loaded.sources(), points=cfg.match_points)
     results = {
         "title": f"mergescope feature study: {len(models)} models on {dataset.name}",
-        "headline": f"Top-{cfg.k} {dataset.name} images of every channel of {len(spec.layers)} layers, for "
-                    f"{len(models)} models aligned to {Path(checkpoints[0]).name}.",
-        "summary": {t: str(c) for t, c in zip(tags, checkpoints)} | {"dataset": f"{data} ({cfg.split})",
-                                                                     "reduction": cfg.reduction},
+        "headline": f"Top-{cfg.k} {dataset.name} images of every channel of {len(probe_layers)} layers, for "
+                    f"{len(models)} models aligned to {Path(inputs.checkpoints[0]).name}.",
+        "summary": {t: str(c) for t, c in zip(tags, inputs.checkpoints)} | {"dataset": f"{inputs.data} "
+                                                                            f"({inputs.split})",
+                                                                            "reduction": cfg.reduction},
         "matching": matches["B"].summary(),
         "sections": [{"title": "Feature visualization", "html": feature_index_html(pages)}],
-        "features": {"data": data, "split": cfg.split, "views": recipes},
+        "features": {"data": inputs.data, "split": inputs.split, "views": recipes},
     }
     files = [write_json(run_dir / "results.json", results), render_report(run_dir, results),
-             run_dir / ALIGNMENT_FILE]
-    write_manifest(run_dir, {"checkpoints": [str(c) for c in checkpoints], "data": data, **asdict(cfg)}, files,
-                   models={t: meta for t, (_, meta) in zip(tags, loaded)},
-                   dataset={"name": dataset.name, "fingerprint": dataset.fingerprint})
+             run_dir / ALIGNMENT_FILE, run_dir / "probe" / "probe.safetensors"]
+    write_manifest(run_dir, {"probe": asdict(cfg), **inputs.record(), "options": dict(options or {})}, files,
+                   models=loaded.record(), dataset=dataset_record(dataset))
     return results
 
 
-__all__ = ["SUBSET_IMAGES", "ProbeConfig", "default_subset", "feature_study", "merged_pair", "merged_rows", "probe_run", "render_views"]
+__all__ = ["SUBSET_IMAGES", "ProbeConfig", "aligned_key", "default_subset", "merged_pair", "merged_rows", "run", "run_folder",
+           "render_views"]

@@ -1,5 +1,5 @@
 """``mergescope regress RUN_DIR``: regression alignment of B onto A for a finished probe/demo run folder
-(issue 5, items 2 and 4), mirroring :func:`mergescope.comparison.compare_run`.
+(issue 5, items 2 and 4), mirroring :func:`mergescope.studies.compare.run_folder`.
 
 Fits every group of A on the same layer of B (unaligned: the map needs no permutation) over the fitting subset F
 (the thesis's 5,000 images, class-stratified, capped by the dataset; a residual stream pooled over all its layers),
@@ -26,15 +26,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._csvio import write_rows
-from ._jsonio import write_json
-from .align.covariance import group_covariances
-from .align.regressed_topk import hard_channels, regressed_topk, single_weight_fits, summary_rows
-from .align.regression import (DEFAULT_FRACTIONS, FIT_IMAGES, FIT_POINTS, HELDOUT_IMAGES, judged_result,
+from .._csvio import write_rows
+from .._jsonio import write_json
+from ..align.covariance import group_covariances
+from ..align.regressed_topk import hard_channels, regressed_topk, single_weight_fits, summary_rows
+from ..align.regression import (DEFAULT_FRACTIONS, FIT_IMAGES, FIT_POINTS, HELDOUT_IMAGES, judged_result,
                                regression_from_stats, regression_subsets)
-from .data import iter_batches, len_batches, open_dataset
-from .errors import MergescopeError
-from .report.regression_pages import (
+from ..data import iter_batches, len_batches, open_dataset
+from ..errors import MergescopeError
+from ..report.regression_pages import (
     FIGURE,
     plot_regression,
     regression_records,
@@ -67,12 +67,16 @@ def _nan_none(v: float):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None, *,
-                device: torch.device | str = "cpu", progress: bool = False, overwrite: bool = False) -> dict:
-    """The regression study of a run folder; returns the JSON recorded under ``results.json["regression"]``."""
-    from .perm import build_spec
-    from .runs import add_to_run, load_run, run_checkpoints
-    from .train import load_checkpoint
+def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, *,
+               device: torch.device | str = "cpu", progress: bool = False, overwrite: bool = False,
+               options: Mapping | None = None) -> dict:
+    """The regression study of a run folder (A's channels regressed on B's raw channels: no matching); returns the
+    JSON recorded under ``results.json["regression"]``. The checkpoints are the ones the run's alignment names,
+    checked against the sha256 it recorded."""
+    from ..align.store import ALIGNMENT_FILE, load_alignments
+    from ..perm import build_spec
+    from ..runs import add_to_run, load_run, run_arch, run_checkpoints
+    from ..train import load_checkpoint
 
     cfg = config or RegressConfig()
     run_dir = Path(run_dir)
@@ -89,8 +93,11 @@ def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None,
     paths = run_checkpoints(run_dir, manifest, ["A", "B"])
     if "A" not in paths or "B" not in paths:
         raise MergescopeError(f"{run_dir}'s manifest lists fewer than two checkpoints")
-    a = load_checkpoint(paths["A"], device=device)[0].eval()
-    b = load_checkpoint(paths["B"], device=device)[0].eval()
+    if (run_dir / ALIGNMENT_FILE).is_file():
+        load_alignments(run_dir / ALIGNMENT_FILE).check_sources({t: paths[t] for t in ("A", "B")})
+    arch = run_arch(manifest)
+    a = load_checkpoint(paths["A"], device=device, **arch)[0].eval()
+    b = load_checkpoint(paths["B"], device=device, **arch)[0].eval()
     spec = build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
 
     t0 = time.perf_counter()
@@ -137,7 +144,7 @@ def regress_run(run_dir: str | os.PathLike, config: RegressConfig | None = None,
 
     results["regression"] = out
     add_to_run(run_dir, results, manifest, section, [csv_path, views_path, *files], "regression",
-               {"config": dataclasses.asdict(cfg), "timings": timings})
+               {"config": dataclasses.asdict(cfg), "timings": timings, "options": dict(options or {})})
     return out
 
 
@@ -162,7 +169,7 @@ def render_regression(run_dir: str | os.PathLike, study: Mapping, dataset=None) 
     return {"title": SECTION_TITLE, "html": html}, pages, [figure, *(run_dir / p["href"] for p in pages)]
 
 
-def rerender_regression(run_dir: str | os.PathLike, results: dict) -> list[Path] | None:
+def rerender(run_dir: str | os.PathLike, results: dict) -> list[Path] | None:
     """Re-render a run's regression study (``mergescope report``): figure, pages, and its report section in
     ``results`` (``results.json`` rewritten if the section changed). None if the study stored too little to
     re-render it (made before its top-k images were stored, or :data:`VIEWS_NAME` is gone: run
@@ -171,7 +178,7 @@ def rerender_regression(run_dir: str | os.PathLike, results: dict) -> list[Path]
     Returns:
         The files written.
     """
-    from .runs import RESULTS
+    from ..runs import RESULTS
 
     study = results.get("regression")
     if not study:
@@ -191,5 +198,4 @@ def rerender_regression(run_dir: str | os.PathLike, results: dict) -> list[Path]
     return [*files, write_json(run_dir / RESULTS, results)]
 
 
-__all__ = ["COLUMNS", "SECTION_TITLE", "VIEWS_NAME", "RegressConfig", "regress_run", "render_regression",
-           "rerender_regression"]
+__all__ = ["COLUMNS", "SECTION_TITLE", "VIEWS_NAME", "RegressConfig", "render_regression", "rerender", "run_folder"]

@@ -1,11 +1,11 @@
 """The channel comparison of a feature study (issue "Compare channels"; thesis 000 §3.2.1–3.2.3).
 
-Over the probe of a feature study (:func:`mergescope.features.feature_study`: model A, the models aligned to it,
+Over the probe of a feature study (:func:`mergescope.studies.probe.run`: model A, the models aligned to it,
 their merges), every channel of A is compared with the same channel of each aligned model — Kendall's τ on D′,
 δ of the top-k images (CLIP, or the documented fallback embedder, never called CLIP), top-k overlap, matching
 correlation — "similar" is judged against the null of unmatched channels, the thesis's Observations 1–3 are
-counted, and optionally metric-guided partial merges are evaluated against random channel choices. :func:`channel_comparison` does it with models in memory (the demo);
-:func:`compare_run` does it for a finished run folder (``mergescope compare``).
+counted, and optionally metric-guided partial merges are evaluated against random channel choices. :func:`run` does it with models in memory (the demo);
+:func:`run_folder` does it for a finished run folder (``mergescope compare``).
 
 Files written into the run folder: ``compare.csv`` (one row per pair × layer × channel,
 :data:`mergescope.compare.COLUMNS`), ``partial_merge.csv`` (with partial merging), ``features/table_<layer>.html``
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .compare import (
+from ..compare import (
     DEFAULT_PARTNERS,
     DEFAULT_QUANTILE,
     METRICS,
@@ -33,17 +33,18 @@ from .compare import (
     compare_models,
     write_compare_csv,
 )
-from .align.store import ALIGNMENT_FILE, correlation_matrices, load_perms
-from .data import ImageDataset, iter_batches, len_batches, open_dataset
-from .embed import EmbeddingCache, ImageEmbedder, create_embedder
-from ._csvio import write_rows
-from .errors import DatasetError, MergescopeError
-from .features import default_subset, render_views
-from .merge.partial import DEFAULT_FRACTIONS, group_scores, partial_merge_curves
-from .perm import PermSpec
-from .probe import ProbeResult
-from .runs import run_checkpoints
-from .report.compare_pages import (
+from ..align.store import ALIGNMENT_FILE, load_alignments
+from ..data import ImageDataset, iter_batches, len_batches, open_dataset
+from ..embed import EmbeddingCache, ImageEmbedder, create_embedder
+from .._csvio import write_rows
+from ..errors import DatasetError, MergescopeError
+from ..train import load_checkpoint
+from .probe import aligned_key, default_subset, render_views
+from ..merge.partial import DEFAULT_FRACTIONS, group_scores, partial_merge_curves
+from ..perm import PermSpec
+from ..probe import ProbeResult
+from ..runs import run_checkpoints
+from ..report.compare_pages import (
     annotate_recipes,
     compare_section_html,
     delta_label,
@@ -97,7 +98,7 @@ class PartialMergeInputs:
 
 @dataclass
 class CompareOutput:
-    """What :func:`channel_comparison` produced."""
+    """What :func:`run` produced."""
 
     result: CompareResult
     section: dict  # {"title", "html"} for the run's report
@@ -125,14 +126,17 @@ def make_embedder(config: CompareConfig, reference: nn.Module, dataset: ImageDat
                            image_size=tuple(dataset.image_size))
 
 
-def pairs_from_recipes(result: ProbeResult, recipes: Sequence[Mapping]) -> list[ComparePair]:
-    """The pairs of a feature study: (A, ``<tag>_aligned``) for every aligned model in the probe, with the
-    matching correlation stored in the views' ``channel_info`` ("corr <tag>") and, for the model of the pairwise
-    view, its first merged row (the permuted merge) for Observation 2."""
-    reference = result.models[0]
-    aligned = [m for m in result.models if m.endswith("_aligned")]
-    if not aligned:
-        raise MergescopeError(f"the probe has no aligned models (names ending in '_aligned'): {result.models}")
+def pairs_from_recipes(result: ProbeResult, recipes: Sequence[Mapping], reference: str,
+                       tags: Sequence[str]) -> list[ComparePair]:
+    """The pairs of a feature study: (``reference``, model ``tag`` aligned to it) for every aligned tag (as the
+    run's stored alignment lists them), with the matching correlation stored in the views' ``channel_info``
+    ("corr <tag>") and, for the model of the pairwise view, its first merged row (the permuted merge) for
+    Observation 2."""
+    aligned = [aligned_key(t) for t in tags]
+    missing = [m for m in [reference, *aligned] if m not in result.models]
+    if missing or not aligned:
+        raise MergescopeError(f"the stored probe lacks the aligned models the run's alignment lists "
+                              f"({', '.join(missing) or 'none aligned'}): redo the probe")
     merged_of: dict[str, tuple[str, str]] = {}
     correlation: dict[str, dict[str, list]] = {}
     for recipe in recipes:
@@ -143,10 +147,9 @@ def pairs_from_recipes(result: ProbeResult, recipes: Sequence[Mapping]) -> list[
             if m in aligned and merged and m not in merged_of:
                 merged_of[m] = merged[0]
         for layer, info in recipe.get("channel_info", {}).items():
-            for m in aligned:
-                key = f"corr {m[: -len('_aligned')]}"
-                if key in info:
-                    correlation.setdefault(m, {})[layer] = info[key]
+            for t, m in zip(tags, aligned):
+                if f"corr {t}" in info:
+                    correlation.setdefault(m, {})[layer] = info[f"corr {t}"]
     return [ComparePair(reference, m, merged=merged_of.get(m, (None, None))[1],
                         merged_label=merged_of.get(m, (None, None))[0], correlation=correlation.get(m))
             for m in aligned]
@@ -175,7 +178,7 @@ def attach_subset(result: ProbeResult, subset: ProbeResult) -> ProbeResult:
                        result.config, result.path)
 
 
-def channel_comparison(
+def run(
     run_dir: str | Path,
     dataset: ImageDataset,
     result: ProbeResult,
@@ -193,7 +196,8 @@ def channel_comparison(
         run_dir: the run folder of the feature study.
         dataset: the probed dataset (image ids index it).
         result: the feature study's probe, with D′ activations.
-        recipes: the feature study's view recipes (pairs, merged rows and correlations are read from them).
+        recipes: the feature study's view recipes (merged rows and correlations are read from them); which model
+            is aligned to which comes from the run's stored alignment (``alignment.safetensors``).
         config: comparison settings.
         embedder: the image embedder for δ (see :func:`make_embedder`); None: no δ.
         partial: inputs for metric-guided partial merging (None: skipped).
@@ -205,11 +209,10 @@ def channel_comparison(
     run_dir = Path(run_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    pairs = pairs_from_recipes(result, recipes)
-    if (run_dir / ALIGNMENT_FILE).is_file():  # the stored matching gives the correlation's null
-        pairs = [dataclasses.replace(p, correlation_matrix=correlation_matrices(run_dir / ALIGNMENT_FILE,
-                                                                                p.model[: -len("_aligned")]))
-                 for p in pairs]
+    stored = load_alignments(run_dir / ALIGNMENT_FILE)
+    pairs = pairs_from_recipes(result, recipes, stored.reference, stored.tags)
+    pairs = [dataclasses.replace(p, correlation_matrix=stored.correlations(t))  # the matching's null
+             for p, t in zip(pairs, stored.tags)]
     cache = EmbeddingCache(embedder) if embedder is not None else None
     res = compare_models(result, pairs, embed=None if cache is None else (lambda ids: cache.get(ids, dataset)),
                          embedder_name=getattr(embedder, "name", ""), embedder_kind=getattr(embedder, "kind", ""),
@@ -281,38 +284,30 @@ def partial_merge_study(res: CompareResult, partial: PartialMergeInputs, config:
 
 # -- a finished run folder -------------------------------------------------------------------------------------
 
-def _matching_method(manifest: Mapping) -> str:
-    cfg = manifest.get("config", {})
-    return (cfg.get("demo") or cfg.get("sweep") or {}).get("matching", "activation")
-
-
-def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None, *,
-                device: torch.device | str = "cpu", progress: bool = False, overwrite: bool = False) -> CompareOutput:
+def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, *,
+               device: torch.device | str = "cpu", progress: bool = False, overwrite: bool = False,
+               options: Mapping | None = None) -> CompareOutput:
     """The channel comparison of a finished ``mergescope probe`` or ``mergescope demo`` run folder.
 
-    Reads ``results.json`` ("features": data, split, views), the stored probe (``probe/``) and the checkpoints;
-    when the probe has no D′ activations, probes A and the aligned models again with D′ into ``probe_subset/``
-    (aligned with the run's stored permutations, ``alignment.safetensors``, or — in older run folders — realigned;
-    either way the aligned weights are checked against the stored probe's hashes). Writes the
-    comparison's files, adds the "Channel comparison" section to ``report.html`` and records the comparison in
-    ``results.json`` and ``manifest.json``.
+    Reads ``results.json`` ("features": data, split, views), the stored probe (``probe/``), the stored alignment
+    (``alignment.safetensors``: which model is aligned to which, and how — never matched again) and, when needed,
+    the checkpoints it names (checked against the sha256 the alignment recorded). When the probe has no D′
+    activations, probes the reference and the aligned models again with D′ into ``probe_subset/`` (the aligned
+    weights checked against the stored probe's hashes). Writes the comparison's files, adds the "Channel
+    comparison" section to ``report.html`` and records the comparison in ``results.json`` and ``manifest.json``.
 
     Args:
         run_dir: the run folder.
         config: comparison settings.
         overwrite: replace an earlier comparison (``compare.csv``) in the folder.
-
-    Returns:
-        The :class:`CompareOutput`.
+        options: the resolved command-line options, recorded in the manifest.
 
     Example:
-        >>> compare_run("runs/demo", CompareConfig(partial_merge=True), overwrite=True).result.observation3
+        >>> run_folder("runs/demo", CompareConfig(partial_merge=True), overwrite=True).result.observation3
     """
-    from .align import match_many, weight_matching
-    from .perm import build_spec, permute_model
-    from .probe import load_probe, probe, state_sha256
-    from .runs import add_to_run, load_run
-    from .train import load_checkpoint
+    from ..perm import build_spec, permute_model
+    from ..probe import load_probe, probe, state_sha256
+    from ..runs import add_to_run, load_run, run_arch
 
     cfg = config or CompareConfig()
     cfg.embedder_kind  # noqa: B018 -- validate before any work
@@ -330,48 +325,36 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
     if stored.dataset.get("fingerprint") != dataset.fingerprint:
         raise MergescopeError(f"the stored probe was made on other images than {features['data']} "
                               f"({features['split']}): dataset fingerprints differ")
-    reference = stored.models[0]
-    aligned = [m for m in stored.models if m.endswith("_aligned")]
-    tags = [reference, *(m[: -len("_aligned")] for m in aligned)]
+    alignment = load_alignments(run_dir / ALIGNMENT_FILE)
+    reference, tags = alignment.reference, [alignment.reference, *alignment.tags]
     paths = run_checkpoints(run_dir, manifest, tags)
     missing = [t for t in tags if t not in paths]
     if missing:
         raise MergescopeError(f"no checkpoint of model {missing[0]} in {run_dir}'s manifest")
-    models = {reference: load_checkpoint(paths[reference], device=device)[0]}
+    need_subset = stored.subset_ids is None
+    used = tags if need_subset or cfg.partial_merge else [reference]
+    alignment.check_sources({t: paths[t] for t in used})
+    arch = run_arch(manifest)
+    models = {t: load_checkpoint(paths[t], device=device, **arch)[0] for t in used}
     try:
         embedder = make_embedder(cfg, models[reference], dataset, reference)
     except MergescopeError as e:
         raise MergescopeError(f"{e} [command line: --clip-weights PATH, or --embedder fallback]") from None
 
-    need_subset = stored.subset_ids is None
     notes = ""
     aligned_models: dict[str, nn.Module] = {}
     spec = None
     if need_subset or cfg.partial_merge:
-        for t in tags[1:]:
-            models[t] = load_checkpoint(paths[t], device=device)[0]
-        a = models[reference]
-        spec = build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
-        others = [models[t] for t in tags[1:]]
-        stored_perms = [load_perms(run_dir / ALIGNMENT_FILE, t) if (run_dir / ALIGNMENT_FILE).is_file() else None
-                        for t in tags[1:]]
-        if all(p is not None for p in stored_perms):  # the run's own alignment: no matching again
-            perms = stored_perms
-        elif _matching_method(manifest) == "weight":  # an older run folder without alignment.safetensors
-            perms = [weight_matching(a.state_dict(), m.state_dict(), spec, device=device).perms for m in others]
-        else:
-            perms = [m.perms for m in match_many(a, others, spec, iter_batches(dataset, cfg.batch_size),
-                                                 device=device, progress=progress,
-                                                 total=len_batches(dataset, cfg.batch_size))]
-        for t, p in zip(tags[1:], perms):
-            aligned_models[f"{t}_aligned"] = permute_model(models[t], spec, p)
-            want = stored.config.get("models", {}).get(f"{t}_aligned", {}).get("state_sha256")
-            if want is not None and state_sha256(aligned_models[f"{t}_aligned"]) != want:
-                raise MergescopeError(f"aligning model {t} to {reference} gave other weights than the stored "
-                                      "probe's; the comparison would not describe the probed models")
+        spec = build_spec(models[reference], next(iter(iter_batches(dataset, 2))).x.to(device))
+        for t in tags[1:]:  # the run's own alignment: never matched again
+            aligned_models[aligned_key(t)] = permute_model(models[t], spec, alignment.perms(t))
+            want = stored.config.get("models", {}).get(aligned_key(t), {}).get("state_sha256")
+            if want is not None and state_sha256(aligned_models[aligned_key(t)]) != want:
+                raise MergescopeError(f"model {t} aligned to {reference} by the stored alignment has other weights "
+                                      "than the stored probe's; the comparison would not describe the probed models")
     result = stored
     if need_subset:
-        layers = {m: stored.layers[m] for m in [reference, *aligned]}
+        layers = {m: stored.layers[m] for m in [reference, *aligned_models]}
         again = probe({reference: models[reference], **aligned_models}, dataset, layers=layers, k=stored.k,
                       reduction=stored.reduction, batch_size=cfg.batch_size, subset_ids=default_subset(dataset),
                       device=device, progress=progress, run_dir=run_dir / "probe_subset")
@@ -384,11 +367,11 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
         except DatasetError:
             eval_data = dataset
             notes = f"; no '{cfg.eval_split}' split, so the probed '{features['split']}' images"
-        b = f"{tags[1]}_aligned"
+        b = aligned_key(tags[1])
         partial = PartialMergeInputs(models[reference], aligned_models[b], spec, eval_data, (reference, b), notes)
 
-    out = channel_comparison(run_dir, dataset, result, features["views"], cfg, embedder=embedder, partial=partial,
-                             device=device, progress=progress)
+    out = run(run_dir, dataset, result, features["views"], cfg, embedder=embedder, partial=partial,
+              device=device, progress=progress)
     out.timings["total"] = time.perf_counter() - start
 
     results["features"] = {**features, "views": out.recipes}
@@ -398,7 +381,7 @@ def compare_run(run_dir: str | os.PathLike, config: CompareConfig | None = None,
         files.append(run_dir / "probe_subset" / "probe.safetensors")
     add_to_run(run_dir, results, manifest, out.section, files, "compare",
                {"config": dataclasses.asdict(cfg), "embedder": out.result.embedder, "timings": out.timings,
-                "reprobed_subset": need_subset})
+                "reprobed_subset": need_subset, "options": dict(options or {})})
     return out
 
 
@@ -408,8 +391,8 @@ __all__ = [
     "CompareOutput",
     "PartialMergeInputs",
     "attach_subset",
-    "channel_comparison",
-    "compare_run",
+    "run",
+    "run_folder",
     "make_embedder",
     "pairs_from_recipes",
     "partial_merge_study",

@@ -1,0 +1,6 @@
+"""``python -m mergescope.cli``."""
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,222 @@
+"""A merge plan: which methods merge which models with which weights — the one skeleton under the α sweep and the
+N-model merge.
+
+The sweep is a plan over α (weightings (α, 1−α) of two models, :mod:`mergescope.studies.sweep`); the N-model merge
+is the same plan with one weighting (1/N each, :mod:`mergescope.studies.merge`). Executing a plan takes, whatever
+the number of models, methods and weightings:
+
+1. an alignment pass if a method needs matches (activation matching of every model to the reference; weight
+   matching needs no data) and one pass of joint feature statistics if a method needs them (at the observation
+   points and, for OT fusion, the pre-activations); each method then turns these into every model's maps into the
+   merged space (:func:`mergescope.merge.methods.get_merge_method`, one code path per method; once per method, or
+   per weighting for maps that depend on the weights);
+2. θ = Σ_k w_k·T_k(θ_k) for every method and weighting (:func:`mergescope.merge.merge_models_with_maps`; for
+   permutations exactly permute-then-interpolate);
+3. one pass of REPAIR and RESET for every merged model that asks for it (:func:`mergescope.merge.repair_many`);
+4. one pass per evaluation split for every model at once (the inputs, their aligned copies and every merge).
+"""
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..align import MatchResult, match_many, weight_matching
+from ..align.covariance import group_covariances_at
+from ..data import ImageDataset, iter_batches, len_batches
+from ..errors import ArchitectureError, MergescopeError
+from ..evaluate import evaluate_models
+from ..merge import RepairTarget, map_layout, merge_models_with_maps, repair_many
+from ..merge.methods import AlignInputs, get_merge_method
+from ..merge.recipes import REPAIR_FIXES, check_methods, corrections, has_batchnorm, map_places, split_method
+from ..perm import PermSpec, build_spec, permute_model
+from .common import check_same_architecture
+
+MATCHINGS = ("activation", "weight")  # how the ``permuted`` base matches: Jordan et al. 2023 / Git Re-Basin Alg. 1
+
+
+@dataclass
+class MergePlan:
+    """Methods × weightings over a list of models (the first is the reference whose channel space is merged into).
+
+    Attributes:
+        methods: merge method names (base or base+fix, :mod:`mergescope.merge.recipes`).
+        weightings: one weight per model for each merge, e.g. ``[(α, 1−α) for α in alphas]`` or ``[(1/N,) * N]``.
+        matching: how ``permuted`` matches the models to the reference: ``"activation"`` or ``"weight"``.
+        batch_size: images per batch in every pass.
+        stats_ids: images of the statistics set used for matching, map statistics and REPAIR (None: all).
+        match_points: where a residual stream is measured: ``"stage_end"`` (REPAIR's reference) or ``"all"``.
+        match_always: match the models to the reference even when no method needs it.
+    """
+
+    methods: Sequence[str]
+    weightings: Sequence[Sequence[float]]
+    matching: str = "activation"
+    batch_size: int = 500
+    stats_ids: Sequence[int] | None = None
+    match_points: str = "stage_end"
+    match_always: bool = False  # match the models even if no method needs it (the sweep reports B aligned)
+
+
+@dataclass
+class PlanResult:
+    """What executing a plan produced.
+
+    Attributes:
+        merged: (method, weighting index) -> the merged model.
+        scores: split -> model key -> {"loss", "accuracy"}; keys are ``"model k"``, ``"model k aligned"`` (when
+            the models were matched) and ``"<method>@<weighting index>"``.
+        matches: the matches of models[1:] to the reference (None when no method needed them).
+        aligned: models[1:] permuted onto the reference (empty without matches).
+        methods: the methods run (``+reset`` dropped for models without BatchNorm).
+    """
+
+    merged: dict[tuple[str, int], nn.Module]
+    scores: dict[str, dict[str, dict]]
+    matches: list[MatchResult] | None
+    aligned: list[nn.Module]
+    methods: list[str]
+    passes: dict[str, int]
+    timings: dict[str, float]
+    spec: PermSpec
+    corrections: dict[str, str] = field(default_factory=dict)
+
+
+def merge_key(method: str, index: int) -> str:
+    """The evaluation key of a merged model."""
+    return f"{method}@{index}"
+
+
+def check_function_preserved(model: nn.Module, permuted: nn.Module, x: torch.Tensor) -> None:
+    """Permuting must not change what a model computes; a failure here is a spec bug, said plainly."""
+    with torch.inference_mode():
+        ya, yb = model.eval()(x), permuted.eval()(x)
+    err = (ya - yb).abs().max().item() / max(ya.abs().max().item(), 1e-12)
+    if err > 1e-4:
+        raise ArchitectureError(f"the permuted model's outputs differ by {err:.2e} (relative): "
+                                "the derived permutation spec is wrong for this architecture")
+
+
+def _match(plan: MergePlan, ref: nn.Module, others: Sequence[nn.Module], spec: PermSpec, batches, total: int,
+           device, progress: bool) -> tuple[list[MatchResult], int]:
+    """Every other model matched to the reference; also the number of data passes it took."""
+    if plan.matching == "activation":
+        return match_many(ref, others, spec, batches(), device=device, progress=progress, total=total,
+                          points=plan.match_points), 1
+    if plan.matching == "weight":
+        return [weight_matching(ref.state_dict(), m.state_dict(), spec, device=device) for m in others], 0
+    raise MergescopeError(f"unknown matching '{plan.matching}'; use one of: {', '.join(MATCHINGS)}")
+
+
+def execute_plan(
+    plan: MergePlan,
+    models: Sequence[nn.Module],
+    train: ImageDataset,
+    evals: Mapping[str, ImageDataset],
+    spec: PermSpec | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> PlanResult:
+    """Align, merge every method at every weighting, REPAIR/RESET, and evaluate everything (module docstring).
+
+    Args:
+        plan: the methods, weightings and statistics settings.
+        models: two or more trained models of one architecture; the first is the reference.
+        train: the statistics set (matching, feature statistics, REPAIR/RESET).
+        evals: split name -> dataset to evaluate on.
+        spec: the permutation spec (default: traced from the reference).
+    """
+    methods = check_methods(plan.methods)
+    n = len(models)
+    if n < 2:
+        raise MergescopeError(f"merging needs at least two models, got {n}")
+    for w in plan.weightings:
+        if len(w) != n:
+            raise MergescopeError(f"a weighting of {len(w)} weights for {n} models")
+    for m in models[1:]:
+        check_same_architecture(models[0], m)
+    entries = {b: get_merge_method(b) for b in dict.fromkeys(split_method(m)[0] for m in methods)}
+    for entry in entries.values():
+        entry.check_models(n)
+    models = [m.to(device).eval() for m in models]
+    ref, others = models[0], models[1:]
+    methods = [m for m in methods if split_method(m)[1] != "reset" or has_batchnorm(ref)]
+    ids = None if plan.stats_ids is None else torch.as_tensor(list(plan.stats_ids))
+
+    def stats_batches():
+        return iter_batches(train, plan.batch_size, ids=ids)
+
+    n_stats = len_batches(train, plan.batch_size, ids=ids)
+    probe_x = next(iter(stats_batches())).x[:8].to(device)
+    spec = spec or build_spec(ref, probe_x)
+    needs = set().union(*(e.needs for e in entries.values())) if entries else set()
+    passes = {"matching": 0, **({"map statistics": 0} if any(n.startswith("stats:") for n in needs) else {}),
+              "repair/reset": 0, "evaluation": 0}
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    matches, aligned = None, []
+    if "matches" in needs or plan.match_always:
+        matches, used = _match(plan, ref, others, spec, stats_batches, n_stats, device, progress)
+        passes["matching"] += used
+        aligned = [permute_model(m, spec, r.perms) for m, r in zip(others, matches)]
+        for m, a in zip(others, aligned):
+            check_function_preserved(m, a, probe_x)
+    timings["matching"] = time.perf_counter() - t0
+    stats = None
+    if "map statistics" in passes:
+        t0 = time.perf_counter()
+        places = map_places(list(entries))  # one pass, every place a method needs
+        stats = group_covariances_at(ref, others, spec, stats_batches(), places, device=device, progress=progress,
+                                     total=n_stats, points=plan.match_points)
+        passes["map statistics"] += 1
+        timings["map statistics"] = time.perf_counter() - t0
+    def maps_for(base: str, weights: Sequence[float]) -> list:
+        """Per model, its maps into the merged space (computed once per method unless they depend on the
+        weights, as ZipIt!'s do)."""
+        key = (base, tuple(weights) if entries[base].uses_weights else None)
+        if key not in maps:
+            maps[key] = entries[base](AlignInputs(models=models, spec=spec, matches=matches, stats=stats,
+                                                  device=device, weights=list(weights)))
+        return maps[key]
+
+    maps: dict[tuple, list] = {}
+
+    layout = map_layout(ref, spec)
+    merged: dict[tuple[str, int], nn.Module] = {}
+    repair, reset = [], []
+    for i, weights in enumerate(plan.weightings):
+        built: dict[str, nn.Module] = {}
+        for method in methods:
+            base, fix = split_method(method)
+            if base not in built:
+                built[base] = merge_models_with_maps(models, list(weights), maps_for(base, weights), layout)
+            net = merged[method, i] = copy.deepcopy(built[base]) if fix else built[base]
+            if fix in REPAIR_FIXES:
+                repair.append(RepairTarget(net, tuple(weights), maps_for(base, weights), REPAIR_FIXES[fix]))
+            elif fix == "reset":
+                reset.append(net)
+
+    t0 = time.perf_counter()
+    if repair or reset:  # every REPAIR targets the original models, seen through each method's maps
+        repair_many(models, spec, stats_batches(), repair=repair, reset=reset, device=device, progress=progress,
+                    total=n_stats)
+        passes["repair/reset"] += 1
+    timings["repair/reset"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    everything = {f"model {k}": m for k, m in enumerate(models)}
+    everything.update({f"model {k} aligned": a for k, a in enumerate(aligned, start=1)})
+    everything.update({merge_key(m, i): net for (m, i), net in merged.items()})
+    scores = {}
+    for split, ds in evals.items():
+        scores[split] = evaluate_models(everything, iter_batches(ds, plan.batch_size), device=device,
+                                        progress=progress, total=len_batches(ds, plan.batch_size),
+                                        desc=f"evaluating on {split}")
+        passes["evaluation"] += 1
+    timings["evaluation"] = time.perf_counter() - t0
+    return PlanResult(merged, scores, matches, aligned, methods, passes, timings, spec, corrections(spec, methods))
