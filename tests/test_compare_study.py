@@ -303,10 +303,8 @@ def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys, monkeypatch):
     assert main(["compare", str(run), "--quiet"]) == 2
     _one_line_error(capsys, "already holds a comparison", "--overwrite")
 
-    # an older run folder whose probe kept no D′ activations and no alignment: A and the aligned models are
-    # realigned (checked against the stored weights' hashes) and probed again with D′ into probe_subset/ — the
-    # same τ comes out
-    (run / "alignment.safetensors").unlink()
+    # a probe that kept no D′ activations: A and the models aligned by the stored alignment (never matched again;
+    # checked against the stored weights' hashes) are probed again with D′ into probe_subset/ — the same τ comes out
     stored = load_probe(run / "probe")
     for layers in stored.probes.values():
         for lp in layers.values():
@@ -321,3 +319,7 @@ def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys, monkeypatch):
         "Channel comparison") == 1
     assert main(["compare", str(tmp_path / "nowhere"), "--quiet"]) == 2
     _one_line_error(capsys, "not a finished mergescope run folder")
+    # an older run folder without a stored alignment: refused in one line, never matched again
+    (run / "alignment.safetensors").unlink()
+    assert main(["compare", str(run), "--quiet", "--overwrite"]) == 2
+    _one_line_error(capsys, "alignment.safetensors is missing", "redo the run")

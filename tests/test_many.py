@@ -76,7 +76,7 @@ def test_merging_five_trained_models(digits):
 
 def test_merge_many_refuses_what_it_cannot_do(digits):
     m = [create_model("cnn_digits", width=4, seed=s) for s in range(3)]
-    with pytest.raises(MergescopeError, match="zipit merges two models"):
+    with pytest.raises(MergescopeError, match="zipit merges at most 2 models, got 3"):
         merge_study(m, digits[0], {}, MergeConfig(["zipit"]))
     with pytest.raises(MergescopeError, match=r"unknown merge method 'cca\+fancy'"):
         merge_study(m, digits[0], {}, MergeConfig(["cca+fancy"]))

@@ -1,7 +1,8 @@
 """mergescope: align independently trained networks by permutation, merge them, and look inside the result.
 
 The stages of the data flow live in subpackages — ``data``, ``models``, ``train``, ``perm``, ``align``,
-``merge``, ``probe``, ``evaluate``, ``compare``, ``embed``, ``report`` — and the studies that compose them, one
+``merge``, ``probe``, ``evaluate``, ``compare``, ``embed``, ``report``, with run folders and file I/O in
+``runs`` and the command line in ``cli`` — and the studies that compose them, one
 module per command, in ``studies`` (``sweep``, ``merge``, ``probe``, ``compare``, ``regress``, ``demo``; each a
 ``Config``, ``run`` in memory and ``run_folder``). The most used entry points are re-exported here.
 
@@ -53,7 +54,7 @@ def __getattr__(name: str) -> Any:
         module, attr = _SOURCE[name]
         value = getattr(importlib.import_module(f".{module}", __name__), attr)
     elif name == "__version__":
-        from ._jsonio import package_version
+        from .runs.jsonio import package_version
 
         value = package_version()
     else:

@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from .._atomic import atomic_path
+from ..runs.atomic import atomic_path
 from ..errors import MergescopeError
 from ..perm import PermSpec
 from .result import MatchResult

@@ -62,7 +62,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .._csvio import write_rows
+from ..runs.csvio import write_rows
 from ..errors import MergescopeError
 from .categories import (
     CONSENSUS_CATEGORIES,

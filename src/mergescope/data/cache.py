@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mergescope._atomic import atomic_path
+from mergescope.runs.atomic import atomic_path
 
 
 def file_sha256(path: str | os.PathLike, block: int = 1 << 22) -> str:

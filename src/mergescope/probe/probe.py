@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._jsonio import package_version
+from ..runs.jsonio import package_version
 from ..data.base import ImageDataset, as_ids
 from ..data.loader import iter_batches, len_batches
 from ..errors import ArchitectureError, MergescopeError

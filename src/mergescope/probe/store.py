@@ -59,8 +59,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .._atomic import atomic_path, atomic_write_text
-from .._jsonio import package_version
+from ..runs.atomic import atomic_path, atomic_write_text
+from ..runs.jsonio import package_version
 from ..errors import MergescopeError
 from .result import LayerProbe, ProbeResult
 from .stats import Moments

@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from mergescope._atomic import atomic_path
+from mergescope.runs.atomic import atomic_path
 from mergescope.report.figures import DPI, _plain
 
 METRIC_RANGES = {"kendall_tau": (-1.0, 1.0), "overlap": (0.0, 1.0), "correlation": (-1.0, 1.0), "clip_delta": None}

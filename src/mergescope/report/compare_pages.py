@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mergescope._atomic import atomic_write_text
+from mergescope.runs.atomic import atomic_write_text
 from mergescope.report.compare_figures import plot_metric_histograms, plot_partial_merge
 from mergescope.report.features import channel_href
 from mergescope.report.html import FIGURES_DIR, _environment

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._atomic import atomic_write_text
+from ..runs.atomic import atomic_write_text
 from .html import _environment
 from .sprites import write_sprites
 

@@ -10,7 +10,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from mergescope._atomic import atomic_path
+from mergescope.runs.atomic import atomic_path
 from mergescope.report.interpolation import curves, methods, splits
 
 ALPHA_LABEL = "α (0 = model B, 1 = model A)"

@@ -13,8 +13,8 @@ from markupsafe import Markup
 
 from mergescope.errors import MergescopeError
 from mergescope.report import formatting as fmt
-from mergescope._atomic import atomic_write_text
-from mergescope._jsonio import package_version
+from mergescope.runs.atomic import atomic_write_text
+from mergescope.runs.jsonio import package_version
 from mergescope.report.figures import interpolation_figures, method_colors
 from mergescope.report.headline import best_and_baseline, headline
 from mergescope.report.interpolation import barriers, curves, methods, splits

@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from mergescope.errors import MergescopeError
-from mergescope._atomic import atomic_path
+from mergescope.runs.csvio import write_rows
 
 COLUMNS = ("method", "alpha", "split", "loss", "accuracy")
 _ALPHA_TOL = 1e-6
@@ -152,18 +152,12 @@ def barriers(rows: Iterable[Mapping], endpoints: Iterable[Mapping] | None = None
 
 
 def write_csv(path: str | os.PathLike, rows: Iterable[Mapping]) -> Path:
-    """Write rows to ``path`` with columns method, alpha, split, loss, accuracy (atomically); return the path.
+    """Write rows to ``path`` with columns method, alpha, split, loss, accuracy (atomically, through the one CSV
+    writer :func:`mergescope.runs.csvio.write_rows`); return the path.
 
     Floats are written in their shortest round-trip form, so :func:`read_csv` gives back equal values.
     """
-    checked = [_check_row(r) for r in rows]
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            writer.writerows([[repr(v) if isinstance(v, float) else v for v in (r[c] for c in COLUMNS)]
-                              for r in checked])
-    return Path(path)
+    return write_rows(path, COLUMNS, [_check_row(r) for r in rows])
 
 
 def read_csv(path: str | os.PathLike) -> list[dict]:

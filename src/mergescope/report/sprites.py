@@ -14,7 +14,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .._atomic import atomic_path
+from ..runs.atomic import atomic_path
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,10 @@ from ..compare import (
     compare_models,
     write_compare_csv,
 )
-from ..align.store import ALIGNMENT_FILE, load_alignments
+from ..align.store import ALIGNMENT_FILE, StoredAlignments, load_alignments
 from ..data import ImageDataset, iter_batches, len_batches, open_dataset
 from ..embed import EmbeddingCache, ImageEmbedder, create_embedder
-from .._csvio import write_rows
+from ..runs.csvio import write_rows
 from ..errors import DatasetError, MergescopeError
 from ..train import load_checkpoint
 from .probe import aligned_key, default_subset, render_views
@@ -187,6 +187,7 @@ def run(
     *,
     embedder: ImageEmbedder | None = None,
     partial: PartialMergeInputs | None = None,
+    alignment: StoredAlignments | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
 ) -> CompareOutput:
@@ -201,6 +202,9 @@ def run(
         config: comparison settings.
         embedder: the image embedder for δ (see :func:`make_embedder`); None: no δ.
         partial: inputs for metric-guided partial merging (None: skipped).
+        alignment: which model is aligned to which (default: the run folder's ``alignment.safetensors``; without
+            one, every model ``t`` whose aligned copy the probe holds, against the probe's first model, and no
+            correlation null).
 
     Returns:
         A :class:`CompareOutput`; ``recipes`` carry the metrics and should replace the stored ones.
@@ -209,10 +213,16 @@ def run(
     run_dir = Path(run_dir)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    stored = load_alignments(run_dir / ALIGNMENT_FILE)
-    pairs = pairs_from_recipes(result, recipes, stored.reference, stored.tags)
-    pairs = [dataclasses.replace(p, correlation_matrix=stored.correlations(t))  # the matching's null
-             for p, t in zip(pairs, stored.tags)]
+    if alignment is None and (run_dir / ALIGNMENT_FILE).is_file():
+        alignment = load_alignments(run_dir / ALIGNMENT_FILE)
+    if alignment is not None:
+        pairs = pairs_from_recipes(result, recipes, alignment.reference, alignment.tags)
+        pairs = [dataclasses.replace(p, correlation_matrix=alignment.correlations(t))  # the matching's null
+                 for p, t in zip(pairs, alignment.tags)]
+    else:  # a probe in memory, without its alignment: every model the probe holds aligned to its first
+        reference = result.models[0]
+        pairs = pairs_from_recipes(result, recipes, reference,
+                                   [m for m in result.models if aligned_key(m) in result.models])
     cache = EmbeddingCache(embedder) if embedder is not None else None
     res = compare_models(result, pairs, embed=None if cache is None else (lambda ids: cache.get(ids, dataset)),
                          embedder_name=getattr(embedder, "name", ""), embedder_kind=getattr(embedder, "kind", ""),
@@ -371,7 +381,7 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
         partial = PartialMergeInputs(models[reference], aligned_models[b], spec, eval_data, (reference, b), notes)
 
     out = run(run_dir, dataset, result, features["views"], cfg, embedder=embedder, partial=partial,
-              device=device, progress=progress)
+              alignment=alignment, device=device, progress=progress)
     out.timings["total"] = time.perf_counter() - start
 
     results["features"] = {**features, "views": out.recipes}

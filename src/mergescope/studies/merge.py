@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._csvio import write_rows
-from .._jsonio import write_json
+from ..runs.csvio import write_rows
+from ..runs.jsonio import write_json
 from ..data import ImageDataset
 from ..errors import MergescopeError
 from ..perm import PermSpec

@@ -211,7 +211,7 @@ def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: 
     Example:
         >>> run_folder(StudyInputs(["a.safetensors", "b.safetensors", "c.safetensors"], "digits", "runs/probe"))
     """
-    from .._jsonio import write_json
+    from ..runs.jsonio import write_json
     from ..align import weight_matching
     from ..report import render_report
     from ..report.features import feature_index_html

@@ -25,15 +25,17 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from .._csvio import write_rows
-from .._jsonio import write_json
+from ..runs.csvio import write_rows
+from ..runs.jsonio import write_json
 from ..align.covariance import group_covariances
 from ..align.regressed_topk import hard_channels, regressed_topk, single_weight_fits, summary_rows
 from ..align.regression import (DEFAULT_FRACTIONS, FIT_IMAGES, FIT_POINTS, HELDOUT_IMAGES, judged_result,
                                regression_from_stats, regression_subsets)
-from ..data import iter_batches, len_batches, open_dataset
+from ..data import ImageDataset, iter_batches, len_batches, open_dataset
 from ..errors import MergescopeError
+from ..perm import PermSpec
 from ..report.regression_pages import (
     FIGURE,
     plot_regression,
@@ -67,39 +69,45 @@ def _nan_none(v: float):
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, *,
-               device: torch.device | str = "cpu", progress: bool = False, overwrite: bool = False,
-               options: Mapping | None = None) -> dict:
-    """The regression study of a run folder (A's channels regressed on B's raw channels: no matching); returns the
-    JSON recorded under ``results.json["regression"]``. The checkpoints are the ones the run's alignment names,
-    checked against the sha256 it recorded."""
-    from ..align.store import ALIGNMENT_FILE, load_alignments
+@dataclass
+class RegressResult:
+    """What :func:`run` measured (JSON-ready except nothing: it holds no models).
+
+    Attributes:
+        rows: ``regression.csv``'s rows (:data:`COLUMNS`), one per layer × channel × sparsity.
+        summary: per layer and sparsity, the mean held-out R² and recovered top-k.
+        hard: layer -> the channels that need many weights.
+        records: the hard channels' top-k images (A, B, regressed B), the pages' data.
+        info: sizes of the fitting / held-out / ranked subsets and what was ranked.
+        layers: layer -> group.
+    """
+
+    rows: list[dict]
+    summary: list[dict]
+    hard: dict
+    records: list
+    info: dict
+    samples: dict
+    heldout_samples: dict
+    layers: dict[str, str]
+    timings: dict[str, float]
+
+
+def run(model_a: nn.Module, model_b: nn.Module, dataset: ImageDataset, config: RegressConfig | None = None,
+        spec: PermSpec | None = None, device: torch.device | str = "cpu", progress: bool = False) -> RegressResult:
+    """Regress every channel of A on all channels of B's same layer (module docstring), in memory.
+
+    Args:
+        model_a, model_b: the two models (B unaligned: the map needs no permutation).
+        dataset: the images (the fitting and held-out subsets are drawn from it, the rest is ranked).
+        config: subset sizes, ridge, sparsity sweep, k.
+    """
     from ..perm import build_spec
-    from ..runs import add_to_run, load_run, run_arch, run_checkpoints
-    from ..train import load_checkpoint
 
     cfg = config or RegressConfig()
-    run_dir = Path(run_dir)
-    results, manifest = load_run(run_dir)
-    features = results.get("features")
-    if not features:
-        raise MergescopeError(f"{run_dir} holds no feature study (no 'features' in results.json); "
-                              "make one with `mergescope probe` or `mergescope demo`")
-    if (run_dir / CSV_NAME).exists() and not overwrite:
-        raise MergescopeError(f"{run_dir} already holds a regression study ({CSV_NAME}); pass --overwrite to replace it")
-    start = time.perf_counter()
+    a, b = model_a.to(device).eval(), model_b.to(device).eval()
+    spec = spec or build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
     timings = {}
-    dataset = open_dataset(features["data"], split=features["split"])
-    paths = run_checkpoints(run_dir, manifest, ["A", "B"])
-    if "A" not in paths or "B" not in paths:
-        raise MergescopeError(f"{run_dir}'s manifest lists fewer than two checkpoints")
-    if (run_dir / ALIGNMENT_FILE).is_file():
-        load_alignments(run_dir / ALIGNMENT_FILE).check_sources({t: paths[t] for t in ("A", "B")})
-    arch = run_arch(manifest)
-    a = load_checkpoint(paths["A"], device=device, **arch)[0].eval()
-    b = load_checkpoint(paths["B"], device=device, **arch)[0].eval()
-    spec = build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
-
     t0 = time.perf_counter()
     try:
         ids, held = regression_subsets(dataset, cfg.fit_images, cfg.heldout_images)
@@ -119,24 +127,58 @@ def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, 
                           reduction=cfg.reduction, device=device, progress=progress,
                           total=len_batches(dataset, cfg.batch_size, ids=ranked))
     timings["top-k pass"] = time.perf_counter() - t0
-
-    t0 = time.perf_counter()
     rows = [{"layer": gt.layer, "channel": c, "m": mp.m, "refit": mp.refit, "r2_heldout": _nan_none(float(mp.r2[c])),
              "r2_in_sample": _nan_none(float(mp.r2_fit[c])), "recovered": _nan_none(float(mp.recovered[c]))}
             for gt in tops.values() for mp in gt.maps.values() for c in range(len(mp.r2))]
-    csv_path = write_rows(run_dir / CSV_NAME, COLUMNS, rows)
     hard = {layer: hard_channels(gt, cfg.sparse_fraction, cfg.hard_n) for layer, gt in tops.items()}
-    views_path = write_json(run_dir / VIEWS_NAME, {"views": regression_records(tops, hard, cfg.sparse_fraction)})
     streams = {g: [t.name for t in spec.groups[g].observe] for g in dict.fromkeys(gt.group for gt in tops.values())
                if len(spec.groups[g].observe) > 1}
     info = {"subset": len(ids), "heldout": len(held), "ranked": len(ranked), "reduction": cfg.reduction,
-            "images": len(dataset),
-            "dataset": f"{features['data']} ({features['split']})", "k": cfg.k, "streams": streams,
+            "images": len(dataset), "k": cfg.k, "streams": streams,
             "sparse_label": f"{cfg.sparse_fraction * 100:g}% refit", "hard_n": cfg.hard_n}
-    out = {"summary": summary_rows(tops), "hard_channels": hard, "info": info, "views": VIEWS_NAME,
+    return RegressResult(rows, summary_rows(tops), hard, regression_records(tops, hard, cfg.sparse_fraction), info,
+                         res.samples, res.heldout_samples, {layer: gt.group for layer, gt in tops.items()}, timings)
+
+
+def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, *,
+               device: torch.device | str = "cpu", progress: bool = False, overwrite: bool = False,
+               options: Mapping | None = None) -> dict:
+    """The regression study of a run folder (:func:`run` on its models A and B and its probed images); returns the
+    JSON recorded under ``results.json["regression"]``. The checkpoints are the ones the run's alignment names,
+    checked against the sha256 it recorded."""
+    from ..align.store import ALIGNMENT_FILE, load_alignments
+    from ..runs import add_to_run, load_run, run_arch, run_checkpoints
+    from ..train import load_checkpoint
+
+    cfg = config or RegressConfig()
+    run_dir = Path(run_dir)
+    results, manifest = load_run(run_dir)
+    features = results.get("features")
+    if not features:
+        raise MergescopeError(f"{run_dir} holds no feature study (no 'features' in results.json); "
+                              "make one with `mergescope probe` or `mergescope demo`")
+    if (run_dir / CSV_NAME).exists() and not overwrite:
+        raise MergescopeError(f"{run_dir} already holds a regression study ({CSV_NAME}); pass --overwrite to replace it")
+    start = time.perf_counter()
+    dataset = open_dataset(features["data"], split=features["split"])
+    paths = run_checkpoints(run_dir, manifest, ["A", "B"])
+    if "A" not in paths or "B" not in paths:
+        raise MergescopeError(f"{run_dir}'s manifest lists fewer than two checkpoints")
+    if (run_dir / ALIGNMENT_FILE).is_file():
+        load_alignments(run_dir / ALIGNMENT_FILE).check_sources({t: paths[t] for t in ("A", "B")})
+    arch = run_arch(manifest)
+    a = load_checkpoint(paths["A"], device=device, **arch)[0]
+    b = load_checkpoint(paths["B"], device=device, **arch)[0]
+    res = run(a, b, dataset, cfg, device=device, progress=progress)
+    timings = dict(res.timings)
+
+    t0 = time.perf_counter()
+    csv_path = write_rows(run_dir / CSV_NAME, COLUMNS, res.rows)
+    views_path = write_json(run_dir / VIEWS_NAME, {"views": res.records})
+    info = {**res.info, "dataset": f"{features['data']} ({features['split']})"}
+    out = {"summary": res.summary, "hard_channels": res.hard, "info": info, "views": VIEWS_NAME,
            "data": features["data"], "split": features["split"], "samples": res.samples,
-           "heldout_samples": res.heldout_samples,
-           "layers": {layer: gt.group for layer, gt in tops.items()}, "config": dataclasses.asdict(cfg),
+           "heldout_samples": res.heldout_samples, "layers": res.layers, "config": dataclasses.asdict(cfg),
            "timings": timings}
     section, out["pages"], files = render_regression(run_dir, out, dataset)
     timings["report"] = time.perf_counter() - t0
@@ -198,4 +240,5 @@ def rerender(run_dir: str | os.PathLike, results: dict) -> list[Path] | None:
     return [*files, write_json(run_dir / RESULTS, results)]
 
 
-__all__ = ["COLUMNS", "SECTION_TITLE", "VIEWS_NAME", "RegressConfig", "render_regression", "rerender", "run_folder"]
+__all__ = ["COLUMNS", "SECTION_TITLE", "VIEWS_NAME", "RegressConfig", "RegressResult", "render_regression", "rerender",
+           "run", "run_folder"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._jsonio import write_json
+from ..runs.jsonio import write_json
 from ..align import MatchResult
 from ..data import ImageDataset
 from ..errors import MergescopeError

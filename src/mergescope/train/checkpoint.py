@@ -22,8 +22,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from mergescope._atomic import atomic_path, atomic_write_text
-from mergescope._jsonio import dumps, package_version
+from mergescope.runs.atomic import atomic_path, atomic_write_text
+from mergescope.runs.jsonio import dumps, package_version
 from mergescope.data.cache import file_sha256
 from mergescope.errors import CheckpointError
 from mergescope.models import apply_state_dict, create_model, infer_shape_kwargs, load_state_dict_file, model_config

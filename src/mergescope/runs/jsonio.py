@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._atomic import atomic_write_text
+from .atomic import atomic_write_text
 
 
 def package_version(name: str = "mergescope") -> str:

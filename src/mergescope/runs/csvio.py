@@ -1,4 +1,5 @@
-"""Result tables as CSV: written atomically, floats in shortest round-trip form, never NaN."""
+"""Result tables as CSV — the project's one CSV writer: written atomically, floats in shortest round-trip form,
+never NaN (±inf, e.g. the loss of a diverged merge, is written as ``inf``)."""
 from __future__ import annotations
 
 import csv
@@ -7,8 +8,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from ._atomic import atomic_path
-from .errors import MergescopeError
+from .atomic import atomic_path
+from ..errors import MergescopeError
 
 
 def cell(value) -> object:
@@ -25,7 +26,7 @@ def cell(value) -> object:
 def write_rows(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping]) -> Path:
     """Write ``rows`` (missing keys as empty cells) under the header ``columns`` atomically; return the path.
 
-    A non-finite float is refused with a one-line error naming its column: a result table never holds NaN.
+    A NaN is refused with a one-line error naming its column: a result table never holds NaN.
     """
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
@@ -33,7 +34,7 @@ def write_rows(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[M
         for r in rows:
             for col in columns:
                 v = r.get(col)
-                if isinstance(v, float) and not math.isfinite(v):
-                    raise MergescopeError(f"non-finite {col} in a result row: {dict(r)}")
+                if isinstance(v, float) and math.isnan(v):
+                    raise MergescopeError(f"NaN {col} in a result row: {dict(r)}")
             writer.writerow([cell(r.get(col)) for col in columns])
     return Path(path)

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ._jsonio import package_version, write_json
-from .data.cache import file_sha256
-from .errors import MergescopeError
+from .jsonio import package_version, write_json
+from ..data.cache import file_sha256
+from ..errors import MergescopeError
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
@@ -85,7 +85,7 @@ def add_to_run(run_dir: Path, results: dict, manifest: dict, section: dict, file
     Returns:
         Every file written or fingerprinted.
     """
-    from .report import render_report
+    from ..report import render_report
 
     results["sections"] = [s for s in results.get("sections", []) if s.get("title") != section["title"]]
     results["sections"].append(section)
