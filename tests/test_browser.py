@@ -1,0 +1,224 @@
+"""The digits demo's report in a real browser (issue 11, item 4): headless Chromium driven by selenium.
+
+The run folder is built once (``mergescope demo``) and every HTML page in it is opened from disk (file:// URLs) in
+one browser session; each page's images, CSS sprite sheets, links and console are recorded in one pass and the
+tests below judge that record. The channel tables are then sorted by clicking their headers.
+
+Needs selenium (the ``test`` extra) and Debian's ``chromium`` + ``chromium-driver``; without them the module is
+skipped with the reason, unless ``MERGESCOPE_REQUIRE_BROWSER=1`` (``.ci/run`` sets it), where it fails instead.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+
+from mergescope.cli import main
+
+REQUIRED = os.environ.get("MERGESCOPE_REQUIRE_BROWSER") == "1"
+INSTALL = "apt-get install -y chromium chromium-driver; pip install 'selenium>=4.10' (.ci/run does both)"
+
+
+def _missing(reason: str):
+    if REQUIRED:
+        pytest.fail(f"browser test required (MERGESCOPE_REQUIRE_BROWSER=1) but {reason}: {INSTALL}", pytrace=False)
+    pytest.skip(f"BROWSER TEST NOT RUN: {reason} ({INSTALL})", allow_module_level=True)
+
+
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+except ImportError:
+    _missing("selenium is not installed")
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+CHROMEDRIVER = shutil.which("chromedriver") or next(
+    (p for p in ("/usr/lib/chromium/chromedriver", "/usr/bin/chromedriver") if os.access(p, os.X_OK)), None)
+if CHROMIUM is None or CHROMEDRIVER is None:
+    _missing(f"chromium ({CHROMIUM or 'not found'}) or chromedriver ({CHROMEDRIVER or 'not found'}) is missing")
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+# Every url(...) in an inline style (the feature pages' sprite tiles), each loaded once into an Image: the sprite
+# sheets are CSS backgrounds, not <img>, so document.images alone would not see a missing one.
+_LOAD_BACKGROUNDS = """
+const done = arguments[arguments.length - 1];
+const urls = new Set();
+for (const el of document.querySelectorAll('[style*="url("]')) {
+  const m = /url\\(["']?([^"')]+)["']?\\)/.exec(el.getAttribute("style"));
+  if (m) urls.add(new URL(m[1], document.baseURI).href);
+}
+Promise.all([...urls].map(u => new Promise(ok => {
+  const im = new Image();
+  im.onload = () => ok([u, im.naturalWidth]);
+  im.onerror = () => ok([u, 0]);
+  im.src = u;
+}))).then(done);
+"""
+_IMAGES = "return Array.from(document.images, i => [i.src, i.complete, i.naturalWidth]);"
+_LINKS = "return Array.from(document.querySelectorAll('a[href]'), a => a.href);"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("browser") / "run"
+    assert main(["demo", "--out", str(out), "--quiet", "--epochs", "2"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def driver():
+    options = webdriver.ChromeOptions()
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1400,1000",
+                "--allow-file-access-from-files"):
+        options.add_argument(arg)
+    options.binary_location = CHROMIUM
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    d = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    d.set_script_timeout(60)
+    yield d
+    d.quit()
+
+
+def _pages(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.rglob("*.html"))
+
+
+@pytest.fixture(scope="module")
+def visits(run_dir, driver) -> dict[Path, dict]:
+    """Each HTML page of the run, opened once: {"title", "images", "backgrounds", "links", "console"}."""
+    driver.get_log("browser")  # drop anything logged before the first page
+    out = {}
+    for page in _pages(run_dir):
+        driver.get(page.as_uri())
+        assert driver.execute_script("return document.readyState") == "complete", page
+        out[page] = {"title": driver.title, "images": driver.execute_script(_IMAGES),
+                     "backgrounds": driver.execute_async_script(_LOAD_BACKGROUNDS),
+                     "links": driver.execute_script(_LINKS), "console": driver.get_log("browser")}
+    return out
+
+
+def test_the_report_and_every_feature_page_and_channel_table_load(run_dir, visits):
+    names = {p.relative_to(run_dir).as_posix() for p in visits}
+    assert "report.html" in names
+    features = {n for n in names if n.startswith("features/")}
+    assert any(n.startswith("features/table_") for n in features), sorted(names)
+    assert any(n.startswith("features/pair_") for n in features) and any(n.startswith("features/many_") for n in features)
+    untitled = [n for p, v in visits.items() if not v["title"] for n in [p.relative_to(run_dir).as_posix()]]
+    assert not untitled, f"pages without a title (not rendered?): {untitled}"
+
+
+def test_every_image_and_sprite_sheet_resolves(run_dir, visits):
+    assert sum(len(v["images"]) for v in visits.values()) >= 5, "the report shows its figures as <img>"
+    assert sum(len(v["backgrounds"]) for v in visits.values()) >= 1, "the feature pages' tiles use sprite sheets"
+    broken = [f"{p.relative_to(run_dir)}: {src}" for p, v in visits.items()
+              for src, complete, width in v["images"] if not (complete and width > 0)]
+    broken += [f"{p.relative_to(run_dir)}: background {src}" for p, v in visits.items()
+               for src, width in v["backgrounds"] if not width > 0]
+    assert not broken, "images that did not load:\n" + "\n".join(broken)
+
+
+def test_the_console_shows_no_errors(run_dir, visits):
+    errors = [f"{p.relative_to(run_dir)}: {e['message']}" for p, v in visits.items()
+              for e in v["console"] if e["level"] == "SEVERE"]
+    assert not errors, "console errors:\n" + "\n".join(errors)
+
+
+class _Ids(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.ids: set[str] = set()
+
+    def handle_starttag(self, tag, attrs):
+        self.ids |= {v for k, v in attrs if k in ("id", "name") and v}
+
+
+def _ids(path: Path, cache: dict[Path, set[str]]) -> set[str]:
+    if path not in cache:
+        parser = _Ids()
+        parser.feed(path.read_text(encoding="utf-8"))
+        cache[path] = parser.ids
+    return cache[path]
+
+
+def test_every_local_link_resolves_inside_the_run_folder(run_dir, visits):
+    root, cache, dead, checked = run_dir.resolve(), {}, [], 0
+    for page, v in visits.items():
+        for href in v["links"]:
+            url = urlsplit(href)
+            if url.scheme != "file":
+                continue
+            checked += 1
+            target = Path(unquote(url.path)).resolve()
+            where = f"{page.relative_to(run_dir)} -> {href}"
+            if not target.is_file():
+                dead.append(f"{where}: no such file")
+            elif root not in target.parents:
+                dead.append(f"{where}: outside the run folder (the folder would not open elsewhere)")
+            elif url.fragment and target.suffix == ".html" and unquote(url.fragment) not in _ids(target, cache):
+                dead.append(f"{where}: no element with id {url.fragment!r}")
+    assert checked >= 10, f"only {checked} local links seen"
+    assert not dead, "dead links:\n" + "\n".join(dead)
+
+
+def test_a_screenshot_of_the_report_is_written(run_dir, driver, tmp_path):
+    from PIL import Image
+
+    driver.get((run_dir / "report.html").as_uri())
+    path = tmp_path / "report.png"
+    assert driver.save_screenshot(str(path))
+    assert path.read_bytes()[:8] == PNG_MAGIC
+    with Image.open(path) as im:
+        assert im.width >= 800 and im.height >= 600
+        assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or range(2)) > 1, "a blank screenshot"
+
+
+# ---------------------------------------------------------------- sorting the channel tables
+
+_COLUMN = "return Array.from(document.getElementById('channels').tBodies[0].rows, r => r.cells[arguments[0]].dataset.v);"
+_CHANNELS = "return Array.from(document.getElementById('channels').tBodies[0].rows, r => r.cells[0].dataset.v);"
+_TEXT_SORTED = "const v = arguments[0]; return v.every((x, i) => i === 0 || v[i - 1].localeCompare(x) <= 0);"
+
+
+def _in_order(driver, values: list[str], numeric: bool, descending: bool) -> bool:
+    """Defined values ascending (or descending), undefined ("") after all of them."""
+    defined = [x for x in values if x != ""]
+    if values[:len(defined)] != defined:
+        return False
+    if numeric:
+        nums = [float(x) for x in defined]
+        assert not any(math.isnan(x) for x in nums), values
+        return nums == sorted(nums, reverse=descending)
+    return driver.execute_script(_TEXT_SORTED, defined[::-1] if descending else defined)
+
+
+def test_clicking_a_column_header_sorts_the_channel_table_and_a_second_click_reverses_it(run_dir, driver):
+    tables = sorted((run_dir / "features").glob("table_*.html"))
+    assert tables
+    reordered = 0
+    for table in tables:
+        driver.get(table.as_uri())
+        heads = driver.find_elements("css selector", "#channels thead th")
+        channels = sorted(driver.execute_script(_CHANNELS), key=int)
+        assert len(channels) > 2
+        sortable = [(i, th) for i, th in enumerate(heads) if "sort" in th.get_attribute("class").split()]
+        assert len(sortable) > 3, table.name
+        for col, th in sortable:
+            numeric = th.get_attribute("data-num") == "1"
+            before = driver.execute_script(_COLUMN, col)
+            for descending in (False, True):
+                th.click()
+                after = driver.execute_script(_COLUMN, col)
+                where = f"{table.name}, column {col} ({th.text!r}), {'second' if descending else 'first'} click"
+                assert _in_order(driver, after, numeric, descending), f"{where}: not sorted: {after}"
+                assert sorted(driver.execute_script(_CHANNELS), key=int) == channels, f"{where}: rows lost"
+                assert ("desc" if descending else "asc") in th.get_attribute("class").split(), where
+            reordered += not _in_order(driver, before, numeric, False)
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, f"{table.name}: console errors while sorting: {errors}"
+    assert reordered >= 3, "no column was out of order before its click: the test proved nothing"
