@@ -18,6 +18,9 @@ from .html import _environment
 from .sprites import write_sprites
 
 
+TILE = 56  # px of one image tile on the feature pages (and in their sprite sheets)
+
+
 @dataclass
 class FeatureView:
     """The top-k images of one layer's channels in several models (rows), for one page family."""
@@ -44,7 +47,7 @@ def channel_href(slug: str, layer: str, channel: int, per_page: int = 64) -> str
     return f"{_page_name(view, channel // per_page)}#c{channel}"
 
 
-def render_feature_pages(run_dir: str | Path, dataset, views: Sequence[FeatureView], tile: int = 56,
+def render_feature_pages(run_dir: str | Path, dataset, views: Sequence[FeatureView], tile: int = TILE,
                          per_page: int = 64) -> list[dict]:
     """Write ``run_dir/features/*.html`` (+ sprite sheets) for every view.
 

@@ -41,9 +41,33 @@ def tile_image(img: Image.Image, size: int) -> Image.Image:
     return canvas
 
 
+PER_SHEET = 1024  # tiles per sprite sheet
+
+
+def sprite_layout(ids: Iterable[int], sheet_dir: str, prefix: str, ext: str, size: int = 64,
+                  per_sheet: int = PER_SHEET) -> dict[int, Tile]:
+    """Where :func:`write_sprites` puts every distinct image id (nothing drawn): sorted ids, ``per_sheet`` per
+    sheet ``<sheet_dir>/<prefix>_<n>.<ext>``, each sheet a row-major square grid of ``size`` px tiles."""
+    unique = sorted({int(i) for i in ids})
+    tiles: dict[int, Tile] = {}
+    for n, start in enumerate(range(0, len(unique), per_sheet)):
+        chunk = unique[start:start + per_sheet]
+        cols = math.ceil(math.sqrt(len(chunk)))
+        for j, image_id in enumerate(chunk):
+            tiles[image_id] = Tile(f"{sheet_dir}/{prefix}_{n}.{ext}", (j % cols) * size, (j // cols) * size)
+    return tiles
+
+
+def sheet_size(count: int, size: int) -> tuple[int, int]:
+    """Pixel (width, height) of a sheet of ``count`` tiles (the grid of :func:`sprite_layout`)."""
+    cols = math.ceil(math.sqrt(count))
+    return cols * size, math.ceil(count / cols) * size
+
+
 def write_sprites(dataset, ids: Iterable[int], out_dir: Path, prefix: str, size: int = 64,
-                  per_sheet: int = 1024) -> dict[int, Tile]:
-    """Render every distinct image id once into sprite sheets ``out_dir/<prefix>_<n>.(png|jpg)``.
+                  per_sheet: int = PER_SHEET) -> dict[int, Tile]:
+    """Render every distinct image id once into sprite sheets ``out_dir/<prefix>_<n>.(png|jpg)``
+    (layout: :func:`sprite_layout`).
 
     Returns:
         image id -> :class:`Tile` (sheet path relative to the parent of ``out_dir``, pixel offsets).
@@ -52,17 +76,12 @@ def write_sprites(dataset, ids: Iterable[int], out_dir: Path, prefix: str, size:
     out_dir.mkdir(parents=True, exist_ok=True)
     small = max(dataset.image(unique[0]).size) <= size if unique else True
     ext, fmt = ("png", "PNG") if small else ("jpg", "JPEG")
-    tiles: dict[int, Tile] = {}
+    tiles = sprite_layout(unique, out_dir.name, prefix, ext, size, per_sheet)
     for n, start in enumerate(range(0, len(unique), per_sheet)):
         chunk = unique[start:start + per_sheet]
-        cols = math.ceil(math.sqrt(len(chunk)))
-        rows = math.ceil(len(chunk) / cols)
-        sheet = Image.new("RGB", (cols * size, rows * size), (255, 255, 255))
-        name = f"{prefix}_{n}.{ext}"
-        for j, image_id in enumerate(chunk):
-            x, y = (j % cols) * size, (j // cols) * size
-            sheet.paste(tile_image(dataset.image(image_id), size), (x, y))
-            tiles[image_id] = Tile(f"{out_dir.name}/{name}", x, y)
-        with atomic_path(out_dir / name) as tmp:
+        sheet = Image.new("RGB", sheet_size(len(chunk), size), (255, 255, 255))
+        for image_id in chunk:
+            sheet.paste(tile_image(dataset.image(image_id), size), (tiles[image_id].x, tiles[image_id].y))
+        with atomic_path(out_dir / f"{prefix}_{n}.{ext}") as tmp:
             sheet.save(tmp, format=fmt, **({"quality": 88} if fmt == "JPEG" else {"optimize": True}))
     return tiles
