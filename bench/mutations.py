@@ -43,6 +43,9 @@ _COMPARE = "tests/test_oracle_compare.py"
 _MAPS = "tests/test_oracle_maps.py"
 _REPAIR = "tests/test_oracle_repair.py"
 _REGRESSION = "tests/test_oracle_regression.py"
+_REGISTRY = "tests/test_method_registry.py"
+_FRONT = "tests/test_front_door.py"
+_CLI = "tests/test_cli_vocabulary.py"
 MUTANTS: tuple[Mutant, ...] = (
     # -- weight matching, MergeMany, ZipIt! (Git Re-Basin Algorithms 1 and 3; Stoica et al. 2024)
     Mutant("wm_fixed_order_one_sweep", "align/weight_matching.py",
@@ -95,8 +98,8 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("ot_stream_post_activation", "align/covariance.py", "[spec.activation_inputs.get(t.name, t) for t in",
            "[t for t in", (f"{_MAPS}::test_ot_transports_a_residual_streams_own_preactivation_on_a_trained_resnet",),
            "OT on a residual stream's post-activation instead of its pre-activation"),
-    Mutant("ot_post_activations", "merge/recipes.py", '    "ot": MapMethod("preactivation", lambda st: ot_maps(st)[0],',
-           '    "ot": MapMethod("observe", lambda st: ot_maps(st)[0],', (_MAPS,),
+    Mutant("ot_post_activations", "merge/methods.py", '"ot", family="map", needs={"stats:preactivation"}',
+           '"ot", family="map", needs={"stats:observe"}', (_MAPS,),
            "OT on post-activation features instead of pre-activations"),
     # -- regression alignment (thesis 000 §3.2.4) and the regression merge
     Mutant("r2_in_sample", "align/regression.py", "r2=heldout_r2(heldout, fit, fitted)",
@@ -104,7 +107,7 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("r2_no_intercept_term", "align/regression.py",
            "        sse = sse + stats.n * (stats.mean_a - weight @ stats.mean_b - intercept) ** 2", "        sse = sse",
            (_REGRESSION,), "held-out R² ignores the fit's error in the mean"),
-    Mutant("dprime_5_per_class", "features.py", "return stratified_subset(dataset.targets, size, seed=seed)",
+    Mutant("dprime_5_per_class", "studies/probe.py", "return stratified_subset(dataset.targets, size, seed=seed)",
            "return stratified_subset(dataset.targets, 5 * len(np.unique(dataset.targets)), seed=seed)",
            (_REGRESSION,), "D′ back to 5 images per class whatever the class count"),
     Mutant("fit_5_per_class", "align/regression.py",
@@ -125,6 +128,40 @@ MUTANTS: tuple[Mutant, ...] = (
            "    rows, cols = diag[:, None].expand_as(partners).reshape(-1), partners.reshape(-1)",
            "    rows, cols = diag[:, None].expand_as(partners).reshape(-1), diag[:, None].expand_as(partners).reshape(-1)",
            (_COMPARE,), "the null uses the matched partner instead of unmatched channels"),
+    # -- the method registry (issue 10): its flags are checked against what the methods do
+    Mutant("registry_naive_exact", "merge/methods.py", '"naive", family="aggregation", exact_for_permuted=False,',
+           '"naive", family="aggregation", exact_for_permuted=True,', (_REGISTRY,),
+           "the direct average flagged exact for permuted copies"),
+    Mutant("registry_permuted_inverse", "merge/methods.py",
+           "return [{}] + [permutation_maps(r.perms) for r in inputs.matches]",
+           "return [{}] + [permutation_maps({g: p.argsort() for g, p in r.perms.items()}) for r in inputs.matches]",
+           (_REGISTRY,), "the permuted base applies the inverse permutations"),
+    Mutant("registry_zipit_ignores_weights", "merge/methods.py", "    uses_weights=True,", "    uses_weights=False,",
+           (_REGISTRY,), "ZipIt!'s maps cached across weightings though they depend on them"),
+    # -- the front door: checkpoints in any form (issue 10)
+    Mutant("front_no_module_strip", "models/weights.py", '_WRAPPER_PREFIXES = ("module.", "_orig_mod.")',
+           '_WRAPPER_PREFIXES = ("_orig_mod.",)', (_FRONT,), "a DDP 'module.' prefix is not stripped"),
+    Mutant("front_num_classes_axis", "models/weights.py", 'where = {"num_classes": (2, 0, True)',
+           'where = {"num_classes": (2, 1, True)', (_FRONT,), "num_classes read off the classifier's input axis"),
+    Mutant("front_unsafe_load", "models/weights.py", "weights_only=True)\n", "weights_only=False)\n", (_FRONT,),
+           "torch.load without weights_only: a pickle runs code"),
+    Mutant("front_arch_unchecked", "train/checkpoint.py", "if arch is not None and arch != name:", "if False:",
+           (_FRONT,), "an --arch that disagrees with the sidecar is silently ignored"),
+    # -- the thesis's layers and the tracer
+    Mutant("layers_linear_as_conv", "perm/spec.py", "lab.dim, len(shape) > 2)", "lab.dim, len(shape) >= 2)",
+           ("tests/test_layer_selection.py",), "flat (N, C) features counted as conv maps: the probe takes linear layers"),
+    Mutant("tracer_skips_splits", "perm/spec.py", "if self._tensor_args(node) and not G.is_metadata_query(node):",
+           "if False and self._tensor_args(node) and not G.is_metadata_query(node):", ("tests/test_timm_spec.py",),
+           "a split feature map skipped silently (a wrong, non-function-preserving spec)"),
+    # -- one CLI vocabulary, stored alignments
+    Mutant("config_overrides_flags", "cli/config.py", "            if dest not in given:", "            if True:",
+           (f"{_CLI}::test_a_config_file_and_the_same_flags_give_the_same_manifest",),
+           "--config wins over the command line"),
+    Mutant("help_imports_torch", "cli/parser.py", "import argparse\n", "import argparse\n\nimport torch  # noqa\n",
+           (_CLI,), "building the parser imports torch (--help takes seconds)"),
+    Mutant("alignment_sources_unchecked", "align/store.py", "if want is not None and file_sha256(path) != want:",
+           "if False:", (f"{_CLI}::test_a_swapped_checkpoint_is_refused_by_compare",),
+           "compare uses a checkpoint that changed since it was aligned"),
     Mutant("null_delta_direction", "compare/null.py", "    q = quantile if higher_is_similar else 1.0 - quantile",
            "    q = quantile", ("tests/test_compare.py", _COMPARE), "the null quantile not flipped for δ (lower = similar)"),
 )

@@ -2,10 +2,10 @@
 once in the run folder (``alignment.safetensors``) so later studies read them instead of matching again.
 
 Layout (safetensors): ``<tag>/perm/<group>`` int64 (C,) and ``<tag>/similarity/<group>`` float32 (C_A, C_B), in
-the model's own channel order, for every model ``tag`` aligned to the reference. The metadata holds ``format``,
-``reference`` (its tag), ``layers`` (layer -> group) and, per aligned tag, ``models``: the matching ``method``,
-its ``objective``, the ``points`` a residual stream was measured at, and the ``checkpoint`` and ``sha256`` of the
-model's weights file (the reference's under ``reference_source``). :func:`load_alignments` reads it back and
+the model's own channel order, for every model ``tag`` aligned to the reference. One metadata key holds the record
+as JSON: ``format``, ``reference`` (its tag), ``layers`` (layer -> group) and, per aligned tag, ``models``: the
+matching ``method``, its ``objective``, the ``points`` a residual stream was measured at, and the ``checkpoint`` and
+``sha256`` of the model's weights file (the reference's under ``reference_source``). :func:`load_alignments` reads it back and
 :meth:`StoredAlignments.check_sources` refuses checkpoints that are not the ones aligned.
 """
 from __future__ import annotations
@@ -28,7 +28,8 @@ from .result import MatchResult
 
 ALIGNMENT_FILE = "alignment.safetensors"
 _FORMAT = "mergescope.alignments/2"
-_READABLE = ("mergescope.alignments/1", _FORMAT)
+_FORMAT_1 = "mergescope.alignments/1"
+_KEY = "mergescope.alignment"  # the metadata key holding the record (JSON)
 OBJECTIVES = {  # matching method -> what its permutations maximise
     "activation": "sum over matched channel pairs of the correlation of their activations (Jordan et al. 2023, "
                   "REPAIR §3; Ainsworth et al. 2023 §3.1)",
@@ -56,9 +57,9 @@ def save_alignments(path: str | os.PathLike, spec: PermSpec, matches: Mapping[st
     sources = dict(sources or {})
     models = {t: {"method": m.method, "objective": OBJECTIVES.get(m.method, m.method), "points": points,
                   **dict(sources.get(t, {}))} for t, m in matches.items()}
-    meta = {"format": _FORMAT, "reference": reference, "reference_source": json.dumps(dict(sources.get(reference, {}))),
-            "models": json.dumps(models), "methods": json.dumps({t: m.method for t, m in matches.items()}),
-            "layers": json.dumps({name: tap.group for name, tap in spec.layers.items() if tap.group is not None})}
+    record = {"format": _FORMAT, "reference": reference, "reference_source": dict(sources.get(reference, {})),
+              "models": models, "layers": {name: tap.group for name, tap in spec.layers.items() if tap.group is not None}}
+    meta = {_KEY: json.dumps(record, sort_keys=True)}  # one key: safetensors writes its metadata in no fixed order
     path = Path(path)
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
@@ -121,12 +122,17 @@ def load_alignments(path: str | os.PathLike) -> StoredAlignments:
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
-        if meta.get("format") not in _READABLE:
+        if _KEY in meta:
+            record = json.loads(meta[_KEY])
+        elif meta.get("format") == _FORMAT_1:  # the first format: one metadata key per entry, no sources
+            record = {"format": _FORMAT_1, "reference": "A", "reference_source": {}, "layers": json.loads(meta["layers"]),
+                      "models": {t: {"method": m} for t, m in json.loads(meta["methods"]).items()}}
+        else:
+            record = {}
+        if record.get("format") not in (_FORMAT_1, _FORMAT):
             raise MergescopeError(f"{path} is not a mergescope alignment file")
-        methods = json.loads(meta["methods"])
-        models = json.loads(meta.get("models", "null")) or {t: {"method": m} for t, m in methods.items()}
-        return StoredAlignments(path, meta.get("reference", "A"), models,
-                                json.loads(meta.get("reference_source", "{}")), json.loads(meta["layers"]))
+        return StoredAlignments(path, record["reference"], record["models"], record["reference_source"],
+                                record["layers"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise MergescopeError(f"{path} is not a readable alignment file ({e})") from None
 

@@ -50,55 +50,54 @@ def demo(args: argparse.Namespace) -> None:
     _print_outcome(results, Path(args.out))
 
 
+def train_config(args: argparse.Namespace, **override):
+    """One model's :class:`~mergescope.studies.train.TrainRunConfig` from the train options."""
+    from ..studies.train import TrainRunConfig
+
+    fields = dict(arch=args.arch, arch_kwargs=args.arch_kwargs, seed=args.seed, epochs=args.epochs,
+                  batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing, augment=args.augment,
+                  amp=args.amp, eval=args.eval, part=args.part, major=args.major, split_seed=args.split_seed)
+    return TrainRunConfig(**{**fields, **override})
+
+
 def train(args: argparse.Namespace) -> None:
-    import torch
+    from ..studies import train as study
 
-    from ..data import open_dataset, stratified_pair
-    from ..data.open import has_split
-    from ..models import create_model
-    from ..train import TrainConfig, save_checkpoint, train_model
-
-    if Path(args.out).exists() and not args.overwrite:
-        raise MergescopeError(f"--out {args.out} already exists; pass --overwrite to replace it")
-    if args.eval and not has_split(args.data, "test"):
-        raise MergescopeError(f"--eval needs a test split, and --data {args.data} has none (a folder with test/ or "
-                              "*_test.npz beside the training images)")
-    data = open_dataset(args.data, split=args.split)
-    test = open_dataset(args.data, split="test") if args.eval else None
-    ids = None
-    if args.part:
-        ids_a, ids_b = stratified_pair(data.targets, major=args.major, seed=args.split_seed)
-        ids = ids_a if args.part == "a" else ids_b
-    model = create_model(args.arch, seed=args.seed, **{"in_channels": data.num_channels,
-                                                       "num_classes": len(data.classes), **args.arch_kwargs})
-    device = resolve_device(args.device)
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      augment=args.augment, device=device, amp=args.amp, label_smoothing=args.label_smoothing)
-    metrics = train_model(model, data, cfg, eval_ds=test, progress=not args.quiet,
-                          ids=None if ids is None else torch.as_tensor(ids))
-    split = {"part": args.part, "major": args.major, "seed": args.split_seed} if args.part else None
-    save_checkpoint(args.out, model, {"seed": args.seed, "train_config": cfg.to_dict(), "metrics": metrics,
-                                      "dataset": args.data, "dataset_fingerprint": data.fingerprint, "split": split,
-                                      "options": _options(args)})
-    acc = f", test accuracy {100 * metrics['test_acc']:.2f}%" if test is not None else ""
+    metrics = study.run_file(args.out, args.data, train_config(args), split=args.split,
+                             device=resolve_device(args.device), progress=not args.quiet, overwrite=args.overwrite,
+                             options=_options(args))
+    acc = f", test accuracy {100 * metrics['test_acc']:.2f}%" if args.eval else ""
     print(f"saved {args.out}{acc}")
+
+
+def sweep_config(args: argparse.Namespace):
+    """The sweep's :class:`~mergescope.studies.sweep.SweepConfig` from its options."""
+    from ..merge import alpha_grid
+    from ..studies import sweep as study
+
+    return study.SweepConfig(alphas=alpha_grid(args.alpha_step), methods=args.methods or study.METHODS,
+                             matching=args.matching, batch_size=args.batch_size, match_points=args.match_points)
 
 
 def sweep(args: argparse.Namespace) -> None:
     from ..studies import sweep as study
 
-    cfg = study.SweepConfig(methods=args.methods or study.METHODS, matching=args.matching,
-                            batch_size=args.batch_size, match_points=args.match_points)
-    result = study.run_folder(_inputs(args), cfg, alpha_step=args.alpha_step, options=_options(args))
+    result = study.run_folder(_inputs(args), sweep_config(args), options=_options(args))
     _print_outcome(result.to_json(), Path(args.out))
+
+
+def merge_config(args: argparse.Namespace):
+    """The N-model merge's :class:`~mergescope.studies.merge.MergeConfig` from its options."""
+    from ..studies import merge as study
+
+    return study.MergeConfig(methods=args.methods or study.DEFAULT_METHODS, weights=args.weights,
+                             matching=args.matching, batch_size=args.batch_size, match_points=args.match_points)
 
 
 def merge(args: argparse.Namespace) -> None:
     from ..studies import merge as study
 
-    cfg = study.MergeConfig(methods=args.methods or study.DEFAULT_METHODS, weights=args.weights,
-                            matching=args.matching, batch_size=args.batch_size, match_points=args.match_points)
-    result = study.run_folder(_inputs(args), cfg, options=_options(args))
+    result = study.run_folder(_inputs(args), merge_config(args), options=_options(args))
     for split, s in result.summary.items():
         print(f"{split}: mean model accuracy {100 * s['mean_endpoint_accuracy']:.1f}%")
         for r in (r for r in result.rows if r["split"] == split):
@@ -106,28 +105,41 @@ def merge(args: argparse.Namespace) -> None:
     print(f"report: {Path(args.out) / 'report.html'}")
 
 
-def probe(args: argparse.Namespace) -> None:
+def probe_config(args: argparse.Namespace):
+    """The feature study's :class:`~mergescope.studies.probe.ProbeConfig` from its options."""
     from ..studies import probe as study
 
     layers = args.layers[0] if len(args.layers) == 1 and args.layers[0] in ("conv", "all") else list(args.layers)
-    cfg = study.ProbeConfig(k=args.k, reduction=args.reduction, alpha=args.alpha, batch_size=args.batch_size,
-                            subset_images=args.subset_images, match_points=args.match_points, matching=args.matching,
-                            layers=layers)
-    study.run_folder(_inputs(args, stats_images=False), cfg, options=_options(args))
+    return study.ProbeConfig(k=args.k, reduction=args.reduction, alpha=args.alpha, batch_size=args.batch_size,
+                             subset_images=args.subset_images, match_points=args.match_points,
+                             matching=args.matching, layers=layers)
+
+
+def probe(args: argparse.Namespace) -> None:
+    from ..studies import probe as study
+
+    study.run_folder(_inputs(args, stats_images=False), probe_config(args), options=_options(args))
     print(f"report: {Path(args.out) / 'report.html'}")
 
 
-def compare(args: argparse.Namespace) -> None:
+def compare_config(args: argparse.Namespace):
+    """The channel comparison's :class:`~mergescope.studies.compare.CompareConfig` from its options."""
     from ..studies import compare as study
 
     if len(args.eval_splits) != 1:
         raise MergescopeError(f"compare: --eval-splits takes one split here (partial merging is evaluated on it), "
                               f"got {len(args.eval_splits)}")
-    cfg = study.CompareConfig(embedder=args.embedder, clip_model=args.clip_model, clip_weights=args.clip_weights,
-                              consensus_metric=args.consensus_metric, threshold=args.threshold,
-                              null_quantile=args.null_quantile, null_partners=args.null_partners,
-                              partial_merge=args.partial_merge, alpha=args.alpha, eval_split=args.eval_splits[0],
-                              seeds=tuple(args.seeds), batch_size=args.batch_size)
+    return study.CompareConfig(embedder=args.embedder, clip_model=args.clip_model, clip_weights=args.clip_weights,
+                               consensus_metric=args.consensus_metric, threshold=args.threshold,
+                               null_quantile=args.null_quantile, null_partners=args.null_partners,
+                               partial_merge=args.partial_merge, alpha=args.alpha,
+                               eval_split=args.eval_splits[0], seeds=tuple(args.seeds), batch_size=args.batch_size)
+
+
+def compare(args: argparse.Namespace) -> None:
+    from ..studies import compare as study
+
+    cfg = compare_config(args)
     out = study.run_folder(args.run_dir, cfg, device=resolve_device(args.device), progress=not args.quiet,
                            overwrite=args.overwrite, options=_options(args))
     res, run_dir = out.result, Path(args.run_dir)
@@ -145,11 +157,18 @@ def compare(args: argparse.Namespace) -> None:
     print(f"report: {run_dir / 'report.html'}")
 
 
+def regress_config(args: argparse.Namespace):
+    """The regression study's :class:`~mergescope.studies.regress.RegressConfig` from its options."""
+    from ..studies import regress as study
+
+    return study.RegressConfig(fit_images=args.fit_images, heldout_images=args.heldout_images, ridge=args.ridge,
+                               k=args.k, batch_size=args.batch_size)
+
+
 def regress(args: argparse.Namespace) -> None:
     from ..studies import regress as study
 
-    cfg = study.RegressConfig(fit_images=args.fit_images, heldout_images=args.heldout_images, ridge=args.ridge,
-                              k=args.k, batch_size=args.batch_size)
+    cfg = regress_config(args)
     out = study.run_folder(args.run_dir, cfg, device=resolve_device(args.device), progress=not args.quiet,
                            overwrite=args.overwrite, options=_options(args))
     for r in out["summary"]:
@@ -216,6 +235,19 @@ def layers(args: argparse.Namespace) -> None:
         print(f"{name:<32} {tap.channels:>5} channels  {kind:<6} {'probed' if name in probed else '      '}  "
               f"group: {tap.group or '(fixed)'}")
     print(spec.describe())
+
+
+def study(args: argparse.Namespace) -> None:
+    from ..studies import study as engine
+    from .parser import build_parser
+    from .study import study_config
+
+    cfg = study_config(build_parser(), args)
+    outcome = engine.run_folder(cfg, only=args.only, start=args.start, progress=not args.quiet)
+    for line in engine.answers(outcome.root):
+        print(line)
+    if outcome.report is not None:
+        print(f"report: {outcome.report}")
 
 
 def methods(args: argparse.Namespace) -> None:

@@ -15,7 +15,8 @@ from . import commands as C
 
 MATCHINGS = ("activation", "weight")
 MATCH_POINTS = ("stage_end", "all")
-REQUIRED = "_required"  # the parser default naming a command's required options (checked after --config)
+REQUIRED = "_required"
+STUDY_STAGES = ("train", "sweep", "features", "compare", "regress", "merge")  # mergescope.studies.study.STAGES  # the parser default naming a command's required options (checked after --config)
 
 
 class _Formatter(argparse.HelpFormatter):
@@ -234,6 +235,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = _command(sub, "layers", "list a model's observable layers (and which the probe takes by default) and its "
                  "permutation groups", [model_options()], C.layers)
     p.add_argument("--checkpoint", help="a checkpoint (with --arch when it has no sidecar)")
+
+    p = _command(sub, "study", "the thesis's whole experiment from one config file: train or load the models, "
+                 "sweep, feature pages, channel comparison, regression, N-model merge; stored stage by stage, a rerun "
+                 "does only what changed", [], C.study, required=("study_config",))
+    p.add_argument("study_config", nargs="?", metavar="CONFIG", help="TOML or YAML study file (see examples/)")
+    p.add_argument("--out", help="study folder (overrides the file's out)")
+    p.add_argument("--data", help="dataset spec (overrides the file's data)")
+    p.add_argument("--split", help="the images the study computes from (overrides the file's split)")
+    p.add_argument("--eval-splits", nargs="+", metavar="SPLIT", help="evaluation splits (overrides the file's)")
+    p.add_argument("--device", type=T.device_or_auto, help="torch device (overrides the file's; default auto)")
+    p.add_argument("--only", choices=STUDY_STAGES, metavar="STAGE", help="run just this stage; the stages it reads "
+                   f"must be stored ({', '.join(STUDY_STAGES)})")
+    p.add_argument("--from", dest="start", choices=STUDY_STAGES, metavar="STAGE", help="rerun this stage and every "
+                   "stage after it")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     _command(sub, "methods", "list every merge method: family, paper, hyperparameters, exact for permuted copies",
              [], C.methods)

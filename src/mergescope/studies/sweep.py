@@ -117,15 +117,13 @@ def run(
                        midpoint, res.spec, res.corrections)
 
 
-def run_folder(inputs: StudyInputs, config: SweepConfig | None = None, alpha_step: float | None = None,
-               options: Mapping | None = None) -> SweepResult:
+def run_folder(inputs: StudyInputs, config: SweepConfig | None = None, options: Mapping | None = None) -> SweepResult:
     """The sweep of two checkpoints as a run folder: ``interpolation.csv``, ``results.json``, ``report.html``,
     ``alignment.safetensors`` (B's permutation onto A) and the manifest.
 
     Args:
         inputs: checkpoints (A, B), data, run folder and the shared options.
         config: the sweep's settings; ``stats_ids`` are drawn from ``inputs.stats_images`` when not given.
-        alpha_step: the α grid's step (overrides ``config.alphas``).
         options: the resolved command-line options, recorded in the manifest.
     """
     from ..align.store import ALIGNMENT_FILE, save_alignments
@@ -136,8 +134,6 @@ def run_folder(inputs: StudyInputs, config: SweepConfig | None = None, alpha_ste
         raise MergescopeError(f"a sweep takes two checkpoints (A and B), got {len(inputs.checkpoints)}")
     loaded, train, evals = prepare(inputs)
     run_dir = prepare_run_dir(inputs.out, overwrite=inputs.overwrite)  # only once every input is known to be good
-    if alpha_step is not None:
-        cfg.alphas = alpha_grid(alpha_step)
     if cfg.stats_ids is None:
         cfg.stats_ids = stats_ids(len(train), inputs.stats_images)
     start = time.perf_counter()

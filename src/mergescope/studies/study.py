@@ -1,0 +1,430 @@
+"""``mergescope study``: the thesis's whole experiment (000 §3.2, Appendices A–C) on a set of models, as stages
+that are stored with the hash of their inputs and config, so a rerun does only what is no longer valid.
+
+Stages, each a study of its own written into the study folder (``OUT``):
+
+* ``train`` — every model trained from the zoo (``checkpoints/model_<tag>.safetensors``), unless checkpoints are
+  given (any form the front door accepts);
+* ``sweep`` — A and B merged along α with every method (``sweep/``, Fig. 3.1);
+* ``features`` — every model aligned to the reference and probed, with A and B merged at α (``features/``: the
+  pair's feature pages, Fig. 3.3, and n models aligned to one, Fig. 3.4);
+* ``compare`` — τ, δ, overlap, correlation per channel pair, Observations 1–3 and partial merging by metric
+  (Fig. 3.2), added to ``features/``;
+* ``regress`` — channels as sparse linear maps of the other model's (Fig. 3.5), added to ``features/``;
+* ``merge`` — all models merged into one with every method (``merge/``);
+
+then the overview page ``report.html``, rendered from what the stages stored.
+
+A stage's key is the sha256 of its config, its inputs (checkpoint hashes, the dataset's fingerprint, the device)
+and the keys of the stages it reads; ``stages.json`` records the key of every finished stage. A stage whose key is
+recorded and whose folder is there is skipped; any other runs in a staging folder (a hard-linked copy when it adds
+to an earlier stage's folder: every file is written through a temporary file and a rename, so the original is
+never touched) that replaces the stage's folder by renames once it is complete. A kill at any moment leaves the
+study as it was before that stage, and a rerun gives the same results as an uninterrupted run. A lock file keeps a
+second writer out.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import MergescopeError
+from ..runs.jsonio import dumps, package_version, write_json
+from .common import StudyInputs, model_tags
+
+STAGES = ("train", "sweep", "features", "compare", "regress", "merge")
+NEEDS = {"train": (), "sweep": ("train",), "features": ("train",), "compare": ("features",),
+         "regress": ("features",), "merge": ("train",)}
+FOLDERS = {"sweep": "sweep", "features": "features", "compare": "features", "regress": "features", "merge": "merge"}
+RECORD = "stages.json"
+LOCK = ".lock"
+
+
+@dataclass
+class ModelsConfig:
+    """The study's models: trained from the zoo (one per seed, or the stratified pair's two halves), or loaded."""
+
+    train: Any | None = None  # a studies.train.TrainRunConfig (arch, epochs, ...): train one model per seed
+    seeds: Sequence[int] = ()  # one model per seed
+    parts: Sequence[str] = ()  # the stratified pair (000 App. B): model k trains on half parts[k] ("a" or "b")
+    checkpoints: Sequence[str] = ()  # or: load these (the reference first)
+    arch: str | None = None  # for checkpoints without a mergescope sidecar
+    arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StudyConfig:
+    """The whole study: data, models and which analyses to run (``None``: not run), each with its own config.
+
+    ``sweep`` is a (SweepConfig, stats_images) pair, ``merge`` a (MergeConfig, stats_images) pair; ``features``,
+    ``compare`` and ``regress`` are the probe's, the comparison's and the regression's configs.
+    """
+
+    out: str
+    data: str
+    models: ModelsConfig
+    split: str = "train"
+    eval_splits: Sequence[str] = ("test",)
+    device: str = "cpu"
+    sweep: tuple | None = None
+    features: Any | None = None
+    compare: Any | None = None
+    regress: Any | None = None
+    merge: tuple | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)  # the resolved config as given (for the record)
+
+    def enabled(self) -> list[str]:
+        """The stages this study runs, in order."""
+        on = {"train": bool(self.models.seeds or self.models.parts), "sweep": self.sweep is not None,
+              "features": self.features is not None, "compare": self.compare is not None,
+              "regress": self.regress is not None, "merge": self.merge is not None}
+        for stage in ("compare", "regress"):
+            if on[stage] and not on["features"]:
+                raise MergescopeError(f"study: [{stage}] needs [features] (the probe it compares)")
+        return [s for s in STAGES if on[s]]
+
+
+def _key(material: Mapping) -> str:
+    return hashlib.sha256(dumps({"mergescope": package_version(), **material}).encode()).hexdigest()
+
+
+class _Lock:
+    """``OUT/.lock`` while a study writes: a second writer is refused in one line (a stale lock of a dead
+    process is taken over)."""
+
+    def __init__(self, root: Path):
+        self.path = root / LOCK
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in range(2):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            except FileExistsError:
+                try:
+                    pid = int(self.path.read_text() or "0")
+                except (OSError, ValueError):
+                    pid = 0
+                if pid and _alive(pid):
+                    raise MergescopeError(f"{self.path.parent} is being written by another mergescope (pid {pid}); "
+                                          f"wait for it, or remove {self.path} if that process is gone") from None
+                self.path.unlink(missing_ok=True)
+                continue
+            os.write(fd, str(os.getpid()).encode())
+            os.close(fd)
+            return self
+        raise MergescopeError(f"cannot lock {self.path.parent}")
+
+    def __exit__(self, *exc):
+        self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _recover(root: Path) -> None:
+    """Undo what a kill left: a half-swapped stage folder is put back, staging folders are removed."""
+    for old in root.glob(".old-*"):
+        final = root / old.name[len(".old-"):]
+        if final.exists():
+            shutil.rmtree(old)
+        else:
+            old.rename(final)
+    shutil.rmtree(root / ".staging", ignore_errors=True)
+
+
+def _stage_dir(root: Path, name: str, base: Path | None) -> Path:
+    """A fresh staging folder; a hard-linked copy of ``base`` when the stage adds to it."""
+    staging = root / ".staging" / name
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    if base is None:
+        return staging
+    for src in base.rglob("*"):
+        dst = staging / src.relative_to(base)
+        if src.is_dir():
+            dst.mkdir(parents=True, exist_ok=True)
+        else:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(src, dst)
+            except OSError:
+                shutil.copy2(src, dst)
+    staging.mkdir(parents=True, exist_ok=True)
+    return staging
+
+
+def _commit(staging: Path, final: Path) -> None:
+    """Replace ``final`` by ``staging`` with renames (:func:`_recover` finishes a swap a kill interrupted)."""
+    old = final.parent / f".old-{final.name}"
+    if final.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+@dataclass
+class StudyOutcome:
+    """What :func:`run_folder` did: per stage "ran" or "cached", and where the overview is."""
+
+    stages: dict[str, str]
+    report: Path | None
+    root: Path
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def run_folder(config: StudyConfig, *, only: str | None = None, start: str | None = None, progress: bool = False,
+               say: Callable[[str], None] = print) -> StudyOutcome:
+    """Run the study into ``config.out``: every enabled stage whose stored key is not its current one.
+
+    Args:
+        only: run just this stage (forced); the stages it reads must be stored and valid.
+        start: rerun this stage and every enabled stage after it (forced); earlier ones as needed.
+        say: where the per-stage lines go.
+    """
+    from ..data import open_dataset
+    from ..train import checkpoint_sha256
+
+    stages = config.enabled()
+    for name, opt in (("--only", only), ("--from", start)):
+        if opt is not None and opt not in stages:
+            raise MergescopeError(f"{name} {opt}: not a stage of this study; its stages: {', '.join(stages)}")
+    root = Path(config.out)
+    with _Lock(root):
+        _recover(root)
+        record_path = root / RECORD
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        images = open_dataset(config.data, split=config.split)
+        forced = {only} if only else set(stages[stages.index(start):]) if start else set()
+        done: dict[str, str] = {}
+        seconds: dict[str, float] = {}
+        keys: dict[str, str] = {}
+
+        # -- the models: checkpoints given, or trained (stage "train")
+        tags, paths = _model_paths(config, root)
+        base = {"data": images.fingerprint, "split": config.split, "device": config.device}
+        for i, stage in enumerate(stages, start=1):
+            if stage == "train":
+                material = {"stage": "train", **base, "models": _train_material(config)}
+            else:
+                material = {"stage": stage, **base, "config": _stage_config(config, stage),
+                            "eval_splits": list(config.eval_splits), "upstream": [keys[n] for n in NEEDS[stage]
+                                                                                   if n in keys],
+                            "checkpoints": [checkpoint_sha256(p) if p.is_file() else None for p in paths]}
+            keys[stage] = _key(material)
+            stored = record.get(stage, {}).get("key") == keys[stage] and _present(root, stage, paths,
+                                                                                  record.get(stage, {}))
+            if stored and stage not in forced:
+                done[stage] = "cached"
+                say(f"[{i}/{len(stages)}] {stage}: stored result still valid (key {keys[stage][:12]})")
+                continue
+            if only and stage != only:
+                if stage in _upstream(only) and not stored:
+                    raise MergescopeError(f"--only {only}: stage {stage}, which it reads, is not stored or out of "
+                                          f"date; run the study without --only first")
+                continue
+            say(f"[{i}/{len(stages)}] {stage}: running")
+            t0 = time.perf_counter()
+            _run_stage(stage, config, root, tags, paths, progress)
+            seconds[stage] = time.perf_counter() - t0
+            # every stage that reads this one is out of date now, whatever its key says
+            for later in stages[i:]:
+                if stage in NEEDS[later] and later != stage:
+                    record.pop(later, None)
+            record[stage] = {"key": keys[stage], "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             "seconds": round(seconds[stage], 3)}
+            if stage == "train":
+                record[stage]["sha256"] = [checkpoint_sha256(p) for p in paths]
+            write_json(record_path, record)
+            done[stage] = "ran"
+            say(f"[{i}/{len(stages)}] {stage}: done in {seconds[stage]:.1f} s")
+        write_json(root / "study.json", {"config": config.options, "stages": stages,
+                                         "models": dict(zip(tags, map(str, paths)))})
+        report = _overview(root, stages)
+    return StudyOutcome(done, report, root, seconds)
+
+
+def _upstream(stage: str) -> set[str]:
+    """Every stage ``stage`` reads, directly or not."""
+    out: set[str] = set()
+    for n in NEEDS[stage]:
+        out |= {n, *_upstream(n)}
+    return out
+
+
+def _model_paths(config: StudyConfig, root: Path) -> tuple[list[str], list[Path]]:
+    m = config.models
+    if m.checkpoints:
+        if m.seeds or m.parts:
+            raise MergescopeError("study: [models] takes checkpoints or seeds (to train), not both")
+        paths = [Path(c) for c in m.checkpoints]
+    else:
+        n = max(len(m.seeds), len(m.parts))
+        if n < 2:
+            raise MergescopeError("study: [models] needs at least two models: seeds = [0, 1, ...] (or parts = "
+                                  "[\"a\", \"b\"]) to train, or checkpoints = [...]")
+        paths = [root / "checkpoints" / f"model_{t}.safetensors" for t in model_tags(n)]
+    return model_tags(len(paths)), paths
+
+
+def _train_material(config: StudyConfig) -> list[dict]:
+    m = config.models
+    n = max(len(m.seeds), len(m.parts))
+    seeds = list(m.seeds) or [0] * n
+    parts = list(m.parts) or [None] * n
+    if len(seeds) != n or len(parts) != n:
+        raise MergescopeError(f"study: [models] seeds ({len(m.seeds)}) and parts ({len(m.parts)}) must be as many")
+    return [{**asdict(m.train), "seed": s, "part": p} for s, p in zip(seeds, parts)]
+
+
+def _stage_config(config: StudyConfig, stage: str) -> Any:
+    value = getattr(config, stage)
+    if isinstance(value, tuple):
+        return [asdict(value[0]), *value[1:]]
+    return asdict(value)
+
+
+def _present(root: Path, stage: str, paths: Sequence[Path], entry: Mapping) -> bool:
+    """Whether a stage's stored result is there (trained checkpoints: unchanged since they were trained)."""
+    if stage == "train":
+        from ..train import checkpoint_sha256
+
+        return all(p.is_file() for p in paths) and [checkpoint_sha256(p) for p in paths] == entry.get("sha256")
+    folder = root / FOLDERS[stage]
+    marker = {"compare": "compare.csv", "regress": "regression.csv"}.get(stage, "manifest.json")
+    return (folder / marker).is_file()
+
+
+def _inputs(config: StudyConfig, paths: Sequence[Path], out: Path, stats_images: int | None = None) -> StudyInputs:
+    m = config.models
+    return StudyInputs([str(p) for p in paths], config.data, str(out), arch=None if not m.checkpoints else m.arch,
+                       arch_kwargs=m.arch_kwargs if m.checkpoints else {}, split=config.split,
+                       eval_splits=list(config.eval_splits), stats_images=stats_images, device=config.device,
+                       progress=False, overwrite=True)
+
+
+def _run_stage(stage: str, config: StudyConfig, root: Path, tags: list[str], paths: list[Path], progress: bool) -> None:
+    from . import compare, merge, probe, regress, sweep, train
+
+    if stage == "train":
+        (root / "checkpoints").mkdir(parents=True, exist_ok=True)
+        for tag, path, material in zip(tags, paths, _train_material(config)):
+            cfg = train.TrainRunConfig(**material)
+            train.run_file(path, config.data, cfg, split=config.split, device=config.device, progress=progress,
+                           overwrite=True)
+        return
+    final = root / FOLDERS[stage]
+    adds = stage in ("compare", "regress")
+    staging = _stage_dir(root, stage, final if adds else None)
+    if stage == "sweep":
+        cfg, stats_images = config.sweep
+        inputs = _inputs(config, paths[:2], staging, stats_images)
+        sweep.run_folder(_progress(inputs, progress), cfg, options=config.options.get("sweep", {}))
+    elif stage == "features":
+        probe.run_folder(_progress(_inputs(config, paths, staging), progress), config.features,
+                         options=config.options.get("features", {}))
+    elif stage == "compare":
+        compare.run_folder(staging, config.compare, device=config.device, progress=progress, overwrite=True,
+                           options=config.options.get("compare", {}))
+    elif stage == "regress":
+        regress.run_folder(staging, config.regress, device=config.device, progress=progress, overwrite=True,
+                           options=config.options.get("regress", {}))
+    elif stage == "merge":
+        cfg, stats_images = config.merge
+        merge.run_folder(_progress(_inputs(config, paths, staging, stats_images), progress), cfg,
+                         options=config.options.get("merge", {}))
+    _commit(staging, final)
+
+
+def _progress(inputs: StudyInputs, progress: bool) -> StudyInputs:
+    inputs.progress = progress
+    return inputs
+
+
+def _overview(root: Path, stages: Sequence[str]) -> Path | None:
+    """The overview page over the stages' folders (``report.html``)."""
+    parts = {name: root / name for name in ("sweep", "features", "merge") if (root / name / "results.json").is_file()}
+    try:
+        from ..report.overview import render_overview
+    except ImportError:  # pragma: no cover - the overview page is written by report.overview
+        return None
+    out = render_overview(root, parts)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def answers(root: str | os.PathLike) -> list[str]:
+    """One line per question of the thesis (000 §3.2) with its answer, from what the study stored."""
+    root = Path(root)
+    lines = []
+
+    def load(name: str) -> dict | None:
+        path = root / name / "results.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    if (sweep := load("sweep")) is not None:
+        from ..report import headline
+
+        lines.append(f"Interpolation (Fig. 3.1): {headline(sweep['rows'], sweep['endpoints'])}")
+    features = load("features")
+    compare = (features or {}).get("compare")
+    if compare:
+        rule = compare["rules"]["observation3"]
+        metric = rule["metric"]
+        partial = compare.get("partial_merge") or []
+        half = [r for r in partial if abs(r["fraction"] - 0.5) < 1e-9]
+        top = {r["metric"]: r["accuracy"] for r in half if r["direction"] == "top" and r["metric"] != "random"}
+        rand = [r["accuracy"] for r in half if r["metric"] == "random"]
+        if top and rand:
+            best = max(top, key=top.get)
+            name = best
+            if best == "clip_delta" and (compare.get("embedder") or {}).get("kind") != "clip":
+                name = "fallback-δ (δ's formula on the fallback embedder, not CLIP)"
+            spread = (max(rand) - min(rand)) / 2
+            lines.append(f"Partial merging (Fig. 3.2): merging the 50% of channels most similar by {name} keeps "
+                         f"{100 * top[best]:.1f}% accuracy vs {100 * _mean(rand):.1f}% ± {100 * spread:.1f} for "
+                         f"random channels ({len(rand)} seeds)")
+        pair = [r for r in compare["layers"] if f"share_similar_{metric}" in r]
+        if pair:
+            share = _mean([r[f"share_similar_{metric}"] for r in pair])
+            lines.append(f"Observation 1: {100 * share:.1f}% of matched channels are similar by {metric} (beyond "
+                         f"the unmatched-channel null's {rule['quantile']:g} quantile; mean over {len(pair)} "
+                         "layer × model pairs)")
+        obs3 = [r for r in compare.get("observation3", []) if "share_all similar" in r]
+        if obs3:
+            thesis = compare["thesis"]
+            shares = {k: 100 * _mean([r[f"share_{k}"] for r in obs3])
+                      for k in ("all similar", "most similar", "all dissimilar")}
+            lines.append("Observation 3: " + ", ".join(f"{k} {v:.1f}% (thesis {thesis[k]})" for k, v in shares.items())
+                         + f", {metric}, mean over {len(obs3)} layers")
+    regression = (features or {}).get("regression")
+    if regression:
+        by_label: dict[str, list[float]] = {}
+        for r in regression["summary"]:
+            if r.get("mean_recovered") is not None:
+                by_label.setdefault(r["label"], []).append(r["mean_recovered"])
+        if "m=1 refit" in by_label and "all" in by_label:
+            lines.append(f"Observation 4 (Fig. 3.5): a regressed channel recovers {100 * _mean(by_label['m=1 refit']):.1f}"
+                         f"% of A's top-{regression['info']['k']} images with one weight and "
+                         f"{100 * _mean(by_label['all']):.1f}% with all (mean over layers, held-out images)")
+    if (many := load("merge")) is not None and many.get("headline"):
+        lines.append(f"N-model merge: {many['headline']}")
+    return lines
