@@ -311,7 +311,9 @@ def overview_context(study_dir: str | os.PathLike, parts: Mapping[str, os.PathLi
     parts = {name: Path(p) for name, p in parts.items()}
     loaded = {name: _load(p) for name, p in parts.items()}
     rel = {name: _rel(p, study_dir) for name, p in parts.items()}
-    ctx: dict = {"parts": rel, "models": _models(loaded), "dataset": _dataset(loaded)}
+    ctx: dict = {"parts": rel, "models": _models(loaded), "dataset": _dataset(loaded), "names": {}, "rules": {},
+                 "labels": {}, "files": {}, "figures": {}, "feature_pages": [], "consensus_metric": "",
+                 **dict.fromkeys(("q1", "q2", "obs1", "obs2", "obs3", "obs4", "merge", "features_report"))}
     if "sweep" in loaded:
         ctx["q1"] = interpolation_answer(loaded["sweep"], rel["sweep"])
         figures = sorted((parts["sweep"] / "figures").glob("interpolation_*.png"),
