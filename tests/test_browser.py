@@ -62,6 +62,7 @@ Promise.all([...urls].map(u => new Promise(ok => {
 """
 _IMAGES = "return Array.from(document.images, i => [i.src, i.complete, i.naturalWidth]);"
 _LINKS = "return Array.from(document.querySelectorAll('a[href]'), a => a.href);"
+_SORTABLE = "return document.querySelectorAll('th.sort').length;"
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,8 @@ def _pages(run_dir: Path) -> list[Path]:
 
 @pytest.fixture(scope="module")
 def visits(run_dir, driver) -> dict[Path, dict]:
-    """Each HTML page of the run, opened once: {"title", "images", "backgrounds", "links", "console"}."""
+    """Each HTML page of the run, opened once: {"title", "images", "backgrounds", "links", "sortable" (the
+    number of sortable column headers), "console"}."""
     driver.get_log("browser")  # drop anything logged before the first page
     out = {}
     for page in _pages(run_dir):
@@ -99,16 +101,16 @@ def visits(run_dir, driver) -> dict[Path, dict]:
         assert driver.execute_script("return document.readyState") == "complete", page
         out[page] = {"title": driver.title, "images": driver.execute_script(_IMAGES),
                      "backgrounds": driver.execute_async_script(_LOAD_BACKGROUNDS),
-                     "links": driver.execute_script(_LINKS), "console": driver.get_log("browser")}
+                     "links": driver.execute_script(_LINKS), "sortable": driver.execute_script(_SORTABLE),
+                     "console": driver.get_log("browser")}
     return out
 
 
 def test_the_report_and_every_feature_page_and_channel_table_load(run_dir, visits):
-    names = {p.relative_to(run_dir).as_posix() for p in visits}
-    assert "report.html" in names
-    features = {n for n in names if n.startswith("features/")}
-    assert any(n.startswith("features/table_") for n in features), sorted(names)
-    assert any(n.startswith("features/pair_") for n in features) and any(n.startswith("features/many_") for n in features)
+    assert run_dir / "report.html" in visits
+    names = sorted(p.name for p in visits)
+    for kind in ("table_", "pair_", "many_"):  # channel tables; feature pages of A and B, of every model
+        assert any(n.startswith(kind) for n in names), f"no {kind}*.html page: {names}"
     untitled = [n for p, v in visits.items() if not v["title"] for n in [p.relative_to(run_dir).as_posix()]]
     assert not untitled, f"pages without a title (not rendered?): {untitled}"
 
@@ -180,8 +182,10 @@ def test_a_screenshot_of_the_report_is_written(run_dir, driver, tmp_path):
 
 # ---------------------------------------------------------------- sorting the channel tables
 
-_COLUMN = "return Array.from(document.getElementById('channels').tBodies[0].rows, r => r.cells[arguments[0]].dataset.v);"
-_CHANNELS = "return Array.from(document.getElementById('channels').tBodies[0].rows, r => r.cells[0].dataset.v);"
+_ROWS = "document.getElementById('channels').tBodies[0].rows"
+_COLUMN = f"return Array.from({_ROWS}, r => r.cells[arguments[0]].dataset.v);"
+_CHANNELS = f"return Array.from({_ROWS}, r => r.cells[0].dataset.v);"
+_HEADS = "#channels thead tr:first-child th"
 _TEXT_SORTED = "const v = arguments[0]; return v.every((x, i) => i === 0 || v[i - 1].localeCompare(x) <= 0);"
 
 
@@ -197,29 +201,31 @@ def _in_order(driver, values: list[str], numeric: bool, descending: bool) -> boo
     return driver.execute_script(_TEXT_SORTED, defined[::-1] if descending else defined)
 
 
-def test_clicking_a_column_header_sorts_the_channel_table_and_a_second_click_reverses_it(run_dir, driver):
-    tables = sorted((run_dir / "features").glob("table_*.html"))
-    assert tables
+def test_clicking_a_column_header_sorts_the_channel_table_and_a_second_click_reverses_it(run_dir, driver, visits):
+    """Every page with a sortable table (the channel tables under features/, and any other), every sortable
+    column: ascending after a click, descending after the second, undefined values last both times."""
+    tables = [p for p, v in visits.items() if v["sortable"]]
+    assert any(p.name.startswith("table_") for p in tables), sorted(p.name for p in tables)
     driver.get_log("browser")  # what earlier tests' pages logged is judged (or not) by them
     reordered = 0
     for table in tables:
         driver.get(table.as_uri())
-        heads = driver.find_elements("css selector", "#channels thead th")
+        heads = driver.find_elements("css selector", _HEADS)
         channels = sorted(driver.execute_script(_CHANNELS), key=int)
         assert len(channels) > 2
         sortable = [(i, th) for i, th in enumerate(heads) if "sort" in th.get_attribute("class").split()]
-        assert len(sortable) > 3, table.name
+        assert len(sortable) == visits[table]["sortable"] > 3, f"{table.name}: sortable headers outside #channels"
         for col, th in sortable:
             numeric = th.get_attribute("data-num") == "1"
             before = driver.execute_script(_COLUMN, col)
             for descending in (False, True):
                 th.click()
                 after = driver.execute_script(_COLUMN, col)
-                where = f"{table.name}, column {col} ({th.text!r}), {'second' if descending else 'first'} click"
-                assert _in_order(driver, after, numeric, descending), f"{where}: not sorted: {after}"
+                where = f"{table.relative_to(run_dir)}, column {col}, {'second' if descending else 'first'} click"
+                assert _in_order(driver, after, numeric, descending), f"{where} ({th.text!r}): not sorted: {after}"
                 assert sorted(driver.execute_script(_CHANNELS), key=int) == channels, f"{where}: rows lost"
                 assert ("desc" if descending else "asc") in th.get_attribute("class").split(), where
             reordered += not _in_order(driver, before, numeric, False)
         errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
-        assert not errors, f"{table.name}: console errors while sorting: {errors}"
+        assert not errors, f"{table.relative_to(run_dir)}: console errors while sorting: {errors}"
     assert reordered >= 3, "no column was out of order before its click: the test proved nothing"
