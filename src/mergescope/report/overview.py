@@ -244,39 +244,36 @@ def example_channels(tables: ChannelTables, compare: Mapping, regression: Mappin
       sparse) and the one with the smallest.
     """
     metric = compare["rules"]["observation3"]["metric"]
-    pairs = list(dict.fromkeys((s["reference"], s["model"]) for s in compare["layers"]))
-    ref, model = pairs[0]
-    first = [r for rows in tables.compare.values() for r in rows if (r["reference"], r["model"]) == (ref, model)]
-    out: dict[str, list[dict]] = {}
+    ref, model = next(iter(dict.fromkeys((s["reference"], s["model"]) for s in compare["layers"])))
+    first = [r for rows in tables.compare.values() for r in rows
+             if (r["reference"], r["model"]) == (ref, model) and _usable(r, metric)]
 
-    def pick(rows, key, categories, limit, value=lambda r: r[metric]):
+    def pick(candidates: Sequence[tuple[str | None, str, int, float]], categories: Sequence[str], limit: int):
+        """(category, layer, channel, value) -> the typical channel of each category, in order, at most ``limit``."""
         chosen = []
         for cat in categories:
-            found = typical([(r["layer"], r["channel"], value(r)) for r in rows if key(r) == cat and _usable(r, metric)])
+            found = typical([(layer, c, v) for k, layer, c, v in candidates if k == cat])
             if found and len(chosen) < limit:
                 chosen.append({"category": cat, "layer": found[0], "channel": found[1], "value": found[2],
                                "median": found[3], "metric": metric})
         return chosen
 
-    out["obs1"] = pick(first, lambda r: None if r.get(f"similar_{metric}") is None else
-                       "similar" if r[f"similar_{metric}"] else "not similar", ("similar", "not similar"), 2)
+    def judged(r: Mapping) -> str | None:
+        s = r.get(f"similar_{metric}")
+        return None if s is None else "similar" if s else "not similar"
+
+    out = {"obs1": pick([(judged(r), r["layer"], r["channel"], r[metric]) for r in first], ("similar", "not similar"), 2)}
     counts = {c: sum(1 for r in first if r.get("category") == c) for c in ("A", "B")}
-    dominant = "B" if counts["B"] > counts["A"] else "A"
-    out["obs2"] = pick(first, lambda r: r.get("category") or None,
-                       ("matched", dominant, "neither", "mixed", "B" if dominant == "A" else "A"), 3)
-    by_channel: dict[tuple[str, int], list[dict]] = {}
+    dominant, other = ("B", "A") if counts["B"] > counts["A"] else ("A", "B")
+    out["obs2"] = pick([(r.get("category"), r["layer"], r["channel"], r[metric]) for r in first],
+                       ("matched", dominant, "neither", "mixed", other), 3)
+    consensus = []  # the mean of the metric over the aligned models, per channel with a consensus category
     for (layer, channel), rows in tables.compare.items():
         mine = [r for r in rows if r["reference"] == ref]
-        if mine and mine[0].get("consensus"):
-            by_channel[layer, channel] = mine
-    consensus = []
-    for rows in by_channel.values():
-        vals = [r[metric] for r in rows if _usable(r, metric)]
-        if vals:
-            consensus.append({**rows[0], metric: float(np.mean(vals)), "dead": False,
-                              "kendall_defined": True, "clip_delta_defined": True})
-    out["obs3"] = pick(consensus, lambda r: r["consensus"],
-                       ("all similar", "most similar", "all dissimilar", "few similar"), 3)
+        vals = [r[metric] for r in mine if _usable(r, metric)]
+        if mine and mine[0].get("consensus") and vals:
+            consensus.append((mine[0]["consensus"], layer, channel, float(np.mean(vals))))
+    out["obs3"] = pick(consensus, ("all similar", "most similar", "all dissimilar", "few similar"), 3)
     hard = [h for rows in ((regression or {}).get("hard_channels") or {}).values() for h in rows]
     if hard:
         most = max(hard, key=lambda h: h["gap"])
@@ -309,6 +306,10 @@ def overview_context(study_dir: str | os.PathLike, parts: Mapping[str, os.PathLi
     if unknown:
         raise MergescopeError(f"unknown study part(s) {', '.join(unknown)}; allowed: {', '.join(PARTS)}")
     parts = {name: Path(p) for name, p in parts.items()}
+    inside = [name for name, p in parts.items() if p.resolve() == study_dir.resolve()]
+    if inside:
+        raise MergescopeError(f"the study folder {study_dir} is the {inside[0]} part itself: its report.html would be "
+                              "overwritten; give the folder that holds the parts")
     loaded = {name: _load(p) for name, p in parts.items()}
     rel = {name: _rel(p, study_dir) for name, p in parts.items()}
     ctx: dict = {"parts": rel, "models": _models(loaded), "dataset": _dataset(loaded), "names": {}, "rules": {},
