@@ -352,3 +352,21 @@ def test_missing_parts_still_render(study, tmp_path):
         assert ("sweep" in keep) == ("q1.test.naive.accuracy_barrier" in page.numbers)
     with pytest.raises(MergescopeError, match="unknown study part"):
         render_overview(tmp_path, {"merges": parts["merge"]})
+    with pytest.raises(MergescopeError, match="would be overwritten"):
+        render_overview(parts["sweep"], {"sweep": parts["sweep"]})
+
+
+def test_layer_page_lists_every_channel_with_its_categories(study):
+    root, parts, out = study
+    layer = "features.9"
+    html = (root / "layers" / f"{layer}.html").read_text(encoding="utf-8")
+    rows = [r for r in _compare_rows(parts["features"]) if r["layer"] == layer]
+    body = html[html.index("<tbody>"):html.index("</tbody>")]
+    links = re.findall(r'<a href="\.\./channels/features\.9/c(\d+)\.html">', body)
+    assert [int(c) for c in links] == list(range(32))
+    options = re.findall(r"<select[^>]*>(.*?)</select>", html, flags=re.S)
+    assert len(options) == 2  # Observation 2's category and Observation 3's consensus
+    for column, select in zip(("category", "consensus"), options):
+        values = {r[column] for r in rows if r[column]}
+        assert re.findall(r"<option>(.*?)</option>", select) == sorted(values)
+    assert f'src="../features/figures/compare_{layer}.png"' in html
