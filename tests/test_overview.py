@@ -370,3 +370,17 @@ def test_layer_page_lists_every_channel_with_its_categories(study):
         values = {r[column] for r in rows if r[column]}
         assert re.findall(r"<option>(.*?)</option>", select) == sorted(values)
     assert f'src="../features/figures/compare_{layer}.png"' in html
+
+
+def test_only_example_channel_pages_when_asked(study, tmp_path):
+    root, parts, _ = study
+    shutil.copytree(parts["features"], tmp_path / "features")
+    out = render_overview(tmp_path, {"features": tmp_path / "features"}, all_channels=False)
+    pages = {p.relative_to(tmp_path).as_posix() for p in out.files if "channels" in p.parts}
+    examples = {e["href"] for e in _parse(out.path).examples}
+    assert pages == examples and 2 <= len(pages) <= 10
+    for path in out.files:
+        if path.suffix == ".html":
+            page = _parse(path)
+            for url in [*page.hrefs, *page.srcs, *page.urls]:
+                assert _resolves(path.parent, url), f"{path.relative_to(tmp_path)}: {url}"

@@ -143,11 +143,14 @@ def render_channel_pages(study_dir: str | os.PathLike, features_dir: str | os.Pa
     study_dir, features_dir = Path(study_dir), Path(features_dir)
     images = images or (ChannelImages(features_dir) if (features_dir / "probe").is_dir() else None)
     tables = tables or ChannelTables.read(features_dir)
+    every = channels is None
     if channels is None:
         layers = list(dict.fromkeys([*(images.layers if images else []), *tables.layers()]))
         channels = [(layer, c) for layer in layers
                     for c in (range(images.channels(layer)) if images and images.channels(layer) else
                               tables.channels(layer))]
+    channels = list(channels)
+    chosen = set(channels)
     template = _environment().get_template("channel.html")
     features_rel = Path(os.path.relpath(features_dir, study_dir)).as_posix()
     written = {}
@@ -161,8 +164,8 @@ def render_channel_pages(study_dir: str | os.PathLike, features_dir: str | os.Pa
                  for s in ("pair", "many", "regress") if images and images.shows(s, layer, channel)]
         html = template.render(
             title=f"{layer} · channel {channel}", layer=layer, channel=channel, root=rel,
-            prev=f"c{channel - 1}.html" if channel > 0 else None,
-            next=f"c{channel + 1}.html" if channel + 1 < count else None,
+            prev=f"c{channel - 1}.html" if channel > 0 and (every or (layer, channel - 1) in chosen) else None,
+            next=f"c{channel + 1}.html" if channel + 1 < count and (every or (layer, channel + 1) in chosen) else None,
             layer_href=f"{rel}/{layer_href[layer]}" if layer_href and layer in layer_href else None,
             views=views, tile=TILE,
             rows=sheets.rows(layer, channel, ("pair", "many")), regress_rows=sheets.rows(layer, channel, ("regress",)),

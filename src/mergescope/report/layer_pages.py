@@ -6,7 +6,7 @@ Read from the feature study's ``compare.csv`` and ``regression.csv`` (:class:`Ch
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection
 from pathlib import Path
 
 from ..runs.atomic import atomic_write_text
@@ -27,9 +27,10 @@ def _full_fit(rows) -> dict | None:
     return max(rows, key=lambda r: (r["m"], not r["refit"]), default=None)
 
 
-def layer_table(tables: ChannelTables, layer: str) -> tuple[list[dict], list[dict]]:
+def layer_table(tables: ChannelTables, layer: str, linked: Collection[tuple[str, int]] | None = None,
+                ) -> tuple[list[dict], list[dict]]:
     """Headers ({"name", "num"}) and rows ({"channel", "href", "dead", "cells": [{"text", "sort", "similar"}]})
-    of one layer's channel table (hrefs relative to the study folder)."""
+    of one layer's channel table (hrefs relative to the study folder; None for a channel not in ``linked``)."""
     channels = tables.channels(layer)
     models = list(dict.fromkeys(r["model"] for c in channels for r in tables.compare.get((layer, c), [])))
     headers = []
@@ -67,13 +68,18 @@ def layer_table(tables: ChannelTables, layer: str) -> tuple[list[dict], list[dic
                 cells.append({"text": "" if v is None else f"{v:.3f}", "sort": "" if v is None or r.get("dead") else f"{v:.6g}",
                               "similar": bool(r.get(f"similar_{col}"))})
         dead = any(r["dead"] for r in by_model.values())
-        rows.append({"channel": c, "href": channel_page(layer, c), "dead": dead, "cells": cells})
+        href = channel_page(layer, c) if linked is None or (layer, c) in linked else None
+        rows.append({"channel": c, "href": href, "dead": dead, "cells": cells})
     return [{"name": h["name"], "num": h["num"]} for h in headers], rows
 
 
 def render_layer_pages(study_dir: str | os.PathLike, features_dir: str | os.PathLike,
-                       tables: ChannelTables | None = None) -> dict[str, Path]:
+                       tables: ChannelTables | None = None, linked: Collection[tuple[str, int]] | None = None,
+                       ) -> dict[str, Path]:
     """Write ``study_dir/layers/<layer>.html`` for every layer of the feature study in ``features_dir``.
+
+    Args:
+        linked: the (layer, channel) whose channel pages exist (default: all): only those are linked.
 
     Returns:
         layer -> the page written.
@@ -88,7 +94,7 @@ def render_layer_pages(study_dir: str | os.PathLike, features_dir: str | os.Path
         feats = Path(os.path.relpath(features_dir, path.parent)).as_posix()
         histogram = features_dir / FIGURES_DIR / f"compare_{_safe(layer)}.png"
         table = features_dir / "features" / table_name(layer)
-        headers, rows = layer_table(tables, layer)
+        headers, rows = layer_table(tables, layer, linked)
         filters = [sorted({r["cells"][i]["text"] for r in rows} - {""}) if not h["num"] else None
                    for i, h in enumerate(headers)]
         html = template.render(
@@ -99,9 +105,4 @@ def render_layer_pages(study_dir: str | os.PathLike, features_dir: str | os.Path
     return written
 
 
-def layer_hrefs(pages: Mapping[str, Path], study_dir: Path) -> dict[str, str]:
-    """layer -> its page relative to the study folder."""
-    return {layer: p.relative_to(study_dir).as_posix() for layer, p in pages.items()}
-
-
-__all__ = ["LAYERS_DIR", "layer_hrefs", "layer_page", "layer_table", "render_layer_pages"]
+__all__ = ["LAYERS_DIR", "layer_page", "layer_table", "render_layer_pages"]

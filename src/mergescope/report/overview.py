@@ -34,7 +34,7 @@ from .features import TILE
 from .headline import best_and_baseline
 from .html import REPORT_NAME, _environment
 from .interpolation import barriers, splits
-from .layer_pages import layer_hrefs, render_layer_pages
+from .layer_pages import layer_page, render_layer_pages
 
 PARTS = ("sweep", "features", "merge")
 O2_CATEGORIES = ("A", "B", "mixed", "neither", "undefined")
@@ -402,10 +402,10 @@ def render_overview(study_dir: str | os.PathLike, parts: Mapping[str, os.PathLik
         tables = ChannelTables.read(fdir)
         features = _load(fdir)
         examples = example_channels(tables, features["compare"], features.get("regression"))
-        layer_pages = render_layer_pages(study_dir, fdir, tables)
-        hrefs = layer_hrefs(layer_pages, study_dir)
+        hrefs = {layer: layer_page(layer) for layer in tables.layers()}
         chosen = None if all_channels else sorted({(e["layer"], e["channel"]) for ex in examples.values() for e in ex})
         pages = render_channel_pages(study_dir, fdir, chosen, images=images, tables=tables, layer_href=hrefs)
+        layer_pages = render_layer_pages(study_dir, fdir, tables, linked=set(pages))
         files += [*layer_pages.values(), *pages.values()]
         sheets = TileSheets(images, study_dir)
         ref, model = next(iter(dict.fromkeys((s["reference"], s["model"]) for s in features["compare"]["layers"])))
