@@ -36,8 +36,10 @@ def study(tmp_path_factory):
         assert main(["train", "--arch", "cnn_digits", "--arch-kwargs", '{"width": 8}', "--data", "digits",
                      "--epochs", "3", "--seed", str(seed), "--out", str(ckpt / name), "--quiet"]) == 0
     a, b, c = (str(ckpt / n) for n in names)
-    assert main(["sweep", a, b, "--data", "digits", "--out", str(root / "sweep"), "--alpha-step", "0.1", "--quiet"]) == 0
-    assert main(["probe", a, b, c, "--alpha", "0.5", "--data", "digits", "--out", str(root / "features"), "--quiet"]) == 0
+    assert main(["sweep", a, b, "--data", "digits", "--out", str(root / "sweep"), "--alpha-step", "0.1",
+                 "--quiet"]) == 0
+    assert main(["probe", a, b, c, "--alpha", "0.5", "--data", "digits", "--out", str(root / "features"),
+                 "--quiet"]) == 0
     assert main(["compare", str(root / "features"), "--partial-merge", "--seeds", "0", "1", "--quiet"]) == 0
     assert main(["regress", str(root / "features"), "--quiet"]) == 0
     assert main(["merge", a, b, c, "--data", "digits", "--out", str(root / "merge"), "--quiet"]) == 0
@@ -183,7 +185,8 @@ def test_observations_1_2_match_the_comparison(study):
             value, text = page.numbers[f"obs2.{r['layer']}.{c}"]
             assert _number(value) == r[f"share_{c}"] and text == _percent(r[f"share_{c}"])
     for c in ("A", "B", "mixed", "neither"):
-        pooled = sum(r[f"n_{c}"] for r in compare["observation2"]) / sum(r["unmatched"] for r in compare["observation2"])
+        o2 = compare["observation2"]
+        pooled = sum(r[f"n_{c}"] for r in o2) / sum(r["unmatched"] for r in o2)
         assert page.numbers[f"obs2.pooled.{c}"][1] == _percent(pooled)
 
 
@@ -249,8 +252,8 @@ def test_example_channels_are_the_most_typical_and_link_to_their_pages(study):
         assert (root / e["href"]).is_file(), e["href"]
         assert len(e["tiles"]) >= 2 * 10 and all(t.startswith("image ") for t in e["tiles"])
     # Observation 1's "similar" example: among A vs B's usable similar channels (τ), the one closest to their median
-    rows = [r for r in _compare_rows(parts["features"]) if r["model"] == "B_aligned" and r["similar_kendall_tau"] == "true"
-            and r["dead"] == "false" and r["kendall_defined"] == "true"]
+    rows = [r for r in _compare_rows(parts["features"]) if r["model"] == "B_aligned"
+            and r["similar_kendall_tau"] == "true" and r["dead"] == "false" and r["kendall_defined"] == "true"]
     taus = np.array([float(r["kendall_tau"]) for r in rows])
     best = rows[int(np.argmin(np.abs(taus - np.median(taus))))]
     assert by_key["obs1"][0]["href"] == f"channels/{best['layer']}/c{best['channel']}.html"

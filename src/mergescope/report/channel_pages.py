@@ -83,8 +83,8 @@ def metric_cells(rows: Sequence[Mapping], delta: str) -> list[dict]:
         cells = []
         for r in rows:
             v, similar, t = r.get(metric), r.get(f"similar_{metric}"), r.get(f"null_threshold_{metric}")
-            usable = v is not None and not r["dead"] and {"kendall_tau": r.get("kendall_defined", True),
-                                                          "clip_delta": r.get("clip_delta_defined", True)}.get(metric, True)
+            flag = {"kendall_tau": "kendall_defined", "clip_delta": "clip_delta_defined"}.get(metric)
+            usable = v is not None and not r["dead"] and (flag is None or bool(r.get(flag, True)))
             side = "<" if metric == "clip_delta" else ">"
             cells.append({"value": v, "usable": usable,
                           "judged": "—" if similar is None else "similar" if similar else "not similar",
@@ -143,7 +143,6 @@ def render_channel_pages(study_dir: str | os.PathLike, features_dir: str | os.Pa
     study_dir, features_dir = Path(study_dir), Path(features_dir)
     images = images or (ChannelImages(features_dir) if (features_dir / "probe").is_dir() else None)
     tables = tables or ChannelTables.read(features_dir)
-    every = channels is None
     if channels is None:
         layers = list(dict.fromkeys([*(images.layers if images else []), *tables.layers()]))
         channels = [(layer, c) for layer in layers
@@ -159,13 +158,12 @@ def render_channel_pages(study_dir: str | os.PathLike, features_dir: str | os.Pa
         rel = Path(os.path.relpath(study_dir, path.parent)).as_posix()
         rows = tables.compare.get((layer, channel), [])
         sheets = TileSheets(images, path.parent)
-        count = images.channels(layer) if images and images.channels(layer) else len(tables.channels(layer))
         views = [{"slug": s, "href": f"{rel}/{features_rel}/{images.page_href(s, layer, channel)}"}
                  for s in ("pair", "many", "regress") if images and images.shows(s, layer, channel)]
         html = template.render(
             title=f"{layer} · channel {channel}", layer=layer, channel=channel, root=rel,
-            prev=f"c{channel - 1}.html" if channel > 0 and (every or (layer, channel - 1) in chosen) else None,
-            next=f"c{channel + 1}.html" if channel + 1 < count and (every or (layer, channel + 1) in chosen) else None,
+            prev=f"c{channel - 1}.html" if (layer, channel - 1) in chosen else None,
+            next=f"c{channel + 1}.html" if (layer, channel + 1) in chosen else None,
             layer_href=f"{rel}/{layer_href[layer]}" if layer_href and layer in layer_href else None,
             views=views, tile=TILE,
             rows=sheets.rows(layer, channel, ("pair", "many")), regress_rows=sheets.rows(layer, channel, ("regress",)),

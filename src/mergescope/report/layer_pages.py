@@ -37,12 +37,14 @@ def layer_table(tables: ChannelTables, layer: str, linked: Collection[tuple[str,
     for m in models:
         headers += [{"name": f"{tables.delta if metric == 'clip_delta' else name} {model_label(m)}", "num": True,
                      "key": (m, metric)} for metric, name in METRIC_NAMES]
-    present = {col for c in channels for r in tables.compare.get((layer, c), []) for col, _ in _TEXT_COLUMNS if r.get(col)}
+    present = {col for c in channels for r in tables.compare.get((layer, c), [])
+               for col, _ in _TEXT_COLUMNS if r.get(col)}
     headers += [{"name": name, "num": False, "key": ("", col)} for col, name in _TEXT_COLUMNS if col in present]
     has_regression = any((layer, c) in tables.regression for c in channels)
     if has_regression:
         headers += [{"name": n, "num": True, "key": ("regression", k)}
-                    for k, n in (("r2_heldout", "R² all weights (held-out)"), ("recovered", "recovered top-k, all weights"),
+                    for k, n in (("r2_heldout", "R² all weights (held-out)"),
+                                 ("recovered", "recovered top-k, all weights"),
                                  ("recovered_1", "recovered top-k, m = 1 (as kept)"))]
     headers = [h for h in headers if h["key"][1] != "clip_delta" or any(
         r.get("clip_delta") is not None for c in channels for r in tables.compare.get((layer, c), []))]
@@ -65,7 +67,8 @@ def layer_table(tables: ChannelTables, layer: str, linked: Collection[tuple[str,
             else:
                 r = by_model.get(model, {})
                 v = r.get(col)
-                cells.append({"text": "" if v is None else f"{v:.3f}", "sort": "" if v is None or r.get("dead") else f"{v:.6g}",
+                cells.append({"text": "" if v is None else f"{v:.3f}",
+                              "sort": "" if v is None or r.get("dead") else f"{v:.6g}",
                               "similar": bool(r.get(f"similar_{col}"))})
         dead = any(r["dead"] for r in by_model.values())
         href = channel_page(layer, c) if linked is None or (layer, c) in linked else None

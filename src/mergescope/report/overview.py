@@ -162,10 +162,11 @@ def observation3(compare: Mapping) -> dict | None:
     thesis = dict(compare.get("thesis") or {})
     ranges = thesis_ranges(thesis)
     pooled = {c: _pooled(rows, f"n_{c}", "channels") for c in O3_CATEGORIES}
-    verdict = {}
+    verdict: dict[str, str | None] = dict.fromkeys(ranges)
     for c, (lo, hi) in ranges.items():
         v = pooled[c]
-        verdict[c] = None if v is None else "inside" if lo - 1e-12 <= v <= hi + 1e-12 else "below" if v < lo else "above"
+        if v is not None:
+            verdict[c] = "inside" if lo - 1e-12 <= v <= hi + 1e-12 else "below" if v < lo else "above"
     return {"rows": rows, "pooled": pooled, "thesis": thesis, "ranges": ranges, "verdict": verdict,
             "models": rows[0]["models"] + 1, "rule": compare["rules"]["observation3"]}
 
@@ -262,7 +263,8 @@ def example_channels(tables: ChannelTables, compare: Mapping, regression: Mappin
         s = r.get(f"similar_{metric}")
         return None if s is None else "similar" if s else "not similar"
 
-    out = {"obs1": pick([(judged(r), r["layer"], r["channel"], r[metric]) for r in first], ("similar", "not similar"), 2)}
+    out = {"obs1": pick([(judged(r), r["layer"], r["channel"], r[metric]) for r in first],
+                        ("similar", "not similar"), 2)}
     counts = {c: sum(1 for r in first if r.get("category") == c) for c in ("A", "B")}
     dominant, other = ("B", "A") if counts["B"] > counts["A"] else ("A", "B")
     out["obs2"] = pick([(r.get("category"), r["layer"], r["channel"], r[metric]) for r in first],
@@ -388,7 +390,8 @@ def render_overview(study_dir: str | os.PathLike, parts: Mapping[str, os.PathLik
         :class:`Overview` (path, files): the page and every file written, the page last.
 
     Example:
-        >>> path, files = render_overview("runs/study", {"sweep": "runs/study/sweep", "features": "runs/study/features"})
+        >>> path, files = render_overview("runs/study", {"sweep": "runs/study/sweep",
+        ...                                              "features": "runs/study/features"})
     """
     study_dir = Path(study_dir)
     ctx = overview_context(study_dir, parts)
