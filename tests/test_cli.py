@@ -22,16 +22,21 @@ def demo_dir(tmp_path_factory):
     return out
 
 
-def test_demo_writes_a_complete_run_folder(demo_dir):
-    for name in ("report.html", "interpolation.csv", "manifest.json", "results.json", "probe/probe.safetensors",
+def test_demo_writes_a_complete_study_folder(demo_dir):
+    for name in ("report.html", "stages.json", "study.json", "sweep/interpolation.csv", "sweep/manifest.json",
+                 "sweep/results.json", "sweep/report.html", "features/probe/probe.safetensors",
                  "checkpoints/model_A.safetensors", "checkpoints/model_A.json", "checkpoints/model_C.safetensors",
-                 "features/pair_features.2.html", "features/many_features.9.html"):
+                 "features/features/pair_features.2.html", "features/features/many_features.9.html",
+                 "features/compare.csv", "features/regression.csv", "merge/merges.csv"):
         assert (demo_dir / name).is_file(), name
-    manifest = json.loads((demo_dir / "manifest.json").read_text())
-    assert manifest["config"]["demo"]["seeds"] == [0, 1, 2]
-    assert set(manifest["sha256"]) >= {"interpolation.csv", "report.html", "checkpoints/model_A.safetensors"}
+    assert list(json.loads((demo_dir / "stages.json").read_text())) == ["train", "sweep", "features", "compare",
+                                                                          "regress", "merge"]
+    manifest = json.loads((demo_dir / "sweep" / "manifest.json").read_text())
+    assert set(manifest["sha256"]) >= {"interpolation.csv", "report.html", "alignment.safetensors"}
     assert manifest["environment"]["torch"] == torch.__version__
-    rows = read_csv(demo_dir / "interpolation.csv")
+    assert [m["checkpoint"] for m in manifest["models"].values()] == [
+        str(demo_dir / "checkpoints" / f"model_{t}.safetensors") for t in "AB"]
+    rows = read_csv(demo_dir / "sweep" / "interpolation.csv")
     methods = {r["method"] for r in rows}
     assert methods == {"naive", "permuted", "permuted+repair", "permuted+reset", "cca+repair", "regression+repair"}
     assert len(rows) == 6 * 21 * 2  # methods × α × splits
@@ -40,35 +45,35 @@ def test_demo_writes_a_complete_run_folder(demo_dir):
 def test_demo_compares_channels(demo_dir):
     from mergescope.compare import read_compare_csv
 
-    rows = read_compare_csv(demo_dir / "compare.csv")
+    rows = read_compare_csv(demo_dir / "features" / "compare.csv")
     assert len(rows) == 2 * (16 + 32 + 64)  # B and C aligned to A × every channel of the 3 layers (width 16)
     assert {r["embedder_kind"] for r in rows} == {"fallback"}
-    results = json.loads((demo_dir / "results.json").read_text())
+    results = json.loads((demo_dir / "features" / "results.json").read_text())
     assert [s["title"] for s in results["sections"]] == ["Feature visualization", "Channel comparison",
-                                                         "Merging 3 models"]
+                                                         "Regression alignment"]
     partial = results["compare"]["partial_merge"]
     assert len({r["accuracy"] for r in partial if r["fraction"] == 1.0}) == 1  # every curve ends at the full merge
-    assert (demo_dir / "features" / "table_features.9.html").is_file()
+    assert (demo_dir / "features" / "features" / "table_features.9.html").is_file()
 
 
 def test_demo_repair_beats_direct_average_at_midpoint(demo_dir):
-    b = {(r["method"], r["split"]): r for r in barriers(read_csv(demo_dir / "interpolation.csv"))}
+    b = {(r["method"], r["split"]): r for r in barriers(read_csv(demo_dir / "sweep" / "interpolation.csv"))}
     assert b["permuted+repair", "test"]["midpoint_accuracy"] > b["naive", "test"]["midpoint_accuracy"] + 0.2
     assert b["permuted+repair", "test"]["loss_barrier"] < b["naive", "test"]["loss_barrier"]
 
 
 def test_demo_merges_all_three_models(demo_dir):
-    results = json.loads((demo_dir / "results.json").read_text())
+    results = json.loads((demo_dir / "merge" / "results.json").read_text())
     many = results["many"]
-    acc = {r["method"]: r["accuracy"] for r in many["rows"]}
+    acc = {r["method"]: r["accuracy"] for r in many["rows"] if r["split"] == "test"}
     assert acc["permuted+repair"] > acc["naive"] + 0.5
-    assert len(many["endpoints"]) == 3 and many["passes"]["repair/reset"] == 1
-    assert (demo_dir / "merges.csv").read_text().splitlines()[0] == "method,models,split,loss,accuracy"
-    html = (demo_dir / "report.html").read_text()
+    assert len(many["endpoints"]) == 3 * 2 and many["passes"]["repair/reset"] == 1  # 3 models × 2 splits
+    assert (demo_dir / "merge" / "merges.csv").read_text().splitlines()[0] == "method,models,split,loss,accuracy"
+    html = (demo_dir / "merge" / "report.html").read_text()
     assert "Merging 3 models" in html
     section = html[html.index("Merging 3 models"):]
     assert "<th>Corrects</th>" in section and many["corrections"]["permuted+repair"] in section
-    assert "merges.csv" in json.loads((demo_dir / "manifest.json").read_text())["sha256"]
+    assert "merges.csv" in json.loads((demo_dir / "merge" / "manifest.json").read_text())["sha256"]
 
 
 def test_merge_command_writes_a_run_folder(demo_dir, tmp_path):
@@ -78,9 +83,10 @@ def test_merge_command_writes_a_run_folder(demo_dir, tmp_path):
                  "permuted+repair", "cca+repair"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in results["many"]["rows"]] == ["naive", "permuted+repair", "cca+repair"]
-    demo = json.loads((demo_dir / "results.json").read_text())["many"]
-    assert [e["accuracy"] for e in results["many"]["endpoints"]] == [e["accuracy"] for e in demo["endpoints"]]
-    demo_rows = {r["method"]: r for r in demo["rows"]}
+    demo = json.loads((demo_dir / "merge" / "results.json").read_text())["many"]
+    assert [e["accuracy"] for e in results["many"]["endpoints"]] == [e["accuracy"] for e in demo["endpoints"]
+                                                                      if e["split"] == "test"]
+    demo_rows = {r["method"]: r for r in demo["rows"] if r["split"] == "test"}
     for r in results["many"]["rows"]:  # the same models and data: the same merges as the demo's
         assert r["accuracy"] == pytest.approx(demo_rows[r["method"]]["accuracy"], abs=0.006), r["method"]
     html = (out / "report.html").read_text()
@@ -90,27 +96,35 @@ def test_merge_command_writes_a_run_folder(demo_dir, tmp_path):
     assert "Merging 3 models" in (out / "report.html").read_text()
 
 
-def test_demo_refuses_to_overwrite_a_finished_run(demo_dir, capsys):
-    assert main(["demo", "--out", str(demo_dir), "--quiet"]) == 2
+def test_demo_rerun_reuses_every_stage_and_refuses_a_folder_that_is_not_a_study(demo_dir, tmp_path, capsys):
+    capsys.readouterr()
+    assert main(["demo", "--out", str(demo_dir), "--quiet"]) == 0
+    assert capsys.readouterr().out.count("stored result still valid") == 6
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    assert main(["demo", "--out", str(other), "--quiet"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "already holds a run" in err and len(err.splitlines()) == 1
+    assert err.startswith("error:") and "other than a mergescope study" in err and len(err.splitlines()) == 1
+    assert (other / "notes.txt").read_text() == "mine"
 
 
 def test_report_rerenders_from_stored_results(demo_dir):
-    (demo_dir / "report.html").unlink()
-    page = demo_dir / "features" / "pair_features.5.html"
+    run = demo_dir / "features"
+    (run / "report.html").unlink()
+    page = run / "features" / "pair_features.5.html"
     page.unlink()
-    assert main(["report", str(demo_dir)]) == 0
-    assert "permuted+repair" in (demo_dir / "report.html").read_text()
+    assert main(["report", str(run)]) == 0
+    assert "Channel comparison" in (run / "report.html").read_text()
     assert "B aligned to A" in page.read_text()  # rebuilt from the stored probe
 
 
 def test_feature_pages_show_the_models_top_images(demo_dir):
     from mergescope.probe import load_probe
 
-    probe = load_probe(demo_dir / "probe")
+    probe = load_probe(demo_dir / "features" / "probe")
     ids = probe["A", "features.5"].topk_ids
-    html = (demo_dir / "features" / "pair_features.5.html").read_text()
+    html = (demo_dir / "features" / "features" / "pair_features.5.html").read_text()
     first = html.index('id="c0"')
     assert f"image {int(ids[0, 0])} " in html[first:first + 4000]  # channel 0's best image is the first tile
 
@@ -239,13 +253,14 @@ def test_demo_stores_its_alignments_and_judges_the_correlation_against_its_null(
     from mergescope.align.store import correlation_matrices
     from mergescope.compare import read_compare_csv
 
-    manifest = json.loads((demo_dir / "manifest.json").read_text())
+    run = demo_dir / "features"
+    manifest = json.loads((run / "manifest.json").read_text())
     assert "alignment.safetensors" in manifest["sha256"]
-    html = (demo_dir / "report.html").read_text()
+    html = (run / "report.html").read_text()
     assert "Observation 1" in html and "&amp;gt;" not in html and "&amp;lt;" not in html  # thresholds once escaped
-    rows = read_compare_csv(demo_dir / "compare.csv")
+    rows = read_compare_csv(run / "compare.csv")
     for tag in ("B", "C"):
-        matrices = correlation_matrices(demo_dir / "alignment.safetensors", tag)
+        matrices = correlation_matrices(run / "alignment.safetensors", tag)
         assert set(matrices) == {"features.2", "features.5", "features.9"}
         for layer, matrix in matrices.items():
             mine = [r for r in rows if r["model"] == f"{tag}_aligned" and r["layer"] == layer]

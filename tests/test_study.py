@@ -96,6 +96,19 @@ def test_every_example_config_is_valid_as_written(example):
         assert list(cfg.models.seeds) == [0, 1, 2] and cfg.models.train.arch == "cnn_digits"
 
 
+def test_the_demo_is_the_digits_example():
+    from mergescope.cli import build_parser
+    from mergescope.cli.study import study_config
+    from mergescope.studies.demo import study_config as demo_config
+
+    parser = build_parser()
+    example = study_config(parser, parser.parse_args(["study", str(EXAMPLE), "--out", "x", "--device", "cpu"]))
+    demo = demo_config("x")
+    for name in ("data", "split", "eval_splits", "device", "models", "sweep", "features", "compare", "regress",
+                 "merge"):
+        assert getattr(example, name) == getattr(demo, name), name
+
+
 def test_a_killed_study_reruns_to_the_same_results_and_a_second_rerun_runs_nothing(reference, tmp_path,
                                                                                      monkeypatch, capsys):
     _, _, want, seconds = reference

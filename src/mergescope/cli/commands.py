@@ -43,11 +43,14 @@ def _print_outcome(results: dict, run_dir: Path) -> None:
 
 def demo(args: argparse.Namespace) -> None:
     from ..studies import demo as study
+    from ..studies.study import answers
 
     cfg = study.DemoConfig(matching=args.matching, epochs=args.epochs)
-    results = study.run_folder(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite,
+    outcome = study.run_folder(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite,
                                device=resolve_device(args.device))
-    _print_outcome(results, Path(args.out))
+    for line in answers(outcome.root):
+        print(line)
+    print(f"report: {outcome.report}")
 
 
 def train_config(args: argparse.Namespace, **override):

@@ -131,10 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats_split = "the images for matching, feature and REPAIR statistics"
     common = common_options()
 
-    p = _command(sub, "demo", "train three digit CNNs, align, merge, repair, compare, report (minutes on a CPU)",
+    p = _command(sub, "demo", "the whole study (examples/digits.toml) on the embedded digits: train three CNNs, sweep, "
+                 "feature pages, comparison, regression, N-model merge, overview report (minutes on a CPU)",
                  [common, matching_options()], C.demo)
-    p.add_argument("--out", default="runs/demo", help="run folder")
-    p.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
+    p.add_argument("--out", default="runs/demo", help="study folder")
+    p.add_argument("--overwrite", action="store_true", help="rerun every stage (a folder that is not a study: "
+                   "replace it)")
     p.add_argument("--epochs", type=T.positive_int, default=6, help="training epochs per model")
 
     p = _command(sub, "train", "train one model and save it as safetensors + JSON sidecar",

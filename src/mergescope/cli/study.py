@@ -90,7 +90,7 @@ def study_config(parser: argparse.ArgumentParser, args: argparse.Namespace):
     models = ModelsConfig(train=None if checkpoints else C.train_config(m),
                           seeds=_list(models_table, "seeds", int, path),
                           parts=_list(models_table, "parts", str, path), checkpoints=checkpoints,
-                          arch=m.arch, arch_kwargs=m.arch_kwargs)
+                          arch=m.arch if checkpoints else None, arch_kwargs=m.arch_kwargs if checkpoints else {})
     if not checkpoints and not m.arch:
         raise MergescopeError(f"--config {path}: [models] needs arch (to train) or checkpoints (to load)")
     options = {"top": top, **{n: resolved_options(ns) for n, ns in sections.items()}}

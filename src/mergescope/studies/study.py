@@ -52,9 +52,9 @@ class ModelsConfig:
     """The study's models: trained from the zoo (one per seed, or the stratified pair's two halves), or loaded."""
 
     train: Any | None = None  # a studies.train.TrainRunConfig (arch, epochs, ...): train one model per seed
-    seeds: Sequence[int] = ()  # one model per seed
-    parts: Sequence[str] = ()  # the stratified pair (000 App. B): model k trains on half parts[k] ("a" or "b")
-    checkpoints: Sequence[str] = ()  # or: load these (the reference first)
+    seeds: list[int] = field(default_factory=list)  # one model per seed
+    parts: list[str] = field(default_factory=list)  # the stratified pair (000 App. B): model k trains on parts[k]
+    checkpoints: list[str] = field(default_factory=list)  # or: load these (the reference first)
     arch: str | None = None  # for checkpoints without a mergescope sidecar
     arch_kwargs: Mapping[str, Any] = field(default_factory=dict)
 
@@ -205,18 +205,18 @@ def run_folder(config: StudyConfig, *, only: str | None = None, start: str | Non
         if opt is not None and opt not in stages:
             raise MergescopeError(f"{name} {opt}: not a stage of this study; its stages: {', '.join(stages)}")
     root = Path(config.out)
+    tags, paths = _model_paths(config, root)  # everything checked before the folder is touched
+    if "train" in stages:
+        _train_material(config)
+    images = open_dataset(config.data, split=config.split)
     with _Lock(root):
         _recover(root)
         record_path = root / RECORD
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
-        images = open_dataset(config.data, split=config.split)
         forced = {only} if only else set(stages[stages.index(start):]) if start else set()
         done: dict[str, str] = {}
         seconds: dict[str, float] = {}
         keys: dict[str, str] = {}
-
-        # -- the models: checkpoints given, or trained (stage "train")
-        tags, paths = _model_paths(config, root)
         base = {"data": images.fingerprint, "split": config.split, "device": config.device}
         for i, stage in enumerate(stages, start=1):
             if stage == "train":
