@@ -249,8 +249,7 @@ def study(args: argparse.Namespace) -> None:
     outcome = engine.run_folder(cfg, only=args.only, start=args.start, progress=not args.quiet)
     for line in engine.answers(outcome.root):
         print(line)
-    if outcome.report is not None:
-        print(f"report: {outcome.report}")
+    print(f"report: {outcome.report}")
 
 
 def methods(args: argparse.Namespace) -> None:

@@ -183,7 +183,7 @@ class StudyOutcome:
     """What :func:`run_folder` did: per stage "ran" or "cached", and where the overview is."""
 
     stages: dict[str, str]
-    report: Path | None
+    report: Path
     root: Path
     seconds: dict[str, float] = field(default_factory=dict)
 
@@ -255,7 +255,7 @@ def run_folder(config: StudyConfig, *, only: str | None = None, start: str | Non
             say(f"[{i}/{len(stages)}] {stage}: done in {seconds[stage]:.1f} s")
         write_json(root / "study.json", {"config": config.options, "stages": stages,
                                          "models": dict(zip(tags, map(str, paths)))})
-        report = _overview(root, stages)
+        report = _overview(root)
     return StudyOutcome(done, report, root, seconds)
 
 
@@ -356,75 +356,56 @@ def _progress(inputs: StudyInputs, progress: bool) -> StudyInputs:
     return inputs
 
 
-def _overview(root: Path, stages: Sequence[str]) -> Path | None:
+def _overview(root: Path) -> Path:
     """The overview page over the stages' folders (``report.html``)."""
-    parts = {name: root / name for name in ("sweep", "features", "merge") if (root / name / "results.json").is_file()}
-    try:
-        from ..report.overview import render_overview
-    except ImportError:  # pragma: no cover - the overview page is written by report.overview
-        return None
-    out = render_overview(root, parts)
-    return out[0] if isinstance(out, tuple) else out
+    from ..report.overview import render_overview
+
+    return render_overview(root, _parts(root)).path
 
 
-def _mean(values: Sequence[float]) -> float:
-    return sum(values) / len(values) if values else float("nan")
+def _parts(root: Path) -> dict[str, Path]:
+    return {name: root / name for name in ("sweep", "features", "merge") if (root / name / "results.json").is_file()}
 
 
 def answers(root: str | os.PathLike) -> list[str]:
-    """One line per question of the thesis (000 §3.2) with its answer, from what the study stored."""
+    """One line per question of the thesis (000 §3.2) with its answer: the numbers of the overview page
+    (:func:`mergescope.report.overview.overview_context`), so the two never disagree."""
+    from ..report.overview import overview_context
+
     root = Path(root)
+    ctx = overview_context(root, _parts(root))
+    pct = lambda v: "—" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    pts = lambda v: "—" if v is None else f"{100 * v:+.1f} pts"  # noqa: E731
     lines = []
-
-    def load(name: str) -> dict | None:
-        path = root / name / "results.json"
-        return json.loads(path.read_text()) if path.is_file() else None
-
-    if (sweep := load("sweep")) is not None:
-        from ..report import headline
-
-        lines.append(f"Interpolation (Fig. 3.1): {headline(sweep['rows'], sweep['endpoints'])}")
-    features = load("features")
-    compare = (features or {}).get("compare")
-    if compare:
-        rule = compare["rules"]["observation3"]
-        metric = rule["metric"]
-        partial = compare.get("partial_merge") or []
-        half = [r for r in partial if abs(r["fraction"] - 0.5) < 1e-9]
-        top = {r["metric"]: r["accuracy"] for r in half if r["direction"] == "top" and r["metric"] != "random"}
-        rand = [r["accuracy"] for r in half if r["metric"] == "random"]
-        if top and rand:
-            best = max(top, key=top.get)
-            name = best
-            if best == "clip_delta" and (compare.get("embedder") or {}).get("kind") != "clip":
-                name = "fallback-δ (δ's formula on the fallback embedder, not CLIP)"
-            spread = (max(rand) - min(rand)) / 2
-            lines.append(f"Partial merging (Fig. 3.2): merging the 50% of channels most similar by {name} keeps "
-                         f"{100 * top[best]:.1f}% accuracy vs {100 * _mean(rand):.1f}% ± {100 * spread:.1f} for "
-                         f"random channels ({len(rand)} seeds)")
-        pair = [r for r in compare["layers"] if f"share_similar_{metric}" in r]
-        if pair:
-            share = _mean([r[f"share_similar_{metric}"] for r in pair])
-            lines.append(f"Observation 1: {100 * share:.1f}% of matched channels are similar by {metric} (beyond "
-                         f"the unmatched-channel null's {rule['quantile']:g} quantile; mean over {len(pair)} "
-                         "layer × model pairs)")
-        obs3 = [r for r in compare.get("observation3", []) if "share_all similar" in r]
-        if obs3:
-            thesis = compare["thesis"]
-            shares = {k: 100 * _mean([r[f"share_{k}"] for r in obs3])
-                      for k in ("all similar", "most similar", "all dissimilar")}
-            lines.append("Observation 3: " + ", ".join(f"{k} {v:.1f}% (thesis {thesis[k]})" for k, v in shares.items())
-                         + f", {metric}, mean over {len(obs3)} layers")
-    regression = (features or {}).get("regression")
-    if regression:
-        by_label: dict[str, list[float]] = {}
-        for r in regression["summary"]:
-            if r.get("mean_recovered") is not None:
-                by_label.setdefault(r["label"], []).append(r["mean_recovered"])
-        if "m=1 refit" in by_label and "all" in by_label:
-            lines.append(f"Observation 4 (Fig. 3.5): a regressed channel recovers {100 * _mean(by_label['m=1 refit']):.1f}"
-                         f"% of A's top-{regression['info']['k']} images with one weight and "
-                         f"{100 * _mean(by_label['all']):.1f}% with all (mean over layers, held-out images)")
-    if (many := load("merge")) is not None and many.get("headline"):
-        lines.append(f"N-model merge: {many['headline']}")
+    if (q1 := ctx.get("q1")) and q1.get("best"):
+        b, base = q1["best"], q1.get("baseline")
+        line = (f"Interpolation (Fig. 3.1, {q1['split']}): {b['method']} has accuracy barrier "
+                f"{pts(b['accuracy_barrier'])} and {pct(b['midpoint_accuracy'])} at α = 0.5")
+        if base:
+            line += (f"; the direct average {pts(base['accuracy_barrier'])}, {pct(base['midpoint_accuracy'])} at "
+                     "α = 0.5")
+        lines.append(line)
+    if (q2 := ctx.get("q2")) and q2.get("largest"):
+        big = q2["largest"]
+        lines.append(f"Partial merging (Fig. 3.2): the largest mean gap to random channels is {big['name']}, "
+                     f"{big['order']}: {pts(big['mean_gap'])}; {q2['outside_total']} of {q2['interior_total']} "
+                     "points outside the random band")
+    metric = ctx.get("rules", {}).get("observation3", {}).get("metric")
+    if (o1 := ctx.get("obs1")) and metric:
+        shares = ", ".join(f"{ctx['labels'].get(m, m)} {pct(o1['pooled'][m].get(metric))}" for m in o1["models"])
+        lines.append(f"Observation 1: matched channels judged similar by {ctx['consensus_metric']}: {shares} "
+                     "(all layers, against the unmatched-channel null)")
+    if o2 := ctx.get("obs2"):
+        lines.append("Observation 2: unmatched channels whose merged top images are " +
+                     " · ".join(f"{c} {pct(o2['pooled'].get(c))}" for c in ("A", "B", "mixed", "neither")))
+    if o3 := ctx.get("obs3"):
+        lines.append("Observation 3: " + " · ".join(f"{c} {pct(o3['pooled'].get(c))} (thesis {o3['thesis'][c]})"
+                                                    for c in ("all similar", "most similar", "all dissimilar")))
+    if (o4 := ctx.get("obs4")) and o4.get("ten") is not None:
+        lines.append(f"Observation 4 (Fig. 3.5): recovered top-k of A at ≈10% of B's weights {o4['ten']:.3f} vs "
+                     f"all weights {o4['full']:.3f} (mean over layers, held-out images)")
+    if m := ctx.get("merge"):
+        lines.append("N-model merge: " + "; ".join(
+            f"{m['best'][split]} keeps {pct(s['mean_endpoint_accuracy'] + s['gap'][m['best'][split]])} {split} "
+            f"accuracy, {pts(s['gap'][m['best'][split]])} vs the mean model" for split, s in m["summary"].items()))
     return lines
