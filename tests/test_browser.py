@@ -44,14 +44,18 @@ if CHROMIUM is None or CHROMEDRIVER is None:
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-# Every url(...) in an inline style (the feature pages' sprite tiles), each loaded once into an Image: the sprite
-# sheets are CSS backgrounds, not <img>, so document.images alone would not see a missing one.
+# Every url(...) in an inline style (the feature pages' sprite tiles) or in a <style> rule (the overview's channel
+# pages give each sheet a CSS class), each loaded once into an Image: the sprite sheets are CSS backgrounds, not
+# <img>, so document.images alone would not see a missing one.
 _LOAD_BACKGROUNDS = """
 const done = arguments[arguments.length - 1];
 const urls = new Set();
-for (const el of document.querySelectorAll('[style*="url("]')) {
-  const m = /url\\(["']?([^"')]+)["']?\\)/.exec(el.getAttribute("style"));
-  if (m) urls.add(new URL(m[1], document.baseURI).href);
+const found = (text, base) => {
+  for (const m of text.matchAll(/url\\(["']?([^"')]+)["']?\\)/g)) urls.add(new URL(m[1], base).href);
+};
+for (const el of document.querySelectorAll('[style*="url("]')) found(el.getAttribute("style"), document.baseURI);
+for (const sheet of document.styleSheets) {
+  for (const rule of sheet.cssRules) found(rule.cssText, sheet.href || document.baseURI);
 }
 Promise.all([...urls].map(u => new Promise(ok => {
   const im = new Image();

@@ -37,8 +37,8 @@ def test_every_command_that_takes_checkpoints_has_the_shared_options():
         assert not missing, f"{name} lacks {missing}"
     for name, p in commands.items():
         assert not RETIRED & _flags(p), f"{name} still has {RETIRED & _flags(p)}"
-        if name not in ("report", "layers", "methods"):
-            assert {"--device", "--quiet", "--config"} <= _flags(p), name
+        if name not in ("report", "layers", "methods"):  # study: its config file is its argument, no --config
+            assert {"--device", "--quiet"} | ({"--config"} if name != "study" else set()) <= _flags(p), name
 
 
 def test_same_option_means_the_same_thing_everywhere():
@@ -58,6 +58,9 @@ def test_same_option_means_the_same_thing_everywhere():
             continue
         if flag == "--overwrite":  # compare and regress replace their part of a run folder
             helps = {h for h in helps if "comparison" not in h and "regression" not in h}
+        if flag == "--out":  # the folder the command writes: a run folder, or a study's
+            assert helps <= {"run folder", "study folder"}, helps
+            continue
         assert len(helps) == 1, (flag, helps)
 
 

@@ -45,7 +45,7 @@ def demo(args: argparse.Namespace) -> None:
     from ..studies import demo as study
     from ..studies.study import answers
 
-    cfg = study.DemoConfig(matching=args.matching, epochs=args.epochs)
+    cfg = study.DemoConfig(matching=args.matching, match_points=args.match_points, epochs=args.epochs)
     outcome = study.run_folder(args.out, cfg, progress=not args.quiet, overwrite=args.overwrite,
                                device=resolve_device(args.device))
     for line in answers(outcome.root):
@@ -246,7 +246,8 @@ def study(args: argparse.Namespace) -> None:
     from .study import study_config
 
     cfg = study_config(build_parser(), args)
-    outcome = engine.run_folder(cfg, only=args.only, start=args.start, progress=not args.quiet)
+    start = "train" if args.overwrite and not args.only and not args.start else args.start
+    outcome = engine.run_folder(cfg, only=args.only, start=start, progress=not args.quiet)
     for line in engine.answers(outcome.root):
         print(line)
     print(f"report: {outcome.report}")

@@ -35,15 +35,17 @@ def _parent() -> argparse.ArgumentParser:
     return argparse.ArgumentParser(add_help=False)
 
 
-def common_options() -> argparse.ArgumentParser:
-    """--device, --quiet, --config: every command that computes."""
+def common_options(config: bool = True) -> argparse.ArgumentParser:
+    """--device, --quiet and (but for ``mergescope study``, whose config file is its argument) --config: every
+    command that computes."""
     p = _parent()
     g = p.add_argument_group("common")
     g.add_argument("--device", type=T.device_or_auto, default="auto",
                    help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
-    g.add_argument("--config", metavar="FILE", help="TOML or YAML file of options (keys: the option names, "
-                   "e.g. batch_size = 256); options on the command line override it")
+    if config:
+        g.add_argument("--config", metavar="FILE", help="TOML or YAML file of options (keys: the option names, "
+                       "e.g. batch_size = 256); options on the command line override it")
     return p
 
 
@@ -80,7 +82,8 @@ def run_options(out_help: str = "run folder") -> argparse.ArgumentParser:
     p = _parent()
     g = p.add_argument_group("run folder")
     g.add_argument("--out", help=out_help)
-    g.add_argument("--overwrite", action="store_true", help="replace what --out already holds")
+    g.add_argument("--overwrite", action="store_true", help="replace what --out already holds (a study: rerun every "
+                   "stage)")
     return p
 
 
@@ -133,10 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "demo", "the whole study (examples/digits.toml) on the embedded digits: train three CNNs, sweep, "
                  "feature pages, comparison, regression, N-model merge, overview report (minutes on a CPU)",
-                 [common, matching_options()], C.demo)
-    p.add_argument("--out", default="runs/demo", help="study folder")
-    p.add_argument("--overwrite", action="store_true", help="rerun every stage (a folder that is not a study: "
-                   "replace it)")
+                 [common_options(), matching_options(), run_options("study folder")], C.demo)
+    p.set_defaults(out="runs/demo")
     p.add_argument("--epochs", type=T.positive_int, default=6, help="training epochs per model")
 
     p = _command(sub, "train", "train one model and save it as safetensors + JSON sidecar",
@@ -240,18 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _command(sub, "study", "the thesis's whole experiment from one config file: train or load the models, "
                  "sweep, feature pages, channel comparison, regression, N-model merge; stored stage by stage, a rerun "
-                 "does only what changed", [], C.study, required=("study_config",))
-    p.add_argument("study_config", nargs="?", metavar="CONFIG", help="TOML or YAML study file (see examples/)")
-    p.add_argument("--out", help="study folder (overrides the file's out)")
-    p.add_argument("--data", help="dataset spec (overrides the file's data)")
-    p.add_argument("--split", help="the images the study computes from (overrides the file's split)")
-    p.add_argument("--eval-splits", nargs="+", metavar="SPLIT", help="evaluation splits (overrides the file's)")
-    p.add_argument("--device", type=T.device_or_auto, help="torch device (overrides the file's; default auto)")
+                 "does only what changed", [common_options(config=False), data_options(stats_split), eval_options(),
+                                             run_options("study folder")], C.study, required=("study_config",))
+    # the shared options, unset unless given: the file's values stand unless the command line overrides them
+    p.set_defaults(data=None, split=None, eval_splits=None, device=None)
+    p.add_argument("study_config", nargs="?", metavar="CONFIG", help="TOML or YAML study file (see examples/): its "
+                   "keys are the commands' options; the options below override its top level")
     p.add_argument("--only", choices=STUDY_STAGES, metavar="STAGE", help="run just this stage; the stages it reads "
                    f"must be stored ({', '.join(STUDY_STAGES)})")
     p.add_argument("--from", dest="start", choices=STUDY_STAGES, metavar="STAGE", help="rerun this stage and every "
                    "stage after it")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
 
     _command(sub, "methods", "list every merge method: family, paper, hyperparameters, exact for permuted copies",
              [], C.methods)

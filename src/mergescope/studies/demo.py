@@ -35,6 +35,7 @@ class DemoConfig:
     batch_size: int = 64  # training batch size
     alpha_step: float = 0.05  # spacing of the α grid
     matching: str = "activation"  # "activation" or "weight"
+    match_points: str = "stage_end"  # where a residual stream is measured: "stage_end" (the reference) or "all"
     methods: tuple[str, ...] = (*SWEEP_METHODS, "cca+repair", "regression+repair")  # the methods swept along α
     eval_splits: tuple[str, ...] = ("test", "train")
 
@@ -58,12 +59,12 @@ def study_config(out: str | Path, config: DemoConfig | None = None, device: str 
         out=str(out), data="digits", models=study.ModelsConfig(train=train, seeds=list(cfg.seeds)), split="train",
         eval_splits=list(cfg.eval_splits), device=device,
         sweep=(SweepConfig(alphas=alpha_grid(cfg.alpha_step), methods=list(cfg.methods), matching=cfg.matching,
-                           batch_size=every), None),
-        features=ProbeConfig(k=10, alpha=0.5, batch_size=every, matching=cfg.matching),
+                           batch_size=every, match_points=cfg.match_points), None),
+        features=ProbeConfig(k=10, alpha=0.5, batch_size=every, matching=cfg.matching, match_points=cfg.match_points),
         compare=CompareConfig(partial_merge=True, batch_size=every),
         regress=RegressConfig(k=10),
-        merge=(MergeConfig(batch_size=every), None),
-        options={"demo": {"matching": cfg.matching, "epochs": cfg.epochs}})
+        merge=(MergeConfig(batch_size=every, matching=cfg.matching, match_points=cfg.match_points), None),
+        options={"demo": {"matching": cfg.matching, "match_points": cfg.match_points, "epochs": cfg.epochs}})
 
 
 def run_folder(out: str | Path, config: DemoConfig | None = None, progress: bool = True, overwrite: bool = False,
