@@ -159,6 +159,23 @@ MUTANTS: tuple[Mutant, ...] = (
            "--config wins over the command line"),
     Mutant("help_imports_torch", "cli/parser.py", "import argparse\n", "import argparse\n\nimport torch  # noqa\n",
            (_CLI,), "building the parser imports torch (--help takes seconds)"),
+    # -- the study, its overview and the browser (issue 11)
+    Mutant("study_key_ignores_config", "studies/study.py", '"config": _stage_config(config, stage),',
+           '"config": None,',
+           ("tests/test_study.py::test_a_changed_parameter_reruns_its_stage_and_the_stages_that_read_it",),
+           "a changed analysis parameter does not invalidate its stored stage"),
+    Mutant("overview_obs3_most_in_all", "report/overview.py",
+           'pooled = {c: _pooled(rows, f"n_{c}", "channels") for c in O3_CATEGORIES}',
+           'pooled = {c: _pooled(rows, "n_most similar" if c == "all similar" else f"n_{c}", "channels") '
+           'for c in O3_CATEGORIES}',
+           ("tests/test_overview.py::test_observation3_shares_stand_beside_the_thesis_ranges",),
+           "the overview shows Observation 3's 'most similar' share as 'all similar'"),
+    Mutant("browser_sort_never_reverses", "report/templates/channel_table.html", "return asc ? d : -d;",
+           "return asc ? d : d;", ("tests/test_browser.py::test_clicking_a_column_header_sorts_the_channel_table_and_"
+                                   "a_second_click_reverses_it",), "a second click on a column header does not reverse"),
+    Mutant("channel_sprite_url", "report/templates/_channel_macros.html", 'background-image: url("{{ s.url }}")',
+           'background-image: url("x{{ s.url }}")', ("tests/test_browser.py::test_every_image_and_sprite_sheet_resolves",),
+           "the channel pages' sprite sheets point nowhere"),
     Mutant("alignment_sources_unchecked", "align/store.py", "if want is not None and file_sha256(path) != want:",
            "if False:", (f"{_CLI}::test_a_swapped_checkpoint_is_refused_by_compare",),
            "compare uses a checkpoint that changed since it was aligned"),
