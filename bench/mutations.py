@@ -2,7 +2,7 @@
 
 Each mutant is one exact text edit of one library file (the bug an independent review planted, or one an oracle
 test was written to catch) and the tests that should catch it. For every mutant the script copies ``src/`` and
-``tests/`` into a scratch folder, applies the edit there (the working tree is never touched), runs the named
+``tests/`` (and ``examples/``) into a scratch folder, applies the edit there (the working tree is never touched), runs the named
 tests against the scratch copy and counts the mutant as *killed* when they fail. The unmutated tests are run
 once first: a mutant can only be killed by tests that pass without it.
 
@@ -207,7 +207,7 @@ def _run_tests(root: Path, tests: tuple[str, ...], timeout: float) -> tuple[bool
 
 def _scratch(base: Path) -> Path:
     root = Path(tempfile.mkdtemp(dir=base))
-    for part in ("src", "tests"):
+    for part in ("src", "tests", "examples"):
         shutil.copytree(ROOT / part, root / part, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copy(ROOT / "pyproject.toml", root / "pyproject.toml")
     return root
