@@ -170,7 +170,7 @@ MUTANTS: tuple[Mutant, ...] = (
            'for c in O3_CATEGORIES}',
            ("tests/test_overview.py::test_observation3_shares_stand_beside_the_thesis_ranges",),
            "the overview shows Observation 3's 'most similar' share as 'all similar'"),
-    Mutant("browser_sort_never_reverses", "report/templates/channel_table.html", "return asc ? d : -d;",
+    Mutant("browser_sort_never_reverses", "report/templates/_sortable.html", "return asc ? d : -d;",
            "return asc ? d : d;", ("tests/test_browser.py::test_clicking_a_column_header_sorts_the_channel_table_and_"
                                    "a_second_click_reverses_it",), "a second click on a column header does not reverse"),
     Mutant("channel_sprite_url", "report/templates/_channel_macros.html", 'background-image: url("{{ s.url }}")',
