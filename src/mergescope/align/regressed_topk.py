@@ -19,7 +19,7 @@ each of its layers; the recovered fractions are the layer's own).
 Recovered fraction per A channel: |T_A ∩ T_regressed| / k, NaN where A's activation is constant over the
 ranked images (a dead channel has no top-k to recover) or over the fitting subset (the fit gives it no weights).
 The ranked images are whatever ``batches`` holds; ``mergescope regress`` ranks every image outside the fitting
-subset (:mod:`mergescope.regression_run`), so the top-k too is judged out of sample.
+subset (:mod:`mergescope.studies.regress`), so the top-k too is judged out of sample.
 """
 from __future__ import annotations
 

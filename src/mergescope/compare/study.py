@@ -246,7 +246,7 @@ def compare_models(
         raise MergescopeError("compare_models needs at least one (reference, model) pair")
     if probe_result.subset_ids is None:
         raise MergescopeError("the probe holds no activations on a subset D′, which Kendall's τ needs: probe with "
-                              "subset_ids=default_subset(dataset) (5,000 images; feature_study does by default)")
+                              "subset_ids=default_subset(dataset) (5,000 images; studies.probe.run does by default)")
     o2_rule = {"match_threshold": match_threshold, "neither_min": neither_min, "mixed_min": mixed_min}
     o2e_rule = {"match_threshold": match_threshold, "close_min": close_min, "margin": margin}
     rows, layer_rows, obs2 = [], [], []

@@ -1,4 +1,4 @@
-"""The report section of a many-model merge (:mod:`mergescope.many`): a figure and a table per split."""
+"""The report section of a many-model merge (:mod:`mergescope.studies.merge`): a figure and a table per split."""
 from __future__ import annotations
 
 import os
