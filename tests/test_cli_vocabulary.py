@@ -186,3 +186,21 @@ def test_a_swapped_checkpoint_is_refused_by_compare(tmp_path, checkpoints, capsy
     err = capsys.readouterr().err.strip()
     assert "sha256 differs" in err and "m1.safetensors" in err and "\n" not in err
     assert not (run / "compare.csv").exists()
+
+
+def test_a_stored_file_changed_after_the_run_is_refused_by_compare_and_regress(tmp_path, checkpoints, capsys):
+    """The manifest's sha256 of the probe tensors and the alignment are checked before a later study reads them."""
+    run = tmp_path / "probe"
+    assert main(["probe", *checkpoints[:2], "--data", "digits", "--out", str(run), "--k", "3", "--quiet"]) == 0
+    for name, commands in (("probe/probe.safetensors", (["compare"],)),
+                           ("alignment.safetensors", (["compare"], ["regress"]))):
+        path = run / name
+        original = path.read_bytes()
+        path.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit of the last tensor's data
+        for command in commands:
+            assert main([*command, str(run), "--quiet"]) == 2
+            err = capsys.readouterr().err.strip()
+            assert "changed after the run" in err and name.split("/")[-1] in err and "\n" not in err, err
+        path.write_bytes(original)
+    assert not (run / "compare.csv").exists() and not (run / "regression.csv").exists()
+    assert main(["compare", str(run), "--quiet"]) == 0  # the original files pass

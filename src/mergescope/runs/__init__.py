@@ -11,7 +11,7 @@ import importlib
 from typing import Any
 
 _FOLDER = ("MANIFEST", "RESULTS", "add_to_run", "environment", "file_hashes", "load_run", "prepare_run_dir",
-           "refresh_hashes", "run_arch", "run_checkpoints", "write_manifest")
+           "refresh_hashes", "run_arch", "run_checkpoints", "verify_files", "write_manifest")
 __all__ = list(_FOLDER)
 
 

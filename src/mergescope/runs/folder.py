@@ -96,6 +96,24 @@ def add_to_run(run_dir: Path, results: dict, manifest: dict, section: dict, file
     return files
 
 
+def verify_files(run_dir: str | os.PathLike, manifest: Mapping, names: Iterable[str]) -> None:
+    """Check the files ``names`` (relative to ``run_dir``) against the sha256 the manifest recorded for them, before
+    a later study reads them: a file that changed or vanished after the run that wrote it is refused in one line
+    naming it (a file the manifest does not list, e.g. from an older mergescope, is not checked)."""
+    run_dir = Path(run_dir)
+    recorded = manifest.get("sha256", {})
+    for name in names:
+        want = recorded.get(name)
+        if want is None:
+            continue
+        path = run_dir / name
+        if not path.is_file():
+            raise MergescopeError(f"{path} is missing, though {run_dir / MANIFEST} lists it: redo the run that wrote it")
+        if file_sha256(path) != want:
+            raise MergescopeError(f"{path} changed after the run that wrote it (its sha256 differs from the one in "
+                                  f"{run_dir / MANIFEST}): redo that run")
+
+
 def refresh_hashes(run_dir: str | os.PathLike, files: Iterable[str | os.PathLike]) -> Path | None:
     """After a re-render: the manifest's sha256 of every file of ``files`` it already lists, recomputed (files it
     does not list stay out). Returns the manifest's path, or None when the folder has no manifest."""

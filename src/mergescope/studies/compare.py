@@ -317,12 +317,13 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
     """
     from ..perm import build_spec, permute_model
     from ..probe import load_probe, probe, state_sha256
-    from ..runs import add_to_run, load_run, run_arch
+    from ..runs import add_to_run, load_run, run_arch, verify_files
 
     cfg = config or CompareConfig()
     cfg.embedder_kind  # noqa: B018 -- validate before any work
     run_dir = Path(run_dir)
     results, manifest = load_run(run_dir)
+    verify_files(run_dir, manifest, ("results.json", "probe/probe.safetensors", ALIGNMENT_FILE))
     features = results.get("features")
     if not features or not (run_dir / "probe").is_dir():
         raise MergescopeError(f"{run_dir} holds no feature study (no 'features' in results.json or no probe/); "

@@ -147,12 +147,13 @@ def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, 
     JSON recorded under ``results.json["regression"]``. The checkpoints are the ones the run's alignment names,
     checked against the sha256 it recorded."""
     from ..align.store import ALIGNMENT_FILE, load_alignments
-    from ..runs import add_to_run, load_run, run_arch, run_checkpoints
+    from ..runs import add_to_run, load_run, run_arch, run_checkpoints, verify_files
     from ..train import load_checkpoint
 
     cfg = config or RegressConfig()
     run_dir = Path(run_dir)
     results, manifest = load_run(run_dir)
+    verify_files(run_dir, manifest, ("results.json", ALIGNMENT_FILE))
     features = results.get("features")
     if not features:
         raise MergescopeError(f"{run_dir} holds no feature study (no 'features' in results.json); "
