@@ -303,14 +303,18 @@ def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys, monkeypatch):
     assert main(["compare", str(run), "--quiet"]) == 2
     _one_line_error(capsys, "already holds a comparison", "--overwrite")
 
-    # a probe that kept no D′ activations: A and the models aligned by the stored alignment (never matched again;
-    # checked against the stored weights' hashes) are probed again with D′ into probe_subset/ — the same τ comes out
+    # an older probe that kept no D′ activations (and whose manifest hashed no probe tensors): A and the models aligned
+    # by the stored alignment (never matched again; checked against the stored weights' hashes) are probed again
+    # with D′ into probe_subset/ — the same τ comes out
     stored = load_probe(run / "probe")
     for layers in stored.probes.values():
         for lp in layers.values():
             lp.subset = None
     stored.subset_ids = None
     save_probe(stored, run / "probe")
+    manifest = json.loads((run / "manifest.json").read_text())  # an older folder: its manifest hashed no probe
+    del manifest["sha256"]["probe/probe.safetensors"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
     assert main(["compare", str(run), "--quiet", "--overwrite"]) == 0
     assert (run / "probe_subset" / "probe.safetensors").is_file()
     again = read_compare_csv(run / "compare.csv")
