@@ -91,3 +91,12 @@ def test_a_model_that_does_not_fit_the_images_is_named_before_the_pass(tmp_path,
     assert "v0.safetensors" in err and "1×8×8" in err
     assert not (tmp_path / "run").exists()
 
+
+
+@pytest.mark.parametrize("weights", [["0.3", "0.3"], ["0.5", "0.25", "0.25"]])
+def test_merge_weights_that_do_not_fit_are_refused_before_the_folder_is_made(tmp_path, ckpts, capsys, weights):
+    out = tmp_path / "run"
+    assert main(["merge", *ckpts, "--data", "digits", "--out", str(out), "--quiet", "--weights", *weights]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "--weights must be 2" in err, err
+    assert not out.exists()

@@ -52,6 +52,15 @@ class MergeConfig:
     stats_ids: Sequence[int] | None = None  # statistics images (None: all)
     match_points: str = "stage_end"  # where a residual stream is measured: "stage_end" (the reference) or "all"
 
+    def weighting(self, n: int) -> tuple[float, ...]:
+        """The merge weights for ``n`` models (a one-line error unless n non-negative numbers summing to 1)."""
+        if self.weights is None:
+            return (1.0 / max(n, 1),) * n
+        weights = tuple(float(w) for w in self.weights)
+        if len(weights) != n or any(w < 0 for w in weights) or abs(sum(weights) - 1) > 1e-6:
+            raise MergescopeError(f"--weights must be {n} non-negative numbers summing to 1, got {list(weights)}")
+        return weights
+
 
 @dataclass
 class ManyResult:
@@ -106,10 +115,7 @@ def run(
     """
     cfg = config or MergeConfig()
     n = len(models)
-    weights = tuple(cfg.weights) if cfg.weights is not None else (1.0 / max(n, 1),) * n
-    if cfg.weights is not None and (len(weights) != n or any(w < 0 for w in weights)
-                                    or abs(sum(weights) - 1) > 1e-6):
-        raise MergescopeError(f"--weights must be {n} non-negative numbers summing to 1, got {list(weights)}")
+    weights = cfg.weighting(n)
     plan = MergePlan(cfg.methods, [weights], matching=cfg.matching, batch_size=cfg.batch_size,
                      stats_ids=cfg.stats_ids, match_points=cfg.match_points)
     res = execute_plan(plan, models, train, evals, spec=spec, device=device, progress=progress)
@@ -134,6 +140,7 @@ def run_folder(inputs: StudyInputs, config: MergeConfig | None = None, options: 
     from ..runs import prepare_run_dir, write_manifest
 
     cfg = config or MergeConfig()
+    cfg.weighting(len(inputs.checkpoints))  # checked before anything is loaded or written
     loaded, train, evals = prepare(inputs)
     run_dir = prepare_run_dir(inputs.out, overwrite=inputs.overwrite)
     if cfg.stats_ids is None:
