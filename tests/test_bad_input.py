@@ -1,6 +1,7 @@
 """Bad values at the command line's edge: each ends in one line ``error: ...`` naming the option and what is
 allowed, exit status 2, before anything is read or written (the run folder stays as it was)."""
 import pytest
+import torch
 
 from mergescope.cli import main
 from mergescope.models import create_model
@@ -100,3 +101,34 @@ def test_merge_weights_that_do_not_fit_are_refused_before_the_folder_is_made(tmp
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "--weights must be 2" in err, err
     assert not out.exists()
+
+
+def test_a_truncated_pass_checkpoint_is_set_aside_and_the_probe_starts_over(tmp_path, ckpts, capsys):
+    """A kill during the checkpoint's write leaves it cut short: the rerun sets it aside and gives the result of an
+    uninterrupted run."""
+    want, out = tmp_path / "clean", tmp_path / "run"
+    common = ["--data", "digits", "--k", "3", "--subset-images", "50", "--quiet"]
+    assert main(["probe", *ckpts, "--out", str(want), *common]) == 0
+    (out / "probe").mkdir(parents=True)
+    partial = out / "probe" / "probe.partial.safetensors"
+    partial.write_bytes((want / "probe" / "probe.safetensors").read_bytes()[:1000])  # cut short
+    capsys.readouterr()
+    assert main(["probe", *ckpts, "--out", str(out), *common]) == 0
+    assert "set aside" in capsys.readouterr().err
+    assert (out / "probe" / "probe.partial.safetensors.unreadable").is_file() and not partial.exists()
+    from mergescope.probe import load_probe
+
+    a, b = load_probe(want / "probe"), load_probe(out / "probe")
+    for model, layers in a.layers.items():
+        for layer in layers:
+            assert torch.equal(a[model, layer].topk_ids, b[model, layer].topk_ids)
+
+
+def test_probe_overwrite_with_another_k_starts_over(tmp_path, ckpts):
+    out = tmp_path / "run"
+    common = ["--data", "digits", "--subset-images", "50", "--quiet", "--out", str(out)]
+    assert main(["probe", *ckpts, "--k", "3", *common]) == 0
+    assert main(["probe", *ckpts, "--k", "5", "--overwrite", *common]) == 0
+    from mergescope.probe import load_probe
+
+    assert load_probe(out / "probe").k == 5

@@ -13,6 +13,7 @@ config is loaded instead of recomputed, and an interrupted pass resumes from its
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -263,10 +264,24 @@ def _stored_result(run_dir: Path, config: dict[str, Any], resume: bool) -> Probe
     everyone = gather_flags([status])[:, 0]
     if bool((everyone == _MISMATCH).any()):
         raise MergescopeError(f"{path} holds a probe of a different config ({diff or 'seen by another rank'}); "
-                              "pass resume=False to recompute and overwrite it, or use another run directory")
+                              "pass resume=False (on the command line: --overwrite) to recompute and overwrite it, or "
+                              "use another run directory")
     if bool((everyone == _MATCH).all()):
         return result_from_file(path, meta)
     return None
+
+
+def _set_aside(path: Path) -> Path:
+    """Rename an unreadable file (and its JSON twin) to ``<name>.unreadable[.N]``; return the new path."""
+    n, aside = 0, path.with_name(path.name + ".unreadable")
+    while aside.exists():
+        n += 1
+        aside = path.with_name(f"{path.name}.unreadable.{n}")
+    path.rename(aside)
+    twin = path.with_suffix(".json")
+    if twin.exists():
+        twin.rename(aside.with_name(aside.name + ".json"))
+    return aside
 
 
 def _resume_state(run_dir: Path, config: dict[str, Any], pass_info: dict[str, Any], state: ProbeState,
@@ -275,7 +290,15 @@ def _resume_state(run_dir: Path, config: dict[str, Any], pass_info: dict[str, An
     if not resume:
         return
     path = run_dir / partial_file(pass_info["rank"], pass_info["world_size"])
-    meta = read_meta(path)
+    try:
+        meta = read_meta(path)
+        if meta is not None:
+            probes, _ = read_probes(path, meta)
+    except MergescopeError as e:  # e.g. cut short by a kill during its write: set aside, start the pass over
+        meta = None
+        aside = _set_aside(path)
+        print(f"note: the pass checkpoint {path} could not be read ({e}); set aside as {aside.name}, the pass "
+              "starts over", file=sys.stderr)
     diff = ""
     if meta is not None:
         saved = {k: meta.get(k) for k in CONFIG_KEYS}
@@ -284,7 +307,7 @@ def _resume_state(run_dir: Path, config: dict[str, Any], pass_info: dict[str, An
     status = _ABSENT if meta is None else (_MISMATCH if diff else _MATCH)
     if bool((gather_flags([status])[:, 0] == _MISMATCH).any()):
         raise MergescopeError(f"cannot resume: {path} is a checkpoint of a different pass "
-                              f"({diff or 'seen by another rank'}); pass resume=False to start over")
+                              f"({diff or 'seen by another rank'}); pass resume=False (on the command line: --overwrite) to "
+                              "start over")
     if status == _MATCH:
-        probes, _ = read_probes(path, meta)
         state.restore(probes, meta["pass"]["batches_done"], meta["num_images"])

@@ -50,6 +50,7 @@ def run(
     layers: str | Sequence[str] = "conv",
     sources: Mapping[str, Mapping[str, str]] | None = None,
     points: str = "stage_end",
+    resume: bool = True,
 ) -> tuple[ProbeResult, list[dict], list[dict]]:
     """Align every model to the first, probe them all in one pass, and write the feature pages.
 
@@ -65,6 +66,8 @@ def run(
             ``"all"`` or layer names (:func:`mergescope.perm.select_layers`).
         sources: tag -> {"checkpoint", "sha256"} of the models' files, recorded with the alignment.
         points: where residual streams are measured when matching here.
+        resume: reuse a finished probe of the same config in ``run_dir/probe`` and continue an interrupted one
+            (False: start over, replacing what is there).
 
     Returns:
         The probe result, the index of feature pages ({"slug", "title", "layer", "channels", "href"}) and the
@@ -94,7 +97,8 @@ def run(
     # every model at the reference's layers: channel c of each row is A's channel c (a merge REPAIRed with added
     # block-output layers has its own spec, whose block outputs are the corrected ones under the same names)
     result = probe(probed, dataset, layers=probe_layers, k=k, reduction=reduction, batch_size=batch_size,
-                   device=device, run_dir=run_dir / "probe", progress=progress, subset_ids=subset_ids)
+                   device=device, run_dir=run_dir / "probe", progress=progress, subset_ids=subset_ids,
+                   resume=resume)
 
     info = matching_info(spec, matches, probe_layers)
     recipes = []
@@ -241,7 +245,7 @@ def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: 
     _, pages, recipes = run(run_dir, dataset, models, matches=matches, merged=merged, spec=spec, k=cfg.k,
                             reduction=cfg.reduction, batch_size=cfg.batch_size, device=device, progress=progress,
                             subset_ids=default_subset(dataset, cfg.subset_images), layers=probe_layers,
-                            sources=loaded.sources(), points=cfg.match_points)
+                            sources=loaded.sources(), points=cfg.match_points, resume=not inputs.overwrite)
     results = {
         "title": f"mergescope feature study: {len(models)} models on {dataset.name}",
         "headline": f"Top-{cfg.k} {dataset.name} images of every channel of {len(probe_layers)} layers, for "
