@@ -147,3 +147,52 @@ def prepare(inputs: StudyInputs, at_least: int = 2) -> tuple[LoadedModels, Image
     images, evals = open_data(inputs.data, inputs.split, loaded.models[0], f"checkpoint {inputs.checkpoints[0]}",
                               inputs.eval_splits)
     return loaded, images, evals
+
+
+@dataclass
+class FeatureRun:
+    """A finished feature study (a ``mergescope probe`` or demo run folder) that a later study adds to."""
+
+    path: Path
+    results: dict
+    manifest: dict
+    features: dict  # results.json's "features": data, split, views
+    dataset: ImageDataset  # the probed images
+
+    def models(self, tags: Sequence[str], device: torch.device | str = "cpu",
+               alignment: Any | None = None) -> dict[str, nn.Module]:
+        """The run's checkpoints of ``tags``, built as the run built them (its ``--arch``) and, with the run's
+        stored alignment (:class:`~mergescope.align.store.StoredAlignments`), checked against the sha256 it
+        recorded."""
+        from ..runs import run_arch, run_checkpoints
+        from ..train import load_checkpoint
+
+        paths = run_checkpoints(self.path, self.manifest, tags)
+        missing = [t for t in tags if t not in paths]
+        if missing:
+            raise MergescopeError(f"no checkpoint of model {missing[0]} in {self.path}'s manifest")
+        if alignment is not None:
+            alignment.check_sources({t: paths[t] for t in tags})
+        arch = run_arch(self.manifest)
+        return {t: load_checkpoint(paths[t], device=device, **arch)[0] for t in tags}
+
+
+def open_feature_run(run_dir: str | os.PathLike, *, marker: str, holds: str, overwrite: bool,
+                     verify: Sequence[str], need_probe: bool = False) -> FeatureRun:
+    """The preamble of a study that adds to a feature study's run folder (compare, regress): the folder read and
+    its files ``verify`` checked against the manifest, refused unless it holds a feature study (and its probe, with
+    ``need_probe``), and refused if it already holds this study's ``marker`` file (``holds``: what that is, for
+    the message) unless ``overwrite``; the probed images opened."""
+    from ..runs import load_run, verify_files
+
+    run_dir = Path(run_dir)
+    results, manifest = load_run(run_dir)
+    verify_files(run_dir, manifest, verify)
+    features = results.get("features")
+    if not features or (need_probe and not (run_dir / "probe").is_dir()):
+        where = "no 'features' in results.json or no probe/" if need_probe else "no 'features' in results.json"
+        raise MergescopeError(f"{run_dir} holds no feature study ({where}); make one with `mergescope probe` or "
+                              "`mergescope demo`")
+    if (run_dir / marker).exists() and not overwrite:
+        raise MergescopeError(f"{run_dir} already holds {holds} ({marker}); pass --overwrite to replace it")
+    return FeatureRun(run_dir, results, manifest, features, open_dataset(features["data"], split=features["split"]))

@@ -38,12 +38,10 @@ from ..data import ImageDataset, iter_batches, len_batches, open_dataset
 from ..embed import EmbeddingCache, ImageEmbedder, create_embedder
 from ..runs.csvio import write_rows
 from ..errors import DatasetError, MergescopeError
-from ..train import load_checkpoint
 from .probe import aligned_key, default_subset, render_views
 from ..merge.partial import DEFAULT_FRACTIONS, group_scores, partial_merge_curves
 from ..perm import PermSpec
 from ..probe import ProbeResult
-from ..runs import run_checkpoints
 from ..report.compare_pages import (
     annotate_recipes,
     compare_section_html,
@@ -317,36 +315,24 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
     """
     from ..perm import build_spec, permute_model
     from ..probe import load_probe, probe, state_sha256
-    from ..runs import add_to_run, load_run, run_arch, verify_files
+    from ..runs import add_to_run
+    from .common import open_feature_run
 
     cfg = config or CompareConfig()
     cfg.embedder_kind  # noqa: B018 -- validate before any work
-    run_dir = Path(run_dir)
-    results, manifest = load_run(run_dir)
-    verify_files(run_dir, manifest, ("results.json", "probe/probe.safetensors", ALIGNMENT_FILE))
-    features = results.get("features")
-    if not features or not (run_dir / "probe").is_dir():
-        raise MergescopeError(f"{run_dir} holds no feature study (no 'features' in results.json or no probe/); "
-                              "make one with `mergescope probe` or `mergescope demo`")
-    if (run_dir / "compare.csv").exists() and not overwrite:
-        raise MergescopeError(f"{run_dir} already holds a comparison (compare.csv); pass --overwrite to replace it")
+    folder = open_feature_run(run_dir, marker="compare.csv", holds="a comparison", overwrite=overwrite,
+                              verify=("results.json", "probe/probe.safetensors", ALIGNMENT_FILE), need_probe=True)
+    run_dir, results, manifest = folder.path, folder.results, folder.manifest
+    features, dataset = folder.features, folder.dataset
     start = time.perf_counter()
-    dataset = open_dataset(features["data"], split=features["split"])
     stored = load_probe(run_dir / "probe")
     if stored.dataset.get("fingerprint") != dataset.fingerprint:
         raise MergescopeError(f"the stored probe was made on other images than {features['data']} "
                               f"({features['split']}): dataset fingerprints differ")
     alignment = load_alignments(run_dir / ALIGNMENT_FILE)
     reference, tags = alignment.reference, [alignment.reference, *alignment.tags]
-    paths = run_checkpoints(run_dir, manifest, tags)
-    missing = [t for t in tags if t not in paths]
-    if missing:
-        raise MergescopeError(f"no checkpoint of model {missing[0]} in {run_dir}'s manifest")
     need_subset = stored.subset_ids is None
-    used = tags if need_subset or cfg.partial_merge else [reference]
-    alignment.check_sources({t: paths[t] for t in used})
-    arch = run_arch(manifest)
-    models = {t: load_checkpoint(paths[t], device=device, **arch)[0] for t in used}
+    models = folder.models(tags if need_subset or cfg.partial_merge else [reference], device, alignment)
     try:
         embedder = make_embedder(cfg, models[reference], dataset, reference)
     except MergescopeError as e:

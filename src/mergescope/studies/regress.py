@@ -147,29 +147,17 @@ def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, 
     JSON recorded under ``results.json["regression"]``. The checkpoints are the ones the run's alignment names,
     checked against the sha256 it recorded."""
     from ..align.store import ALIGNMENT_FILE, load_alignments
-    from ..runs import add_to_run, load_run, run_arch, run_checkpoints, verify_files
-    from ..train import load_checkpoint
+    from ..runs import add_to_run
+    from .common import open_feature_run
 
     cfg = config or RegressConfig()
-    run_dir = Path(run_dir)
-    results, manifest = load_run(run_dir)
-    verify_files(run_dir, manifest, ("results.json", ALIGNMENT_FILE))
-    features = results.get("features")
-    if not features:
-        raise MergescopeError(f"{run_dir} holds no feature study (no 'features' in results.json); "
-                              "make one with `mergescope probe` or `mergescope demo`")
-    if (run_dir / CSV_NAME).exists() and not overwrite:
-        raise MergescopeError(f"{run_dir} already holds a regression study ({CSV_NAME}); pass --overwrite to replace it")
+    folder = open_feature_run(run_dir, marker=CSV_NAME, holds="a regression study", overwrite=overwrite,
+                              verify=("results.json", ALIGNMENT_FILE))
+    run_dir, results, manifest = folder.path, folder.results, folder.manifest
+    features, dataset = folder.features, folder.dataset
     start = time.perf_counter()
-    dataset = open_dataset(features["data"], split=features["split"])
-    paths = run_checkpoints(run_dir, manifest, ["A", "B"])
-    if "A" not in paths or "B" not in paths:
-        raise MergescopeError(f"{run_dir}'s manifest lists fewer than two checkpoints")
-    if (run_dir / ALIGNMENT_FILE).is_file():
-        load_alignments(run_dir / ALIGNMENT_FILE).check_sources({t: paths[t] for t in ("A", "B")})
-    arch = run_arch(manifest)
-    a = load_checkpoint(paths["A"], device=device, **arch)[0]
-    b = load_checkpoint(paths["B"], device=device, **arch)[0]
+    alignment = load_alignments(run_dir / ALIGNMENT_FILE) if (run_dir / ALIGNMENT_FILE).is_file() else None
+    a, b = folder.models(["A", "B"], device, alignment).values()
     res = run(a, b, dataset, cfg, device=device, progress=progress)
     timings = dict(res.timings)
 
