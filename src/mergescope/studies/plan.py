@@ -36,7 +36,7 @@ from ..merge.recipes import REPAIR_FIXES, check_methods, corrections, has_batchn
 from ..perm import PermSpec, build_spec, permute_model
 from .common import check_same_architecture
 
-MATCHINGS = ("activation", "weight")  # how the ``permuted`` base matches: Jordan et al. 2023 / Git Re-Basin Alg. 1
+MATCHINGS = ("activation", "weight")  # activation matching (Jordan et al. 2023), weight matching (Git Re-Basin Alg. 1)
 
 
 @dataclass
@@ -101,15 +101,17 @@ def check_function_preserved(model: nn.Module, permuted: nn.Module, x: torch.Ten
                                 "the derived permutation spec is wrong for this architecture")
 
 
-def _match(plan: MergePlan, ref: nn.Module, others: Sequence[nn.Module], spec: PermSpec, batches, total: int,
-           device, progress: bool) -> tuple[list[MatchResult], int]:
-    """Every other model matched to the reference; also the number of data passes it took."""
-    if plan.matching == "activation":
-        return match_many(ref, others, spec, batches(), device=device, progress=progress, total=total,
-                          points=plan.match_points), 1
-    if plan.matching == "weight":
-        return [weight_matching(ref.state_dict(), m.state_dict(), spec, device=device) for m in others], 0
-    raise MergescopeError(f"unknown matching '{plan.matching}'; use one of: {', '.join(MATCHINGS)}")
+def match_models(matching: str, reference: nn.Module, others: Sequence[nn.Module], spec: PermSpec, batches,
+                 total: int | None = None, device: torch.device | str = "cpu", progress: bool = False,
+                 points: str = "stage_end") -> tuple[list[MatchResult], int]:
+    """Every other model matched to the reference by ``matching`` (:data:`MATCHINGS`); also the number of data
+    passes it took. ``batches()`` makes the statistics set's batches (activation matching: one pass for all)."""
+    if matching == "activation":
+        return match_many(reference, others, spec, batches(), device=device, progress=progress, total=total,
+                          points=points), 1
+    if matching == "weight":
+        return [weight_matching(reference.state_dict(), m.state_dict(), spec, device=device) for m in others], 0
+    raise MergescopeError(f"unknown matching '{matching}'; use one of: {', '.join(MATCHINGS)}")
 
 
 def execute_plan(
@@ -153,28 +155,29 @@ def execute_plan(
     n_stats = len_batches(train, plan.batch_size, ids=ids)
     probe_x = next(iter(stats_batches())).x[:8].to(device)
     spec = spec or build_spec(ref, probe_x)
-    needs = set().union(*(e.needs for e in entries.values())) if entries else set()
-    passes = {"matching": 0, **({"map statistics": 0} if any(n.startswith("stats:") for n in needs) else {}),
-              "repair/reset": 0, "evaluation": 0}
+    places = map_places(list(entries))  # where some method needs joint statistics: one pass gathers them all
+    passes = {"matching": 0, **({"map statistics": 0} if places else {}), "repair/reset": 0, "evaluation": 0}
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     matches, aligned = None, []
-    if "matches" in needs or plan.match_always:
-        matches, used = _match(plan, ref, others, spec, stats_batches, n_stats, device, progress)
+    if plan.match_always or any("matches" in e.needs for e in entries.values()):
+        matches, used = match_models(plan.matching, ref, others, spec, stats_batches, n_stats, device, progress,
+                                     plan.match_points)
         passes["matching"] += used
         aligned = [permute_model(m, spec, r.perms) for m, r in zip(others, matches)]
         for m, a in zip(others, aligned):
             check_function_preserved(m, a, probe_x)
     timings["matching"] = time.perf_counter() - t0
     stats = None
-    if "map statistics" in passes:
+    if places:
         t0 = time.perf_counter()
-        places = map_places(list(entries))  # one pass, every place a method needs
         stats = group_covariances_at(ref, others, spec, stats_batches(), places, device=device, progress=progress,
                                      total=n_stats, points=plan.match_points)
         passes["map statistics"] += 1
         timings["map statistics"] = time.perf_counter() - t0
+    maps: dict[tuple, list] = {}  # (method, weights or None) -> per model, its maps into the merged space
+
     def maps_for(base: str, weights: Sequence[float]) -> list:
         """Per model, its maps into the merged space (computed once per method unless they depend on the
         weights, as ZipIt!'s do)."""
@@ -183,8 +186,6 @@ def execute_plan(
             maps[key] = entries[base](AlignInputs(models=models, spec=spec, matches=matches, stats=stats,
                                                   device=device, weights=list(weights)))
         return maps[key]
-
-    maps: dict[tuple, list] = {}
 
     layout = map_layout(ref, spec)
     merged: dict[tuple[str, int], nn.Module] = {}

@@ -27,6 +27,7 @@ from ..probe import ProbeResult, probe
 from ..report.feature_views import matching_info, views_from_probe
 from ..report.features import render_feature_pages
 from .common import StudyInputs, dataset_record, prepare
+from .plan import match_models
 
 
 def aligned_key(tag: str) -> str:
@@ -216,7 +217,6 @@ def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: 
         >>> run_folder(StudyInputs(["a.safetensors", "b.safetensors", "c.safetensors"], "digits", "runs/probe"))
     """
     from ..runs.jsonio import write_json
-    from ..align import weight_matching
     from ..report import render_report
     from ..report.features import feature_index_html
     from ..runs import prepare_run_dir, write_manifest
@@ -230,13 +230,10 @@ def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: 
     run_dir = prepare_run_dir(inputs.out, overwrite=inputs.overwrite)  # only once every input is known to be good
     tags = loaded.tags
     models = dict(zip(tags, loaded.models))
-    if cfg.matching == "weight":
-        matches = {t: weight_matching(a.state_dict(), models[t].state_dict(), spec, device=device) for t in tags[1:]}
-    else:
-        matches = dict(zip(tags[1:], match_many(a, [models[t] for t in tags[1:]], spec,
-                                                iter_batches(dataset, cfg.batch_size), device=device,
-                                                progress=progress, total=len_batches(dataset, cfg.batch_size),
-                                                points=cfg.match_points)))
+    found, _ = match_models(cfg.matching, a, [models[t] for t in tags[1:]], spec,
+                            lambda: iter_batches(dataset, cfg.batch_size), len_batches(dataset, cfg.batch_size),
+                            device, progress, cfg.match_points)
+    matches = dict(zip(tags[1:], found))
     merged = {}
     if cfg.alpha is not None:
         pair = merged_pair(a, models["B"], spec, matches["B"].perms, dataset, cfg.alpha, batch_size=cfg.batch_size,
