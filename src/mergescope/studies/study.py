@@ -218,6 +218,13 @@ def run_folder(config: StudyConfig, *, only: str | None = None, start: str | Non
         seconds: dict[str, float] = {}
         keys: dict[str, str] = {}
         base = {"data": images.fingerprint, "split": config.split, "device": config.device}
+        digests: list[str | None] = []  # the checkpoints' sha256, read once (again after training)
+
+        def hashes() -> list[str | None]:
+            if not digests:
+                digests.extend(checkpoint_sha256(p) if p.is_file() else None for p in paths)
+            return digests
+
         for i, stage in enumerate(stages, start=1):
             if stage == "train":
                 material = {"stage": "train", **base, "models": _train_material(config)}
@@ -225,9 +232,9 @@ def run_folder(config: StudyConfig, *, only: str | None = None, start: str | Non
                 material = {"stage": stage, **base, "config": _stage_config(config, stage),
                             "eval_splits": list(config.eval_splits), "upstream": [keys[n] for n in NEEDS[stage]
                                                                                    if n in keys],
-                            "checkpoints": [checkpoint_sha256(p) if p.is_file() else None for p in paths]}
+                            "checkpoints": hashes()}
             keys[stage] = _key(material)
-            stored = record.get(stage, {}).get("key") == keys[stage] and _present(root, stage, paths,
+            stored = record.get(stage, {}).get("key") == keys[stage] and _present(root, stage, hashes,
                                                                                   record.get(stage, {}))
             if stored and stage not in forced:
                 done[stage] = "cached"
@@ -249,7 +256,8 @@ def run_folder(config: StudyConfig, *, only: str | None = None, start: str | Non
             record[stage] = {"key": keys[stage], "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                              "seconds": round(seconds[stage], 3)}
             if stage == "train":
-                record[stage]["sha256"] = [checkpoint_sha256(p) for p in paths]
+                digests.clear()
+                record[stage]["sha256"] = hashes()
             write_json(record_path, record)
             done[stage] = "ran"
             say(f"[{i}/{len(stages)}] {stage}: done in {seconds[stage]:.1f} s")
@@ -299,23 +307,23 @@ def _stage_config(config: StudyConfig, stage: str) -> Any:
     return asdict(value)
 
 
-def _present(root: Path, stage: str, paths: Sequence[Path], entry: Mapping) -> bool:
-    """Whether a stage's stored result is there (trained checkpoints: unchanged since they were trained)."""
+def _present(root: Path, stage: str, hashes: Callable[[], list[str | None]], entry: Mapping) -> bool:
+    """Whether a stage's stored result is there (trained checkpoints: there and unchanged since they were
+    trained, by ``hashes()``, their sha256 or None for a missing file)."""
     if stage == "train":
-        from ..train import checkpoint_sha256
-
-        return all(p.is_file() for p in paths) and [checkpoint_sha256(p) for p in paths] == entry.get("sha256")
+        return None not in hashes() and hashes() == entry.get("sha256")
     folder = root / FOLDERS[stage]
     marker = {"compare": "compare.csv", "regress": "regression.csv"}.get(stage, "manifest.json")
     return (folder / marker).is_file()
 
 
-def _inputs(config: StudyConfig, paths: Sequence[Path], out: Path, stats_images: int | None = None) -> StudyInputs:
+def _inputs(config: StudyConfig, paths: Sequence[Path], out: Path, progress: bool,
+            stats_images: int | None = None) -> StudyInputs:
     m = config.models
     return StudyInputs([str(p) for p in paths], config.data, str(out), arch=None if not m.checkpoints else m.arch,
                        arch_kwargs=m.arch_kwargs if m.checkpoints else {}, split=config.split,
                        eval_splits=list(config.eval_splits), stats_images=stats_images, device=config.device,
-                       progress=False, overwrite=True)
+                       progress=progress, overwrite=True)
 
 
 def _run_stage(stage: str, config: StudyConfig, root: Path, tags: list[str], paths: list[Path], progress: bool) -> None:
@@ -333,10 +341,10 @@ def _run_stage(stage: str, config: StudyConfig, root: Path, tags: list[str], pat
     staging = _stage_dir(root, stage, final if adds else None)
     if stage == "sweep":
         cfg, stats_images = config.sweep
-        inputs = _inputs(config, paths[:2], staging, stats_images)
-        sweep.run_folder(_progress(inputs, progress), cfg, options=config.options.get("sweep", {}))
+        sweep.run_folder(_inputs(config, paths[:2], staging, progress, stats_images), cfg,
+                         options=config.options.get("sweep", {}))
     elif stage == "features":
-        probe.run_folder(_progress(_inputs(config, paths, staging), progress), config.features,
+        probe.run_folder(_inputs(config, paths, staging, progress), config.features,
                          options=config.options.get("features", {}))
     elif stage == "compare":
         compare.run_folder(staging, config.compare, device=config.device, progress=progress, overwrite=True,
@@ -346,14 +354,9 @@ def _run_stage(stage: str, config: StudyConfig, root: Path, tags: list[str], pat
                            options=config.options.get("regress", {}))
     elif stage == "merge":
         cfg, stats_images = config.merge
-        merge.run_folder(_progress(_inputs(config, paths, staging, stats_images), progress), cfg,
+        merge.run_folder(_inputs(config, paths, staging, progress, stats_images), cfg,
                          options=config.options.get("merge", {}))
     _commit(staging, final)
-
-
-def _progress(inputs: StudyInputs, progress: bool) -> StudyInputs:
-    inputs.progress = progress
-    return inputs
 
 
 def _overview(root: Path) -> Path:
