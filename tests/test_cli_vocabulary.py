@@ -204,3 +204,13 @@ def test_a_stored_file_changed_after_the_run_is_refused_by_compare_and_regress(t
         path.write_bytes(original)
     assert not (run / "compare.csv").exists() and not (run / "regression.csv").exists()
     assert main(["compare", str(run), "--quiet"]) == 0  # the original files pass
+
+
+def test_the_parsers_choices_are_the_librarys_names():
+    """The parser restates a few of the library's names (to stay free of torch); they must not drift apart."""
+    from mergescope.cli import parser
+    from mergescope.perm.spec import MATCH_POINTS
+    from mergescope.studies.plan import MATCHINGS
+    from mergescope.studies.study import STAGES
+
+    assert parser.MATCHINGS == MATCHINGS and parser.MATCH_POINTS == MATCH_POINTS and parser.STUDY_STAGES == STAGES

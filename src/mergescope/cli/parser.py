@@ -13,10 +13,11 @@ import argparse
 from .. import _argtypes as T
 from . import commands as C
 
-MATCHINGS = ("activation", "weight")
-MATCH_POINTS = ("stage_end", "all")
-REQUIRED = "_required"
-STUDY_STAGES = ("train", "sweep", "features", "compare", "regress", "merge")  # mergescope.studies.study.STAGES  # the parser default naming a command's required options (checked after --config)
+# The parser imports no torch, so these restate the library's names (tests/test_cli_vocabulary.py checks they agree)
+MATCHINGS = ("activation", "weight")  # mergescope.studies.plan.MATCHINGS
+MATCH_POINTS = ("stage_end", "all")  # mergescope.perm.spec.MATCH_POINTS
+STUDY_STAGES = ("train", "sweep", "features", "compare", "regress", "merge")  # mergescope.studies.study.STAGES
+REQUIRED = "_required"  # the parser default naming a command's required options (checked after --config)
 
 
 class _Formatter(argparse.HelpFormatter):
