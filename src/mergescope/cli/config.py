@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .. import _argtypes as T
 from ..errors import MergescopeError
 
 if sys.version_info >= (3, 11):
@@ -84,12 +85,12 @@ def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     many = action.nargs in ("+", "*") or isinstance(action.nargs, int)
     if many and not isinstance(value, list):
         value = [value]
-    if not many and isinstance(value, (list, dict)) and action.type is not None and \
-            getattr(action.type, "__name__", "") != "json_object":
-        raise MergescopeError(f"{where} must be a single value, got {value!r}")
+    table = action.type is T.json_object  # --arch-kwargs: a TOML/YAML table is its JSON object
 
     def one(v):
-        if isinstance(v, bool) or (isinstance(v, (list, dict)) and getattr(action.type, "__name__", "") != "json_object"):
+        if isinstance(v, (list, dict)) and not table:
+            raise MergescopeError(f"{where} must be a single value, got {v!r}")
+        if isinstance(v, bool):
             raise MergescopeError(f"{where}: {v!r} is not a valid value")
         if action.type is None and not isinstance(v, str):
             raise MergescopeError(f"{where}: {v!r} is not a string")
