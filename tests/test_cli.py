@@ -250,7 +250,7 @@ def test_train_refuses_to_replace_a_checkpoint_and_to_call_training_images_test(
 def test_demo_stores_its_alignments_and_judges_the_correlation_against_its_null(demo_dir):
     import numpy as np
 
-    from mergescope.align.store import correlation_matrices
+    from mergescope.align.store import load_alignments
     from mergescope.compare import read_compare_csv
 
     run = demo_dir / "features"
@@ -260,7 +260,7 @@ def test_demo_stores_its_alignments_and_judges_the_correlation_against_its_null(
     assert "Observation 1" in html and "&amp;gt;" not in html and "&amp;lt;" not in html  # thresholds once escaped
     rows = read_compare_csv(run / "compare.csv")
     for tag in ("B", "C"):
-        matrices = correlation_matrices(run / "alignment.safetensors", tag)
+        matrices = load_alignments(run / "alignment.safetensors").correlations(tag)
         assert set(matrices) == {"features.2", "features.5", "features.9"}
         for layer, matrix in matrices.items():
             mine = [r for r in rows if r["model"] == f"{tag}_aligned" and r["layer"] == layer]

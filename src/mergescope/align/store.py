@@ -83,7 +83,7 @@ class StoredAlignments:
 
     def perms(self, tag: str) -> dict[str, torch.Tensor]:
         """Model ``tag``'s permutations (group -> LongTensor, as :attr:`MatchResult.perms`)."""
-        return {g: t for g, t in self._tensors(f"{tag}/perm/").items()}
+        return self._tensors(f"{tag}/perm/")
 
     def correlations(self, tag: str) -> dict[str, np.ndarray] | None:
         """Per layer, the correlation of the reference's channel i with aligned ``tag``'s channel j (the aligned
@@ -135,14 +135,3 @@ def load_alignments(path: str | os.PathLike) -> StoredAlignments:
                                 record["layers"])
     except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as e:
         raise MergescopeError(f"{path} is not a readable alignment file ({e})") from None
-
-
-def load_perms(path: str | os.PathLike, tag: str) -> dict[str, torch.Tensor] | None:
-    """The stored permutations of model ``tag``, or None when the file holds none for it."""
-    return load_alignments(path).perms(tag) or None
-
-
-def correlation_matrices(path: str | os.PathLike, tag: str) -> dict[str, np.ndarray] | None:
-    """:meth:`StoredAlignments.correlations` of model ``tag`` (None when not stored or aligned by weights)."""
-    stored = load_alignments(path)
-    return stored.correlations(tag) if tag in stored.models else None
