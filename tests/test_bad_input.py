@@ -109,13 +109,15 @@ def test_a_truncated_pass_checkpoint_is_set_aside_and_the_probe_starts_over(tmp_
     want, out = tmp_path / "clean", tmp_path / "run"
     common = ["--data", "digits", "--k", "3", "--subset-images", "50", "--quiet"]
     assert main(["probe", *ckpts, "--out", str(want), *common]) == 0
-    (out / "probe").mkdir(parents=True)
-    partial = out / "probe" / "probe.partial.safetensors"
+    resume = tmp_path / ".run.resume" / "probe"  # where a killed probe of --out run left its pass checkpoint
+    resume.mkdir(parents=True)
+    partial = resume / "probe.partial.safetensors"
     partial.write_bytes((want / "probe" / "probe.safetensors").read_bytes()[:1000])  # cut short
     capsys.readouterr()
     assert main(["probe", *ckpts, "--out", str(out), *common]) == 0
     assert "set aside" in capsys.readouterr().err
-    assert (out / "probe" / "probe.partial.safetensors.unreadable").is_file() and not partial.exists()
+    assert not partial.exists() and not resume.exists()  # set aside, and removed with the rest once the run is in place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["clean", "run"]  # no lock, staging or resume folder left
     from mergescope.probe import load_probe
 
     a, b = load_probe(want / "probe"), load_probe(out / "probe")

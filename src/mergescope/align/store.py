@@ -19,9 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from ..runs.atomic import atomic_path
+from ..runs.atomic import atomic_save_tensors
 from ..errors import MergescopeError
 from ..perm import PermSpec
 from .result import MatchResult
@@ -61,8 +60,7 @@ def save_alignments(path: str | os.PathLike, spec: PermSpec, matches: Mapping[st
               "models": models, "layers": {name: tap.group for name, tap in spec.layers.items() if tap.group is not None}}
     meta = {_KEY: json.dumps(record, sort_keys=True)}  # one key: safetensors writes its metadata in no fixed order
     path = Path(path)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
+    atomic_save_tensors(path, tensors, meta)
     return path
 
 

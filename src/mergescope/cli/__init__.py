@@ -41,9 +41,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         resolve(parser, args, argv)
+        if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: every pass sharded; rank 0 prints
+            from ..distributed import init_from_env, world
+            if init_from_env() and world()[0] != 0:
+                sys.stdout = open(os.devnull, "w")
         args.func(args)
     except MergescopeError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a file that cannot be read or written (disk full, permissions...): the OS's reason
+        from ..runs.transaction import describe_os_error
+
+        print(f"error: {describe_os_error(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

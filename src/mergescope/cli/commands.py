@@ -5,7 +5,6 @@ Each function imports its study when called, so building the parser stays free o
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -189,35 +188,35 @@ def regress(args: argparse.Namespace) -> None:
 
 def report(args: argparse.Namespace) -> None:
     from ..report import render_report
-    from ..runs import refresh_hashes
+    from ..runs import load_run, refresh_hashes, verify_inputs, write_run
 
-    run_dir = Path(args.run_dir)
-    path = run_dir / "results.json"
-    if not path.exists():
-        raise MergescopeError(f"no results.json in {args.run_dir}: not a finished mergescope run folder")
-    results = json.loads(path.read_text())
-    written = []
-    features = results.get("features")
-    if features and (run_dir / "probe").is_dir():
-        from ..data import open_dataset
-        from ..probe import load_probe
-        from ..studies.probe import render_views
+    final = Path(args.run_dir)
+    results, manifest = load_run(final)
+    verify_inputs(final, manifest)  # pages are made from the stored data only if it is the run's own
+    with write_run(final, adds=True) as staging:
+        run_dir = staging.path
+        written = []
+        features = results.get("features")
+        if features and (run_dir / "probe").is_dir():
+            from ..data import open_dataset
+            from ..probe import load_probe
+            from ..studies.probe import render_views
 
-        pages = render_views(run_dir, open_dataset(features["data"], split=features["split"]),
-                             load_probe(run_dir / "probe"), features["views"])
-        written += [run_dir / p["href"] for p in pages]
-    if results.get("regression"):
-        from ..studies.regress import rerender
+            pages = render_views(run_dir, open_dataset(features["data"], split=features["split"]),
+                                 load_probe(run_dir / "probe"), features["views"])
+            written += [run_dir / p["href"] for p in pages]
+        if results.get("regression"):
+            from ..studies.regress import rerender
 
-        regression = rerender(run_dir, results)
-        if regression is None:
-            print("note: the regression study has no stored top-k images (regression_topk.json; older studies lack "
-                  "it): its pages are left as they are (`mergescope regress RUN_DIR --overwrite` redoes it)",
-                  file=sys.stderr)
-        written += regression or []
-    written.append(render_report(run_dir, results))
-    refresh_hashes(run_dir, written)
-    print(written[-1])
+            regression = rerender(run_dir, results)
+            if regression is None:
+                print("note: the regression study has no stored top-k images (regression_topk.json; older studies "
+                      "lack it): its pages are left as they are (`mergescope regress RUN_DIR --overwrite` redoes it)",
+                      file=sys.stderr)
+            written += regression or []
+        written.append(render_report(run_dir, results))
+        refresh_hashes(run_dir, written)  # the pages just made from the verified data
+    print(final / written[-1].name)
 
 
 def layers(args: argparse.Namespace) -> None:

@@ -63,6 +63,8 @@ def probe(
     run_dir: str | Path | None = None,
     resume: bool = True,
     checkpoint_every: int | None = 50,
+    checkpoint_dir: str | Path | None = None,
+    other_pass: str = "error",
     num_workers: int = 0,
 ) -> ProbeResult:
     """Probe every layer of every model in one pass over ``dataset``.
@@ -88,6 +90,10 @@ def probe(
             :class:`MergescopeError` if what is stored there has a different config; False recomputes from
             scratch and overwrites.
         checkpoint_every: save the pass state every this many batches (None: never).
+        checkpoint_dir: where the pass checkpoints go (default ``run_dir``), e.g. a folder that outlives a
+            staging folder (:class:`mergescope.runs.Staging`'s ``resume``).
+        other_pass: what a checkpoint of a different pass (other models, layers, k...) in ``checkpoint_dir``
+            means: ``"error"`` (default) raises, ``"restart"`` removes it with a note and starts over.
         num_workers: DataLoader workers for datasets that are not in memory.
 
     Returns:
@@ -109,6 +115,9 @@ def probe(
     rank, world_size = world()
     subset = _subset(subset_ids, len(dataset))
     run_dir = Path(run_dir) if run_dir is not None else None
+    checkpoints = Path(checkpoint_dir) if checkpoint_dir is not None else run_dir
+    if other_pass not in ("error", "restart"):
+        raise ValueError(f"other_pass must be 'error' or 'restart', got {other_pass!r}")
 
     with _eval_mode(models.values()):
         tapped, shapes = _tap_all(models, layers, dataset, reduction, device)
@@ -122,12 +131,12 @@ def probe(
             finished = _stored_result(run_dir, config, resume)
             if finished is not None:
                 return finished
-            _resume_state(run_dir, config, pass_info, state, resume)
+            _resume_state(checkpoints, config, pass_info, state, resume, other_pass)
 
         def checkpoint() -> None:
             meta = _meta("partial", config, shapes, state.images_seen)
             meta["pass"] = {**pass_info, "batches_done": state.batches_done}
-            write(run_dir / partial_file(rank, world_size), probe_tensors(state.layer_probes(), subset), meta)
+            write(checkpoints / partial_file(rank, world_size), probe_tensors(state.layer_probes(), subset), meta)
 
         def consume(batch, x, outs) -> None:
             state.update(batch.ids, {name: feats for name, (_, feats) in outs.items()})
@@ -150,7 +159,7 @@ def probe(
             save_probe(result, path)
         barrier()  # the result exists before any rank returns or drops its checkpoint
         result.path = path
-        partial = run_dir / partial_file(rank, world_size)
+        partial = checkpoints / partial_file(rank, world_size)
         partial.unlink(missing_ok=True)
         partial.with_suffix(".json").unlink(missing_ok=True)
     return result
@@ -284,12 +293,13 @@ def _set_aside(path: Path) -> Path:
     return aside
 
 
-def _resume_state(run_dir: Path, config: dict[str, Any], pass_info: dict[str, Any], state: ProbeState,
-                  resume: bool) -> None:
-    """Continue ``state`` from this rank's checkpoint in ``run_dir`` when it belongs to the same pass."""
+def _resume_state(folder: Path, config: dict[str, Any], pass_info: dict[str, Any], state: ProbeState,
+                  resume: bool, other_pass: str = "error") -> None:
+    """Continue ``state`` from this rank's checkpoint in ``folder`` when it belongs to the same pass (one of
+    another pass: an error, or with ``other_pass="restart"`` removed and the pass started over)."""
     if not resume:
         return
-    path = run_dir / partial_file(pass_info["rank"], pass_info["world_size"])
+    path = folder / partial_file(pass_info["rank"], pass_info["world_size"])
     try:
         meta = read_meta(path)
         if meta is not None:
@@ -305,7 +315,15 @@ def _resume_state(run_dir: Path, config: dict[str, Any], pass_info: dict[str, An
         saved["pass"] = {k: v for k, v in meta.get("pass", {}).items() if k != "batches_done"}
         diff = config_mismatch(saved, {**config, "pass": pass_info})
     status = _ABSENT if meta is None else (_MISMATCH if diff else _MATCH)
-    if bool((gather_flags([status])[:, 0] == _MISMATCH).any()):
+    other = bool((gather_flags([status])[:, 0] == _MISMATCH).any())
+    if other and other_pass == "restart":
+        if status == _MISMATCH:
+            print(f"note: {path} is a checkpoint of another pass ({diff}); removed, the pass starts over",
+                  file=sys.stderr)
+            path.unlink(missing_ok=True)
+            path.with_suffix(".json").unlink(missing_ok=True)
+        return
+    if other:
         raise MergescopeError(f"cannot resume: {path} is a checkpoint of a different pass "
                               f"({diff or 'seen by another rank'}); pass resume=False (on the command line: --overwrite) to "
                               "start over")

@@ -56,10 +56,9 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import nn
 
-from ..runs.atomic import atomic_path, atomic_write_text
+from ..runs.atomic import atomic_save_tensors, atomic_write_text
 from ..runs.jsonio import package_version
 from ..errors import MergescopeError
 from .result import LayerProbe, ProbeResult
@@ -118,8 +117,7 @@ def probe_tensors(probes: dict[str, dict[str, LayerProbe]], subset_ids: torch.Te
 def write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Atomically write ``tensors`` with ``meta`` in the header, then the JSON sidecar."""
     text = json.dumps(meta, sort_keys=False)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={META_KEY: text})
+    atomic_save_tensors(path, tensors, {META_KEY: text})
     atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     return path
 

@@ -1,7 +1,8 @@
 """Runs are folders: a manifest (config, versions, seeds, hashes), checkpoints, results, figures, a report.
 
-Nothing is silently overwritten: a run folder that already holds a manifest is refused unless the caller
-asks to overwrite it.
+The manifest hashes every file it vouches for, and a study that reads a run folder checks the hashes of what it
+reads first (:func:`verify_files`): a file changed after its run is named, not used. How a folder is written —
+as a whole, never over a finished run without ``--overwrite`` — is :mod:`mergescope.runs.transaction`.
 """
 from __future__ import annotations
 
@@ -23,15 +24,6 @@ from ..errors import MergescopeError
 
 MANIFEST = "manifest.json"
 RESULTS = "results.json"
-
-
-def prepare_run_dir(path: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Create the run folder; refuse one that already holds a finished run unless ``overwrite``."""
-    path = Path(path)
-    if (path / MANIFEST).exists() and not overwrite:
-        raise MergescopeError(f"{path} already holds a run (manifest.json); pass --overwrite or choose another --out")
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 def environment() -> dict[str, str]:
@@ -74,7 +66,18 @@ def load_run(run_dir: str | os.PathLike) -> tuple[dict, dict]:
     results_path, manifest_path = run_dir / RESULTS, run_dir / MANIFEST
     if not results_path.is_file() or not manifest_path.is_file():
         raise MergescopeError(f"{run_dir} is not a finished mergescope run folder (no results.json/manifest.json)")
-    return json.loads(results_path.read_text()), json.loads(manifest_path.read_text())
+    return _read_record(results_path), _read_record(manifest_path)
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MergescopeError(f"{path} is not valid JSON ({e}): the file is damaged; "
+                              "redo the run that wrote it") from None
+    if not isinstance(record, dict):
+        raise MergescopeError(f"{path} does not hold a JSON object: the file is damaged; redo the run that wrote it")
+    return record
 
 
 def add_to_run(run_dir: Path, results: dict, manifest: dict, section: dict, files: Iterable[str | os.PathLike],
@@ -112,6 +115,15 @@ def verify_files(run_dir: str | os.PathLike, manifest: Mapping, names: Iterable[
         if file_sha256(path) != want:
             raise MergescopeError(f"{path} changed after the run that wrote it (its sha256 differs from the one in "
                                   f"{run_dir / MANIFEST}): redo that run")
+
+
+RENDERED = (".html", ".png", ".jpg", ".jpeg", ".webp", ".svg")  # pages and figures: made again from the data
+
+
+def verify_inputs(run_dir: str | os.PathLike, manifest: Mapping) -> None:
+    """:func:`verify_files` for every file the manifest lists except the rendered pages and figures
+    (:data:`RENDERED`), which ``mergescope report`` makes again from the others."""
+    verify_files(run_dir, manifest, [n for n in manifest.get("sha256", {}) if not n.lower().endswith(RENDERED)])
 
 
 def refresh_hashes(run_dir: str | os.PathLike, files: Iterable[str | os.PathLike]) -> Path | None:

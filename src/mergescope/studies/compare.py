@@ -315,7 +315,7 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
     """
     from ..perm import build_spec, permute_model
     from ..probe import load_probe, probe, state_sha256
-    from ..runs import add_to_run
+    from ..runs import add_to_run, write_run
     from .common import open_feature_run
 
     cfg = config or CompareConfig()
@@ -324,61 +324,63 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
                               verify=("results.json", "probe/probe.safetensors", ALIGNMENT_FILE), need_probe=True)
     run_dir, results, manifest = folder.path, folder.results, folder.manifest
     features, dataset = folder.features, folder.dataset
-    start = time.perf_counter()
-    stored = load_probe(run_dir / "probe")
-    if stored.dataset.get("fingerprint") != dataset.fingerprint:
-        raise MergescopeError(f"the stored probe was made on other images than {features['data']} "
-                              f"({features['split']}): dataset fingerprints differ")
-    alignment = load_alignments(run_dir / ALIGNMENT_FILE)
-    reference, tags = alignment.reference, [alignment.reference, *alignment.tags]
-    need_subset = stored.subset_ids is None
-    models = folder.models(tags if need_subset or cfg.partial_merge else [reference], device, alignment)
-    try:
-        embedder = make_embedder(cfg, models[reference], dataset, reference)
-    except MergescopeError as e:
-        raise MergescopeError(f"{e} [command line: --clip-weights PATH, or --embedder fallback]") from None
-
-    notes = ""
-    aligned_models: dict[str, nn.Module] = {}
-    spec = None
-    if need_subset or cfg.partial_merge:
-        spec = build_spec(models[reference], next(iter(iter_batches(dataset, 2))).x.to(device))
-        for t in tags[1:]:  # the run's own alignment: never matched again
-            aligned_models[aligned_key(t)] = permute_model(models[t], spec, alignment.perms(t))
-            want = stored.config.get("models", {}).get(aligned_key(t), {}).get("state_sha256")
-            if want is not None and state_sha256(aligned_models[aligned_key(t)]) != want:
-                raise MergescopeError(f"model {t} aligned to {reference} by the stored alignment has other weights "
-                                      "than the stored probe's; the comparison would not describe the probed models")
-    result = stored
-    if need_subset:
-        layers = {m: stored.layers[m] for m in [reference, *aligned_models]}
-        again = probe({reference: models[reference], **aligned_models}, dataset, layers=layers, k=stored.k,
-                      reduction=stored.reduction, batch_size=cfg.batch_size, subset_ids=default_subset(dataset),
-                      device=device, progress=progress, run_dir=run_dir / "probe_subset")
-        result = attach_subset(stored, again)
-
-    partial = None
-    if cfg.partial_merge:
+    with write_run(run_dir, adds=True) as staging:  # the comparison's files and the report, as a whole
+        run_dir = staging.path
+        start = time.perf_counter()
+        stored = load_probe(run_dir / "probe")
+        if stored.dataset.get("fingerprint") != dataset.fingerprint:
+            raise MergescopeError(f"the stored probe was made on other images than {features['data']} "
+                                  f"({features['split']}): dataset fingerprints differ")
+        alignment = load_alignments(run_dir / ALIGNMENT_FILE)
+        reference, tags = alignment.reference, [alignment.reference, *alignment.tags]
+        need_subset = stored.subset_ids is None
+        models = folder.models(tags if need_subset or cfg.partial_merge else [reference], device, alignment)
         try:
-            eval_data = open_dataset(features["data"], split=cfg.eval_split)
-        except DatasetError:
-            eval_data = dataset
-            notes = f"; no '{cfg.eval_split}' split, so the probed '{features['split']}' images"
-        b = aligned_key(tags[1])
-        partial = PartialMergeInputs(models[reference], aligned_models[b], spec, eval_data, (reference, b), notes)
+            embedder = make_embedder(cfg, models[reference], dataset, reference)
+        except MergescopeError as e:
+            raise MergescopeError(f"{e} [command line: --clip-weights PATH, or --embedder fallback]") from None
 
-    out = run(run_dir, dataset, result, features["views"], cfg, embedder=embedder, partial=partial,
-              alignment=alignment, device=device, progress=progress)
-    out.timings["total"] = time.perf_counter() - start
+        notes = ""
+        aligned_models: dict[str, nn.Module] = {}
+        spec = None
+        if need_subset or cfg.partial_merge:
+            spec = build_spec(models[reference], next(iter(iter_batches(dataset, 2))).x.to(device))
+            for t in tags[1:]:  # the run's own alignment: never matched again
+                aligned_models[aligned_key(t)] = permute_model(models[t], spec, alignment.perms(t))
+                want = stored.config.get("models", {}).get(aligned_key(t), {}).get("state_sha256")
+                if want is not None and state_sha256(aligned_models[aligned_key(t)]) != want:
+                    raise MergescopeError(f"model {t} aligned to {reference} by the stored alignment has other weights "
+                                          "than the stored probe's; the comparison would not describe the probed models")
+        result = stored
+        if need_subset:
+            layers = {m: stored.layers[m] for m in [reference, *aligned_models]}
+            again = probe({reference: models[reference], **aligned_models}, dataset, layers=layers, k=stored.k,
+                          reduction=stored.reduction, batch_size=cfg.batch_size, subset_ids=default_subset(dataset),
+                          device=device, progress=progress, run_dir=run_dir / "probe_subset")
+            result = attach_subset(stored, again)
 
-    results["features"] = {**features, "views": out.recipes}
-    results["compare"] = {**out.to_json(), "config": dataclasses.asdict(cfg)}
-    files = [*out.files, *(run_dir / p["href"] for p in out.pages)]
-    if need_subset:
-        files.append(run_dir / "probe_subset" / "probe.safetensors")
-    add_to_run(run_dir, results, manifest, out.section, files, "compare",
-               {"config": dataclasses.asdict(cfg), "embedder": out.result.embedder, "timings": out.timings,
-                "reprobed_subset": need_subset, "options": dict(options or {})})
+        partial = None
+        if cfg.partial_merge:
+            try:
+                eval_data = open_dataset(features["data"], split=cfg.eval_split)
+            except DatasetError:
+                eval_data = dataset
+                notes = f"; no '{cfg.eval_split}' split, so the probed '{features['split']}' images"
+            b = aligned_key(tags[1])
+            partial = PartialMergeInputs(models[reference], aligned_models[b], spec, eval_data, (reference, b), notes)
+
+        out = run(run_dir, dataset, result, features["views"], cfg, embedder=embedder, partial=partial,
+                  alignment=alignment, device=device, progress=progress)
+        out.timings["total"] = time.perf_counter() - start
+
+        results["features"] = {**features, "views": out.recipes}
+        results["compare"] = {**out.to_json(), "config": dataclasses.asdict(cfg)}
+        files = [*out.files, *(run_dir / p["href"] for p in out.pages)]
+        if need_subset:
+            files.append(run_dir / "probe_subset" / "probe.safetensors")
+        add_to_run(run_dir, results, manifest, out.section, files, "compare",
+                   {"config": dataclasses.asdict(cfg), "embedder": out.result.embedder, "timings": out.timings,
+                    "reprobed_subset": need_subset, "options": dict(options or {})})
     return out
 
 

@@ -137,25 +137,26 @@ def run_folder(inputs: StudyInputs, config: MergeConfig | None = None, options: 
     """N checkpoints merged with every method as a run folder: ``merges.csv``, ``results.json``, ``report.html``,
     ``alignment.safetensors`` (when the models were matched) and the manifest."""
     from ..align.store import ALIGNMENT_FILE, save_alignments
-    from ..runs import prepare_run_dir, write_manifest
+    from ..runs import write_manifest, write_run
 
     cfg = config or MergeConfig()
     cfg.weighting(len(inputs.checkpoints))  # checked before anything is loaded or written
     loaded, train, evals = prepare(inputs)
-    run_dir = prepare_run_dir(inputs.out, overwrite=inputs.overwrite)
-    if cfg.stats_ids is None:
-        cfg.stats_ids = stats_ids(len(train), inputs.stats_images)
-    start = time.perf_counter()
-    result = run(loaded.models, train, evals, cfg, device=inputs.device, progress=inputs.progress)
-    summary = {"models": [str(c) for c in inputs.checkpoints], "dataset": inputs.data, "data passes": result.passes,
-               "runtime": f"{time.perf_counter() - start:.1f} s on {inputs.device}"}
-    files = save(run_dir, result, f"mergescope merge: {len(loaded.models)} models", summary)
-    if result.matches:
-        files.append(save_alignments(run_dir / ALIGNMENT_FILE, result.spec,
-                                     dict(zip(loaded.tags[1:], result.matches)), reference="A",
-                                     sources=loaded.sources(), points=cfg.match_points))
-    write_manifest(run_dir, {"merge": asdict(cfg), **inputs.record(), "options": dict(options or {})}, files,
-                   models=loaded.record(), timings=result.timings, dataset=dataset_record(train))
+    with write_run(inputs.out, overwrite=inputs.overwrite) as staging:
+        run_dir = staging.path
+        if cfg.stats_ids is None:
+            cfg.stats_ids = stats_ids(len(train), inputs.stats_images)
+        start = time.perf_counter()
+        result = run(loaded.models, train, evals, cfg, device=inputs.device, progress=inputs.progress)
+        summary = {"models": [str(c) for c in inputs.checkpoints], "dataset": inputs.data, "data passes": result.passes,
+                   "runtime": f"{time.perf_counter() - start:.1f} s on {inputs.device}"}
+        files = save(run_dir, result, f"mergescope merge: {len(loaded.models)} models", summary)
+        if result.matches:
+            files.append(save_alignments(run_dir / ALIGNMENT_FILE, result.spec,
+                                         dict(zip(loaded.tags[1:], result.matches)), reference="A",
+                                         sources=loaded.sources(), points=cfg.match_points))
+        write_manifest(run_dir, {"merge": asdict(cfg), **inputs.record(), "options": dict(options or {})}, files,
+                       models=loaded.record(), timings=result.timings, dataset=dataset_record(train))
     return result
 
 

@@ -52,6 +52,8 @@ def run(
     sources: Mapping[str, Mapping[str, str]] | None = None,
     points: str = "stage_end",
     resume: bool = True,
+    checkpoint_dir: str | Path | None = None,
+    other_pass: str = "error",
 ) -> tuple[ProbeResult, list[dict], list[dict]]:
     """Align every model to the first, probe them all in one pass, and write the feature pages.
 
@@ -69,6 +71,8 @@ def run(
         points: where residual streams are measured when matching here.
         resume: reuse a finished probe of the same config in ``run_dir/probe`` and continue an interrupted one
             (False: start over, replacing what is there).
+        checkpoint_dir, other_pass: where the probe's pass checkpoints go and what one of another pass means
+            (:func:`mergescope.probe.probe`).
 
     Returns:
         The probe result, the index of feature pages ({"slug", "title", "layer", "channels", "href"}) and the
@@ -99,7 +103,7 @@ def run(
     # block-output layers has its own spec, whose block outputs are the corrected ones under the same names)
     result = probe(probed, dataset, layers=probe_layers, k=k, reduction=reduction, batch_size=batch_size,
                    device=device, run_dir=run_dir / "probe", progress=progress, subset_ids=subset_ids,
-                   resume=resume)
+                   resume=resume, checkpoint_dir=checkpoint_dir, other_pass=other_pass)
 
     info = matching_info(spec, matches, probe_layers)
     recipes = []
@@ -219,7 +223,7 @@ def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: 
     from ..runs.jsonio import write_json
     from ..report import render_report
     from ..report.features import feature_index_html
-    from ..runs import prepare_run_dir, write_manifest
+    from ..runs import write_manifest, write_run
 
     cfg = config or ProbeConfig()
     device, progress = inputs.device, inputs.progress
@@ -227,37 +231,39 @@ def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: 
     a = loaded.models[0]
     spec = build_spec(a, next(iter(iter_batches(dataset, 2))).x.to(device))
     probe_layers = select_layers(spec, cfg.layers)  # an unknown layer name is refused before the folder is touched
-    run_dir = prepare_run_dir(inputs.out, overwrite=inputs.overwrite)  # only once every input is known to be good
-    tags = loaded.tags
-    models = dict(zip(tags, loaded.models))
-    found, _ = match_models(cfg.matching, a, [models[t] for t in tags[1:]], spec,
-                            lambda: iter_batches(dataset, cfg.batch_size), len_batches(dataset, cfg.batch_size),
-                            device, progress, cfg.match_points)
-    matches = dict(zip(tags[1:], found))
-    merged = {}
-    if cfg.alpha is not None:
-        pair = merged_pair(a, models["B"], spec, matches["B"].perms, dataset, cfg.alpha, batch_size=cfg.batch_size,
-                           device=device, progress=progress)
-        merged = merged_rows(pair, cfg.alpha)
-    _, pages, recipes = run(run_dir, dataset, models, matches=matches, merged=merged, spec=spec, k=cfg.k,
-                            reduction=cfg.reduction, batch_size=cfg.batch_size, device=device, progress=progress,
-                            subset_ids=default_subset(dataset, cfg.subset_images), layers=probe_layers,
-                            sources=loaded.sources(), points=cfg.match_points, resume=not inputs.overwrite)
-    results = {
-        "title": f"mergescope feature study: {len(models)} models on {dataset.name}",
-        "headline": f"Top-{cfg.k} {dataset.name} images of every channel of {len(probe_layers)} layers, for "
-                    f"{len(models)} models aligned to {Path(inputs.checkpoints[0]).name}.",
-        "summary": {t: str(c) for t, c in zip(tags, inputs.checkpoints)} | {"dataset": f"{inputs.data} "
-                                                                            f"({inputs.split})",
-                                                                            "reduction": cfg.reduction},
-        "matching": matches["B"].summary(),
-        "sections": [{"title": "Feature visualization", "html": feature_index_html(pages)}],
-        "features": {"data": inputs.data, "split": inputs.split, "views": recipes},
-    }
-    files = [write_json(run_dir / "results.json", results), render_report(run_dir, results),
-             run_dir / ALIGNMENT_FILE, run_dir / "probe" / "probe.safetensors"]
-    write_manifest(run_dir, {"probe": asdict(cfg), **inputs.record(), "options": dict(options or {})}, files,
-                   models=loaded.record(), dataset=dataset_record(dataset))
+    with write_run(inputs.out, overwrite=inputs.overwrite) as staging:  # only once every input is known to be good
+        run_dir = staging.path
+        tags = loaded.tags
+        models = dict(zip(tags, loaded.models))
+        found, _ = match_models(cfg.matching, a, [models[t] for t in tags[1:]], spec,
+                                lambda: iter_batches(dataset, cfg.batch_size), len_batches(dataset, cfg.batch_size),
+                                device, progress, cfg.match_points)
+        matches = dict(zip(tags[1:], found))
+        merged = {}
+        if cfg.alpha is not None:
+            pair = merged_pair(a, models["B"], spec, matches["B"].perms, dataset, cfg.alpha, batch_size=cfg.batch_size,
+                               device=device, progress=progress)
+            merged = merged_rows(pair, cfg.alpha)
+        _, pages, recipes = run(run_dir, dataset, models, matches=matches, merged=merged, spec=spec, k=cfg.k,
+                                reduction=cfg.reduction, batch_size=cfg.batch_size, device=device, progress=progress,
+                                subset_ids=default_subset(dataset, cfg.subset_images), layers=probe_layers,
+                                sources=loaded.sources(), points=cfg.match_points,
+                                checkpoint_dir=staging.resume / "probe", other_pass="restart")
+        results = {
+            "title": f"mergescope feature study: {len(models)} models on {dataset.name}",
+            "headline": f"Top-{cfg.k} {dataset.name} images of every channel of {len(probe_layers)} layers, for "
+                        f"{len(models)} models aligned to {Path(inputs.checkpoints[0]).name}.",
+            "summary": {t: str(c) for t, c in zip(tags, inputs.checkpoints)} | {"dataset": f"{inputs.data} "
+                                                                                f"({inputs.split})",
+                                                                                "reduction": cfg.reduction},
+            "matching": matches["B"].summary(),
+            "sections": [{"title": "Feature visualization", "html": feature_index_html(pages)}],
+            "features": {"data": inputs.data, "split": inputs.split, "views": recipes},
+        }
+        files = [write_json(run_dir / "results.json", results), render_report(run_dir, results),
+                 run_dir / ALIGNMENT_FILE, run_dir / "probe" / "probe.safetensors"]
+        write_manifest(run_dir, {"probe": asdict(cfg), **inputs.record(), "options": dict(options or {})}, files,
+                       models=loaded.record(), dataset=dataset_record(dataset))
     return results
 
 

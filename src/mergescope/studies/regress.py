@@ -147,7 +147,7 @@ def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, 
     JSON recorded under ``results.json["regression"]``. The checkpoints are the ones the run's alignment names,
     checked against the sha256 it recorded."""
     from ..align.store import ALIGNMENT_FILE, load_alignments
-    from ..runs import add_to_run
+    from ..runs import add_to_run, write_run
     from .common import open_feature_run
 
     cfg = config or RegressConfig()
@@ -155,27 +155,29 @@ def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, 
                               verify=("results.json", ALIGNMENT_FILE))
     run_dir, results, manifest = folder.path, folder.results, folder.manifest
     features, dataset = folder.features, folder.dataset
-    start = time.perf_counter()
-    alignment = load_alignments(run_dir / ALIGNMENT_FILE) if (run_dir / ALIGNMENT_FILE).is_file() else None
-    a, b = folder.models(["A", "B"], device, alignment).values()
-    res = run(a, b, dataset, cfg, device=device, progress=progress)
-    timings = dict(res.timings)
+    with write_run(run_dir, adds=True) as staging:
+        run_dir = staging.path
+        start = time.perf_counter()
+        alignment = load_alignments(run_dir / ALIGNMENT_FILE) if (run_dir / ALIGNMENT_FILE).is_file() else None
+        a, b = folder.models(["A", "B"], device, alignment).values()
+        res = run(a, b, dataset, cfg, device=device, progress=progress)
+        timings = dict(res.timings)
 
-    t0 = time.perf_counter()
-    csv_path = write_rows(run_dir / CSV_NAME, COLUMNS, res.rows)
-    views_path = write_json(run_dir / VIEWS_NAME, {"views": res.records})
-    info = {**res.info, "dataset": f"{features['data']} ({features['split']})"}
-    out = {"summary": res.summary, "hard_channels": res.hard, "info": info, "views": VIEWS_NAME,
-           "data": features["data"], "split": features["split"], "samples": res.samples,
-           "heldout_samples": res.heldout_samples, "layers": res.layers, "config": dataclasses.asdict(cfg),
-           "timings": timings}
-    section, out["pages"], files = render_regression(run_dir, out, dataset)
-    timings["report"] = time.perf_counter() - t0
-    timings["total"] = time.perf_counter() - start
+        t0 = time.perf_counter()
+        csv_path = write_rows(run_dir / CSV_NAME, COLUMNS, res.rows)
+        views_path = write_json(run_dir / VIEWS_NAME, {"views": res.records})
+        info = {**res.info, "dataset": f"{features['data']} ({features['split']})"}
+        out = {"summary": res.summary, "hard_channels": res.hard, "info": info, "views": VIEWS_NAME,
+               "data": features["data"], "split": features["split"], "samples": res.samples,
+               "heldout_samples": res.heldout_samples, "layers": res.layers, "config": dataclasses.asdict(cfg),
+               "timings": timings}
+        section, out["pages"], files = render_regression(run_dir, out, dataset)
+        timings["report"] = time.perf_counter() - t0
+        timings["total"] = time.perf_counter() - start
 
-    results["regression"] = out
-    add_to_run(run_dir, results, manifest, section, [csv_path, views_path, *files], "regression",
-               {"config": dataclasses.asdict(cfg), "timings": timings, "options": dict(options or {})})
+        results["regression"] = out
+        add_to_run(run_dir, results, manifest, section, [csv_path, views_path, *files], "regression",
+                   {"config": dataclasses.asdict(cfg), "timings": timings, "options": dict(options or {})})
     return out
 
 

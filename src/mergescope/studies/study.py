@@ -17,18 +17,16 @@ then the overview page ``report.html``, rendered from what the stages stored.
 
 A stage's key is the sha256 of its config, its inputs (checkpoint hashes, the dataset's fingerprint, the device)
 and the keys of the stages it reads; ``stages.json`` records the key of every finished stage. A stage whose key is
-recorded and whose folder is there is skipped; any other runs in a staging folder (a hard-linked copy when it adds
-to an earlier stage's folder: every file is written through a temporary file and a rename, so the original is
-never touched) that replaces the stage's folder by renames once it is complete. A kill at any moment leaves the
-study as it was before that stage, and a rerun gives the same results as an uninterrupted run. A lock file keeps a
-second writer out.
+recorded and whose folder is there is skipped; any other is run by its command, which writes the stage's folder as
+a whole (:mod:`mergescope.runs.transaction`: a staging folder put in place by one rename). A kill at any moment
+leaves the study as it was before that stage, and a rerun gives the same results as an uninterrupted run. A lock
+(``.OUT.lock`` beside the study folder) keeps a second writer out.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -37,6 +35,7 @@ from typing import Any
 
 from ..errors import MergescopeError
 from ..runs.jsonio import dumps, package_version, write_json
+from ..runs.transaction import RunLock, sibling
 from .common import StudyInputs, model_tags
 
 STAGES = ("train", "sweep", "features", "compare", "regress", "merge")
@@ -44,7 +43,6 @@ NEEDS = {"train": (), "sweep": ("train",), "features": ("train",), "compare": ("
          "regress": ("features",), "merge": ("train",)}
 FOLDERS = {"sweep": "sweep", "features": "features", "compare": "features", "regress": "features", "merge": "merge"}
 RECORD = "stages.json"
-LOCK = ".lock"
 
 
 @dataclass
@@ -95,89 +93,6 @@ def _key(material: Mapping) -> str:
     return hashlib.sha256(dumps({"mergescope": package_version(), **material}).encode()).hexdigest()
 
 
-class _Lock:
-    """``OUT/.lock`` while a study writes: a second writer is refused in one line (a stale lock of a dead
-    process is taken over)."""
-
-    def __init__(self, root: Path):
-        self.path = root / LOCK
-
-    def __enter__(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                try:
-                    pid = int(self.path.read_text() or "0")
-                except (OSError, ValueError):
-                    pid = 0
-                if pid and _alive(pid):
-                    raise MergescopeError(f"{self.path.parent} is being written by another mergescope (pid {pid}); "
-                                          f"wait for it, or remove {self.path} if that process is gone") from None
-                self.path.unlink(missing_ok=True)
-                continue
-            os.write(fd, str(os.getpid()).encode())
-            os.close(fd)
-            return self
-        raise MergescopeError(f"cannot lock {self.path.parent}")
-
-    def __exit__(self, *exc):
-        self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _recover(root: Path) -> None:
-    """Undo what a kill left: a half-swapped stage folder is put back, staging folders are removed."""
-    for old in root.glob(".old-*"):
-        final = root / old.name[len(".old-"):]
-        if final.exists():
-            shutil.rmtree(old)
-        else:
-            old.rename(final)
-    shutil.rmtree(root / ".staging", ignore_errors=True)
-
-
-def _stage_dir(root: Path, name: str, base: Path | None) -> Path:
-    """A fresh staging folder; a hard-linked copy of ``base`` when the stage adds to it."""
-    staging = root / ".staging" / name
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.parent.mkdir(parents=True, exist_ok=True)
-    if base is None:
-        return staging
-    for src in base.rglob("*"):
-        dst = staging / src.relative_to(base)
-        if src.is_dir():
-            dst.mkdir(parents=True, exist_ok=True)
-        else:
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(src, dst)
-            except OSError:
-                shutil.copy2(src, dst)
-    staging.mkdir(parents=True, exist_ok=True)
-    return staging
-
-
-def _commit(staging: Path, final: Path) -> None:
-    """Replace ``final`` by ``staging`` with renames (:func:`_recover` finishes a swap a kill interrupted)."""
-    old = final.parent / f".old-{final.name}"
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 @dataclass
 class StudyOutcome:
     """What :func:`run_folder` did: per stage "ran" or "cached", and where the overview is."""
@@ -209,8 +124,7 @@ def run_folder(config: StudyConfig, *, only: str | None = None, start: str | Non
     if "train" in stages:
         _train_material(config)
     images = open_dataset(config.data, split=config.split)
-    with _Lock(root):
-        _recover(root)
+    with RunLock(sibling(root, "lock"), root):
         record_path = root / RECORD
         record = json.loads(record_path.read_text()) if record_path.is_file() else {}
         forced = {only} if only else set(stages[stages.index(start):]) if start else set()
@@ -336,27 +250,24 @@ def _run_stage(stage: str, config: StudyConfig, root: Path, tags: list[str], pat
             train.run_file(path, config.data, cfg, split=config.split, device=config.device, progress=progress,
                            overwrite=True)
         return
-    final = root / FOLDERS[stage]
-    adds = stage in ("compare", "regress")
-    staging = _stage_dir(root, stage, final if adds else None)
+    final = root / FOLDERS[stage]  # each command writes it as a whole
     if stage == "sweep":
         cfg, stats_images = config.sweep
-        sweep.run_folder(_inputs(config, paths[:2], staging, progress, stats_images), cfg,
+        sweep.run_folder(_inputs(config, paths[:2], final, progress, stats_images), cfg,
                          options=config.options.get("sweep", {}))
     elif stage == "features":
-        probe.run_folder(_inputs(config, paths, staging, progress), config.features,
+        probe.run_folder(_inputs(config, paths, final, progress), config.features,
                          options=config.options.get("features", {}))
     elif stage == "compare":
-        compare.run_folder(staging, config.compare, device=config.device, progress=progress, overwrite=True,
+        compare.run_folder(final, config.compare, device=config.device, progress=progress, overwrite=True,
                            options=config.options.get("compare", {}))
     elif stage == "regress":
-        regress.run_folder(staging, config.regress, device=config.device, progress=progress, overwrite=True,
+        regress.run_folder(final, config.regress, device=config.device, progress=progress, overwrite=True,
                            options=config.options.get("regress", {}))
     elif stage == "merge":
         cfg, stats_images = config.merge
-        merge.run_folder(_inputs(config, paths, staging, progress, stats_images), cfg,
+        merge.run_folder(_inputs(config, paths, final, progress, stats_images), cfg,
                          options=config.options.get("merge", {}))
-    _commit(staging, final)
 
 
 def _overview(root: Path) -> Path:

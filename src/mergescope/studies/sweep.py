@@ -127,27 +127,28 @@ def run_folder(inputs: StudyInputs, config: SweepConfig | None = None, options: 
         options: the resolved command-line options, recorded in the manifest.
     """
     from ..align.store import ALIGNMENT_FILE, save_alignments
-    from ..runs import prepare_run_dir, write_manifest
+    from ..runs import write_manifest, write_run
 
     cfg = config or SweepConfig()
     if len(inputs.checkpoints) != 2:
         raise MergescopeError(f"a sweep takes two checkpoints (A and B), got {len(inputs.checkpoints)}")
     loaded, train, evals = prepare(inputs)
-    run_dir = prepare_run_dir(inputs.out, overwrite=inputs.overwrite)  # only once every input is known to be good
-    if cfg.stats_ids is None:
-        cfg.stats_ids = stats_ids(len(train), inputs.stats_images)
-    start = time.perf_counter()
-    result = run(*loaded.models, train, evals, cfg, device=inputs.device, progress=inputs.progress)
-    a, b = inputs.checkpoints
-    summary = {"model A": str(a), "model B": str(b), "dataset": inputs.data, "matching": cfg.matching,
-               "data passes": result.passes, "runtime": f"{time.perf_counter() - start:.1f} s on {inputs.device}"}
-    sources = loaded.sources()
-    alignment = save_alignments(run_dir / ALIGNMENT_FILE, result.spec, {"B": result.match}, reference="A",
-                                sources=sources, points=cfg.match_points)
-    files = save(run_dir, result, f"mergescope sweep: {Path(a).name} × {Path(b).name}", summary)
-    write_manifest(run_dir, {"sweep": asdict(cfg), **inputs.record(), "options": dict(options or {})},
-                   [*files, alignment], models=loaded.record(), timings=result.timings,
-                   dataset=dataset_record(train))
+    with write_run(inputs.out, overwrite=inputs.overwrite) as staging:  # only once every input is known to be good
+        run_dir = staging.path
+        if cfg.stats_ids is None:
+            cfg.stats_ids = stats_ids(len(train), inputs.stats_images)
+        start = time.perf_counter()
+        result = run(*loaded.models, train, evals, cfg, device=inputs.device, progress=inputs.progress)
+        a, b = inputs.checkpoints
+        summary = {"model A": str(a), "model B": str(b), "dataset": inputs.data, "matching": cfg.matching,
+                   "data passes": result.passes, "runtime": f"{time.perf_counter() - start:.1f} s on {inputs.device}"}
+        sources = loaded.sources()
+        alignment = save_alignments(run_dir / ALIGNMENT_FILE, result.spec, {"B": result.match}, reference="A",
+                                    sources=sources, points=cfg.match_points)
+        files = save(run_dir, result, f"mergescope sweep: {Path(a).name} × {Path(b).name}", summary)
+        write_manifest(run_dir, {"sweep": asdict(cfg), **inputs.record(), "options": dict(options or {})},
+                       [*files, alignment], models=loaded.record(), timings=result.timings,
+                       dataset=dataset_record(train))
     return result
 
 

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
-from mergescope.runs.atomic import atomic_path, atomic_write_text
+from mergescope.runs.atomic import atomic_save_tensors, atomic_write_text
 from mergescope.runs.jsonio import dumps, package_version
 from mergescope.data.cache import file_sha256
 from mergescope.errors import CheckpointError
@@ -77,8 +76,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any] | N
     # Copies, so tied/shared parameters don't trip safetensors' shared-memory check.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": FORMAT})
+    atomic_save_tensors(path, tensors, {"format": FORMAT})
     atomic_write_text(side, text)
     return side
 
