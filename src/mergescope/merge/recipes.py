@@ -16,6 +16,11 @@ followed by a *fix* (:func:`list_fixes`):
   models with BatchNorm only).
 
 E.g. ``permuted+repair`` is REPAIR's method, ``cca+repair`` CCA merging followed by REPAIR.
+
+:data:`BASES` are the bases the merge plan runs today (θ = Σ_k w_k·T_k(θ_k), :mod:`mergescope.studies.plan`); the
+registry's methods with a combine step (aggregation over a shared base, soups, Fisher, RegMean, ensembles) and the
+compositions ``alignment>aggregation`` run through :meth:`~mergescope.merge.methods.MergeMethod.merge` and are in
+:data:`COMBINED` (:func:`batchnorm_of` says how any method string treats BatchNorm statistics).
 """
 from __future__ import annotations
 
@@ -54,7 +59,8 @@ def _map_method(name: str) -> MapMethod:
 
 # the registry's methods that map each model from its own statistics with the reference, at their defaults
 MAP_METHODS = {n: _map_method(n) for n in list_merge_methods() if isinstance(get_merge_method(n).align, StatsMaps)}
-BASES = tuple(list_merge_methods())
+BASES = tuple(n for n in list_merge_methods() if get_merge_method(n).combine is None)
+COMBINED = tuple(n for n in list_merge_methods() if get_merge_method(n).combine is not None)
 FIXES = ("", *("+" + f for f in list_fixes()))
 REPAIR_FIXES = {f: get_fix(f).repair_points for f in list_fixes() if get_fix(f).repair_points}  # -> RepairTarget.points
 ALL_METHODS = tuple(base + fix for base in BASES for fix in FIXES)
@@ -73,6 +79,15 @@ def corrections(spec: PermSpec, methods: Sequence[str]) -> dict[str, str]:
         fix = split_method(method)[1]
         out[method] = get_fix(fix).describe(spec) if fix else "nothing"
     return out
+
+def batchnorm_of(method: str) -> str:
+    """How ``base+fix`` treats BatchNorm running statistics (:data:`mergescope.merge.methods.BATCHNORM`): the
+    fix's (``+repair*``: "repair", ``+reset``: "reset"), else the base's."""
+    base, fix = split_method(method)
+    if fix:
+        return "reset" if get_fix(fix).repair_points is None else "repair"
+    return get_merge_method(base).batchnorm
+
 
 def split_method(method: str) -> tuple[str, str]:
     """``"cca+repair"`` -> ``("cca", "repair")``; ``"permuted"`` -> ``("permuted", "")``."""
