@@ -9,6 +9,10 @@ reference code measures it — a residual stream on the output of its stage's la
 correlate ``blocks[:k+1]`` of both nets, k the stage's last block); ``points="all"`` averages the correlation
 matrices of every place the stream is observed (stem activation and every block output). Groups observed at
 one place (all non-residual ones) are measured there under both rules.
+
+Inside a ``torch.distributed`` process group each rank walks its share of the batches and the co-moments are
+merged over the ranks before any correlation is taken (:mod:`mergescope.distributed`): every rank gets the
+one-process permutations.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import merge_over_ranks, shard
 from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
 from ..probe.engine import run_pass
@@ -68,7 +73,9 @@ def match_many(
             for k in range(1, len(others) + 1):
                 stats[k, t.name].update(a, as_samples(outs[str(k)][1][t.name], t.channel_dim))
 
+    batches, total = shard(batches, total)
     run_pass(tapped, batches, consume, device=device, desc="matching", total=total, progress=progress)
+    stats = dict(zip(stats, merge_over_ranks(list(stats.values()), device)))
 
     results = []
     for k in range(1, len(others) + 1):

@@ -7,7 +7,9 @@ al.'s parallel update (like :class:`mergescope.probe.stats.CoMoments`), so memor
 O(samples), and the result does not depend on how the data was batched. Every image × position is one sample.
 A residual stream is measured where REPAIR's reference measures it for matching — its stage's last block output
 (``points="stage_end"``, :func:`mergescope.perm.observation_points`); ``points="all"`` pools the samples of every
-place it is observed (stem activation and every block output).
+place it is observed (stem activation and every block output). Inside a ``torch.distributed`` process group
+each rank walks its share of the batches and the moments are merged over the ranks
+(:mod:`mergescope.distributed`): every rank gets the one-process statistics, up to float64 rounding.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
+from ..distributed import merge_over_ranks, shard
 from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
 from ..perm.spec import TapPoint
@@ -212,8 +215,11 @@ def group_covariances_at(
                 for k in range(len(others)):
                     stats[k][key].update(a, as_samples(outs[str(k + 1)][1][t.name], t.channel_dim))
 
+    batches, total = shard(batches, total)
     run_pass(tapped, batches, consume, device=device, desc="joint feature statistics", total=total,
              progress=progress)
+    merged = iter(merge_over_ranks([st for per_model in stats for st in per_model.values()], device))
+    stats = [{key: next(merged) for key in per_model} for per_model in stats]
     for k, per_group in enumerate(stats):  # NaN/Inf anywhere in a batch poisons the sums: checked once
         for (_, g), st in per_group.items():
             if st.mean is None:

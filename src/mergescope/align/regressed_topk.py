@@ -20,6 +20,10 @@ Recovered fraction per A channel: |T_A ∩ T_regressed| / k, NaN where A's activ
 ranked images (a dead channel has no top-k to recover) or over the fitting subset (the fit gives it no weights).
 The ranked images are whatever ``batches`` holds; ``mergescope regress`` ranks every image outside the fitting
 subset (:mod:`mergescope.studies.regress`), so the top-k too is judged out of sample.
+
+Inside a ``torch.distributed`` process group each rank ranks its share of the batches and the top-k (exactly:
+:class:`StreamingTopK` merges shards without loss) and A's activation ranges are combined over the ranks
+(:mod:`mergescope.distributed`): every rank gets the one-process result.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import all_reduce, merge_over_ranks, shard, world
 from ..perm import PermSpec
 from ..probe.engine import run_pass
 from ..probe.reduce import reduce_activation, tap_reduced
@@ -185,7 +190,9 @@ def regressed_topk(
                 for i in range(y.shape[1]):
                     maps_top[name][s + i].update(y[:, i], ids)
 
+    batches, total = shard(batches, total)
     run_pass(tapped, batches, consume, device=device, desc="regressed top-k", total=total, progress=progress)
+    a_top, b_top, maps_top, lo, hi = _combine_ranks(a_top, b_top, maps_top, lo, hi, device)
     single = {g: result.fits[g].weight.abs().argmax(1).cpu().numpy() for g in groups}
     out = {}
     for g, t in points:
@@ -205,6 +212,24 @@ def regressed_topk(
                                             recovered, f.r2.cpu().numpy(), r2_fit)
         out[name] = gt
     return out
+
+
+def _combine_ranks(a_top, b_top, maps_top, lo, hi, device):
+    """The pass's accumulators combined over the ranks of a process group (one rank: unchanged)."""
+    if world()[1] == 1:
+        return a_top, b_top, maps_top, lo, hi
+    names = list(a_top)
+    tops = merge_over_ranks([a_top[n] for n in names] + [b_top[n] for n in names]
+                            + [t for n in names for t in maps_top[n]], device)
+    a_top, b_top = dict(zip(names, tops[: len(names)])), dict(zip(names, tops[len(names): 2 * len(names)]))
+    rest = iter(tops[2 * len(names):])
+    maps_top = {n: [next(rest) for _ in maps_top[n]] for n in names}
+    # a rank without batches has no range: it lends +inf/-inf, which never win the min/max
+    lo = {n: all_reduce(v if v is not None else torch.full((a_top[n].channels,), torch.inf, device=device), "min")
+          for n, v in lo.items()}
+    hi = {n: all_reduce(v if v is not None else torch.full((a_top[n].channels,), -torch.inf, device=device), "max")
+          for n, v in hi.items()}
+    return a_top, b_top, maps_top, lo, hi
 
 
 def single_weight_fits(stats, fit: RegressionFit) -> list[RegressionFit]:

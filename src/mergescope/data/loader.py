@@ -64,8 +64,30 @@ def _generate(dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: in
         yield Batch(ids_b.to(torch.int64), x, y.to(torch.int64))
 
 
+class Batches:
+    """The batches of a pass: an iterable over precomputed id chunks that knows its length and slices lazily.
+
+    ``batches[i:j]`` is the same pass restricted to batches i..j-1 (it loads only their images): a process
+    group's ranks each walk one slice (:func:`mergescope.distributed.shard`).
+    """
+
+    def __init__(self, dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: int = 0):
+        self.dataset, self.chunks, self.num_workers = dataset, chunks, num_workers
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, index: slice) -> "Batches":
+        if not isinstance(index, slice):
+            raise TypeError(f"Batches are sliced, not indexed (got {type(index).__name__})")
+        return Batches(self.dataset, self.chunks[index], self.num_workers)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return _generate(self.dataset, self.chunks, self.num_workers)
+
+
 def iter_batches(dataset: ImageDataset, batch_size: int, ids=None, shuffle: bool = False, seed: int = 0,
-                 drop_last: bool = False, num_workers: int = 0) -> Iterator[Batch]:
+                 drop_last: bool = False, num_workers: int = 0) -> Batches:
     """Batches of ``dataset`` with their ids.
 
     In-memory datasets are sliced with ``get_batch`` directly; others go through a torch DataLoader
@@ -81,7 +103,7 @@ def iter_batches(dataset: ImageDataset, batch_size: int, ids=None, shuffle: bool
         num_workers: DataLoader workers (ignored for in-memory datasets).
 
     Returns:
-        Iterator of Batch(ids int64 [B], x float32 [B,C,H,W], y int64 [B]).
+        :class:`Batches` (iterable, sized, sliceable) of Batch(ids int64 [B], x float32 [B,C,H,W], y int64 [B]).
     """
     chunks = batch_ids(len(dataset), batch_size, ids, shuffle, seed, drop_last)  # checks arguments now
-    return _generate(dataset, chunks, num_workers)
+    return Batches(dataset, chunks, num_workers)

@@ -1,4 +1,5 @@
-"""Loss and accuracy of many models in one pass over an evaluation set."""
+"""Loss and accuracy of many models in one pass over an evaluation set (inside a ``torch.distributed`` process
+group: each rank walks its share of the batches and the sums are all-reduced, :mod:`mergescope.distributed`)."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -7,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..distributed import all_reduce, shard
 from ..errors import NumericsError
 from ..probe.engine import run_pass
 
@@ -37,5 +39,7 @@ def evaluate_models(
             correct = (logits.argmax(1) == y).sum()
             sums[name] += torch.tensor([loss.item(), correct.item(), len(y)], dtype=torch.float64)
 
+    batches, total = shard(batches, total)
     run_pass(models, batches, consume, device=device, desc=desc, total=total, progress=progress)
+    sums = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))).unbind()))  # (models, 3) over ranks
     return {k: {"loss": float(s[0] / s[2]), "accuracy": float(s[1] / s[2])} for k, s in sums.items()}

@@ -46,6 +46,11 @@ or 1) gets the identity up to rounding; the residual rule also resets its BatchN
 
 RESET (Jordan et al. 2023 §4): recompute the BatchNorm running statistics of a merged model on the data
 (BatchNorm layers in train mode with cumulative averaging, the rest in eval mode) — in the same pass.
+
+Inside a ``torch.distributed`` process group each rank walks its share of the batches (the in-pass corrections
+use only the batch's own statistics, so each batch is treated as in one process) and, before any correction is
+computed, the population moments are merged and the BatchNorm averages combined over the ranks
+(:mod:`mergescope.distributed`); every rank ends with the same repaired models.
 """
 from __future__ import annotations
 
@@ -56,6 +61,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..distributed import all_reduce, merge_over_ranks, shard, world
 from ..errors import ArchitectureError, NumericsError
 from ..perm import PermSpec, RepairPoint
 from ..probe.engine import run_pass
@@ -176,6 +182,29 @@ def _add_output_norm(model: nn.Module, point: RepairPoint, got: Moments, t_mean:
     param = next(block.parameters(), None)
     block.output_norm = norm.to(param.device if param is not None else "cpu").eval()
     block.__class__ = _corrected_class(type(block))
+
+
+def _share_running_stats(models: Iterable[nn.Module]) -> None:
+    """RESET's cumulative BatchNorm averages over every rank's batches: each rank's average of its batches' means
+    and variances weighted by its number of batches (one process averages all batches equally)."""
+    if world()[1] == 1:
+        return
+    norms = list({id(m): m for model in models for m in model.modules()
+                  if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None}.values())
+    parts = []
+    for m in norms:
+        n = m.num_batches_tracked.double().view(1)
+        parts += [n, m.running_mean.double() * n, m.running_var.double() * n]
+    if not parts:
+        return
+    sums = all_reduce(torch.cat(parts)).split([n for m in norms for n in (1, m.num_features, m.num_features)])
+    with torch.no_grad():
+        for i, m in enumerate(norms):
+            n, mean, var = sums[3 * i: 3 * i + 3]
+            if n > 0:
+                m.num_batches_tracked.fill_(int(n))
+                m.running_mean.copy_(mean / n)
+                m.running_var.copy_(var / n)
 
 
 def _reset_mode(model: nn.Module) -> nn.Module:
@@ -308,8 +337,16 @@ def repair_many(
                                  sum(w * s for w, (_, s) in zip(t.weights, stats)))
             model(x)
 
+    batches, total = shard(batches, total)
     run_pass(models, batches, consume, device=device, desc="REPAIR/RESET statistics", total=total,
              progress=progress)
+    _share_running_stats([*reset, *(t.model for t, (_, reset_bn) in zip(repair, plans) if reset_bn)])
+    renorm_list = [renorm for r in renorms for renorm in r.values()]
+    merged = merge_over_ranks([population[key] for key in transforms] + [rn.moments for rn in renorm_list], device)
+    population = dict(zip(transforms, merged[: len(transforms)]))
+    ndims = all_reduce(torch.tensor([rn.ndim for rn in renorm_list], dtype=torch.int64), "max")  # a rank
+    for renorm, moments, ndim in zip(renorm_list, merged[len(transforms):], ndims.tolist()):  # w/o batches: 0
+        renorm.moments, renorm.ndim = moments, ndim
 
     for m in reset:
         m.eval()

@@ -9,59 +9,31 @@ image is reduced exactly as in a one-process run. At the end the accumulators ar
   reproducible for a given world size, equal to one process up to float64 rounding;
 - subset activations are all-reduced: each row comes from the one rank that saw that image, the others
   contribute exact zeros.
+
+The process group itself (ranks, the batch-range rule, collectives) is :mod:`mergescope.distributed`.
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
+from ..distributed import all_gather, all_reduce, barrier, batch_range, world
 from .state import ProbeState
 from .stats import Moments
 from .topk import EMPTY_KEY
 
-
-def world() -> tuple[int, int]:
-    """(rank, world size) of the running process group, or (0, 1) outside one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def batch_range(num_batches: int, rank: int, world_size: int) -> tuple[int, int]:
-    """The contiguous [first, stop) range of batch indices rank ``rank`` probes."""
-    return rank * num_batches // world_size, (rank + 1) * num_batches // world_size
-
-
-def _comm_device() -> torch.device:
-    """Where collective buffers must live: the current GPU for nccl, the CPU otherwise."""
-    if dist.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather(t: torch.Tensor) -> list[torch.Tensor]:
-    """Every rank's ``t`` (same shape and dtype on all ranks), in rank order, on the CPU."""
-    t = t.to(_comm_device()).contiguous()
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return [o.cpu() for o in out]
+__all__ = ["barrier", "batch_range", "gather_flags", "gather_state", "world"]  # the probe's view of the group
 
 
 def gather_flags(flags: list[int]) -> torch.Tensor:
     """int64 [world, len(flags)]: every rank's flags (used to agree on resuming before any collective pass)."""
     if world()[1] == 1:
         return torch.tensor([flags], dtype=torch.int64)
-    return torch.stack(_all_gather(torch.tensor(flags, dtype=torch.int64)))
-
-
-def barrier() -> None:
-    if world()[1] > 1:
-        dist.barrier()
+    return torch.stack(all_gather(torch.tensor(flags, dtype=torch.int64)))
 
 
 def gather_state(state: ProbeState) -> None:
     """Replace every rank's shard accumulators by the combination over all ranks (in place, on every rank)."""
-    counts = [int(c) for c in _all_gather(torch.tensor([state.images_seen], dtype=torch.int64))]
+    counts = [int(c) for c in all_gather(torch.tensor([state.images_seen], dtype=torch.int64))]
     total, k = sum(counts), state.k
     sizes = [state.topk[key].channels for key in state.keys]
 
@@ -71,7 +43,7 @@ def gather_state(state: ProbeState) -> None:
         keys = state.topk[key].keys.cpu()  # (C, m)
         pad = torch.full((keys.shape[0], k - keys.shape[1]), EMPTY_KEY, dtype=torch.int64)
         padded.append(torch.cat([keys, pad], 1).flatten())
-    shards = [s.split([c * k for c in sizes]) for s in _all_gather(torch.cat(padded))]
+    shards = [s.split([c * k for c in sizes]) for s in all_gather(torch.cat(padded))]
     for i, key in enumerate(state.keys):
         pool = torch.cat([shard[i].view(sizes[i], k) for shard in shards], 1)  # (C, world * k)
         topk = state.topk[key]
@@ -83,7 +55,7 @@ def gather_state(state: ProbeState) -> None:
     for key, c in zip(state.keys, sizes):
         mom = state.moments[key]
         parts += [torch.zeros(2 * c, dtype=torch.float64)] if mom.mean is None else [mom.mean.cpu(), mom.m2.cpu()]
-    shards = [s.split([n for c in sizes for n in (c, c)]) for s in _all_gather(torch.cat(parts))]
+    shards = [s.split([n for c in sizes for n in (c, c)]) for s in all_gather(torch.cat(parts))]
     for i, key in enumerate(state.keys):
         merged = Moments()
         for r, shard in enumerate(shards):
@@ -97,8 +69,7 @@ def gather_state(state: ProbeState) -> None:
 
     # subset rows: each filled by exactly one rank, zeros elsewhere
     if state.subset:
-        flat = torch.cat([state.subset[key].flatten() for key in state.keys]).to(_comm_device())
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = all_reduce(torch.cat([state.subset[key].flatten() for key in state.keys]))
         for key, part in zip(state.keys, flat.split([state.subset[key].numel() for key in state.keys])):
             state.subset[key] = part.view_as(state.subset[key]).to(state.device)
 

@@ -1,4 +1,5 @@
-"""A plain loss/accuracy pass over a dataset (the full evaluation harness lives in mergescope.evaluate)."""
+"""A plain loss/accuracy pass over a dataset (the full evaluation harness lives in mergescope.evaluate); sharded
+over the ranks of a ``torch.distributed`` process group like every pass (:mod:`mergescope.distributed`)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mergescope.data import iter_batches
+from mergescope.distributed import all_reduce, shard
 from mergescope.errors import DatasetError
 
 
@@ -34,9 +36,10 @@ def evaluate_model(
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
-    count = 0
+    count = torch.zeros((), dtype=torch.int64)
+    batches, _ = shard(iter_batches(ds, batch_size, ids=ids))
     try:
-        for batch in iter_batches(ds, batch_size, ids=ids):
+        for batch in batches:
             x, y = batch.x.to(device), batch.y.to(device)  # [B, C, H, W], [B]
             logits = model(x).float()  # [B, classes]
             loss_sum += F.cross_entropy(logits, y, reduction="sum")
@@ -44,6 +47,7 @@ def evaluate_model(
             count += len(y)
     finally:
         model.train(was_training)
+    loss_sum, correct, count = all_reduce(loss_sum), all_reduce(correct), int(all_reduce(count))
     if count == 0:
         raise DatasetError("cannot evaluate on an empty dataset")
     return float(loss_sum) / count, int(correct) / count
