@@ -1,12 +1,16 @@
 """The merge-method registry: every registered method is checked here for free (timm's tests/test_models.py style).
 
-For each method: its metadata is well-formed; its alignment step takes exactly its declared hyperparameters and
-reads only the inputs it declares; its ``exact_for_permuted`` flag is true — merging a trained model with a
-randomly permuted copy of itself gives the model's outputs back when the flag says so, and does not when it
-says not; a sweepable method leaves the reference's channels as they are; ``max_models`` is enforced.
+For each method: its metadata is well-formed; its alignment (or combine) step takes exactly its declared
+hyperparameters and reads only the inputs it declares; its ``exact_for_permuted`` flag is true — merging a trained
+model with a randomly permuted copy of itself gives the model's outputs back when the flag says so, and does not
+when it says not; merging a model with copies of itself (at its ``identity_params``) gives the model back; a
+sweepable method leaves the reference's channels as they are; ``max_models`` is enforced. An ensemble's outputs
+are compared as log-probabilities (a probability ensemble returns log p). Compositions ``alignment>aggregation``
+are checked at the end.
 """
 from __future__ import annotations
 
+import copy
 import inspect
 import subprocess
 import sys
@@ -20,7 +24,8 @@ from mergescope.align.covariance import PLACES, group_covariances_at
 from mergescope.data import iter_batches, load_digits, subset_per_class
 from mergescope.errors import MergescopeError
 from mergescope.merge import recipes
-from mergescope.merge.methods import (FAMILIES, NEEDS, AlignInputs, StatsMaps, get_fix, get_merge_method,
+from mergescope.merge.aggregate import recompute_batchnorm
+from mergescope.merge.methods import (BATCHNORM, FAMILIES, NEEDS, AlignInputs, StatsMaps, get_fix, get_merge_method,
                                       list_fixes, list_merge_methods, methods_help, methods_table,
                                       register_merge_method)
 from mergescope.perm import build_spec, permute_model, random_perms
@@ -28,20 +33,24 @@ from mergescope.perm import build_spec, permute_model, random_perms
 METHODS = list_merge_methods()
 
 
-def _rel_err(model, ref, x) -> float:
+def _rel_err(model, ref, x, log_probs: bool = False) -> float:
     with torch.no_grad():
         y, want = model.eval()(x), ref.eval()(x)
+    if log_probs:
+        y, want = torch.log_softmax(y, 1), torch.log_softmax(want, 1)
     return ((y - want).abs().max() / want.abs().max()).item()
 
 
 class Case:
     """Models of one architecture with everything any method may need gathered once (sweep.py's way: activation
     matching of every model to the first, joint statistics at every place in one pass); :meth:`inputs` hands a
-    method only what it declares."""
+    method only what its alignment step declares, :meth:`merged` also a base (``base``), the statistics batches as
+    data, the accuracy on them as held-out score and equal sample counts."""
 
-    def __init__(self, models, batches):
-        self.models, self.batches = list(models), batches
+    def __init__(self, models, batches, base=None):
+        self.models, self.batches, self.base = list(models), batches, base
         self.x = torch.cat([b.x for b in batches])
+        self.y = torch.cat([b.y for b in batches])
         self.spec = build_spec(self.models[0], self.x[:8])
         self.layout = merge.map_layout(self.models[0], self.spec)
         ref, others = self.models[0], self.models[1:]
@@ -54,11 +63,15 @@ class Case:
                            matches=self.matches[:n - 1] if "matches" in method.needs else None,
                            stats={p: self.stats[p][:n - 1] for p in method.places()} or None)
 
-    def merged(self, method, n: int):
-        weights = [1.0 / n] * n
-        maps = method(self.inputs(method, n))
-        assert len(maps) == n
-        return merge.merge_models_with_maps(self.models[:n], weights, maps, self.layout), maps
+    def heldout(self, model) -> float:
+        with torch.no_grad():
+            return (model.eval()(self.x).argmax(1) == self.y).float().mean().item()
+
+    def merged(self, method, n: int, **params):
+        inputs = self.inputs(method, n)
+        inputs.weights, inputs.base, inputs.data = [1.0 / n] * n, self.base, lambda: self.batches
+        inputs.heldout, inputs.sample_counts = self.heldout, [len(self.x)] * n
+        return method.merge(inputs, layout=self.layout, **params)
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +83,18 @@ def batches():
 
 @pytest.fixture(scope="module")
 def copies(trained_digits, batches):
-    """A trained digits CNN and two randomly permuted copies of it."""
+    """A trained digits CNN and two randomly permuted copies of it (base: another trained model)."""
     a = trained_digits("cnn_digits", 0, width=16)
     spec = build_spec(a)
     perms = [random_perms(spec, torch.Generator().manual_seed(s)) for s in (1, 2)]
-    return Case([a, *(permute_model(a, spec, p) for p in perms)], batches)
+    return Case([a, *(permute_model(a, spec, p) for p in perms)], batches, trained_digits("cnn_digits", 1, width=16))
+
+
+@pytest.fixture(scope="module")
+def same(trained_digits, batches):
+    """A trained digits CNN and two exact (unpermuted) copies of it (base: another trained model)."""
+    a = trained_digits("cnn_digits", 0, width=16)
+    return Case([a, copy.deepcopy(a), copy.deepcopy(a)], batches, trained_digits("cnn_digits", 1, width=16))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +107,10 @@ def pair(trained_digits, batches):
 def test_metadata_is_well_formed(name):
     m = get_merge_method(name)
     assert m.name == name and m.family in FAMILIES and m.paper.strip() and m.about.strip()
-    assert m.needs <= set(NEEDS)
+    assert m.needs <= set(NEEDS) and m.batchnorm in BATCHNORM
+    assert m.family not in ("ensemble",) or m.combine is not None  # an ensemble is a module, not a weighted sum
+    if m.identity_params is not None:
+        assert set(m.identity_params(3)) <= {h.name for h in m.hyperparams}
     assert m.max_models is None or m.max_models >= 2
     for h in m.hyperparams:
         assert h.type in (bool, int, float, str) and h.help.strip()
@@ -98,10 +121,11 @@ def test_metadata_is_well_formed(name):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_align_takes_exactly_the_declared_hyperparameters(name):
-    """The registry's defaults are the only ones: the alignment code declares each hyperparameter, none defaulted."""
+    """The registry's defaults are the only ones: the alignment (or combine) code declares each hyperparameter,
+    none defaulted, after its inputs (and the combine step's weights)."""
     m = get_merge_method(name)
-    fn = m.align.fit if isinstance(m.align, StatsMaps) else m.align
-    params = list(inspect.signature(fn).parameters.values())[1:]
+    fn = m.combine or (m.align.fit if isinstance(m.align, StatsMaps) else m.align)
+    params = list(inspect.signature(fn).parameters.values())[1 if m.combine is None else 2:]
     assert [p.name for p in params] == [h.name for h in m.hyperparams]
     assert all(p.default is inspect.Parameter.empty for p in params)
 
@@ -110,8 +134,8 @@ def test_align_takes_exactly_the_declared_hyperparameters(name):
 def test_exact_for_permuted_flag_is_true(name, copies):
     """Merging a trained model with a randomly permuted copy returns its function iff the flag says so."""
     m = get_merge_method(name)
-    net, _ = copies.merged(m, 2)
-    err = _rel_err(net, copies.models[0], copies.x)
+    net = copies.merged(m, 2)
+    err = _rel_err(net, copies.models[0], copies.x, m.family == "ensemble")
     if m.exact_for_permuted:
         assert err < 1e-4, f"{name} is flagged exact for permuted copies but is off by {err:.2e}"
     else:
@@ -121,8 +145,26 @@ def test_exact_for_permuted_flag_is_true(name, copies):
 @pytest.mark.parametrize("name", [n for n in METHODS if get_merge_method(n).max_models is None
                                   and get_merge_method(n).exact_for_permuted])
 def test_three_permuted_copies_merge_into_the_model(name, copies):
-    net, _ = copies.merged(get_merge_method(name), 3)
-    assert _rel_err(net, copies.models[0], copies.x) < 1e-4
+    m = get_merge_method(name)
+    net = copies.merged(m, 3)
+    assert _rel_err(net, copies.models[0], copies.x, m.family == "ensemble") < 1e-4
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_merging_a_model_with_itself_returns_it(name, same):
+    """Three (or at most max_models) exact copies of a trained model merge into its function, at the method's identity hyperparameters
+    (λ = 1/n for the sums of task vectors, no trimming or dropping); a method that recomputes BatchNorm statistics
+    gives the model with its statistics recomputed on the same data."""
+    m = get_merge_method(name)
+    n = min(3, m.max_models or 3)
+    params = m.identity_params(n) if m.identity_params else {}
+    net = same.merged(m, n, **params)
+    want = same.models[0]
+    if m.batchnorm == "reset":
+        want = recompute_batchnorm(copy.deepcopy(want), same.batches)
+    assert _rel_err(net, want, same.x, m.family == "ensemble") < 1e-4
+    assert all(torch.equal(p, q) for p, q in zip(same.models[0].state_dict().values(),
+                                                 same.models[1].state_dict().values()))  # inputs untouched
 
 
 @pytest.mark.parametrize("name", list_merge_methods(sweepable=True))
@@ -226,7 +268,8 @@ def test_missing_inputs_are_named(copies):
 
 
 def test_lookups_and_registration_errors():
-    with pytest.raises(MergescopeError, match=r"^unknown merge method 'cc'; known: naive, permuted, .*zipit$"):
+    with pytest.raises(MergescopeError, match=r"^unknown merge method 'cc'; known: naive, permuted, .*zipit, "
+                                              r"average, .*prob_ensemble$"):
         get_merge_method("cc")
     with pytest.raises(MergescopeError, match="^unknown merge method family 'maps'; known: ensemble, "):
         list_merge_methods("maps")
@@ -241,16 +284,32 @@ def test_lookups_and_registration_errors():
     assert "new" not in list_merge_methods() and get_merge_method("naive").family == "aggregation"
     assert list_merge_methods("map") == ["cca", "cca_relative", "ot", "ot_sinkhorn", "regression",
                                          "regression_ols", "zipit"]
-    assert set(list_merge_methods(sweepable=False)) == {"mergemany", "zipit"}
+    assert set(list_merge_methods(sweepable=False)) == {"mergemany", "zipit"} | set(recipes.COMBINED)
+    with pytest.raises(ValueError, match="without '\\+' or '>'"):
+        register_merge_method("a>b", family="map", paper="p", about="a", exact_for_permuted=False)(lambda i: [])
+    with pytest.raises(ValueError, match="batchnorm must be one of carry, reset, repair, got 'keep'"):
+        register_merge_method("new", family="map", paper="p", about="a", exact_for_permuted=False,
+                              batchnorm="keep")(lambda i: [])
+    assert "new" not in list_merge_methods()
     with pytest.raises(MergescopeError, match="^unknown fix 'repairs'; known: repair, repair_preact, reset$"):
         get_fix("repairs")
 
 
 def test_recipes_names_come_from_the_registry():
-    assert recipes.BASES == tuple(METHODS)
+    """The merge plan's bases are the registry's methods without a combine step (it runs the weighted sum of the
+    mapped models): a method that combines models itself is not silently run as a weighted sum."""
+    assert recipes.BASES == tuple(n for n in METHODS if get_merge_method(n).combine is None)
+    assert recipes.COMBINED == tuple(n for n in METHODS if n not in recipes.BASES)
+    assert {"ties", "regmean", "logit_ensemble"} <= set(recipes.COMBINED) and "naive" in recipes.BASES
     assert recipes.FIXES == ("", "+repair", "+repair_preact", "+reset")
     assert recipes.REPAIR_FIXES == {"repair": "reference", "repair_preact": "preact"}
-    assert len(recipes.ALL_METHODS) == len(METHODS) * 4 and "cca+repair" in recipes.ALL_METHODS
+    assert len(recipes.ALL_METHODS) == len(recipes.BASES) * 4 and "cca+repair" in recipes.ALL_METHODS
+    assert "ties" not in recipes.ALL_METHODS and "permuted>ties" not in recipes.ALL_METHODS
+    with pytest.raises(MergescopeError, match="^unknown merge method 'ties'; known: naive, "):
+        recipes.check_methods(["ties"])
+    assert [recipes.batchnorm_of(m) for m in ("cca", "swa", "ties+repair", "permuted>ties+reset", "logit_ensemble")] \
+        == ["carry", "reset", "repair", "reset", "carry"]
+    assert recipes.split_method("permuted>ties+reset") == ("permuted>ties", "reset")
     assert set(recipes.MAP_METHODS) == {n for n in METHODS if isinstance(get_merge_method(n).align, StatsMaps)}
     assert recipes.map_places(["naive", "permuted"]) == () and recipes.map_places(["zipit"]) == ("observe",)
     assert recipes.map_places(["ot", "cca"]) == ("observe", "preactivation")
@@ -258,16 +317,70 @@ def test_recipes_names_come_from_the_registry():
 
 def test_listings_name_every_method_and_fix():
     table, help_ = methods_table(), methods_help("naive permuted", exclude=("zipit",))
+    every = methods_help(combining=True).split("any of the bases ")[1].split(", alone")[0].split()
     for name in METHODS:
         m = get_merge_method(name)
         assert f"{name}  [{m.family}]" in table and m.paper in table
+        assert f"{name}  [{m.family}]\n" + "\n".join(table.split(f"{name}  [{m.family}]\n")[1].split("\n")[:3]) \
+            in table and f"batchnorm: {m.batchnorm}: {BATCHNORM[m.batchnorm]}" in table
         assert all(f"{h.name} = {h.default!r}" in table for h in m.hyperparams)
-        assert (name in help_.split("any of the bases ")[1].split(", alone")[0].split()) == (name != "zipit")
+        listed = name in help_.split("any of the bases ")[1].split(", alone")[0].split()
+        assert listed == (name != "zipit" and m.combine is None)  # the plan's bases only, by default
+        assert name in every
     assert all(f"+{f}" in table and f"+{f}" in help_ for f in list_fixes())
     assert help_.startswith("default: naive permuted; ")
+    assert "compositions: <alignment>><aggregation>[+fix]" in table and "N× the parameters and FLOPs" in table
 
 
 def test_the_registry_imports_without_torch():
     code = "import sys, mergescope.merge.methods as m; m.methods_help(); m.methods_table(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# -- compositions: alignment, then aggregation -----------------------------------------------------------------------
+
+
+def test_an_alignment_then_an_aggregation_is_one_method(copies):
+    """``permuted>X`` permutes every model onto the reference by the given matches, then aggregates with X: on
+    permuted copies of one model, averaging and TIES without trimming (a shared base) give the model back, and the
+    composed method names both papers and takes the aggregation's hyperparameters."""
+    avg, ties = get_merge_method("permuted>average"), get_merge_method("permuted>ties")
+    assert avg.family == "aggregation" and avg.needs == {"matches"} and avg.exact_for_permuted
+    assert ties.needs == {"matches", "base"} and not ties.exact_for_permuted and ties.batchnorm == "carry"
+    assert get_merge_method("permuted").paper in ties.paper and get_merge_method("ties").paper in ties.paper
+    assert [h.name for h in ties.hyperparams] == ["k", "lam"] and get_merge_method("permuted>ties") is ties
+    assert _rel_err(copies.merged(avg, 3), copies.models[0], copies.x) < 1e-4
+    assert _rel_err(copies.merged(ties, 3, k=1.0), copies.models[0], copies.x) < 1e-4
+    assert _rel_err(copies.merged(get_merge_method("ties"), 3, k=1.0), copies.models[0], copies.x) > 1e-2
+    maps = ties(copies.inputs(ties))  # the alignment's maps: the reference stays, the others are permuted
+    assert maps[0] == {} and all(maps[1].values())
+
+
+@pytest.mark.parametrize("string, message", [
+    ("cca>ties", r"^'cca>ties': the part before '>' must be an alignment method \(permuted, mergemany\), got 'cca'$"),
+    ("permuted>logit_ensemble", r"^'permuted>logit_ensemble': the part after '>' must be an aggregation method "
+                                r"\(naive, average, .*\), got 'logit_ensemble'$"),
+    ("mergemany>ties", r"^'mergemany>ties': ties reads the shared base in the reference's space, and mergemany moves "
+                       r"the reference; use one of permuted$"),
+    ("permuted>tie", r"^unknown merge method 'tie'; known: "),
+])
+def test_bad_compositions_are_one_line_errors(string, message):
+    with pytest.raises(MergescopeError, match=message):
+        get_merge_method(string)
+
+
+def test_missing_combine_inputs_are_named(copies):
+    models = copies.models[:2]
+    cases = [("ties", {}, "ties needs the shared base model the models were fine-tuned from (task vectors are "
+                          "θ_k − θ_base): AlignInputs.base is not given"),
+             ("regmean", {}, "regmean needs batches of data (a factory, or one per model): AlignInputs.data is not "
+                             "given"),
+             ("greedy_soup", {}, "greedy_soup needs a held-out score of a model"),
+             ("fedavg", {"sample_counts": [1, 2, 3]}, "fedavg: AlignInputs.sample_counts needs one entry per model "
+                                                      "(2), got 3"),
+             ("fedavg", {"sample_counts": [0, 2]}, "sample counts must be positive integers, got [0, 2]")]
+    for name, extra, message in cases:
+        with pytest.raises(MergescopeError, match="^" + message.replace("(", "\\(").replace(")", "\\)")
+                           .replace("[", "\\[").replace("]", "\\]")):
+            get_merge_method(name).merge(AlignInputs(models, copies.spec, **extra))

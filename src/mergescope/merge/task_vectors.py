@@ -5,7 +5,7 @@ Each method turns the models' task vectors into one merged vector τ, and the me
 
 * task arithmetic (Ilharco et al. 2023, 'Editing Models with Task Arithmetic', §2): τ = Σ_k τ_k;
 * TIES-merging (Yadav et al. 2023, 'TIES-Merging: Resolving Interference When Merging Models', Alg. 1):
-  1. trim: keep the top-k fraction of each τ_k by magnitude (over all its entries at once, as the reference
+  1. trim: keep the top-k fraction of each τ_k by magnitude (over all its entries at once, as the reference's
      ``topk_values_mask``), zero the rest: τ̂_k;
   2. elect: γ = sgn(Σ_k τ̂_k) per entry — the sign of the larger total mass (a zero sum takes the sign of the
      sum of all γ, as the reference's ``resolve_sign``);
@@ -54,16 +54,16 @@ def _check_fraction(name: str, value: float, low_open: bool = False) -> None:
 
 
 def trim_top_k(tau: Vector, k: float) -> Vector:
-    """TIES step 1: τ with only its top-k fraction of entries by magnitude kept, over all its parameters at once
-    (the threshold is the (d − ⌊k·d⌋)-th smallest magnitude and ties at it are kept, as the reference)."""
+    """TIES step 1: τ with only its ⌊k·d⌋ largest magnitudes kept, over all its d entries at once (entries tied
+    with the largest dropped magnitude are dropped too; the reference keeps that threshold entry as well)."""
     _check_fraction("TIES's k", k, low_open=True)
     flat = torch.cat([t.reshape(-1) for t in tau.values()]).abs()
     d = flat.numel()
     drop = d - int(d * k)
     if drop == 0:
         return {n: t.clone() for n, t in tau.items()}
-    threshold = flat.kthvalue(drop).values
-    return {n: torch.where(t.abs() >= threshold, t, torch.zeros_like(t)) for n, t in tau.items()}
+    threshold = flat.kthvalue(drop).values  # the largest dropped magnitude
+    return {n: torch.where(t.abs() > threshold, t, torch.zeros_like(t)) for n, t in tau.items()}
 
 
 def elect_sign(taus: Sequence[Vector]) -> Vector:
