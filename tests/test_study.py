@@ -4,7 +4,6 @@ uninterrupted run, a second rerun runs no stage, and a changed parameter reruns 
 it, nothing else."""
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
@@ -16,12 +15,10 @@ from pathlib import Path
 import pytest
 
 from mergescope.cli import main
+from run_bytes import stored_results
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "digits.toml"
-TIMING_KEYS = {"timings", "runtime", "seconds", "train_seconds", "finished", "created"}
-
-
 def _small_config(folder: Path, **edits: str) -> Path:
     """examples/digits.toml with smaller models and grid (and ``edits``: 'old text' -> 'new text'), out = study."""
     text = EXAMPLE.read_text()
@@ -32,29 +29,6 @@ def _small_config(folder: Path, **edits: str) -> Path:
     path = folder / "study.toml"
     path.write_text(text)
     return path
-
-
-def _strip(obj):
-    if isinstance(obj, dict):
-        return {k: _strip(v) for k, v in obj.items() if k not in TIMING_KEYS}
-    if isinstance(obj, list):
-        return [_strip(v) for v in obj]
-    return obj
-
-
-def stored_results(study: Path) -> dict[str, bytes]:
-    """Every result the study stored: tables, tensors, figures, stored JSON (timings left out; HTML pages,
-    manifests and the stage record describe the run, not its results)."""
-    out = {}
-    for path in sorted(p for p in study.rglob("*") if p.is_file()):
-        rel = str(path.relative_to(study))
-        if path.suffix == ".html" or path.name in ("manifest.json", "stages.json", ".lock"):
-            continue
-        data = path.read_bytes()
-        if path.suffix == ".json":
-            data = json.dumps(_strip(json.loads(data)), sort_keys=True).encode()
-        out[rel] = data
-    return out
 
 
 def _run(cwd: Path, config: Path, *extra: str, monkeypatch) -> int:

@@ -60,8 +60,10 @@ class ImageFolderDataset(ImageDataset):
     "imagenet" resizes to 256, center-crops 224 and uses ImageNet mean/std; "auto" picks "small" when
     the first image is at most 64 px on its long side.
 
-    Fingerprint: sha256 over one line per image, ``<path relative to root, posix>\\t<file size>\\t<label>``,
-    in id order. Pixels are not read, and preset/normalization are not part of it.
+    Fingerprint: sha256 over one line per image, ``<path relative to root, posix>\\t<file size>\\t<mtime in
+    ns>\\t<label>``, in id order — an image edited in place changes it — and, when the tree is decoded into memory
+    anyway, over the decoded pixels too (so a content change that keeps size and mtime is seen as well). Preset and
+    normalization are not part of it.
     """
 
     def __init__(self, root: str | os.PathLike, preset: str = "auto", in_memory: bool | None = None,
@@ -99,13 +101,21 @@ class ImageFolderDataset(ImageDataset):
             in_memory = self.preset == "small" and len(self.paths) < IN_MEMORY_LIMIT
         self.in_memory = bool(in_memory)
         self._memory = None
-        if self.in_memory:  # decoding checks every size itself
-            pixels = np.concatenate(_chunked(decode_files, self.paths, workers, geometry=self._geometry,
-                                             size=self.image_size))
-            self._memory = InMemoryDataset(torch.from_numpy(pixels), self.targets, self.classes,
-                                           self.mean, self.std, name=self.name)  # pixels [N,H,W,3]
-        elif self.preset == "small":
-            check_common_size(self.paths, self.image_size, workers)
+        try:
+            if self.in_memory:  # decoding checks every size itself
+                pixels = np.concatenate(_chunked(decode_files, self.paths, workers, geometry=self._geometry,
+                                                 size=self.image_size))
+                self._memory = InMemoryDataset(torch.from_numpy(pixels), self.targets, self.classes,
+                                               self.mean, self.std, name=self.name)  # pixels [N,H,W,3]
+            elif self.preset == "small":
+                check_common_size(self.paths, self.image_size, workers)
+        except DatasetError as e:
+            if self.preset != "small" or "share one size" not in str(e):
+                raise
+            why = " (chosen because it is at most 64 px)" if preset == "auto" else ""
+            raise DatasetError(f"{e}: the first image, {self.paths[0]}, sets the size{why}, and a tree of small "
+                               "images is read at that size, so every image must have it; if that file is the odd one, "
+                               "remove or replace it") from None
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self._memory is not None:
@@ -124,4 +134,6 @@ class ImageFolderDataset(ImageDataset):
         for path, label in zip(self.paths, self.targets):
             rel, st = Path(path).relative_to(self.root).as_posix(), os.stat(path)
             h.update(f"{rel}\t{st.st_size}\t{st.st_mtime_ns}\t{int(label)}\n".encode())
+        if self._memory is not None:
+            h.update(self._memory.fingerprint.encode())  # the decoded pixels and labels
         return h.hexdigest()

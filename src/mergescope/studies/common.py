@@ -178,16 +178,17 @@ class FeatureRun:
 
 
 def open_feature_run(run_dir: str | os.PathLike, *, marker: str, holds: str, overwrite: bool,
-                     verify: Sequence[str], need_probe: bool = False) -> FeatureRun:
+                     need_probe: bool = False) -> FeatureRun:
     """The preamble of a study that adds to a feature study's run folder (compare, regress): the folder read and
-    its files ``verify`` checked against the manifest, refused unless it holds a feature study (and its probe, with
-    ``need_probe``), and refused if it already holds this study's ``marker`` file (``holds``: what that is, for
-    the message) unless ``overwrite``; the probed images opened."""
-    from ..runs import load_run, verify_files
+    every data file it lists checked against the manifest's sha256 (a folder changed after its run is not added
+    to), refused unless it holds a feature study (and its probe, with ``need_probe``), and refused if it already
+    holds this study's ``marker`` file (``holds``: what that is, for the message) unless ``overwrite``; the probed
+    images opened."""
+    from ..runs import load_run, verify_inputs
 
     run_dir = Path(run_dir)
     results, manifest = load_run(run_dir)
-    verify_files(run_dir, manifest, verify)
+    verify_inputs(run_dir, manifest)
     features = results.get("features")
     if not features or (need_probe and not (run_dir / "probe").is_dir()):
         where = "no 'features' in results.json or no probe/" if need_probe else "no 'features' in results.json"

@@ -321,7 +321,7 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
     cfg = config or CompareConfig()
     cfg.embedder_kind  # noqa: B018 -- validate before any work
     folder = open_feature_run(run_dir, marker="compare.csv", holds="a comparison", overwrite=overwrite,
-                              verify=("results.json", "probe/probe.safetensors", ALIGNMENT_FILE), need_probe=True)
+                              need_probe=True)
     run_dir, results, manifest = folder.path, folder.results, folder.manifest
     features, dataset = folder.features, folder.dataset
     with write_run(run_dir, adds=True) as staging:  # the comparison's files and the report, as a whole

@@ -151,8 +151,7 @@ def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, 
     from .common import open_feature_run
 
     cfg = config or RegressConfig()
-    folder = open_feature_run(run_dir, marker=CSV_NAME, holds="a regression study", overwrite=overwrite,
-                              verify=("results.json", ALIGNMENT_FILE))
+    folder = open_feature_run(run_dir, marker=CSV_NAME, holds="a regression study", overwrite=overwrite)
     run_dir, results, manifest = folder.path, folder.results, folder.manifest
     features, dataset = folder.features, folder.dataset
     with write_run(run_dir, adds=True) as staging:

@@ -67,16 +67,25 @@ def run_file(out: str | os.PathLike, data: str, config: TrainRunConfig, *, split
              device: torch.device | str = "cpu", progress: bool = False, overwrite: bool = False,
              options: Mapping | None = None) -> dict:
     """Train one model on ``data`` (``split``) and save it at ``out``; returns its metrics."""
-    from ..data.open import has_split
-    from ..train import save_checkpoint
+    import sys
 
-    if Path(out).exists() and not overwrite:
-        raise MergescopeError(f"--out {out} already exists; pass --overwrite to replace it")
+    from ..data.open import has_split
+    from ..runs.transaction import RunLock, sibling
+    from ..train import save_checkpoint
+    from ..train.checkpoint import interrupted_write
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        if not interrupted_write(out):
+            raise MergescopeError(f"--out {out} already exists; pass --overwrite to replace it")
+        print(f"note: {out} is the remains of an interrupted write (its sidecar is missing or was written for other "
+              "weights); it is written again", file=sys.stderr)
     if config.eval and not has_split(data, "test"):
         raise MergescopeError(f"--eval needs a test split, and --data {data} has none (a folder with test/ or "
                               "*_test.npz beside the training images)")
     images = open_dataset(data, split=split)
     test = open_dataset(data, split="test") if config.eval else None
-    model, metrics, meta = run(images, config, test, device=device, progress=progress)
-    save_checkpoint(out, model, {**meta, "dataset": data, "config": asdict(config), "options": dict(options or {})})
+    with RunLock(sibling(out, "lock"), out):  # a second writer of the same checkpoint is refused in one line
+        model, metrics, meta = run(images, config, test, device=device, progress=progress)
+        save_checkpoint(out, model, {**meta, "dataset": data, "config": asdict(config), "options": dict(options or {})})
     return metrics

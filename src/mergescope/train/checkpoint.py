@@ -70,14 +70,15 @@ def save_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any] | N
         "meta": meta or {},
     }
     try:
-        text = dumps(record)
+        dumps(record)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint metadata for {path} is not JSON-serialisable: {exc}") from None
     # Copies, so tied/shared parameters don't trip safetensors' shared-memory check.
     tensors = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(path, tensors, {"format": FORMAT})
-    atomic_write_text(side, text)
+    # the sidecar names the weights' sha256: a kill between the two writes leaves a pair that says it is not one
+    atomic_write_text(side, dumps({**record, "weights_sha256": file_sha256(path)}))
     return side
 
 
@@ -98,6 +99,37 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     if not (isinstance(arch, dict) and isinstance(arch.get("name"), str) and isinstance(arch.get("kwargs"), dict)):
         raise CheckpointError(f"checkpoint sidecar {side} has no valid 'arch' record ({{'name': ..., 'kwargs': ...}})")
     return info
+
+
+def check_pair(path: Path, info: dict[str, Any]) -> None:
+    """Refuse weights that are not the ones their sidecar was written with (its ``weights_sha256``; sidecars
+    written before it was recorded are not checked): what a kill between the two writes leaves."""
+    want = info.get("weights_sha256")
+    if want is not None and file_sha256(path) != want:
+        raise CheckpointError(f"{path} is not the file its sidecar {sidecar_path(path)} was written with (sha256 "
+                              "differs): the pair is incomplete — a write that was interrupted, or one file replaced; "
+                              "write the checkpoint again")
+
+
+def interrupted_write(path: str | Path) -> bool:
+    """Whether ``path`` is what a kill during :func:`save_checkpoint` leaves: mergescope weights whose sidecar is
+    missing or was written for other weights (safe to write again without ``--overwrite``)."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    try:
+        with safe_open(str(path), "pt") as f:
+            ours = (f.metadata() or {}).get("format") == FORMAT
+    except (SafetensorError, OSError):
+        return False
+    if not ours:
+        return False
+    try:
+        info = read_checkpoint_info(path)
+        check_pair(path, info)
+    except CheckpointError:
+        return True
+    return False
 
 
 def checkpoint_sha256(path: str | Path) -> str:
@@ -168,7 +200,9 @@ def load_checkpoint(
     elif arch is None:
         raise CheckpointError(f"checkpoint sidecar {side} is missing, so the architecture of {path} is unknown; "
                               "pass --arch NAME [--arch-kwargs JSON] (a zoo name, tv_* or timm:NAME)")
-    state = load_state_dict_file(path)
+    state = load_state_dict_file(path)  # a damaged file is named as such first
+    if info is not None:
+        check_pair(path, info)
     model = _build_to_fit(arch, kwargs, state)
     apply_state_dict(model, state, source=f"checkpoint {path}", arch=arch)
     model.to(device)
