@@ -41,5 +41,6 @@ def evaluate_models(
 
     batches, total = shard(batches, total)
     run_pass(models, batches, consume, device=device, desc=desc, total=total, progress=progress)
-    sums = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))).unbind()))  # (models, 3) over ranks
+    if sums:  # (models, 3), summed over the ranks
+        sums = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))).unbind()))
     return {k: {"loss": float(s[0] / s[2]), "accuracy": float(s[1] / s[2])} for k, s in sums.items()}
