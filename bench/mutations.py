@@ -46,6 +46,7 @@ _REGRESSION = "tests/test_oracle_regression.py"
 _REGISTRY = "tests/test_method_registry.py"
 _FRONT = "tests/test_front_door.py"
 _CLI = "tests/test_cli_vocabulary.py"
+_RUNS = "tests/test_run_folders.py"
 MUTANTS: tuple[Mutant, ...] = (
     # -- weight matching, MergeMany, ZipIt! (Git Re-Basin Algorithms 1 and 3; Stoica et al. 2024)
     Mutant("wm_fixed_order_one_sweep", "align/weight_matching.py",
@@ -184,6 +185,34 @@ MUTANTS: tuple[Mutant, ...] = (
            "compare uses a checkpoint that changed since it was aligned"),
     Mutant("null_delta_direction", "compare/null.py", "    q = quantile if higher_is_similar else 1.0 - quantile",
            "    q = quantile", ("tests/test_compare.py", _COMPARE), "the null quantile not flipped for δ (lower = similar)"),
+    # -- run folders as a whole (issue 12)
+    Mutant("run_written_in_place", "runs/transaction.py",
+           "            _fill(staging, final if adds else None)\n            yield Staging(final, staging, resume)\n"
+           "            _commit(staging, final)",
+           "            final.mkdir(parents=True, exist_ok=True)\n            yield Staging(final, final, resume)",
+           (f"{_RUNS}::test_a_full_disk_is_one_line_and_leaves_the_old_run",),
+           "a command writes its run folder in place instead of staging it and committing with one rename"),
+    Mutant("lock_ignored", "runs/transaction.py", "if pid and pid != os.getpid() and _alive(pid):", "if False:",
+           (f"{_RUNS}::test_a_second_writer_is_refused_in_one_line",), "a second writer takes over a live lock"),
+    Mutant("disk_full_unnamed", "runs/transaction.py", "    if e.errno in DISK_FULL:\n        return",
+           "    if False:\n        return", (f"{_RUNS}::test_a_full_disk_is_one_line_and_leaves_the_old_run",),
+           "a full disk is reported as a generic write failure"),
+    Mutant("report_renders_unverified", "cli/commands.py", "    verify_inputs(final, manifest)  # pages are made",
+           "    pass  # pages are made",
+           (f"{_RUNS}::test_a_run_folder_damaged_after_its_run_is_named_by_the_command_that_reads_it",),
+           "report re-renders from probe tensors edited after the run and refreshes their hashes"),
+    Mutant("checkpoint_pair_unchecked", "train/checkpoint.py",
+           "    if want is not None and file_sha256(path) != want:\n        raise CheckpointError(f\"{path} is not the file",
+           "    if False:\n        raise CheckpointError(f\"{path} is not the file",
+           (f"{_RUNS}::test_train_writes_again_over_what_a_kill_between_its_two_files_left",),
+           "weights are loaded with a sidecar written for other weights"),
+    Mutant("fingerprint_blind_to_edits", "data/folder.py", "{st.st_size}\\t{st.st_mtime_ns}\\t", "{st.st_size}\\t",
+           (f"{_RUNS}::test_an_image_edited_in_place_changes_the_dataset_fingerprint",),
+           "an ImageFolder's fingerprint is path + size only: an image edited in place passes for the old one"),
+    Mutant("probe_checkpoint_in_staging", "studies/probe.py", 'checkpoint_dir=staging.resume / "probe"',
+           'checkpoint_dir=staging.path / "probe"',
+           ("tests/test_bad_input.py::test_a_truncated_pass_checkpoint_is_set_aside_and_the_probe_starts_over",),
+           "the probe's pass checkpoints live in the staging folder, which a kill's cleanup removes: no resume"),
 )
 
 

@@ -300,3 +300,27 @@ def test_train_writes_again_over_what_a_kill_between_its_two_files_left(tmp_path
     assert out.read_bytes() == want
     assert main(argv) == 2  # a complete checkpoint is another matter
     assert "pass --overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("in_memory", [True, False])
+def test_an_image_edited_in_place_changes_the_dataset_fingerprint(tmp_path, in_memory):
+    """Same name, same file size (BMP), other pixels: a stored pass of the old images must not pass for the new."""
+    import numpy as np
+    from PIL import Image
+
+    from mergescope.data.folder import ImageFolderDataset
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(tmp_path / label / f"{i}.bmp")
+    before = ImageFolderDataset(tmp_path, in_memory=in_memory, workers=0).fingerprint
+    path = tmp_path / "a" / "1.bmp"
+    size, stat = path.stat().st_size, path.stat()
+    Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+    assert path.stat().st_size == size
+    assert ImageFolderDataset(tmp_path, in_memory=in_memory, workers=0).fingerprint != before
+    if in_memory:  # the pixels are seen even when the file's time is put back
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert ImageFolderDataset(tmp_path, in_memory=True, workers=0).fingerprint != before
