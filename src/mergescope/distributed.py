@@ -35,13 +35,14 @@ def world() -> tuple[int, int]:
 def init_from_env() -> bool:
     """Join the process group torchrun describes (``WORLD_SIZE`` > 1 in the environment) unless one exists.
 
-    nccl when CUDA is available (each rank on GPU ``LOCAL_RANK``), gloo otherwise; the group is destroyed at
-    exit. Returns whether it initialised a group.
+    nccl when every local rank can have a GPU of its own (rank ``LOCAL_RANK`` on GPU ``LOCAL_RANK``), gloo
+    otherwise; the group is destroyed at exit. Returns whether it initialised a group.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         return False
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    local_size = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    if torch.cuda.is_available() and torch.cuda.device_count() >= local_size:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl")
     else:
         dist.init_process_group("gloo")

@@ -28,6 +28,9 @@ Sparsity: keep the top-m weights of each row by magnitude (``rank_by="weight"``:
 those weights on F) or refitted by least squares on the kept support (the normal equations restricted to it —
 cheap from the same scatter). m is given as fractions of B's channels (1, 2, 5, 10, 25 %, all), at least 1.
 Every sparse map is fitted on F and judged on H like the full one.
+
+Both passes are :func:`group_covariances` passes: inside a ``torch.distributed`` process group each rank walks its
+share of F and H and the moments are merged over the ranks before any fit (:mod:`mergescope.distributed`).
 """
 from __future__ import annotations
 
