@@ -41,6 +41,7 @@ CASES = [  # (command tail after the checkpoints / run folder, words the one lin
     ("compare", ["--seeds", "0", "-1", "--partial-merge"], ["--seeds", ">= 0"]),
     ("compare", ["--null-partners", "0"], ["--null-partners"]),
     ("compare", ["--null-quantile", "1.5"], ["--null-quantile"]),
+    ("regress", ["--per-class", "0"], ["--per-class"]),
 ]
 
 
@@ -134,3 +135,142 @@ def test_probe_overwrite_with_another_k_starts_over(tmp_path, ckpts):
     from mergescope.probe import load_probe
 
     assert load_probe(out / "probe").k == 5
+
+
+# -- the cases that ended well before issue 12, kept so: one line, exit 2, an earlier run byte for byte as it was
+
+
+def _pickle_exploit(path, marker):
+    """A .pt whose unpickling would create ``marker`` (weights_only=True must refuse to run it)."""
+    import pickle
+
+    class Exploit:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path.write_bytes(pickle.dumps({"state_dict": Exploit()}))
+
+
+@pytest.fixture
+def earlier_run(tmp_path, ckpts):
+    """A finished sweep in ``tmp/run`` that every bad command below is pointed at (with --overwrite)."""
+    out = tmp_path / "run"
+    assert main(["sweep", *ckpts[:2], "--data", "digits", "--alpha-step", "0.5", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def _bad_folder(tmp_path, kind):
+    root = tmp_path / f"images_{kind}"
+    import numpy as np
+    from PIL import Image
+
+    for label in ("a", "b"):
+        (root / label).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / label / f"{i}.png")
+    bad = root / "b" / "9.png"
+    bad.write_bytes(b"" if kind == "zero-byte" else b"GIF89a but not really an image")
+    return root, bad
+
+
+BROKEN = ["wider model", "truncated checkpoint", "random checkpoint", "pickle exploit", "zero-byte image",
+          "non-image file", "unknown method", "unknown arch", "no --overwrite", "NaN weights", "missing data",
+          "not a run folder", "eval without a test split"]
+
+
+@pytest.mark.parametrize("case", BROKEN)
+def test_a_broken_input_is_one_line_and_leaves_earlier_results(tmp_path, ckpts, earlier_run, capsys, case):
+    from run_bytes import every_byte
+
+    before = every_byte(earlier_run)
+    a, b = ckpts[:2]
+    data, words = "digits", []
+    if case == "wider model":
+        b = str(tmp_path / "wide.safetensors")
+        save_checkpoint(b, create_model("cnn_digits", width=8, seed=1))
+        words = ["wide.safetensors", "differ"]
+    elif case in ("truncated checkpoint", "random checkpoint"):
+        b = tmp_path / "bad.safetensors"
+        good = open(ckpts[1], "rb").read()
+        b.write_bytes(good[: len(good) // 2] if case.startswith("truncated") else bytes(range(256)) * 8)
+        (tmp_path / "bad.json").write_bytes(open(ckpts[1].replace(".safetensors", ".json"), "rb").read())
+        b, words = str(b), ["bad.safetensors"]
+    elif case == "pickle exploit":
+        marker = tmp_path / "pwned"
+        b = tmp_path / "evil.pt"
+        _pickle_exploit(b, marker)
+        b, words = str(b), ["evil.pt"]
+    elif case in ("zero-byte image", "non-image file"):
+        root, bad = _bad_folder(tmp_path, case.split()[0])
+        data, words = str(root), [bad.name]
+        a = str(tmp_path / "rgb0.safetensors")
+        b = str(tmp_path / "rgb1.safetensors")
+        for seed, p in ((0, a), (1, b)):
+            save_checkpoint(p, create_model("cnn_digits", width=4, in_channels=3, num_classes=2, seed=seed))
+    elif case == "NaN weights":
+        model = create_model("cnn_digits", width=4, seed=1)
+        with torch.no_grad():
+            next(model.parameters()).fill_(float("nan"))
+        b = str(tmp_path / "nan.safetensors")
+        save_checkpoint(b, model)
+        words = ["NaN"]
+    elif case == "missing data":
+        data, words = str(tmp_path / "nowhere"), ["nowhere"]
+    argv = ["sweep", a, b, "--data", data, "--out", str(earlier_run), "--overwrite", "--quiet",
+            *(["--arch", "cnn_digits"] if case == "pickle exploit" else [])]
+    if case == "unknown method":
+        argv += ["--methods", "permuted,telepathy"]
+        words = ["telepathy"]
+    elif case == "unknown arch":
+        argv = ["train", "--arch", "resnet9000", "--data", "digits", "--out", str(tmp_path / "m.safetensors")]
+        words = ["resnet9000"]
+    elif case == "no --overwrite":
+        argv.remove("--overwrite")
+        words = ["already holds a run", "--overwrite"]
+    elif case == "not a run folder":
+        argv = ["compare", str(tmp_path / "nowhere"), "--quiet"]
+        words = ["nowhere"]
+    elif case == "eval without a test split":
+        root, bad = _bad_folder(tmp_path, "zero-byte")
+        bad.unlink()
+        argv = ["train", "--arch", "cnn_digits", "--data", str(root), "--eval", "--out", str(tmp_path / "m.pt")]
+        words = ["--eval", "test split"]
+    capsys.readouterr()
+    try:
+        code = main(argv)
+    except SystemExit as e:  # refused by the parser
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2, err
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    for w in words:
+        assert w in err, err
+    assert every_byte(earlier_run) == before
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_a_compare_that_fails_leaves_no_orphan_and_a_retry_works(tmp_path, ckpts, monkeypatch, capsys):
+    """A failure after the comparison wrote compare.csv (NaN, disk full, a bug): the folder is as it was, and the
+    retry is not refused with "already holds a comparison"."""
+    from run_bytes import every_byte
+
+    import mergescope.studies.compare as compare
+    from mergescope.errors import MergescopeError
+
+    out = tmp_path / "run"
+    assert main(["probe", *ckpts[:2], "--data", "digits", "--k", "3", "--subset-images", "50", "--out", str(out),
+                 "--quiet"]) == 0
+    before = every_byte(out)
+    real = compare.run
+
+    def fails_late(run_dir, *args, **kw):
+        real(run_dir, *args, **kw)
+        assert (run_dir / "compare.csv").is_file()
+        raise MergescopeError("failed after writing compare.csv")
+
+    monkeypatch.setattr(compare, "run", fails_late)
+    assert main(["compare", str(out), "--quiet"]) == 2
+    assert every_byte(out) == before
+    monkeypatch.setattr(compare, "run", real)
+    assert main(["compare", str(out), "--quiet"]) == 0
+    assert (out / "compare.csv").is_file()
