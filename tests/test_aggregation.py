@@ -20,7 +20,7 @@ from torch import nn
 from mergescope.align import weight_matching
 from mergescope.data import iter_batches, load_digits, subset_per_class
 from mergescope.errors import MergescopeError
-from mergescope.merge import ensemble, fisher, regmean, soups, task_vectors
+from mergescope.merge import ensemble, fisher, regmean, soups
 from mergescope.merge.methods import AlignInputs, get_merge_method
 from mergescope.perm import build_spec, permute_model, random_perms
 from mergescope.train import TrainConfig, train_model
@@ -300,7 +300,8 @@ def test_fisher_averaging_follows_the_paper(tuned, batches):
     want = {}
     for n in fishers[0]:
         fa, fb = fishers[0][n].clamp_min(1e-6), fishers[1][n].clamp_min(1e-6)
-        want[n] = (0.3 * fa * a.state_dict()[n].double() + 0.7 * fb * b.state_dict()[n].double()) / (0.3 * fa + 0.7 * fb)
+        ta, tb = a.state_dict()[n].double(), b.state_dict()[n].double()
+        want[n] = (0.3 * fa * ta + 0.7 * fb * tb) / (0.3 * fa + 0.7 * fb)
     _close(got, want, list(want), atol=1e-5)
 
 

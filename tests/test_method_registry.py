@@ -152,9 +152,9 @@ def test_three_permuted_copies_merge_into_the_model(name, copies):
 
 @pytest.mark.parametrize("name", METHODS)
 def test_merging_a_model_with_itself_returns_it(name, same):
-    """Three (or at most max_models) exact copies of a trained model merge into its function, at the method's identity hyperparameters
-    (λ = 1/n for the sums of task vectors, no trimming or dropping); a method that recomputes BatchNorm statistics
-    gives the model with its statistics recomputed on the same data."""
+    """Three (or at most max_models) exact copies of a trained model merge into its function, at the method's
+    identity hyperparameters (λ = 1/n for the sums of task vectors, no trimming or dropping); a method that
+    recomputes BatchNorm statistics gives the model with its statistics recomputed on the same data."""
     m = get_merge_method(name)
     n = min(3, m.max_models or 3)
     params = m.identity_params(n) if m.identity_params else {}

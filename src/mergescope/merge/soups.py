@@ -40,7 +40,8 @@ def greedy_soup(states: Sequence[State], score: Callable[[State], float]) -> tup
     return weighted_average([states[i] for i in kept]), kept
 
 
-def heldout_accuracy(dataset, batch_size: int = 500, device: torch.device | str = "cpu") -> Callable[[nn.Module], float]:
+def heldout_accuracy(dataset, batch_size: int = 500,
+                     device: torch.device | str = "cpu") -> Callable[[nn.Module], float]:
     """A held-out score for :class:`mergescope.merge.methods.AlignInputs.heldout`: a model's accuracy on
     ``dataset`` (one pass, :func:`mergescope.evaluate.evaluate_models`)."""
     from ..data import iter_batches
