@@ -175,7 +175,7 @@ def _bad_folder(tmp_path, kind):
 
 BROKEN = ["wider model", "truncated checkpoint", "random checkpoint", "pickle exploit", "zero-byte image",
           "non-image file", "unknown method", "unknown arch", "no --overwrite", "NaN weights", "missing data",
-          "not a run folder", "eval without a test split"]
+          "not a run folder", "eval without a test split", "odd first image"]
 
 
 @pytest.mark.parametrize("case", BROKEN)
@@ -207,6 +207,16 @@ def test_a_broken_input_is_one_line_and_leaves_earlier_results(tmp_path, ckpts, 
         b = str(tmp_path / "rgb1.safetensors")
         for seed, p in ((0, a), (1, b)):
             save_checkpoint(p, create_model("cnn_digits", width=4, in_channels=3, num_classes=2, seed=seed))
+    if case == "odd first image":  # an ImageNet-style tree whose first file is 1x1: that file is named
+        import numpy as np
+        from PIL import Image
+
+        root, bad = _bad_folder(tmp_path, "zero-byte")
+        for p in root.rglob("*.png"):
+            Image.fromarray(np.zeros((30, 40, 3), np.uint8)).save(p)
+        Image.fromarray(np.zeros((1, 1, 3), np.uint8)).save(root / "a" / "0.png")
+        bad.unlink()
+        data, words = str(root), ["a/0.png", "sets the size", "40x30"]
     elif case == "NaN weights":
         model = create_model("cnn_digits", width=4, seed=1)
         with torch.no_grad():
