@@ -310,6 +310,10 @@ def test_recipes_names_come_from_the_registry():
     assert [recipes.batchnorm_of(m) for m in ("cca", "swa", "ties+repair", "permuted>ties+reset", "logit_ensemble")] \
         == ["carry", "reset", "repair", "reset", "carry"]
     assert recipes.split_method("permuted>ties+reset") == ("permuted>ties", "reset")
+    method, fix = recipes.resolve_method("permuted>ties+reset")
+    assert (method.name, fix) == ("permuted>ties", "reset") and recipes.resolve_method("swa")[1] == ""
+    with pytest.raises(MergescopeError, match="^unknown fix 'rset'; known: repair, repair_preact, reset$"):
+        recipes.resolve_method("ties+rset")
     assert set(recipes.MAP_METHODS) == {n for n in METHODS if isinstance(get_merge_method(n).align, StatsMaps)}
     assert recipes.map_places(["naive", "permuted"]) == () and recipes.map_places(["zipit"]) == ("observe",)
     assert recipes.map_places(["ot", "cca"]) == ("observe", "preactivation")

@@ -34,7 +34,7 @@ from ..align.covariance import JointMoments
 from ..errors import MergescopeError
 from ..perm import PermSpec
 from .maps import ChannelMap
-from .methods import StatsMaps, get_fix, get_merge_method, list_fixes, list_merge_methods, stats_places
+from .methods import MergeMethod, StatsMaps, get_fix, get_merge_method, list_fixes, list_merge_methods, stats_places
 
 Stats = Mapping[str, JointMoments]  # group -> joint statistics of one model with the reference
 
@@ -87,6 +87,16 @@ def batchnorm_of(method: str) -> str:
     if fix:
         return "reset" if get_fix(fix).repair_points is None else "repair"
     return get_merge_method(base).batchnorm
+
+
+def resolve_method(method: str) -> tuple[MergeMethod, str]:
+    """Any method string — a registered base, a composition ``alignment>aggregation``, either with ``+fix`` — as
+    its registry entry and its fix (``""``: none); an unknown part is a one-line error naming it. (What a command
+    that runs :meth:`MergeMethod.merge` validates with; the merge plan accepts :data:`ALL_METHODS` only.)"""
+    base, fix = split_method(method)
+    if fix:
+        get_fix(fix)
+    return get_merge_method(base), fix
 
 
 def split_method(method: str) -> tuple[str, str]:
