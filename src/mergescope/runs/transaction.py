@@ -99,12 +99,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _rank() -> int:
+def _group():
+    """``torch.distributed`` when a process group is running (the command was launched by torchrun), else None."""
     if "torch" not in sys.modules:
-        return 0
+        return None
     import torch.distributed as dist
 
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _agree(error: str | None) -> None:
+    """Every rank raises rank 0's error (so no rank goes on into a collective pass the others left)."""
+    dist = _group()
+    if dist is not None:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise MergescopeError(error)
 
 
 def _inside(name: object, folder: Path) -> bool:
@@ -142,7 +154,9 @@ def write_run(out: str | os.PathLike, *, overwrite: bool = False, adds: bool = F
     """
     final = Path(out)
     resume = sibling(final, "resume")
-    if _rank() != 0:
+    dist = _group()
+    if dist is not None and dist.get_rank() != 0:
+        _agree(None)  # rank 0's lock and checks
         scratch = Path(tempfile.mkdtemp(prefix="mergescope-rank-"))
         try:
             path = scratch / "run"
@@ -151,22 +165,32 @@ def write_run(out: str | os.PathLike, *, overwrite: bool = False, adds: bool = F
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return
-    with RunLock(sibling(final, "lock"), final):
-        _recover(final)
-        if not adds:
-            _check_replaceable(final, overwrite)
-        staging = sibling(final, "staging")
+    lock, error = RunLock(sibling(final, "lock"), final), None
+    try:
+        lock.__enter__()
         try:
-            _fill(staging, final if adds else None)
-            yield Staging(final, staging, resume)
-            _commit(staging, final)
-        except OSError as e:
-            if e.errno in DISK_FULL or _inside(e.filename, staging):
-                raise MergescopeError(describe_os_error(e, staging, final)) from None
+            _recover(final)
+            if not adds:
+                _check_replaceable(final, overwrite)
+        except MergescopeError:
+            lock.__exit__()
             raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        shutil.rmtree(resume, ignore_errors=True)
+    except MergescopeError as e:
+        error = str(e)
+    _agree(error)  # every rank stops here when rank 0 cannot write the folder
+    staging = sibling(final, "staging")
+    try:
+        _fill(staging, final if adds else None)
+        yield Staging(final, staging, resume)
+        _commit(staging, final)
+    except OSError as e:
+        if e.errno in DISK_FULL or _inside(e.filename, staging):
+            raise MergescopeError(describe_os_error(e, staging, final)) from None
+        raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        lock.__exit__()
+    shutil.rmtree(resume, ignore_errors=True)
 
 
 def _check_replaceable(final: Path, overwrite: bool) -> None:
