@@ -26,6 +26,7 @@ from mergescope.distributed import world
 from mergescope.evaluate.evaluate import evaluate_models
 from mergescope.merge.interpolate import interpolate_model
 from mergescope.merge.repair import extra_layers, repair_and_reset
+from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model
 from mergescope.train.evaluation import evaluate_model
 
@@ -95,9 +96,22 @@ def every_pass(models: dict, fit: list[int], held: list[int]) -> tuple[dict, dic
     out["regression"] = ({g: (f.weight, f.intercept, f.r2, f.r2_fit) for g, f in res.fits.items()},
                          {g: [(f.label, f.weight, f.r2) for f in fs] for g, fs in res.sweep.items()},
                          res.samples, res.heldout_samples)
-    out["topk"] = {layer: (gt.a_ids, gt.single_ids, gt.constant, {k: mp_.ids for k, mp_ in gt.maps.items()})
-                   for layer, gt in tops.items()}
+    out["topk"] = _topk(tops)
+
+    # one batch per pass: rank 0 walks none and must still end with the result
+    [one] = group_covariances_at(a, [b], spec, iter_batches(train, len(train)), ("observe",))["observe"]
+    block1 = interpolate_model(ra, rb, 0.5)
+    repair_and_reset(ra, rb, rspec, iter_batches(train, len(train)), repair=[(0.5, block1)])
+    tops1 = regressed_topk(a, b, spec, res, iter_batches(train, len(train), ids=held), k=5)
+    out["one_batch"] = ({g: (st.n, st.mean, st.scatter) for g, st in one.items()}, block1.state_dict(),
+                        _topk(tops1), evaluate_models({"a": a}, iter_batches(test, len(test))))
+    seen["one_batch"] = train.take() + test.take()
     return out, seen
+
+
+def _topk(tops: dict) -> dict:
+    return {layer: (gt.a_ids, gt.single_ids, gt.constant, {k: m.ids for k, m in gt.maps.items()})
+            for layer, gt in tops.items()}
 
 
 def _worker(rank: int, init_file: str, models_file: str, out_dir: str) -> None:
@@ -116,8 +130,9 @@ def runs(trained_digits, tmp_path_factory):
     """(one-process (results, seen), [per rank (results, seen)], fitting ids, held-out ids)."""
     tmp = tmp_path_factory.mktemp("distributed")
     models = {"a": trained_digits("cnn_digits", 0, width=16), "b": trained_digits("cnn_digits", 1, width=16),
-              "ra": trained_digits("resnet20", 0, in_channels=1, width=1),
-              "rb": trained_digits("resnet20", 1, in_channels=1, width=1)}
+              # the residual rule's path (added layers, BatchNorm reset) on an untrained pair: training it costs ~18 s
+              "ra": create_model("resnet20", seed=0, in_channels=1, width=1).eval(),
+              "rb": create_model("resnet20", seed=1, in_channels=1, width=1).eval()}
     fit, held = (ids.tolist() for ids in regression_subsets(load_digits("train"), 500, 250))
     torch.save((models, fit, held), tmp / "models.pt")
     mp.spawn(_worker, args=(str(tmp / "init"), str(tmp / "models.pt"), str(tmp)), nprocs=WORLD, join=True)
@@ -210,6 +225,17 @@ def test_regression_fit_and_topk_equal_one_process(runs):
         assert_close(single["regression"], out["regression"], rtol=1e-7, atol=1e-9)
         assert_close(single["topk"], out["topk"])  # top-k ids exactly
     assert_walked_own_share(runs, "regression", [fit, held, held])
+
+
+def test_a_rank_without_batches_gets_the_result(runs):
+    (single, seen), ranks, _, held = runs
+    (stats, block, tops, scores), (want_stats, want_block, want_tops, want_scores) = ranks[0][0]["one_batch"], \
+        single["one_batch"]
+    assert ranks[0][1]["one_batch"] == [] and ranks[1][1]["one_batch"] == seen["one_batch"]
+    assert_close(want_stats, stats)
+    assert_close(want_block, block, rtol=1e-5, atol=1e-6)
+    assert_close(want_tops, tops)
+    assert scores["a"]["accuracy"] == want_scores["a"]["accuracy"]
 
 
 def test_torchrun_sweep_equals_one_process(trained_digits, tmp_path):
