@@ -47,6 +47,7 @@ _REGISTRY = "tests/test_method_registry.py"
 _FRONT = "tests/test_front_door.py"
 _CLI = "tests/test_cli_vocabulary.py"
 _RUNS = "tests/test_run_folders.py"
+_DIST = "tests/test_distributed.py"
 MUTANTS: tuple[Mutant, ...] = (
     # -- weight matching, MergeMany, ZipIt! (Git Re-Basin Algorithms 1 and 3; Stoica et al. 2024)
     Mutant("wm_fixed_order_one_sweep", "align/weight_matching.py",
@@ -213,6 +214,24 @@ MUTANTS: tuple[Mutant, ...] = (
            'checkpoint_dir=staging.path / "probe"',
            ("tests/test_bad_input.py::test_a_truncated_pass_checkpoint_is_set_aside_and_the_probe_starts_over",),
            "the probe's pass checkpoints live in the staging folder, which a kill's cleanup removes: no resume"),
+    # -- every data pass on torch.distributed (issue 12, item 4)
+    Mutant("shards_overlap", "distributed.py", "mine = batches[first:stop]", "mine = batches[first:stop + 1]",
+           (_DIST,), "neighbouring ranks both walk the batch at a boundary"),
+    Mutant("shard_drops_last_batch", "distributed.py", "first, stop = batch_range(len(batches), rank, size)",
+           "first, stop = batch_range(len(batches) - 1, rank, size)", (_DIST,), "the last batch is walked by no rank"),
+    Mutant("merge_skips_rank_1", "distributed.py", "for other in shards[1:]:", "for other in shards[2:]:",
+           (_DIST,), "rank 1's accumulators are left out of the combination"),
+    Mutant("eval_not_reduced", "evaluate/evaluate.py", "all_reduce(torch.stack(list(sums.values())))",
+           "torch.stack(list(sums.values()))", (f"{_DIST}::test_evaluation_equals_one_process",),
+           "each rank reports the accuracy of its own shard"),
+    Mutant("train_eval_not_reduced", "train/evaluation.py",
+           "all_reduce(loss_sum), all_reduce(correct), int(all_reduce(count))", "loss_sum, correct, int(count)",
+           (f"{_DIST}::test_evaluation_equals_one_process",), "evaluate_model reports one shard's accuracy"),
+    Mutant("reset_not_shared", "merge/repair.py", "    _share_running_stats([*reset,", "    ([*reset,",
+           (f"{_DIST}::test_repair_and_reset_equal_one_process",), "RESET's running averages are one rank's"),
+    Mutant("topk_ranges_not_combined", "align/regressed_topk.py", "    if world()[1] == 1:\n        return a_top",
+           "    if True:\n        return a_top", (f"{_DIST}::test_regression_fit_and_topk_equal_one_process",),
+           "regressed top-k keeps each rank's own top images"),
 )
 
 

@@ -17,6 +17,7 @@ from mergescope.align.covariance import group_covariances
 from mergescope.align.regressed_topk import pick, regressed_activations, regressed_topk, single_weight_fits
 from mergescope.align.regression import regression_from_stats
 from mergescope.cli import main
+from mergescope.data.cache import file_sha256
 from mergescope.data import iter_batches, load_digits, subset_per_class
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
@@ -184,6 +185,9 @@ def test_report_leaves_a_regression_study_without_stored_topk_alone(resnet_run, 
     results = json.loads((run / "results.json").read_text())
     del results["regression"]["views"]  # as written before the top-k images were stored
     (run / "results.json").write_text(json.dumps(results))
+    manifest = json.loads((run / "manifest.json").read_text())  # ...by that run, which vouched for it
+    manifest["sha256"]["results.json"] = file_sha256(run / "results.json")
+    (run / "manifest.json").write_text(json.dumps(manifest))
     page = run / "features" / "regress_layer1.1.html"
     page.write_text("old page")
     assert main(["report", str(run)]) == 0
