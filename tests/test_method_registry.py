@@ -44,8 +44,8 @@ def _rel_err(model, ref, x, log_probs: bool = False) -> float:
 class Case:
     """Models of one architecture with everything any method may need gathered once (sweep.py's way: activation
     matching of every model to the first, joint statistics at every place in one pass); :meth:`inputs` hands a
-    method only what its alignment step declares, :meth:`merged` also a base (``base``), the statistics batches as
-    data, the accuracy on them as held-out score and equal sample counts."""
+    method only what it declares: also a base (``base``), the first statistics batch as data, the accuracy on
+    the statistics batches as held-out score and equal sample counts."""
 
     def __init__(self, models, batches, base=None):
         self.models, self.batches, self.base = list(models), batches, base
@@ -59,9 +59,14 @@ class Case:
 
     def inputs(self, method, n: int | None = None) -> AlignInputs:
         n = n or len(self.models)
+        needs = method.needs
         return AlignInputs(self.models[:n], self.spec,
-                           matches=self.matches[:n - 1] if "matches" in method.needs else None,
-                           stats={p: self.stats[p][:n - 1] for p in method.places()} or None)
+                           matches=self.matches[:n - 1] if "matches" in needs else None,
+                           stats={p: self.stats[p][:n - 1] for p in method.places()} or None,
+                           base=self.base if "base" in needs else None,
+                           data=(lambda: self.batches[:1]) if "data" in needs else None,
+                           heldout=self.heldout if "heldout" in needs else None,
+                           sample_counts=[len(self.x)] * n if "sample_counts" in needs else None)
 
     def heldout(self, model) -> float:
         with torch.no_grad():
@@ -69,8 +74,7 @@ class Case:
 
     def merged(self, method, n: int, **params):
         inputs = self.inputs(method, n)
-        inputs.weights, inputs.base, inputs.data = [1.0 / n] * n, self.base, lambda: self.batches
-        inputs.heldout, inputs.sample_counts = self.heldout, [len(self.x)] * n
+        inputs.weights = [1.0 / n] * n
         return method.merge(inputs, layout=self.layout, **params)
 
 
@@ -161,7 +165,7 @@ def test_merging_a_model_with_itself_returns_it(name, same):
     net = same.merged(m, n, **params)
     want = same.models[0]
     if m.batchnorm == "reset":
-        want = recompute_batchnorm(copy.deepcopy(want), same.batches)
+        want = recompute_batchnorm(copy.deepcopy(want), same.batches[:1])
     assert _rel_err(net, want, same.x, m.family == "ensemble") < 1e-4
     assert all(torch.equal(p, q) for p, q in zip(same.models[0].state_dict().values(),
                                                  same.models[1].state_dict().values()))  # inputs untouched
@@ -284,7 +288,7 @@ def test_lookups_and_registration_errors():
     assert "new" not in list_merge_methods() and get_merge_method("naive").family == "aggregation"
     assert list_merge_methods("map") == ["cca", "cca_relative", "ot", "ot_sinkhorn", "regression",
                                          "regression_ols", "zipit"]
-    assert set(list_merge_methods(sweepable=False)) == {"mergemany", "zipit"} | set(recipes.COMBINED)
+    assert set(list_merge_methods(sweepable=False)) == {"mergemany", "zipit"} | set(recipes.COMBINED) - {"ste"}
     with pytest.raises(ValueError, match="without '\\+' or '>'"):
         register_merge_method("a>b", family="map", paper="p", about="a", exact_for_permuted=False)(lambda i: [])
     with pytest.raises(ValueError, match="batchnorm must be one of carry, reset, repair, got 'keep'"):
@@ -298,9 +302,10 @@ def test_lookups_and_registration_errors():
 def test_recipes_names_come_from_the_registry():
     """The merge plan's bases are the registry's methods without a combine step (it runs the weighted sum of the
     mapped models): a method that combines models itself is not silently run as a weighted sum."""
-    assert recipes.BASES == tuple(n for n in METHODS if get_merge_method(n).combine is None)
+    assert recipes.BASES == tuple(n for n in METHODS if get_merge_method(n).combine is None
+                                  and not get_merge_method(n).needs & {"base", "data", "heldout", "sample_counts"})
     assert recipes.COMBINED == tuple(n for n in METHODS if n not in recipes.BASES)
-    assert {"ties", "regmean", "logit_ensemble"} <= set(recipes.COMBINED) and "naive" in recipes.BASES
+    assert {"ties", "regmean", "logit_ensemble", "ste"} <= set(recipes.COMBINED) and "naive" in recipes.BASES
     assert recipes.FIXES == ("", "+repair", "+repair_preact", "+reset")
     assert recipes.REPAIR_FIXES == {"repair": "reference", "repair_preact": "preact"}
     assert len(recipes.ALL_METHODS) == len(recipes.BASES) * 4 and "cca+repair" in recipes.ALL_METHODS
@@ -329,7 +334,7 @@ def test_listings_name_every_method_and_fix():
             in table and f"batchnorm: {m.batchnorm}: {BATCHNORM[m.batchnorm]}" in table
         assert all(f"{h.name} = {h.default!r}" in table for h in m.hyperparams)
         listed = name in help_.split("any of the bases ")[1].split(", alone")[0].split()
-        assert listed == (name != "zipit" and m.combine is None)  # the plan's bases only, by default
+        assert listed == (name != "zipit" and m.plan_ready)  # the plan's bases only, by default
         assert name in every
     assert all(f"+{f}" in table and f"+{f}" in help_ for f in list_fixes())
     assert help_.startswith("default: naive permuted; ")
@@ -362,11 +367,12 @@ def test_an_alignment_then_an_aggregation_is_one_method(copies):
 
 
 @pytest.mark.parametrize("string, message", [
-    ("cca>ties", r"^'cca>ties': the part before '>' must be an alignment method \(permuted, mergemany\), got 'cca'$"),
+    ("cca>ties", r"^'cca>ties': the part before '>' must be an alignment method \(permuted, mergemany, ste\), got "
+                 r"'cca'$"),
     ("permuted>logit_ensemble", r"^'permuted>logit_ensemble': the part after '>' must be an aggregation method "
                                 r"\(naive, average, .*\), got 'logit_ensemble'$"),
     ("mergemany>ties", r"^'mergemany>ties': ties reads the shared base in the reference's space, and mergemany moves "
-                       r"the reference; use one of permuted$"),
+                       r"the reference; use one of permuted, ste$"),
     ("permuted>tie", r"^unknown merge method 'tie'; known: "),
 ])
 def test_bad_compositions_are_one_line_errors(string, message):

@@ -1,6 +1,7 @@
 """Merging: interpolation along α, REPAIR and RESET, metric-guided partial merging, merging with maps
 (CCA, OT fusion, regression, ZipIt!) instead of permutations, weight aggregation (averages and soups, task vectors
-over a shared base, Fisher and RegMean weightings), ensembles, and the registry of merge methods
+over a shared base, Fisher and RegMean weightings), ensembles, learned permutations (Git Re-Basin's
+straight-through estimator), and the registry of merge methods
 (:mod:`mergescope.merge.methods`).
 
 Names are imported on first use, so ``mergescope.merge.methods`` (the registry the command line's help is built
@@ -31,6 +32,7 @@ if TYPE_CHECKING:  # what __getattr__ provides, for type checkers and IDEs
     from .repair import (REPAIR_POINTS, RepairTarget, describe_repair, extra_layers, repair_and_reset,
                          repair_many, repair_plan)
     from .soups import greedy_soup, heldout_accuracy
+    from .ste import straight_through_matching
     from .task_vectors import apply_task_vector, breadcrumbs_mask, dare, ties_vector
     from .zipit import zip_features, zipit_maps, zipit_merge
 
@@ -54,6 +56,7 @@ _EXPORTS = {  # submodule -> the names re-exported from it
     "repair": ("REPAIR_POINTS", "RepairTarget", "describe_repair", "extra_layers", "repair_and_reset", "repair_many",
                "repair_plan"),
     "soups": ("greedy_soup", "heldout_accuracy"),
+    "ste": ("straight_through_matching",),
     "task_vectors": ("apply_task_vector", "breadcrumbs_mask", "dare", "ties_vector"),
     "zipit": ("zip_features", "zipit_maps", "zipit_merge"),
 }

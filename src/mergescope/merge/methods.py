@@ -188,6 +188,12 @@ class MergeMethod:
         if self.max_models is not None and n > self.max_models:
             raise MergescopeError(f"{self.name} merges at most {self.max_models} models, got {n}")
 
+    @property
+    def plan_ready(self) -> bool:
+        """Whether the merge plan as it is (:func:`mergescope.studies.plan.execute_plan`: the weighted sum of the
+        mapped models, from matches, the models' weights and joint statistics) runs it."""
+        return self.combine is None and not self.needs & set(_INPUTS)
+
     def _check_align_inputs(self, inputs: AlignInputs) -> None:
         n = len(inputs.models)
         self.check_models(n)
@@ -196,6 +202,8 @@ class MergeMethod:
         for place in self.places():
             if inputs.stats is None or len(inputs.stats.get(place, ())) != n - 1:
                 raise ValueError(f"{self.name} needs the joint statistics at '{place}' of the {n - 1} other models")
+        if self.combine is None:  # every need is the alignment step's
+            self._check_combine_inputs(inputs)
 
     def _check_combine_inputs(self, inputs: AlignInputs) -> None:
         n = len(inputs.models)
@@ -397,11 +405,11 @@ def list_fixes() -> list[str]:
 
 def methods_help(default: str | None = None, exclude: Iterable[str] = (), combining: bool = False) -> str:
     """The command line's ``--methods`` help: every base not in ``exclude`` (with its model limit), the fixes;
-    the methods with a combine step (aggregation, ensembles) only with ``combining`` (the merge plan runs the
-    weighted sum of mapped models; a command that runs :meth:`MergeMethod.merge` lists them)."""
+    the methods the merge plan cannot run (:attr:`MergeMethod.plan_ready`: aggregation, ensembles, the learned
+    permutations) only with ``combining`` (for a command that runs :meth:`MergeMethod.merge`)."""
     exclude = set(exclude)
     bases = " ".join(n + (f" (at most {m.max_models} models)" if m.max_models else "")
-                     for n, m in _METHODS.items() if n not in exclude and (combining or m.combine is None))
+                     for n, m in _METHODS.items() if n not in exclude and (combining or m.plan_ready))
     head = f"default: {default}; " if default else ""
     return (f"{head}any of the bases {bases}, alone or with {', '.join('+' + f for f in _FIXES)} "
             "(e.g. cca+repair)")
@@ -493,6 +501,28 @@ def _mergemany(inputs: AlignInputs, max_rounds: int, seed: int) -> list[Maps]:
     results = merge_many_matching([m.state_dict() for m in inputs.models], inputs.spec, max_rounds, seed,
                                   inputs.device)
     return [permutation_maps(r.perms) for r in results]
+
+
+@register_merge_method(
+    "ste", family="alignment", needs={"weights", "data"}, exact_for_permuted=True,
+    paper=f"{_GIT_REBASIN}, §3.3 and Alg. 2 (learned permutations by a straight-through estimator; reference: "
+          "samuela/git-re-basin mnist_mlp_ste2.py)",
+    about="free weights from A, projected on B's permutations by weight matching each step, SGD on the midpoint's "
+          "loss through the projection; the best step's permutation. Each other model on its own, on every "
+          "model's batches (AlignInputs.data), the midpoint's BatchNorms on batch statistics; 10 epochs where the "
+          "reference trains 250 (pass epochs=250 for its budget)",
+    hyperparams=(HyperParam("epochs", int, 10, "passes over the data (the reference: 250 on MNIST)"),
+                 HyperParam("lr", float, 0.01, "SGD learning rate on the free weights (the reference's MNIST value)"),
+                 HyperParam("momentum", float, 0.9, "SGD momentum (the reference's)"),
+                 HyperParam("seed", int, 0, "seed of the weight matchings (step t: seed + t)")))
+def _ste(inputs: AlignInputs, epochs: int, lr: float, momentum: float, seed: int) -> list[Maps]:
+    from .maps import permutation_maps
+    from .ste import straight_through_matching
+
+    ref = inputs.models[0]
+    return [{}] + [permutation_maps(straight_through_matching(ref, m, inputs.spec, inputs.all_data, epochs, lr,
+                                                              momentum, seed, inputs.device).perms)
+                   for m in inputs.models[1:]]
 
 
 def _cca(stats: Mapping[str, JointMoments], ridge: float) -> Maps:

@@ -17,10 +17,12 @@ followed by a *fix* (:func:`list_fixes`):
 
 E.g. ``permuted+repair`` is REPAIR's method, ``cca+repair`` CCA merging followed by REPAIR.
 
-:data:`BASES` are the bases the merge plan runs today (θ = Σ_k w_k·T_k(θ_k), :mod:`mergescope.studies.plan`); the
-registry's methods with a combine step (aggregation over a shared base, soups, Fisher, RegMean, ensembles) and the
-compositions ``alignment>aggregation`` run through :meth:`~mergescope.merge.methods.MergeMethod.merge` and are in
-:data:`COMBINED` (:func:`batchnorm_of` says how any method string treats BatchNorm statistics).
+:data:`BASES` are the bases the merge plan runs today (θ = Σ_k w_k·T_k(θ_k), :mod:`mergescope.studies.plan`:
+:attr:`~mergescope.merge.methods.MergeMethod.plan_ready`); the registry's other methods (a combine step:
+aggregation over a shared base, soups, Fisher, RegMean, ensembles; or inputs the plan does not give: the learned
+permutations ``ste``) and the compositions ``alignment>aggregation`` run through
+:meth:`~mergescope.merge.methods.MergeMethod.merge` and are in :data:`COMBINED` (:func:`resolve_method` checks any
+method string; :func:`batchnorm_of` says how it treats BatchNorm statistics).
 """
 from __future__ import annotations
 
@@ -59,8 +61,8 @@ def _map_method(name: str) -> MapMethod:
 
 # the registry's methods that map each model from its own statistics with the reference, at their defaults
 MAP_METHODS = {n: _map_method(n) for n in list_merge_methods() if isinstance(get_merge_method(n).align, StatsMaps)}
-BASES = tuple(n for n in list_merge_methods() if get_merge_method(n).combine is None)
-COMBINED = tuple(n for n in list_merge_methods() if get_merge_method(n).combine is not None)
+BASES = tuple(n for n in list_merge_methods() if get_merge_method(n).plan_ready)
+COMBINED = tuple(n for n in list_merge_methods() if not get_merge_method(n).plan_ready)
 FIXES = ("", *("+" + f for f in list_fixes()))
 REPAIR_FIXES = {f: get_fix(f).repair_points for f in list_fixes() if get_fix(f).repair_points}  # -> RepairTarget.points
 ALL_METHODS = tuple(base + fix for base in BASES for fix in FIXES)
