@@ -374,6 +374,7 @@ def test_an_alignment_then_an_aggregation_is_one_method(copies):
     ("mergemany>ties", r"^'mergemany>ties': ties reads the shared base in the reference's space, and mergemany moves "
                        r"the reference; use one of permuted, ste$"),
     ("permuted>tie", r"^unknown merge method 'tie'; known: "),
+    ("permuted>permuted>ties", r"^'permuted>permuted>ties': one alignment, then one aggregation \(a single '>'\)$"),
 ])
 def test_bad_compositions_are_one_line_errors(string, message):
     with pytest.raises(MergescopeError, match=message):
@@ -389,7 +390,9 @@ def test_missing_combine_inputs_are_named(copies):
              ("greedy_soup", {}, "greedy_soup needs a held-out score of a model"),
              ("fedavg", {"sample_counts": [1, 2, 3]}, "fedavg: AlignInputs.sample_counts needs one entry per model "
                                                       "(2), got 3"),
-             ("fedavg", {"sample_counts": [0, 2]}, "sample counts must be positive integers, got [0, 2]")]
+             ("fedavg", {"sample_counts": [0, 2]}, "sample counts must be positive integers, got [0, 2]"),
+             ("regmean", {"data": copies.batches}, "regmean: AlignInputs.data must make the batches (e.g. lambda: "
+                                                   "iter_batches(dataset, 500)), or be one such function per model")]
     for name, extra, message in cases:
         with pytest.raises(MergescopeError, match="^" + message.replace("(", "\\(").replace(")", "\\)")
                            .replace("[", "\\[").replace("]", "\\]")):

@@ -23,7 +23,7 @@ and binds tighter than a fix's ``+``, which stays last: ``"permuted>ties+reset"`
 RESET, the same ``base+fix`` shape :mod:`mergescope.merge.recipes` splits on ``+``; neither character can be in a
 registered name. The composed method runs the alignment at its defaults and takes the aggregation's
 hyperparameters; a shared base (task vectors) is read in the reference's space as given, so such an aggregation
-only composes with an alignment that keeps the reference's channels (``permuted``, not ``mergemany``).
+only composes with an alignment that keeps the reference's channels (``permuted``, ``ste``; not ``mergemany``).
 
 Registering, in the spirit of timm's model registry::
 
@@ -69,8 +69,8 @@ if TYPE_CHECKING:
     Maps = dict[str, ChannelMap]  # group -> map of one model's channels into the merged space ({}: identity)
 
 FAMILIES = ("ensemble", "aggregation", "alignment", "map")
-NEEDS = ("matches", "weights", "stats:observe", "stats:preactivation",  # what an alignment step may read
-         "base", "data", "heldout", "sample_counts")  # what a combine step may read (AlignInputs' fields)
+NEEDS = ("matches", "weights", "stats:observe", "stats:preactivation",  # what the merge plan gives today
+         "base", "data", "heldout", "sample_counts")  # more of AlignInputs (the fields of these names)
 BATCHNORM = {  # how a method treats BatchNorm running statistics (MergeMethod.batchnorm)
     "carry": "combined as the method combines the other tensors (averaged; refolded under a general map; an "
              "ensemble's members keep their own)",
@@ -132,7 +132,7 @@ class AlignInputs:
         return (b for make in self.data for b in make())
 
 
-_INPUTS = {  # a combine step's need (the AlignInputs field of that name) -> what it is, for the one-line error
+_INPUTS = {  # a need beyond the plan's (the AlignInputs field of that name) -> what it is, for the one-line error
     "base": "the shared base model the models were fine-tuned from (task vectors are θ_k − θ_base)",
     "data": "batches of data (a factory, or one per model)",
     "heldout": "a held-out score of a model (e.g. merge.soups.heldout_accuracy(dataset))",
@@ -153,7 +153,7 @@ class MergeMethod:
     family: str  # one of FAMILIES
     paper: str  # citation: authors year, title, and the equation/algorithm used
     about: str  # what this variant does and how it differs from the paper's default, if it does
-    needs: frozenset[str]  # inputs of its alignment step, from NEEDS
+    needs: frozenset[str]  # what it reads of AlignInputs, from NEEDS
     exact_for_permuted: bool  # merging a model with a permuted copy of itself returns that model's function
     max_models: int | None  # at most this many models (None: any number)
     sweepable: bool  # the reference's maps are the identity: it can be swept along α with the reference moving
@@ -214,6 +214,9 @@ class MergeMethod:
             if need in ("sample_counts", "data") and isinstance(value, Sequence) and len(value) != n:
                 raise MergescopeError(f"{self.name}: AlignInputs.{need} needs one entry per model ({n}), "
                                       f"got {len(value)}")
+            if need == "data" and not all(map(callable, value if isinstance(value, Sequence) else [value])):
+                raise MergescopeError(f"{self.name}: AlignInputs.data must make the batches (e.g. lambda: "
+                                      "iter_batches(dataset, 500)), or be one such function per model")
 
     def __call__(self, inputs: AlignInputs, **params: Any) -> list[Maps]:
         """Per model (reference first), its maps into the merged space (a method with a combine step: its
@@ -228,7 +231,7 @@ class MergeMethod:
 
         Args:
             inputs: the models (reference first) and what this method ``needs``; ``inputs.weights``: the merge
-                weights (None: equal).
+                weights (None: equal; a combine step gets them normalized to sum to 1).
             maps: the alignment step's maps, if already computed (the merge plan computes them once per method).
             layout: :func:`mergescope.merge.maps.map_layout` of the architecture (computed if needed).
             params: hyperparameters by name (the defaults are the reference's).
@@ -321,6 +324,8 @@ def get_merge_method(name: str) -> MergeMethod:
 def _composed(align_name: str, combine_name: str) -> MergeMethod:
     """``align_name`` (family "alignment", at its defaults), then ``combine_name`` (family "aggregation")."""
     name = f"{align_name}>{combine_name}"
+    if ">" in combine_name:
+        raise MergescopeError(f"'{name}': one alignment, then one aggregation (a single '>')")
     first, then = get_merge_method(align_name), get_merge_method(combine_name)
     aligners = list_merge_methods("alignment")
     if first.family != "alignment":
@@ -720,8 +725,8 @@ def _task_vector_merge(inputs: AlignInputs, weights: Sequence[float], lam: float
     paper=f"{_TASK_ARITHMETIC}, §2 (addition): θ = θ_base + λ Σ_k τ_k, τ_k = θ_k − θ_base",
     about="task vectors of the parameters from the shared base (AlignInputs.base); BatchNorm statistics averaged "
           "with the merge weights, not task-vectored",
-    hyperparams=(HyperParam("lam", float, 0.3, "λ, the scaling of the summed task vectors (FusionBench's default; "
-                            "the paper selects it on validation data)"),))
+    hyperparams=(HyperParam("lam", float, 0.3, "λ, the scaling of the summed task vectors (a common default; the "
+                            "paper selects λ in [0, 1] on validation data)"),))
 def _task_arithmetic(inputs: AlignInputs, weights: list[float], lam: float) -> nn.Module:
     from .task_vectors import summed
 
@@ -754,7 +759,8 @@ def _ties(inputs: AlignInputs, weights: list[float], k: float, lam: float) -> nn
           "then task arithmetic: θ = θ_base + λ Σ_k τ̃_k",
     about="the drops drawn from a generator seeded by seed (model by model, parameter by parameter), so a merge "
           "is reproducible; BatchNorm statistics averaged with the merge weights",
-    hyperparams=(HyperParam("p", float, 0.9, "the drop rate (the paper's usual 90%)"),
+    hyperparams=(HyperParam("p", float, 0.9, "the drop rate (90%: the paper finds most fine-tuning deltas survive "
+                            "it)"),
                  HyperParam("lam", float, 0.3, _LAM_HELP),
                  HyperParam("seed", int, 0, "seed of the Bernoulli drops")))
 def _dare(inputs: AlignInputs, weights: list[float], p: float, lam: float, seed: int) -> nn.Module:
@@ -795,7 +801,8 @@ def _breadcrumbs(inputs: AlignInputs, weights: list[float], beta: float, gamma: 
     about="each model's Fisher on its own batches (AlignInputs.data, or the shared ones), the expectation over the "
           "classes exact (the reference's default), floored at ε; λ_k: the merge weights; BatchNorm statistics "
           "averaged with them",
-    hyperparams=(HyperParam("examples", int, 4096, "at most this many images per model for its Fisher"),
+    hyperparams=(HyperParam("examples", int, 4096, "at most this many images per model for its Fisher (mergescope's "
+                            "choice; the reference takes a number of examples as a setting)"),
                  HyperParam("floor", float, 1e-6, "ε: F_k floored at it (the reference's fisher_floor)"))
 )
 def _fisher(inputs: AlignInputs, weights: list[float], examples: int, floor: float) -> nn.Module:
