@@ -48,6 +48,7 @@ _FRONT = "tests/test_front_door.py"
 _CLI = "tests/test_cli_vocabulary.py"
 _RUNS = "tests/test_run_folders.py"
 _DIST = "tests/test_distributed.py"
+_AGG = "tests/test_aggregation.py"
 MUTANTS: tuple[Mutant, ...] = (
     # -- weight matching, MergeMany, ZipIt! (Git Re-Basin Algorithms 1 and 3; Stoica et al. 2024)
     Mutant("wm_fixed_order_one_sweep", "align/weight_matching.py",
@@ -232,6 +233,45 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("topk_ranges_not_combined", "align/regressed_topk.py", "    if world()[1] == 1:\n        return a_top",
            "    if True:\n        return a_top", (f"{_DIST}::test_regression_fit_and_topk_equal_one_process",),
            "regressed top-k keeps each rank's own top images"),
+    # -- the survey's aggregation family and Git Re-Basin's STE (issue 13)
+    Mutant("ties_sign_by_count", "merge/task_vectors.py",
+           "gamma = {n: torch.sign(sum(t[n] for t in taus)) for n in taus[0]}",
+           "gamma = {n: torch.sign(sum(torch.sign(t[n]) for t in taus)) for n in taus[0]}",
+           (f"{_AGG}::test_ties_follows_its_three_steps",), "TIES elects the sign by count instead of by mass"),
+    Mutant("ties_trims_the_large", "merge/task_vectors.py",
+           "torch.where(t.abs() > threshold, t, torch.zeros_like(t))",
+           "torch.where(t.abs() < threshold, t, torch.zeros_like(t))",
+           (f"{_AGG}::test_ties_follows_its_three_steps",), "TIES keeps the smallest entries"),
+    Mutant("dare_no_rescale", "merge/task_vectors.py", "out[n] = t * keep.to(t.device) / (1.0 - p)",
+           "out[n] = t * keep.to(t.device)", (f"{_AGG}::test_dare_drops_with_rate_p_and_rescales_the_rest",),
+           "DARE drops without rescaling by 1/(1-p)"),
+    Mutant("breadcrumbs_one_tail", "merge/task_vectors.py",
+           "keep[order[int(beta * size): size - int((1 - gamma) * size)]] = True",
+           "keep[order[int(beta * size):]] = True", (f"{_AGG}::test_breadcrumbs_masks_both_tails_per_layer",),
+           "Breadcrumbs keeps the largest-magnitude tail"),
+    Mutant("regmean_no_offdiagonal_scaling", "merge/regmean.py",
+           "return alpha * gram + (1 - alpha) * torch.diag(torch.diagonal(gram))", "return gram",
+           (f"{_AGG}::test_regmean_of_two_linear_models_is_the_closed_form_solved_by_hand",),
+           "RegMean without its off-diagonal scaling α"),
+    Mutant("greedy_soup_unsorted", "merge/soups.py",
+           "order = sorted(range(len(states)), key=lambda k: -scores[k])", "order = list(range(len(states)))",
+           (f"{_AGG}::test_a_greedy_soup_never_scores_below_its_best_ingredient",),
+           "the greedy soup adds ingredients in the given order, not by held-out accuracy"),
+    Mutant("fisher_uniform_over_classes", "merge/fisher.py", "w = probs[:, y]",
+           "w = torch.full_like(probs[:, y], 1.0 / probs.shape[1])",
+           (f"{_AGG}::test_fisher_averaging_follows_the_paper",),
+           "the Fisher's expectation over classes ignores the model's probabilities"),
+    Mutant("swa_keeps_averaged_bn", "merge/methods.py",
+           "return recompute_batchnorm(_mean_of(inputs, None), inputs.all_data(), inputs.device)",
+           "return _mean_of(inputs, None)",
+           (f"{_AGG}::test_swa_is_the_mean_of_the_checkpoints_with_batchnorm_statistics_recomputed",),
+           "SWA keeps averaged BatchNorm statistics instead of recomputing them"),
+    Mutant("ste_keeps_last_not_best", "merge/ste.py", "if best is None or loss.item() < best[0]:", "if True:",
+           ("tests/test_ste.py::test_the_straight_through_estimator_follows_algorithm_2",),
+           "STE returns the last permutation, not the one of lowest loss"),
+    Mutant("ste_no_straight_through", "merge/ste.py", "+ (t - t.detach()))", "+ 0 * t)",
+           ("tests/test_ste.py::test_the_straight_through_estimator_follows_algorithm_2",),
+           "STE without the straight-through gradient"),
 )
 
 
