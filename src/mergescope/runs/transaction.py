@@ -153,6 +153,10 @@ def write_run(out: str | os.PathLike, *, overwrite: bool = False, adds: bool = F
             not set; holds files that are not a mergescope run; or a write failed (disk full: said so).
     """
     final = Path(out)
+    if final.name in ("", ".", ".."):  # "." or "..": the folder by its own name, so its siblings have one
+        final = Path(os.path.abspath(final))
+        if not final.name:
+            raise MergescopeError(f"--out {out}: the root folder cannot be a run folder")
     resume = sibling(final, "resume")
     dist = _group()
     if dist is not None and dist.get_rank() != 0:
