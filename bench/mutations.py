@@ -213,7 +213,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "an ImageFolder's fingerprint is path + size only: an image edited in place passes for the old one"),
     Mutant("probe_checkpoint_in_staging", "studies/probe.py", 'checkpoint_dir=staging.resume / "probe"',
            'checkpoint_dir=staging.path / "probe"',
-           ("tests/test_bad_input.py::test_a_truncated_pass_checkpoint_is_set_aside_and_the_probe_starts_over",),
+           ("tests/test_bad_input.py::test_a_truncated_pass_checkpoint_is_set_aside_and_the_probe_starts_over",
+            f"{_RUNS}::test_an_interrupted_probe_resumes_from_its_last_pass_checkpoint"),
            "the probe's pass checkpoints live in the staging folder, which a kill's cleanup removes: no resume"),
     # -- every data pass on torch.distributed (issue 12, item 4)
     Mutant("shards_overlap", "distributed.py", "mine = batches[first:stop]", "mine = batches[first:stop + 1]",

@@ -324,3 +324,44 @@ def test_an_image_edited_in_place_changes_the_dataset_fingerprint(tmp_path, in_m
     if in_memory:  # the pixels are seen even when the file's time is put back
         os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
         assert ImageFolderDataset(tmp_path, in_memory=True, workers=0).fingerprint != before
+
+
+def test_an_interrupted_probe_resumes_from_its_last_pass_checkpoint(ckpts, tmp_path, monkeypatch):
+    """The probe's pass checkpoints outlive the staging folder (``.OUT.resume``): the rerun continues after the
+    last checkpointed batch and ends with the uninterrupted run's results."""
+    import importlib
+
+    import mergescope.studies.probe as study
+
+    engine = importlib.import_module("mergescope.probe.probe")  # the module (the package re-exports its function)
+    from mergescope.probe.state import ProbeState
+
+    real_probe, real_write = engine.probe, engine.write
+
+    def often(*args, **kw):  # a checkpoint after every batch of 100 images
+        return real_probe(*args, **{**kw, "checkpoint_every": 1, "batch_size": 100})
+
+    monkeypatch.setattr(study, "probe", often)
+    argv = ["probe", *ckpts[:2], "--data", "digits", "--k", "3", "--subset-images", "50", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "want")]) == 0
+    writes = []
+
+    def interrupted(path, tensors, meta):
+        real_write(path, tensors, meta)
+        writes.append(path)
+        if len(writes) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "write", interrupted)
+    out = tmp_path / "run"
+    assert main([*argv, "--out", str(out)]) == 130
+    assert not out.exists() and (tmp_path / ".run.resume" / "probe" / "probe.partial.safetensors").is_file()
+    monkeypatch.setattr(engine, "write", real_write)
+    resumed = []
+    real_restore = ProbeState.restore
+    monkeypatch.setattr(ProbeState, "restore", lambda self, p, done, seen: (resumed.append(done),
+                                                                            real_restore(self, p, done, seen)))
+    assert main([*argv, "--out", str(out)]) == 0
+    assert resumed == [3]
+    assert stored_results(out) == stored_results(tmp_path / "want")
+    assert not (tmp_path / ".run.resume").exists()
