@@ -273,6 +273,11 @@ MUTANTS: tuple[Mutant, ...] = (
     Mutant("ste_no_straight_through", "merge/ste.py", "+ (t - t.detach()))", "+ 0 * t)",
            ("tests/test_ste.py::test_the_straight_through_estimator_follows_algorithm_2",),
            "STE without the straight-through gradient"),
+    Mutant("ranks_not_told_to_stop", "runs/transaction.py",
+           "    _agree(error)  # every rank stops here when rank 0 cannot write the folder",
+           "    if error:\n        raise MergescopeError(error)",
+           (f"{_DIST}::test_torchrun_sweep_equals_one_process",),
+           "under torchrun rank 0 refuses the folder alone: the other ranks wait in the pass (the test times out)"),
 )
 
 

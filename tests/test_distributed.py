@@ -267,3 +267,11 @@ def test_torchrun_sweep_equals_one_process(trained_digits, tmp_path):
                                                                        s["accuracy"])
         # RESET's float32 BatchNorm averages round differently when combined over ranks; the rest is bitwise
         assert math.isclose(float(r["loss"]), float(s["loss"]), rel_tol=1e-5), r
+
+    # a folder rank 0 may not write (a finished run, no --overwrite): every rank stops at once, none waits in a pass
+    before = (tmp_path / "two" / "interpolation.csv").read_bytes()
+    again = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
+                            "-m", "mergescope.cli", *args, "--out", str(tmp_path / "two")],
+                           env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and again.stderr.count("already holds a run") == WORLD, again.stderr[-3000:]
+    assert (tmp_path / "two" / "interpolation.csv").read_bytes() == before
