@@ -54,11 +54,13 @@ def demo(args: argparse.Namespace) -> None:
 
 def train_config(args: argparse.Namespace, **override):
     """One model's :class:`~mergescope.studies.train.TrainRunConfig` from the train options."""
-    from ..studies.train import TrainRunConfig
+    from ..studies.train import TrainRunConfig, parse_classes
 
+    classes = getattr(args, "classes", None)
     fields = dict(arch=args.arch, arch_kwargs=args.arch_kwargs, seed=args.seed, epochs=args.epochs,
                   batch_size=args.batch_size, lr=args.lr, label_smoothing=args.label_smoothing, augment=args.augment,
-                  amp=args.amp, eval=args.eval, part=args.part, major=args.major, split_seed=args.split_seed)
+                  amp=args.amp, eval=args.eval, part=args.part, major=args.major, split_seed=args.split_seed,
+                  init=getattr(args, "init", None), classes=None if classes is None else parse_classes(classes))
     return TrainRunConfig(**{**fields, **override})
 
 
@@ -93,7 +95,9 @@ def merge_config(args: argparse.Namespace):
     from ..studies import merge as study
 
     return study.MergeConfig(methods=args.methods or study.DEFAULT_METHODS, weights=args.weights,
-                             matching=args.matching, batch_size=args.batch_size, match_points=args.match_points)
+                             matching=args.matching, batch_size=args.batch_size, match_points=args.match_points,
+                             base=getattr(args, "base", None), sample_counts=getattr(args, "sample_counts", None),
+                             heldout_split=getattr(args, "heldout_split", None))
 
 
 def merge(args: argparse.Namespace) -> None:

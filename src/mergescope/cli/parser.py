@@ -106,18 +106,34 @@ def matching_options() -> argparse.ArgumentParser:
     return p
 
 
-def merging_options(default_methods: str, sweep: bool = False) -> argparse.ArgumentParser:
+def merging_options(default_methods: str, sweep: bool = False, combining: bool = False) -> argparse.ArgumentParser:
     """--methods, --stats-images: what merges, on how many statistics images (the names from the method registry,
-    :mod:`mergescope.merge.methods`, which loads without torch)."""
+    :mod:`mergescope.merge.methods`, which loads without torch; ``combining``: the methods with their own combine
+    step and the compositions too)."""
     from ..merge.methods import list_merge_methods, methods_help
 
     p = _parent()
     g = p.add_argument_group("merging")
     exclude = tuple(list_merge_methods(sweepable=False)) if sweep else ()
-    g.add_argument("--methods", nargs="+", metavar="METHOD", help=methods_help(default_methods, exclude=exclude) +
-                   "; `mergescope methods` describes each")
+    compositions = "; or alignment>aggregation, e.g. permuted>ties+reset" if combining else ""
+    g.add_argument("--methods", nargs="+", metavar="METHOD", help=methods_help(default_methods, exclude=exclude,
+                                                                              combining=combining) +
+                   compositions + "; `mergescope methods` describes each")
     g.add_argument("--stats-images", type=T.positive_int, metavar="N", help="use N fixed random images of --split "
                    "for matching, map and REPAIR statistics (default: all)")
+    return p
+
+
+def combine_options() -> argparse.ArgumentParser:
+    """--base, --sample-counts, --heldout-split: what the methods with their own combine step read (task vectors,
+    FedAvg, greedy soup)."""
+    p = _parent()
+    g = p.add_argument_group("combining")
+    g.add_argument("--base", metavar="CKPT", help="the shared base the models were fine-tuned from (task "
+                   "arithmetic, TIES, DARE, Breadcrumbs)")
+    g.add_argument("--sample-counts", nargs="+", type=T.positive_int, metavar="N", help="each model's number of "
+                   "training examples (FedAvg; default: what the checkpoints' sidecars record)")
+    g.add_argument("--heldout-split", metavar="SPLIT", help="the split a greedy soup is scored on")
     return p
 
 
@@ -158,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--major", type=T.unit_float, default=0.8,
                    help="stratified split: share of the first half of classes")
     p.add_argument("--split-seed", type=T.seed, default=0, help="seed of the stratified split")
+    p.add_argument("--init", metavar="CKPT", help="start from this checkpoint's weights instead of the seed's "
+                   "initialisation (a fine-tune of a shared base; its path and sha256 go into the sidecar)")
+    p.add_argument("--classes", metavar="LIST", help="train on the images of these classes only, e.g. 0-4 or "
+                   "0,2,5-7 (ZipIt!'s halves: 0-4 and 5-9)")
 
     checkpointed = [common, model_options()]
     p = _command(sub, "sweep", "align two checkpoints, merge along α with every method, evaluate, report",
@@ -171,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
                  "channel space) and evaluate each merge",
                  [*checkpointed, data_options(stats_split), eval_options(), run_options(), batch_options(500),
                   matching_options(), merging_options("naive permuted permuted+repair permuted+reset cca+repair "
-                                                      "ot+repair regression+repair")],
+                                                      "ot+repair regression+repair", combining=True),
+                  combine_options()],
                  C.merge, required=("checkpoints", "data", "out"))
     p.add_argument("checkpoints", nargs="*", metavar="CKPT", help="two or more checkpoints of one architecture; "
                    "the first is the reference")

@@ -13,6 +13,11 @@ Data passes, whatever the number of models and methods: one for matching (if ``p
 the joint feature statistics (if a map-based method is; at the observation points and, for OT fusion, also at the
 pre-activations), one for REPAIR and RESET of every merged model at once,
 and one per evaluation split for every model at once.
+
+The registry's other methods run too (:data:`mergescope.merge.recipes.COMBINED`, compositions
+``alignment>aggregation``): task vectors from ``--base``, FedAvg with ``--sample-counts`` (default: the examples
+each fine-tune's sidecar records), greedy soup scored on ``--heldout-split``, Fisher / RegMean / SWA / ``ste`` on
+the statistics images; the passes they make are counted as ``"method data"`` and ``"held-out"``.
 """
 from __future__ import annotations
 
@@ -32,8 +37,14 @@ from ..perm import PermSpec
 from ..report import render_report
 from ..report.many_pages import many_section
 from ..runs import RESULTS
-from .common import StudyInputs, dataset_record, prepare, stats_ids
-from .plan import MergePlan, execute_plan, merge_key
+from ..merge.soups import heldout_accuracy
+from .common import StudyInputs, check_same_architecture, dataset_record, prepare, stats_ids
+from .plan import MergePlan, execute_plan, merge_key, missing_input, plan_methods
+
+OPTION_OF = {"base": "--base CKPT (the shared base the models were fine-tuned from)",
+             "heldout": "--heldout-split SPLIT (the held-out images it is scored on)",
+             "sample_counts": "--sample-counts N [N ...] (each model's number of training examples; or sidecars "
+                              "that record them: mergescope train --classes/--init)"}
 
 DEFAULT_METHODS = ("naive", "permuted", "permuted+repair", "permuted+reset", "cca+repair", "ot+repair",
                    "regression+repair")
@@ -51,6 +62,9 @@ class MergeConfig:
     batch_size: int = 500
     stats_ids: Sequence[int] | None = None  # statistics images (None: all)
     match_points: str = "stage_end"  # where a residual stream is measured: "stage_end" (the reference) or "all"
+    base: str | None = None  # checkpoint of the shared base the models were fine-tuned from (task vectors)
+    sample_counts: Sequence[int] | None = None  # each model's training examples (FedAvg; None: the sidecars')
+    heldout_split: str | None = None  # the split a greedy soup is scored on
 
     def weighting(self, n: int) -> tuple[float, ...]:
         """The merge weights for ``n`` models (a one-line error unless n non-negative numbers summing to 1)."""
@@ -99,6 +113,8 @@ def run(
     spec: PermSpec | None = None,
     device: torch.device | str = "cpu",
     progress: bool = False,
+    base: nn.Module | None = None,
+    heldout: ImageDataset | None = None,
 ) -> ManyResult:
     """Merge ``models`` (all into the first one's space) with every method and evaluate them.
 
@@ -108,6 +124,8 @@ def run(
         evals: split name -> dataset to evaluate on.
         config: methods (``zipit`` needs exactly two models; ``+reset`` is skipped for models without
             BatchNorm), weights, statistics settings.
+        base: the shared base of fine-tuned models (methods that need one: task vectors).
+        heldout: the held-out images a greedy soup is scored on.
 
     Example:
         >>> res = run([m0, m1, m2, m3, m4], train, {"test": test}, MergeConfig(["permuted+repair", "cca+repair"]))
@@ -116,8 +134,10 @@ def run(
     cfg = config or MergeConfig()
     n = len(models)
     weights = cfg.weighting(n)
+    score = None if heldout is None else heldout_accuracy(heldout, cfg.batch_size, device)
     plan = MergePlan(cfg.methods, [weights], matching=cfg.matching, batch_size=cfg.batch_size,
-                     stats_ids=cfg.stats_ids, match_points=cfg.match_points)
+                     stats_ids=cfg.stats_ids, match_points=cfg.match_points, base=base, heldout=score,
+                     sample_counts=cfg.sample_counts)
     res = execute_plan(plan, models, train, evals, spec=spec, device=device, progress=progress)
     rows, endpoints, summary = [], [], {}
     for split, scores in res.scores.items():
@@ -139,15 +159,28 @@ def run_folder(inputs: StudyInputs, config: MergeConfig | None = None, options: 
     from ..align.store import ALIGNMENT_FILE, save_alignments
     from ..runs import write_manifest, write_run
 
+    from ..data import open_dataset
+    from ..train import load_checkpoint
+
     cfg = config or MergeConfig()
     cfg.weighting(len(inputs.checkpoints))  # checked before anything is loaded or written
+    check_inputs(cfg, len(inputs.checkpoints), counts_known=True)
     loaded, train, evals = prepare(inputs)
+    if cfg.sample_counts is None and all("examples" in m for m in loaded.metas):
+        cfg.sample_counts = [m["examples"] for m in loaded.metas]
+    check_inputs(cfg, len(loaded.models), counts_known=False)
+    base = None if cfg.base is None else load_checkpoint(cfg.base, device=inputs.device, arch=inputs.arch,
+                                                         arch_kwargs=dict(inputs.arch_kwargs) or None)[0]
+    if base is not None:
+        check_same_architecture(loaded.models[0], base)
+    heldout = None if cfg.heldout_split is None else open_dataset(inputs.data, split=cfg.heldout_split)
     with write_run(inputs.out, overwrite=inputs.overwrite) as staging:
         run_dir = staging.path
         if cfg.stats_ids is None:
             cfg.stats_ids = stats_ids(len(train), inputs.stats_images)
         start = time.perf_counter()
-        result = run(loaded.models, train, evals, cfg, device=inputs.device, progress=inputs.progress)
+        result = run(loaded.models, train, evals, cfg, device=inputs.device, progress=inputs.progress, base=base,
+                     heldout=heldout)
         summary = {"models": [str(c) for c in inputs.checkpoints], "dataset": inputs.data, "data passes": result.passes,
                    "runtime": f"{time.perf_counter() - start:.1f} s on {inputs.device}"}
         files = save(run_dir, result, f"mergescope merge: {len(loaded.models)} models", summary)
@@ -158,6 +191,19 @@ def run_folder(inputs: StudyInputs, config: MergeConfig | None = None, options: 
         write_manifest(run_dir, {"merge": asdict(cfg), **inputs.record(), "options": dict(options or {})}, files,
                        models=loaded.record(), timings=result.timings, dataset=dataset_record(train))
     return result
+
+
+def check_inputs(cfg: MergeConfig, n: int, counts_known: bool) -> None:
+    """A one-line error naming the option a selected method lacks (``counts_known``: sample counts may still come
+    from the sidecars, so they are not asked for yet); ``--sample-counts`` must be n positive counts."""
+    counts = cfg.sample_counts if cfg.sample_counts is not None or not counts_known else [1] * n
+    missing = missing_input(plan_methods(cfg.methods), {"base": cfg.base, "heldout": cfg.heldout_split,
+                                                        "sample_counts": counts})
+    if missing:
+        raise MergescopeError(f"--methods {missing[0]} needs {OPTION_OF[missing[1]]}")
+    if cfg.sample_counts is not None and (len(cfg.sample_counts) != n or min(cfg.sample_counts) < 1):
+        raise MergescopeError(f"--sample-counts must be {n} positive counts (one per checkpoint), got "
+                              f"{list(cfg.sample_counts)}")
 
 
 def write_section(run_dir: Path, result: ManyResult) -> tuple[dict, list[Path]]:
