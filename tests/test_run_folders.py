@@ -221,8 +221,12 @@ def test_a_full_disk_is_one_line_and_leaves_the_old_run(ckpts, tmp_path, monkeyp
             subprocess.run(["umount", str(disk)], capture_output=True)
 
 
-@pytest.mark.parametrize("damage", ["edited", "truncated results.json", "truncated manifest.json"])
-@pytest.mark.parametrize("reader", ["compare", "regress", "report"])
+DAMAGES = [(reader, damage) for reader in ("compare", "regress", "report")
+           for damage in ("edited", "truncated results.json", "truncated manifest.json", "unlisted garbage")
+           if not (reader == "regress" and damage == "unlisted garbage")]  # regress does not read the probe
+
+
+@pytest.mark.parametrize("reader, damage", DAMAGES)
 def test_a_run_folder_damaged_after_its_run_is_named_by_the_command_that_reads_it(
         probed, tmp_path, capsys, damage, reader):
     out = tmp_path / "run"
@@ -233,6 +237,12 @@ def test_a_run_folder_damaged_after_its_run_is_named_by_the_command_that_reads_i
         data[-3] ^= 1
         path.write_bytes(bytes(data))
         words = ["probe.safetensors", "changed after the run"]
+    elif damage == "unlisted garbage":  # a garbage probe header the manifest does not vouch for (older runs)
+        manifest = json.loads((out / "manifest.json").read_text())
+        del manifest["sha256"]["probe/probe.safetensors"]
+        (out / "manifest.json").write_text(json.dumps(manifest))
+        (out / "probe" / "probe.safetensors").write_bytes(b"\x10" + bytes(7) + b"{garbage header}")
+        words = [str(out / "probe" / "probe.safetensors"), "not a readable safetensors file"]
     else:
         path = out / damage.split()[1]
         path.write_bytes(path.read_bytes()[:50])
@@ -243,7 +253,7 @@ def test_a_run_folder_damaged_after_its_run_is_named_by_the_command_that_reads_i
             "report": ["report", str(out)]}[reader]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err, err
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err and ".staging" not in err, err
     for w in words:
         assert w in err, err
     assert every_byte(out) == before

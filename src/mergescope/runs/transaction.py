@@ -191,6 +191,9 @@ def write_run(out: str | os.PathLike, *, overwrite: bool = False, adds: bool = F
         if e.errno in DISK_FULL or _inside(e.filename, staging):
             raise MergescopeError(describe_os_error(e, staging, final)) from None
         raise
+    except MergescopeError as e:  # a file of the run is named where the user knows it, not in the staging folder
+        e.args = tuple(str(a).replace(str(staging), str(final)) for a in e.args)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         lock.__exit__()
