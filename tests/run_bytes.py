@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TIMING_KEYS = {"timings", "runtime", "seconds", "train_seconds", "finished", "created"}
+TIMING_KEYS = {"timings", "runtime", "seconds", "train_seconds", "finished", "created", "time_by_stage"}
 
 
 def strip_timings(obj):

@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlsplit
 import pytest
 
 from mergescope.cli import main
+from mergescope.report.feature_data import DATA_ID, decode, read_page_data
 
 REQUIRED = os.environ.get("MERGESCOPE_REQUIRE_BROWSER") == "1"
 INSTALL = "apt-get install -y chromium chromium-driver; pip install 'selenium>=4.10' (.ci/run does both)"
@@ -152,8 +153,24 @@ def _ids(path: Path, cache: dict[Path, set[str]]) -> set[str]:
     return cache[path]
 
 
-def test_every_local_link_resolves_inside_the_run_folder(run_dir, visits):
+# A feature page draws its channels from its data: whether #c<j> exists is asked of the page after the hash moved.
+_HAS_ID = """
+const [id, done] = [arguments[0], arguments[arguments.length - 1]];
+if (location.hash === "#" + id) { done(!!document.getElementById(id)); return; }
+window.addEventListener("hashchange", () => done(!!document.getElementById(id)), {once: true});
+location.hash = id;
+"""
+
+
+def _drawn_ids(driver, page: Path, fragments: set[str]) -> set[str]:
+    """The fragments that name an element of ``page`` once its script has shown them."""
+    driver.get(page.as_uri())
+    return {f for f in sorted(fragments) if driver.execute_async_script(_HAS_ID, f)}
+
+
+def test_every_local_link_resolves_inside_the_run_folder(run_dir, visits, driver):
     root, cache, dead, checked = run_dir.resolve(), {}, [], 0
+    drawn: dict[Path, dict[str, list[str]]] = {}  # feature page -> fragment -> links to it
     for page, v in visits.items():
         for href in v["links"]:
             url = urlsplit(href)
@@ -167,7 +184,14 @@ def test_every_local_link_resolves_inside_the_run_folder(run_dir, visits):
             elif root not in target.parents:
                 dead.append(f"{where}: outside the run folder (the folder would not open elsewhere)")
             elif url.fragment and target.suffix == ".html" and unquote(url.fragment) not in _ids(target, cache):
-                dead.append(f"{where}: no element with id {url.fragment!r}")
+                if DATA_ID in _ids(target, cache):
+                    drawn.setdefault(target, {}).setdefault(unquote(url.fragment), []).append(where)
+                else:
+                    dead.append(f"{where}: no element with id {url.fragment!r}")
+    assert drawn, "no link into a feature page's channels was checked"
+    for target, fragments in drawn.items():
+        found = _drawn_ids(driver, target, set(fragments))
+        dead += [f"{w}: no channel {f!r} drawn" for f, where in fragments.items() if f not in found for w in where]
     assert checked >= 10, f"only {checked} local links seen"
     assert not dead, "dead links:\n" + "\n".join(dead)
 
@@ -182,6 +206,49 @@ def test_a_screenshot_of_the_report_is_written(run_dir, driver, tmp_path):
     with Image.open(path) as im:
         assert im.width >= 800 and im.height >= 600
         assert len(im.convert("RGB").getcolors(maxcolors=1 << 20) or range(2)) > 1, "a blank screenshot"
+
+
+_SECTIONS = """return Array.from(document.querySelectorAll("section.ch"),
+                         s => [s.id, s.querySelectorAll(".frow").length, s.querySelectorAll(".t").length]);"""
+
+
+@pytest.fixture(scope="module")
+def wide_pages(tmp_path_factory) -> list[Path]:
+    """Feature pages of 150 channels, 64 a page: all of them, and 70 of them in a chosen order with missing tiles."""
+    import numpy as np
+
+    from mergescope.data import load_digits
+    from mergescope.report.features import FeatureView, render_feature_pages
+
+    data, rng = load_digits("train"), np.random.default_rng(0)
+    rows = {f"model {m}": rng.integers(0, len(data), (150, 10)) for m in range(3)}
+    values = {label: -np.sort(-rng.random((150, 10)), axis=1) for label in rows}
+    rows["model 2"][::7, 6:] = -1
+    out = tmp_path_factory.mktemp("wide")
+    views = [FeatureView("wide", "150 channels", "layer", rows, values, {"corr": rng.random(150)}),
+             FeatureView("some", "70 channels", "layer", rows, values, {}, order=rng.permutation(150)[:70].tolist())]
+    render_feature_pages(out, data, views, per_page=64)
+    return sorted((out / "features").glob("*.html"))
+
+
+def test_every_feature_page_draws_every_channel_with_its_tiles(run_dir, driver, wide_pages):
+    """Page by page (the pager's #c links), each channel of a feature page's data is drawn once, in order, with one
+    row per model and one tile per stored image."""
+    pages = [p for p in _pages(run_dir) if p.parent.name == "features" and DATA_ID in _ids(p, {})]
+    assert any(p.name.startswith("pair_") for p in pages) and any(p.name.startswith("many_") for p in pages)
+    for page in [*pages, *wide_pages]:
+        record = read_page_data(page)
+        ids, _ = decode(record)
+        per, order = record["per_page"], record["order"]
+        seen = []
+        for start in range(0, len(order), per):
+            driver.get(f"{page.as_uri()}#c{order[start]}")
+            seen += driver.execute_script(_SECTIONS)
+        want = [[f"c{c}", len(ids), sum(int((rows[i] >= 0).sum()) for rows in ids.values())]
+                for i, c in enumerate(order)]
+        assert seen == want, f"{page.name}: drawn {len(seen)} channels {seen[-2:]}, stored {len(want)} {want[-2:]}"
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, f"{page.name}: {errors}"
 
 
 # ---------------------------------------------------------------- sorting the channel tables

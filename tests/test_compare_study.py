@@ -18,6 +18,7 @@ from mergescope.compare import (
     read_compare_csv,
     write_compare_csv,
 )
+from mergescope.report.feature_data import read_page_data
 from mergescope.studies.compare import CompareConfig, make_embedder
 from mergescope.studies.compare import run as channel_comparison
 from mergescope.data import iter_batches, load_digits, stratified_subset, subset_per_class
@@ -126,8 +127,8 @@ def test_comparison_pages_show_the_metrics_and_link_every_channel(permuted_study
     table = (run / "features" / "table_features.5.html").read_text()
     assert 'href="pair_features.5.html#c15"' in table and 'href="many_features.5.html#c0"' in table
     assert "fallback-δ B" in table and "CLIP-δ" not in table.split("<table")[1]  # never called CLIP
-    pair_page = (run / "features" / "pair_features.5.html").read_text()
-    assert 'id="c3"' in pair_page and "τ B 1" in pair_page and "overlap B 1" in pair_page
+    shown = read_page_data(run / "features" / "pair_features.5.html")
+    assert 3 in shown["order"] and 1.0 in shown["info"]["τ B"] and 1.0 in shown["info"]["overlap B"]
     assert "fallback-δ C" in (run / "features" / "many_features.2.html").read_text()
     for layer in CHANNELS:
         assert (run / "figures" / f"compare_{layer}.png").stat().st_size > 1000

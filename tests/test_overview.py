@@ -20,6 +20,7 @@ import pytest
 
 from mergescope.cli import main
 from mergescope.errors import MergescopeError
+from mergescope.report.feature_data import decode, page_tiles, read_page_data
 from mergescope.report.overview import render_overview
 
 A_NAME = "A<script>alert(1)<script>.safetensors"  # a user-supplied string the pages must escape
@@ -285,14 +286,12 @@ def test_every_link_and_image_of_every_page_resolves(study):
         assert f"layers/{layer}.html" in overview.hrefs and f"features/features/table_{layer}.html" in overview.hrefs
 
 
-def _feature_tiles(html: str, channel: int) -> dict[str, list[tuple[str, int, int]]]:
-    """Row label -> (sheet, x, y) of every tile of one channel on a feature page (inline styles)."""
-    section = html[html.index(f'id="c{channel}"'):]
-    section = section[:section.find("</section>")]
-    out = {}
-    for label, cells in re.findall(r'<span class="lbl">(.*?)</span>(.*?)</div>', section, flags=re.S):
-        out[label] = [(s, int(x), int(y)) for s, x, y in re.findall(r"url\((\S+?)\) -(\d+)px -(\d+)px", cells)]
-    return out
+def _feature_tiles(page: Path, channel: int) -> dict[str, list[tuple[str, int, int]]]:
+    """Row label -> (sheet, x, y) of every tile of one channel on a feature page (drawn from the page's data)."""
+    record = read_page_data(page)
+    ids, _ = decode(record)
+    where, at = page_tiles(record), record["order"].index(channel)
+    return {label: [(where[i].sheet, where[i].x, where[i].y) for i in rows[at] if i >= 0] for label, rows in ids.items()}
 
 
 def test_channel_page_shows_every_model_metric_and_regression(study):
@@ -306,8 +305,8 @@ def test_channel_page_shows_every_model_metric_and_regression(study):
                     re.findall(r'class="t s(\d+)"[^>]*background-position: -(\d+)px -(\d+)px', cells)]
             for label, cells in re.findall(r'<span class="lbl">(.*?)</span>(.*?)</div>', images, flags=re.S)}
     features = parts["features"] / "features"
-    pair = _feature_tiles((features / f"pair_{layer}.html").read_text(encoding="utf-8"), channel)
-    many = _feature_tiles((features / f"many_{layer}.html").read_text(encoding="utf-8"), channel)
+    pair = _feature_tiles(features / f"pair_{layer}.html", channel)
+    many = _feature_tiles(features / f"many_{layer}.html", channel)
     # every row of the pairwise page, then the many-model page's other models: the tiles its feature page shows
     expected = {**pair, **{label: t for label, t in many.items() if label not in pair and label != "A (reference)"}}
     assert list(rows) == list(expected)

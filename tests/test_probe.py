@@ -148,7 +148,8 @@ def test_probe_equals_brute_force_on_the_same_batches(digits):
         assert torch.equal(p.topk_values, want_values), name
         torch.testing.assert_close(p.mean, acts.double().mean(0), rtol=0, atol=1e-6)
         torch.testing.assert_close(p.std, acts.double().std(0, unbiased=False), rtol=0, atol=1e-6)
-        assert torch.equal(p.subset, acts[[1400, 3, 77, 0]])
+        assert p.subset.dtype == torch.float32  # float16 values (the D' kept), handed out as float32
+        assert torch.equal(p.subset, acts[[1400, 3, 77, 0]].half().float())
 
 
 def test_permuted_model_has_permuted_topk(digits):

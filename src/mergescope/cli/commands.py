@@ -5,12 +5,25 @@ Each function imports its study when called, so building the parser stays free o
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import sys
 from pathlib import Path
 
 from .._argtypes import resolve_device
 from ..errors import MergescopeError
+
+
+def _timed(command):
+    """``command``, then one line of where its time went (:mod:`mergescope.timing`; its manifest records the same)."""
+    @functools.wraps(command)
+    def timed_command(args: argparse.Namespace) -> None:
+        from ..timing import timed
+
+        with timed() as times:
+            command(args)
+        print(times.line())
+    return timed_command
 
 
 def _inputs(args: argparse.Namespace, stats_images: bool = True):
@@ -40,6 +53,7 @@ def _print_outcome(results: dict, run_dir: Path) -> None:
     print(f"report: {run_dir / 'report.html'}")
 
 
+@_timed
 def demo(args: argparse.Namespace) -> None:
     from ..studies import demo as study
     from ..studies.study import answers
@@ -64,6 +78,7 @@ def train_config(args: argparse.Namespace, **override):
     return TrainRunConfig(**{**fields, **override})
 
 
+@_timed
 def train(args: argparse.Namespace) -> None:
     from ..studies import train as study
 
@@ -83,6 +98,7 @@ def sweep_config(args: argparse.Namespace):
                              matching=args.matching, batch_size=args.batch_size, match_points=args.match_points)
 
 
+@_timed
 def sweep(args: argparse.Namespace) -> None:
     from ..studies import sweep as study
 
@@ -100,6 +116,7 @@ def merge_config(args: argparse.Namespace):
                              heldout_split=getattr(args, "heldout_split", None))
 
 
+@_timed
 def merge(args: argparse.Namespace) -> None:
     from ..studies import merge as study
 
@@ -121,6 +138,7 @@ def probe_config(args: argparse.Namespace):
                              matching=args.matching, layers=layers)
 
 
+@_timed
 def probe(args: argparse.Namespace) -> None:
     from ..studies import probe as study
 
@@ -142,6 +160,7 @@ def compare_config(args: argparse.Namespace):
                                eval_split=args.eval_splits[0], seeds=tuple(args.seeds), batch_size=args.batch_size)
 
 
+@_timed
 def compare(args: argparse.Namespace) -> None:
     from ..studies import compare as study
 
@@ -171,6 +190,7 @@ def regress_config(args: argparse.Namespace):
                                k=args.k, batch_size=args.batch_size)
 
 
+@_timed
 def regress(args: argparse.Namespace) -> None:
     from ..studies import regress as study
 
@@ -190,6 +210,7 @@ def regress(args: argparse.Namespace) -> None:
     print(f"report: {run_dir / 'report.html'}")
 
 
+@_timed
 def report(args: argparse.Namespace) -> None:
     from ..report import render_report
     from ..runs import load_run, refresh_hashes, verify_inputs, write_run
@@ -243,6 +264,7 @@ def layers(args: argparse.Namespace) -> None:
     print(spec.describe())
 
 
+@_timed
 def study(args: argparse.Namespace) -> None:
     from ..studies import study as engine
     from .parser import build_parser

@@ -8,7 +8,9 @@ import torch
 from torch import nn
 
 from .._progress import track
+from ..timing import stage
 
+_END = object()  # the end of the batches
 Consumer = Callable[[Any, torch.Tensor, dict[str, Any]], None]  # (batch, x on device, {model: output})
 
 
@@ -24,14 +26,27 @@ def run_pass(
     """Feed each batch (anything with ``.x``) to every model and hand all outputs to ``consume``.
 
     Models run under ``torch.inference_mode`` in whatever train/eval mode they are in (RESET relies on that).
+    The time goes to the stages ``decode`` (waiting for the batch), ``transfer``, ``forward`` and ``statistics``
+    (``consume``) of :mod:`mergescope.timing`.
 
     Returns:
         The number of batches seen.
     """
     seen = 0
+    device = torch.device(device)
+    sync = device if device.type == "cuda" else None
+    items = iter(track(batches, total=total, desc=desc, enabled=progress))
     with torch.inference_mode():
-        for batch in track(batches, total=total, desc=desc, enabled=progress):
-            x = batch.x.to(device, non_blocking=True)
-            consume(batch, x, {name: model(x) for name, model in models.items()})
+        while True:
+            with stage("decode"):
+                batch = next(items, _END)
+            if batch is _END:
+                break
+            with stage("transfer", sync):
+                x = batch.x.to(device, non_blocking=True)
+            with stage("forward", sync):
+                outputs = {name: model(x) for name, model in models.items()}
+            with stage("statistics", sync):
+                consume(batch, x, outputs)
             seen += 1
     return seen

@@ -26,7 +26,8 @@ class LayerProbe:
     topk_values: torch.Tensor  # float32 [C, k']: each channel's largest activations, descending
     topk_ids: torch.Tensor  # int64 [C, k']: their image ids (equal activations: smaller id first)
     moments: Moments  # per-channel count, mean and m2 (float64 [C]) of the activation over all images
-    subset: torch.Tensor | None = None  # float32 [|D'|, C]: activations on the subset, rows in subset_ids order
+    subset: torch.Tensor | None = None  # float32 [|D'|, C]: activations on the subset (16-bit values,
+    #                                     probe.state.compact_subset), rows in subset_ids order
 
     @property
     def channels(self) -> int:

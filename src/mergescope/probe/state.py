@@ -3,17 +3,32 @@
 Each batch arrives as one activation per (image, channel) for every layer of every model (see
 :mod:`mergescope.probe.reduce`) and is fed to every accumulator at once. Memory is
 O(models · channels · (k + |D'|)), never O(dataset).
+
+The D' activations are accumulated in float32 and kept in the results in 16 bits (:func:`compact_subset`); top-k
+values stay float32 and the moments float64.
 """
 from __future__ import annotations
 
 import torch
 
 from ..errors import NumericsError
+from ..timing import stage
 from .result import LayerProbe
 from .stats import Moments
 from .topk import StreamingTopK
 
 LayerShapes = dict[str, dict[str, tuple[int, int]]]  # model -> layer -> (channels, channel_dim)
+SUBSET_DTYPE = torch.float16  # D' as kept: bench/subset_precision.py measured its effect on Kendall's τ against
+#                               float32 and bfloat16 (bench/RESULTS.md, 2026-12-02)
+_FLOAT16_MAX = torch.finfo(torch.float16).max
+
+
+def compact_subset(x: torch.Tensor) -> torch.Tensor:
+    """One layer's D' activations [|D'|, C] as kept: float16 (relative rounding error at most 2^-11; two values
+    less than one float16 step, ~0.1%, apart may become a tie for Kendall's τ), or bfloat16 when a value is beyond float16's range (65,504)."""
+    big = x.numel() > 0 and float(x.abs().max()) > _FLOAT16_MAX
+    return x.to(torch.bfloat16 if big else SUBSET_DTYPE)
+
 
 
 class SubsetIndex:
@@ -39,6 +54,7 @@ class ProbeState:
     def __init__(self, shapes: LayerShapes, k: int, subset_ids: torch.Tensor | None,
                  device: torch.device | str = "cpu"):
         self.shapes, self.k, self.device = shapes, k, torch.device(device)
+        self.sync = self.device if self.device.type == "cuda" else None  # what the top-k stage waits for
         self.keys = [(m, layer) for m, layers in shapes.items() for layer in layers]
         self.topk = {(m, layer): StreamingTopK(shapes[m][layer][0], k, self.device, f"model '{m}', layer '{layer}'")
                      for m, layer in self.keys}
@@ -65,7 +81,8 @@ class ProbeState:
             pos, rows = self.index.locate(ids)
             pos, rows = pos.to(self.device), rows.to(self.device)
         for key, r in reduced.items():
-            self.topk[key].update(r, ids, check=False)
+            with stage("top-k", self.sync):
+                self.topk[key].update(r, ids, check=False)
             self.moments[key].update(r)
             if pos is not None and pos.numel():
                 self.subset[key][rows] = r[pos]
@@ -80,7 +97,7 @@ class ProbeState:
             moments = Moments()
             if mom.mean is not None:
                 moments.n, moments.mean, moments.m2 = mom.n, mom.mean.cpu(), mom.m2.cpu()
-            subset = self.subset[m, layer].cpu() if self.subset else None
+            subset = compact_subset(self.subset[m, layer]).cpu().float() if self.subset else None  # 16-bit values
             out[m][layer] = LayerProbe(topk.values.cpu(), topk.ids.cpu(), moments, subset)
         return out
 

@@ -14,8 +14,10 @@ Format ``mergescope.probe/1`` — a run directory holds:
     ``mean``        float64 [C]                mean activation over all images seen
     ``m2``          float64 [C]                sum of squared deviations from the mean (mergeable)
     ``std``         float64 [C]                population std, ``sqrt(m2 / num_images)``
-    ``subset``      float32 [|D'|, C]          activations on the subset D' (only when one was given),
-                                               rows in the order of the ``subset_ids`` tensor
+    ``subset``      float16 [|D'|, C]          activations on the subset D' (only when one was given),
+                                               rows in the order of the ``subset_ids`` tensor; bfloat16
+                                               for a layer beyond float16's range, float32 in files
+                                               written before 2026-12 (all read back as float32)
     ==============  =========================  =========================================================
 
     plus ``subset_ids`` int64 [|D'|] when a subset was given. A channel's activation for an image is the
@@ -61,7 +63,9 @@ from torch import nn
 from ..runs.atomic import atomic_save_tensors, atomic_write_text
 from ..runs.jsonio import package_version
 from ..errors import MergescopeError
+from ..timing import stage
 from .result import LayerProbe, ProbeResult
+from .state import compact_subset
 from .stats import Moments
 
 FORMAT = "mergescope.probe/1"
@@ -108,7 +112,7 @@ def probe_tensors(probes: dict[str, dict[str, LayerProbe]], subset_ids: torch.Te
                 out[_key(m, layer, "m2")] = p.moments.m2
                 out[_key(m, layer, "std")] = p.moments.std
             if p.subset is not None:
-                out[_key(m, layer, "subset")] = p.subset
+                out[_key(m, layer, "subset")] = compact_subset(p.subset)
     if subset_ids is not None:
         out["subset_ids"] = subset_ids
     return {k: v.detach().cpu().contiguous() for k, v in out.items()}
@@ -117,8 +121,9 @@ def probe_tensors(probes: dict[str, dict[str, LayerProbe]], subset_ids: torch.Te
 def write(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Atomically write ``tensors`` with ``meta`` in the header, then the JSON sidecar."""
     text = json.dumps(meta, sort_keys=False)
-    atomic_save_tensors(path, tensors, {META_KEY: text})
-    atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
+    with stage("writing"):
+        atomic_save_tensors(path, tensors, {META_KEY: text})
+        atomic_write_text(path.with_suffix(".json"), json.dumps(meta, indent=1) + "\n")
     return path
 
 
@@ -159,7 +164,8 @@ def read_probes(path: Path, meta: dict[str, Any]) -> tuple[dict[str, dict[str, L
                 mean = get(_key(m, layer, "mean"))
                 if mean is not None:
                     moments.n, moments.mean, moments.m2 = meta["num_images"], mean, get(_key(m, layer, "m2"))
-                probes[m][layer] = LayerProbe(values, ids, moments, get(_key(m, layer, "subset")))
+                subset = get(_key(m, layer, "subset"))
+                probes[m][layer] = LayerProbe(values, ids, moments, None if subset is None else subset.float())
         return probes, get("subset_ids")
 
 

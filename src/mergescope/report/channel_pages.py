@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..runs.atomic import atomic_write_text
+from ..timing import staged
 from .channel_images import ChannelImages, ImageRow
 from .compare_pages import _safe, delta_label, model_label
 from .features import TILE
@@ -124,6 +125,7 @@ class TileSheets:
         return [{"n": n, "url": url} for url, n in self.urls.items()]
 
 
+@staged("rendering")
 def render_channel_pages(study_dir: str | os.PathLike, features_dir: str | os.PathLike,
                          channels: Iterable[tuple[str, int]] | None = None, *, images: ChannelImages | None = None,
                          tables: ChannelTables | None = None, layer_href: Mapping[str, str] | None = None,

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from mergescope.runs.atomic import atomic_write_text
+from mergescope.timing import staged
 from mergescope.report.compare_figures import plot_metric_histograms, plot_partial_merge
 from mergescope.report.features import channel_href
 from mergescope.report.html import FIGURES_DIR, _environment
@@ -87,6 +88,7 @@ def annotate_recipes(recipes: Sequence[Mapping], result) -> list[dict]:
     return out
 
 
+@staged("rendering")
 def render_channel_tables(run_dir: str | os.PathLike, result, views: Sequence[str] = ("pair", "many")) -> list[dict]:
     """Write ``features/table_<layer>.html``: every channel of a layer with every metric, sortable by any
     column, each channel linked to its feature views (``<view>_<layer>.html#c<channel>``).
@@ -177,6 +179,7 @@ def _usable(row: Mapping, metric: str) -> bool:
     return bool(row[flag]) if flag else True
 
 
+@staged("rendering")
 def render_histograms(run_dir: str | os.PathLike, result) -> list[dict]:
     """``figures/compare_<layer>.png`` per layer: histograms of every metric, one line per pair.
 
@@ -204,6 +207,7 @@ def render_histograms(run_dir: str | os.PathLike, result) -> list[dict]:
     return out
 
 
+@staged("rendering")
 def render_partial_merge(run_dir: str | os.PathLike, rows: Sequence[Mapping], result, title: str = "") -> dict:
     """``figures/partial_merge.png`` and a summary table of the curves (accuracy at each fraction)."""
     run_dir = Path(run_dir)

@@ -2,7 +2,8 @@
 
 A :class:`FeatureView` is data — per row (a model: A, B before permutation, B aligned, the merged model…) the
 top-k image ids of every channel of one layer, with channel ``c`` of every row meant to be the same unit —
-and :func:`render_feature_pages` turns it into paginated HTML pages whose image tiles live in sprite sheets.
+and :func:`render_feature_pages` turns it into one page per view whose script draws the channels from compact data
+(:mod:`mergescope.report.feature_data`), the image tiles living in sprite sheets.
 :func:`view_record` stores a view as JSON (only the channels it shows) for re-rendering without a model.
 """
 from __future__ import annotations
@@ -13,9 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from markupsafe import Markup
+
 from ..runs.atomic import atomic_write_text
+from ..timing import staged
+from .feature_data import DATA_ID, encode_view, script_json
 from .html import _environment
-from .sprites import write_sprites
+from .sprites import PER_SHEET, TileCache, write_sprites
 
 
 TILE = 56  # px of one image tile on the feature pages (and in their sprite sheets)
@@ -36,59 +41,47 @@ class FeatureView:
     order: Sequence[int] | None = None  # channel display order (default 0..C-1)
 
 
-def _page_name(view: FeatureView, page: int) -> str:
+def _page_name(view: FeatureView) -> str:
     safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in view.layer)
-    return f"{view.slug}_{safe}" + (f"_p{page + 1}" if page else "") + ".html"
+    return f"{view.slug}_{safe}.html"
 
 
-def channel_href(slug: str, layer: str, channel: int, per_page: int = 64) -> str:
-    """Link (relative to ``features/``) to channel ``channel`` of a view's page, in default channel order."""
-    view = FeatureView(slug, "", layer, {})
-    return f"{_page_name(view, channel // per_page)}#c{channel}"
+def channel_href(slug: str, layer: str, channel: int) -> str:
+    """Link (relative to ``features/``) to channel ``channel`` of a view's page (its script shows that channel)."""
+    return f"{_page_name(FeatureView(slug, '', layer, {}))}#c{channel}"
 
 
+@staged("rendering")
 def render_feature_pages(run_dir: str | Path, dataset, views: Sequence[FeatureView], tile: int = TILE,
                          per_page: int = 64) -> list[dict]:
-    """Write ``run_dir/features/*.html`` (+ sprite sheets) for every view.
+    """Write ``run_dir/features/<slug>_<layer>.html`` (+ sprite sheets) for every view.
+
+    One page per view: the view's top-k images as compact data (:mod:`mergescope.report.feature_data`) that the
+    page's script draws ``per_page`` channels at a time, so a page's size grows by a few bytes per image shown,
+    not by its markup. Every image is decoded and resized once for all views (:class:`TileCache`).
 
     Returns:
         One index entry per view: {"slug", "title", "layer", "channels", "href"} (href relative to run_dir).
     """
     run_dir = Path(run_dir)
     out = run_dir / "features"
-    env = _environment()
-    template = env.get_template("features.html")
+    template = _environment().get_template("features.html")
+    tiles_of = TileCache(dataset, tile)
     index = []
     for view in views:
-        labels = list(view.rows)
-        channels = int(next(iter(view.rows.values())).shape[0])
+        name = _page_name(view)
         all_ids = np.concatenate([np.asarray(ids).ravel() for ids in view.rows.values()])
-        tiles = write_sprites(dataset, all_ids[all_ids >= 0], out / "sprites",
-                              _page_name(view, 0)[:-5], size=tile)
-        order = list(view.order) if view.order is not None else list(range(channels))
-        pages = [order[i:i + per_page] for i in range(0, len(order), per_page)]
-        for p, chans in enumerate(pages):
-            blocks = []
-            for c in chans:
-                rows = []
-                for label in labels:
-                    ids = np.asarray(view.rows[label][c])
-                    vals = np.asarray(view.values[label][c]) if label in view.values else None
-                    cells = [{"tile": tiles[int(i)], "id": int(i),
-                              "value": None if vals is None else float(vals[j]),
-                              "label": dataset.classes[int(dataset.targets[int(i)])]}
-                             for j, i in enumerate(ids) if i >= 0]
-                    rows.append({"label": label, "cells": cells})
-                info = {name: None if v[c] is None else float(v[c]) for name, v in view.channel_info.items()}
-                blocks.append({"channel": c, "rows": rows, "info": info})
-            html = template.render(
-                view=view, blocks=blocks, tile=tile, page=p, pages=len(pages), channels=channels,
-                page_names=[_page_name(view, i) for i in range(len(pages))],
-                title=f"{view.title} — {view.layer}",
-            )
-            atomic_write_text(out / _page_name(view, p), html)
-        index.append({"slug": view.slug, "title": view.title, "layer": view.layer, "channels": channels,
-                      "href": f"features/{_page_name(view, 0)}"})
+        tiles = write_sprites(dataset, all_ids[all_ids >= 0], out / "sprites", name[:-5], size=tile,
+                              tiles_of=tiles_of)
+        images = sorted(tiles)  # the sheets' order (sprite_layout)
+        record = encode_view(view, dataset, images, [tiles[images[i]].sheet for i in range(0, len(images), PER_SHEET)],
+                             tile, per_page)
+        html = template.render(view=view, tile=tile, channels=record["channels"], shown=len(record["order"]),
+                               data=Markup(script_json(record)), data_id=DATA_ID,
+                               title=f"{view.title} — {view.layer}")
+        atomic_write_text(out / name, html)
+        index.append({"slug": view.slug, "title": view.title, "layer": view.layer, "channels": record["channels"],
+                      "href": f"features/{name}"})
     return index
 
 

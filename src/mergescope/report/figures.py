@@ -11,6 +11,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from mergescope.runs.atomic import atomic_path
+from mergescope.timing import staged
 from mergescope.report.interpolation import curves, methods, splits
 
 ALPHA_LABEL = "α (0 = model B, 1 = model A)"
@@ -91,6 +92,7 @@ def plot_interpolation(rows: Iterable[Mapping], split: str, path: str | os.PathL
     return Path(path)
 
 
+@staged("rendering")
 def interpolation_figures(rows: Iterable[Mapping], out_dir: str | os.PathLike,
                           colors: Mapping[str, str] | None = None) -> list[Path]:
     """One ``interpolation_<split>.png`` per split in ``out_dir`` (test first, then train, then others)."""

@@ -15,6 +15,7 @@ from mergescope.errors import MergescopeError
 from mergescope.report import formatting as fmt
 from mergescope.runs.atomic import atomic_write_text
 from mergescope.runs.jsonio import package_version
+from mergescope.timing import staged
 from mergescope.report.figures import interpolation_figures, method_colors
 from mergescope.report.headline import best_and_baseline, headline
 from mergescope.report.interpolation import barriers, curves, methods, splits
@@ -82,6 +83,7 @@ def report_context(results: Mapping, figures: list[Path], run_dir: Path) -> dict
     }
 
 
+@staged("rendering")
 def render_report(run_dir: str | os.PathLike, results: Mapping) -> Path:
     """Write ``run_dir/report.html`` (atomically) and its figures under ``run_dir/figures/``; return the page's path.
 

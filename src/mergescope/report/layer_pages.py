@@ -10,6 +10,7 @@ from collections.abc import Collection
 from pathlib import Path
 
 from ..runs.atomic import atomic_write_text
+from ..timing import staged
 from .channel_pages import METRIC_NAMES, ChannelTables, channel_page
 from .compare_pages import _safe, model_label, table_name
 from .html import FIGURES_DIR, _environment
@@ -76,6 +77,7 @@ def layer_table(tables: ChannelTables, layer: str, linked: Collection[tuple[str,
     return [{"name": h["name"], "num": h["num"]} for h in headers], rows
 
 
+@staged("rendering")
 def render_layer_pages(study_dir: str | os.PathLike, features_dir: str | os.PathLike,
                        tables: ChannelTables | None = None, linked: Collection[tuple[str, int]] | None = None,
                        ) -> dict[str, Path]:

@@ -8,11 +8,13 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from ..timing import staged
 from .compare_figures import _save
 from .figures import DPI, _plain, method_colors
 from .html import FIGURES_DIR, _environment
 
 
+@staged("rendering")
 def plot_many(result: Mapping, split: str, path: str | os.PathLike) -> Path:
     """Horizontal bars: each method's accuracy (and its gap to the mean input model, in points) beside every input
     model's accuracy (triangles) and their mean (dashed line)."""

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..errors import MergescopeError
 from ..runs.atomic import atomic_write_text
+from ..timing import staged
 from .channel_images import ChannelImages
 from .channel_pages import ChannelTables, TileSheets, channel_page, render_channel_pages
 from .compare_pages import model_label, table_name
@@ -376,6 +377,7 @@ def _dataset(loaded: Mapping[str, Mapping]) -> str:
     return ""
 
 
+@staged("rendering")
 def render_overview(study_dir: str | os.PathLike, parts: Mapping[str, os.PathLike], *,
                     all_channels: bool = True) -> Overview:
     """Write ``study_dir/report.html``: per question of the thesis the number and how it was judged, with example

@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from ..align.regressed_topk import GroupTopK, pick
 from ..align.regression import keep_count
+from ..timing import staged
 from .compare_figures import _save
 from .features import FeatureView, render_feature_pages, view_from_record, view_record
 from .figures import DPI
@@ -23,6 +24,7 @@ FIGURE = "figures/regression.png"
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
 
 
+@staged("rendering")
 def plot_regression(summary: Sequence[Mapping], path) -> Path:
     """Two panels (mean R², mean recovered top-k) against m / C_B (log), one colour per layer (every observation
     point of a residual stream is a layer of its own); solid = refit, dashed = the kept weights as they are."""
@@ -94,6 +96,7 @@ def regression_records(tops: Mapping[str, GroupTopK], hard: Mapping[str, Sequenc
     return [view_record(v) for v in regression_views(tops, hard, fraction)]
 
 
+@staged("rendering")
 def render_regression_pages(run_dir, dataset, records: Sequence[Mapping]) -> list[dict]:
     """Write the hard channels' feature pages (slug "regress") from their records; returns their index."""
     return render_feature_pages(run_dir, dataset, [view_from_record(r) for r in records])

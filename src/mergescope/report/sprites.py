@@ -44,6 +44,11 @@ def tile_image(img: Image.Image, size: int) -> Image.Image:
 PER_SHEET = 1024  # tiles per sprite sheet
 
 
+def sheet_columns(count: int) -> int:
+    """Columns of the square grid a sheet of ``count`` tiles is laid out in (row-major)."""
+    return math.ceil(math.sqrt(count))
+
+
 def sprite_layout(ids: Iterable[int], sheet_dir: str, prefix: str, ext: str, size: int = 64,
                   per_sheet: int = PER_SHEET) -> dict[int, Tile]:
     """Where :func:`write_sprites` puts every distinct image id (nothing drawn): sorted ids, ``per_sheet`` per
@@ -52,7 +57,7 @@ def sprite_layout(ids: Iterable[int], sheet_dir: str, prefix: str, ext: str, siz
     tiles: dict[int, Tile] = {}
     for n, start in enumerate(range(0, len(unique), per_sheet)):
         chunk = unique[start:start + per_sheet]
-        cols = math.ceil(math.sqrt(len(chunk)))
+        cols = sheet_columns(len(chunk))
         for j, image_id in enumerate(chunk):
             tiles[image_id] = Tile(f"{sheet_dir}/{prefix}_{n}.{ext}", (j % cols) * size, (j // cols) * size)
     return tiles
@@ -60,28 +65,51 @@ def sprite_layout(ids: Iterable[int], sheet_dir: str, prefix: str, ext: str, siz
 
 def sheet_size(count: int, size: int) -> tuple[int, int]:
     """Pixel (width, height) of a sheet of ``count`` tiles (the grid of :func:`sprite_layout`)."""
-    cols = math.ceil(math.sqrt(count))
+    cols = sheet_columns(count)
     return cols * size, math.ceil(count / cols) * size
 
 
+class TileCache:
+    """Tiles of a dataset's images, each decoded and resized once while the cache lives (the sheets of every layer
+    of a run show many of the same images); at most ``max_tiles`` are kept (the oldest go first)."""
+
+    def __init__(self, dataset, size: int, max_tiles: int = 16384):
+        self.dataset, self.size, self.max_tiles = dataset, size, max_tiles
+        self._tiles: dict[int, Image.Image] = {}
+
+    def __call__(self, image_id: int) -> Image.Image:
+        tile = self._tiles.get(image_id)
+        if tile is None:
+            tile = tile_image(self.dataset.image(image_id), self.size)
+            if len(self._tiles) >= self.max_tiles:
+                del self._tiles[next(iter(self._tiles))]
+            self._tiles[image_id] = tile
+        return tile
+
+    def small(self, image_id: int) -> bool:
+        """Whether the dataset's images are no larger than a tile (then sheets are lossless PNG)."""
+        return max(self.dataset.image(image_id).size) <= self.size
+
+
 def write_sprites(dataset, ids: Iterable[int], out_dir: Path, prefix: str, size: int = 64,
-                  per_sheet: int = PER_SHEET) -> dict[int, Tile]:
+                  per_sheet: int = PER_SHEET, tiles_of: TileCache | None = None) -> dict[int, Tile]:
     """Render every distinct image id once into sprite sheets ``out_dir/<prefix>_<n>.(png|jpg)``
-    (layout: :func:`sprite_layout`).
+    (layout: :func:`sprite_layout`); ``tiles_of``: a :class:`TileCache` shared by several calls.
 
     Returns:
         image id -> :class:`Tile` (sheet path relative to the parent of ``out_dir``, pixel offsets).
     """
     unique = sorted({int(i) for i in ids})
     out_dir.mkdir(parents=True, exist_ok=True)
-    small = max(dataset.image(unique[0]).size) <= size if unique else True
+    tiles_of = tiles_of if tiles_of is not None else TileCache(dataset, size)
+    small = tiles_of.small(unique[0]) if unique else True
     ext, fmt = ("png", "PNG") if small else ("jpg", "JPEG")
     tiles = sprite_layout(unique, out_dir.name, prefix, ext, size, per_sheet)
     for n, start in enumerate(range(0, len(unique), per_sheet)):
         chunk = unique[start:start + per_sheet]
         sheet = Image.new("RGB", sheet_size(len(chunk), size), (255, 255, 255))
         for image_id in chunk:
-            sheet.paste(tile_image(dataset.image(image_id), size), (tiles[image_id].x, tiles[image_id].y))
+            sheet.paste(tiles_of(image_id), (tiles[image_id].x, tiles[image_id].y))
         with atomic_path(out_dir / f"{prefix}_{n}.{ext}") as tmp:
             sheet.save(tmp, format=fmt, **({"quality": 88} if fmt == "JPEG" else {"optimize": True}))
     return tiles

@@ -316,8 +316,10 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
     from ..perm import build_spec, permute_model
     from ..probe import load_probe, probe, state_sha256
     from ..runs import add_to_run, write_run
+    from ..timing import record_since, since_here
     from .common import open_feature_run
 
+    mark = since_here()
     cfg = config or CompareConfig()
     cfg.embedder_kind  # noqa: B018 -- validate before any work
     folder = open_feature_run(run_dir, marker="compare.csv", holds="a comparison", overwrite=overwrite,
@@ -380,7 +382,8 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
             files.append(run_dir / "probe_subset" / "probe.safetensors")
         add_to_run(run_dir, results, manifest, out.section, files, "compare",
                    {"config": dataclasses.asdict(cfg), "embedder": out.result.embedder, "timings": out.timings,
-                    "reprobed_subset": need_subset, "options": dict(options or {})})
+                    "reprobed_subset": need_subset, "options": dict(options or {}),
+                    "time_by_stage": record_since(mark)})
     return out
 
 

@@ -162,6 +162,9 @@ def run_folder(inputs: StudyInputs, config: MergeConfig | None = None, options: 
     from ..data import open_dataset
     from ..train import load_checkpoint
 
+    from ..timing import record_since, since_here, stage
+
+    mark = since_here()
     cfg = config or MergeConfig()
     cfg.weighting(len(inputs.checkpoints))  # checked before anything is loaded or written
     check_inputs(cfg, len(inputs.checkpoints), counts_known=True)
@@ -183,13 +186,15 @@ def run_folder(inputs: StudyInputs, config: MergeConfig | None = None, options: 
                      heldout=heldout)
         summary = {"models": [str(c) for c in inputs.checkpoints], "dataset": inputs.data, "data passes": result.passes,
                    "runtime": f"{time.perf_counter() - start:.1f} s on {inputs.device}"}
-        files = save(run_dir, result, f"mergescope merge: {len(loaded.models)} models", summary)
-        if result.matches:
-            files.append(save_alignments(run_dir / ALIGNMENT_FILE, result.spec,
-                                         dict(zip(loaded.tags[1:], result.matches)), reference="A",
-                                         sources=loaded.sources(), points=cfg.match_points))
+        with stage("writing"):
+            files = save(run_dir, result, f"mergescope merge: {len(loaded.models)} models", summary)
+            if result.matches:
+                files.append(save_alignments(run_dir / ALIGNMENT_FILE, result.spec,
+                                             dict(zip(loaded.tags[1:], result.matches)), reference="A",
+                                             sources=loaded.sources(), points=cfg.match_points))
         write_manifest(run_dir, {"merge": asdict(cfg), **inputs.record(), "options": dict(options or {})}, files,
-                       models=loaded.record(), timings=result.timings, dataset=dataset_record(train))
+                       models=loaded.record(), timings=result.timings, dataset=dataset_record(train),
+                       time_by_stage=record_since(mark))
     return result
 
 

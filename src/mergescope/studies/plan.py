@@ -43,6 +43,7 @@ from ..merge.methods import AlignInputs, MergeMethod
 from ..merge.recipes import (ALL_METHODS, COMBINED, FIXES, REPAIR_FIXES, check_methods, corrections, has_batchnorm,
                              map_places, resolve_method, split_method)
 from ..perm import PermSpec, build_spec, permute_model
+from ..timing import staged
 from .common import check_same_architecture
 
 MATCHINGS = ("activation", "weight")  # activation matching (Jordan et al. 2023), weight matching (Git Re-Basin Alg. 1)
@@ -160,6 +161,7 @@ def check_function_preserved(model: nn.Module, permuted: nn.Module, x: torch.Ten
                                 "the derived permutation spec is wrong for this architecture")
 
 
+@staged("assignment")  # what its data pass's own stages leave: the assignment problems, weight matching
 def match_models(matching: str, reference: nn.Module, others: Sequence[nn.Module], spec: PermSpec, batches,
                  total: int | None = None, device: torch.device | str = "cpu", progress: bool = False,
                  points: str = "stage_end") -> tuple[list[MatchResult], int]:

@@ -26,6 +26,7 @@ from ..perm import Perms, PermSpec, build_spec, permute_model, select_layers
 from ..probe import ProbeResult, probe
 from ..report.feature_views import matching_info, views_from_probe
 from ..report.features import render_feature_pages
+from ..timing import stage
 from .common import StudyInputs, dataset_record, prepare
 from .plan import match_models
 
@@ -88,8 +89,9 @@ def run(
         found = match_many(ref, [models[t] for t in todo], spec, iter_batches(dataset, batch_size), device=device,
                            progress=progress, total=len_batches(dataset, batch_size), points=points)
         matches.update(zip(todo, found))
-    save_alignments(run_dir / ALIGNMENT_FILE, spec, {t: matches[t] for t in tags[1:]}, reference=tags[0],
-                    sources=sources, points=points)
+    with stage("writing"):
+        save_alignments(run_dir / ALIGNMENT_FILE, spec, {t: matches[t] for t in tags[1:]}, reference=tags[0],
+                        sources=sources, points=points)
     probe_layers = select_layers(spec, layers)
     probed = {tags[0]: ref}
     for t in tags[1:]:
@@ -224,7 +226,9 @@ def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: 
     from ..report import render_report
     from ..report.features import feature_index_html
     from ..runs import write_manifest, write_run
+    from ..timing import record_since, since_here
 
+    mark = since_here()
     cfg = config or ProbeConfig()
     device, progress = inputs.device, inputs.progress
     loaded, dataset, _ = prepare(inputs)
@@ -260,10 +264,11 @@ def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: 
             "sections": [{"title": "Feature visualization", "html": feature_index_html(pages)}],
             "features": {"data": inputs.data, "split": inputs.split, "views": recipes},
         }
-        files = [write_json(run_dir / "results.json", results), render_report(run_dir, results),
-                 run_dir / ALIGNMENT_FILE, run_dir / "probe" / "probe.safetensors"]
+        with stage("writing"):
+            files = [write_json(run_dir / "results.json", results), render_report(run_dir, results),
+                     run_dir / ALIGNMENT_FILE, run_dir / "probe" / "probe.safetensors"]
         write_manifest(run_dir, {"probe": asdict(cfg), **inputs.record(), "options": dict(options or {})}, files,
-                       models=loaded.record(), dataset=dataset_record(dataset))
+                       models=loaded.record(), dataset=dataset_record(dataset), time_by_stage=record_since(mark))
     return results
 
 

@@ -148,8 +148,10 @@ def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, 
     checked against the sha256 it recorded."""
     from ..align.store import ALIGNMENT_FILE, load_alignments
     from ..runs import add_to_run, write_run
+    from ..timing import record_since, since_here
     from .common import open_feature_run
 
+    mark = since_here()
     cfg = config or RegressConfig()
     folder = open_feature_run(run_dir, marker=CSV_NAME, holds="a regression study", overwrite=overwrite)
     run_dir, results, manifest = folder.path, folder.results, folder.manifest
@@ -176,7 +178,8 @@ def run_folder(run_dir: str | os.PathLike, config: RegressConfig | None = None, 
 
         results["regression"] = out
         add_to_run(run_dir, results, manifest, section, [csv_path, views_path, *files], "regression",
-                   {"config": dataclasses.asdict(cfg), "timings": timings, "options": dict(options or {})})
+                   {"config": dataclasses.asdict(cfg), "timings": timings, "options": dict(options or {}),
+                    "time_by_stage": record_since(mark)})
     return out
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from ..errors import MergescopeError
 from ..runs.jsonio import dumps, package_version, write_json
 from ..runs.transaction import RunLock, sibling
+from ..timing import record_since, since_here
 from .common import StudyInputs, model_tags
 
 STAGES = ("train", "sweep", "features", "compare", "regress", "merge")
@@ -160,7 +161,7 @@ def run_folder(config: StudyConfig, *, only: str | None = None, start: str | Non
                                           f"date; run the study without --only first")
                 continue
             say(f"[{i}/{len(stages)}] {stage}: running")
-            t0 = time.perf_counter()
+            t0, mark = time.perf_counter(), since_here()
             _run_stage(stage, config, root, tags, paths, progress)
             seconds[stage] = time.perf_counter() - t0
             # every stage that reads this one is out of date now, whatever its key says
@@ -168,7 +169,7 @@ def run_folder(config: StudyConfig, *, only: str | None = None, start: str | Non
                 if stage in NEEDS[later] and later != stage:
                     record.pop(later, None)
             record[stage] = {"key": keys[stage], "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                             "seconds": round(seconds[stage], 3)}
+                             "seconds": round(seconds[stage], 3), "time_by_stage": record_since(mark)}
             if stage == "train":
                 digests.clear()
                 record[stage]["sha256"] = hashes()

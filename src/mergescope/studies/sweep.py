@@ -128,7 +128,9 @@ def run_folder(inputs: StudyInputs, config: SweepConfig | None = None, options: 
     """
     from ..align.store import ALIGNMENT_FILE, save_alignments
     from ..runs import write_manifest, write_run
+    from ..timing import record_since, since_here, stage
 
+    mark = since_here()
     cfg = config or SweepConfig()
     if len(inputs.checkpoints) != 2:
         raise MergescopeError(f"a sweep takes two checkpoints (A and B), got {len(inputs.checkpoints)}")
@@ -143,12 +145,13 @@ def run_folder(inputs: StudyInputs, config: SweepConfig | None = None, options: 
         summary = {"model A": str(a), "model B": str(b), "dataset": inputs.data, "matching": cfg.matching,
                    "data passes": result.passes, "runtime": f"{time.perf_counter() - start:.1f} s on {inputs.device}"}
         sources = loaded.sources()
-        alignment = save_alignments(run_dir / ALIGNMENT_FILE, result.spec, {"B": result.match}, reference="A",
-                                    sources=sources, points=cfg.match_points)
-        files = save(run_dir, result, f"mergescope sweep: {Path(a).name} × {Path(b).name}", summary)
+        with stage("writing"):
+            alignment = save_alignments(run_dir / ALIGNMENT_FILE, result.spec, {"B": result.match}, reference="A",
+                                        sources=sources, points=cfg.match_points)
+            files = save(run_dir, result, f"mergescope sweep: {Path(a).name} × {Path(b).name}", summary)
         write_manifest(run_dir, {"sweep": asdict(cfg), **inputs.record(), "options": dict(options or {})},
                        [*files, alignment], models=loaded.record(), timings=result.timings,
-                       dataset=dataset_record(train))
+                       dataset=dataset_record(train), time_by_stage=record_since(mark))
     return result
 
 

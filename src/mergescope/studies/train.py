@@ -20,6 +20,7 @@ from torch import nn
 
 from ..data import ImageDataset, open_dataset, stratified_pair
 from ..errors import MergescopeError
+from ..timing import record_since, since_here, stage
 
 
 @dataclass
@@ -97,7 +98,8 @@ def run(data: ImageDataset, config: TrainRunConfig, test: ImageDataset | None = 
     model = initial_model(data, cfg, device)
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, augment=cfg.augment,
                        device=str(device), amp=cfg.amp, label_smoothing=cfg.label_smoothing)
-    metrics = train_model(model, data, tcfg, eval_ds=test, progress=progress, ids=ids)
+    with stage("training"):
+        metrics = train_model(model, data, tcfg, eval_ds=test, progress=progress, ids=ids)
     split = {"part": cfg.part, "major": cfg.major, "seed": cfg.split_seed} if cfg.part else None
     meta = {"seed": cfg.seed, "train_config": tcfg.to_dict(), "metrics": metrics, "dataset_fingerprint":
             data.fingerprint, "split": split}
@@ -120,6 +122,7 @@ def run_file(out: str | os.PathLike, data: str, config: TrainRunConfig, *, split
     from ..train import save_checkpoint
     from ..train.checkpoint import interrupted_write
 
+    mark = since_here()
     out = Path(out)
     if out.exists() and not overwrite:
         if not interrupted_write(out):
@@ -133,5 +136,7 @@ def run_file(out: str | os.PathLike, data: str, config: TrainRunConfig, *, split
     test = open_dataset(data, split="test") if config.eval else None
     with RunLock(sibling(out, "lock"), out):  # a second writer of the same checkpoint is refused in one line
         model, metrics, meta = run(images, config, test, device=device, progress=progress)
-        save_checkpoint(out, model, {**meta, "dataset": data, "config": asdict(config), "options": dict(options or {})})
+        meta.update(dataset=data, config=asdict(config), options=dict(options or {}), time_by_stage=record_since(mark))
+        with stage("writing"):
+            save_checkpoint(out, model, meta)
     return metrics

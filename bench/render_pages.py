@@ -1,0 +1,152 @@
+"""What the feature pages cost (issue 14, item 2): a ``mergescope probe`` run profiled with cProfile, its rendering
+share and the bytes of its largest layer's pages, for this checkout and (same run, same inputs) an earlier commit.
+
+Two runs: two random-init torchvision AlexNets (``tv_alexnet``) over ``--images`` PIL-drawn JPEGs of
+``--size`` px (an ImageFolder tree, 10 classes), ``--layers all`` so the two 4,096-unit linear layers are pages
+too; and two trained digits CNNs (bench/checkpoints) on the digits. Each is run in a child process whose
+``mergescope`` comes from either this checkout or ``git archive <--baseline>`` of ``src/``, so the two versions
+see the same images, checkpoints and load.
+
+    python bench/render_pages.py --baseline 80d9d32 --images 300
+
+Prints one line per (case, version) and the after/before ratios; ``--json`` writes every number.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import pstats
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RENDER_FUNCS = ("render_views", "render_report")  # studies/probe.py, report/html.py: every page of a probe run
+
+
+def make_tree(root: Path, images: int, size: int, classes: int = 10) -> Path:
+    """An ImageFolder tree of smooth random photos-to-be (JPEG, quality 90), ``images`` in train/."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for i in range(images):
+        d = root / "train" / f"class{i % classes}"
+        d.mkdir(parents=True, exist_ok=True)
+        small = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((size, size), Image.BICUBIC).save(d / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def make_alexnets(out: Path) -> list[str]:
+    from mergescope.models import create_model
+    from mergescope.train import save_checkpoint
+
+    paths = []
+    for seed in (0, 1):
+        path = out / f"alexnet_s{seed}.safetensors"
+        save_checkpoint(path, create_model("tv_alexnet", num_classes=10, seed=seed))
+        paths.append(str(path))
+    return paths
+
+
+def _bytes(paths) -> int:
+    return sum(p.stat().st_size for p in paths if p.is_file())
+
+
+def child(case: dict) -> dict:
+    """Profile one ``mergescope probe`` (this process's mergescope) and measure its pages."""
+    from mergescope.cli import main
+
+    out = Path(case["out"])
+    args = ["probe", *case["checkpoints"], "--data", case["data"], "--out", str(out), "--quiet", "--device", "cpu",
+            "--batch-size", str(case["batch_size"]), "--subset-images", str(case["subset"]), "--layers", "all"]
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    rc = main(args)
+    prof.disable()
+    total = time.perf_counter() - t0
+    assert rc == 0, rc
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tt, ct, callers)
+    render = sum(ct for (f, _, name), (_, _, _, ct, _) in stats.items() if name in RENDER_FUNCS
+                 and ("studies" in f or "report" in f))
+    template_calls = sum(nc for (f, _, _), (_, nc, _, _, _) in stats.items() if f.endswith(".html"))
+    features = out / "features"
+    pages = [p for p in features.rglob("*") if p.is_file() and "sprites" not in p.parts]
+    layer = case["big_layer"]
+    big = [p for p in pages if layer in p.name]
+    return {"seconds": total, "render_seconds": render, "render_share": render / total,
+            "template_calls": template_calls, "pages": len([p for p in pages if p.suffix == ".html"]),
+            "page_bytes": _bytes(pages), "big_layer": layer, "big_layer_files": len(big), "big_layer_bytes": _bytes(big),
+            "largest_file_bytes": max((p.stat().st_size for p in pages), default=0),
+            "run_folder_bytes": _bytes(out.rglob("*"))}
+
+
+def run_child(src: Path, case: dict) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE"}
+    proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], env=env, capture_output=True,
+                          text=True, check=False)
+    if proc.returncode:
+        raise SystemExit(f"child ({src}) failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--baseline", default=None, help="commit whose src/ is the 'before' (default: none)")
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--cases", nargs="+", default=["alexnet", "digits"])
+    p.add_argument("--json", default=None)
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
+    work = Path(tempfile.mkdtemp(prefix="render_pages_"))
+    versions = {"after": ROOT / "src"}
+    if args.baseline:
+        base = work / "baseline"
+        base.mkdir()
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "src"], capture_output=True,
+                                 check=True).stdout
+        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
+        versions = {"before": base / "src", **versions}
+    sys.path.insert(0, str(ROOT / "src"))
+    cases = {}
+    if "alexnet" in args.cases:
+        tree = make_tree(work / "tree", args.images, args.size)
+        cases["alexnet"] = {"checkpoints": make_alexnets(work), "data": str(tree), "batch_size": args.batch_size,
+                            "subset": args.images, "big_layer": "classifier.2"}
+    if "digits" in args.cases:
+        ck = ROOT / "bench" / "checkpoints"
+        cases["digits"] = {"checkpoints": [str(ck / f"cnn_digits_w16_e6_s{s}.safetensors") for s in (0, 1, 2)],
+                           "data": "digits", "batch_size": 256, "subset": 1437, "big_layer": "features.5"}
+    results: dict[str, dict[str, dict]] = {}
+    for name, case in cases.items():
+        for version, src in versions.items():
+            r = run_child(src, {**case, "out": str(work / f"{name}_{version}")})
+            results.setdefault(name, {})[version] = r
+            print(f"{name:8s} {version:6s} total {r['seconds']:7.1f} s  rendering {r['render_seconds']:6.2f} s "
+                  f"({100 * r['render_share']:4.1f}%)  template calls {r['template_calls']:>9,}  "
+                  f"{r['pages']:4d} pages {r['page_bytes'] / 1e6:7.2f} MB  {r['big_layer']}: {r['big_layer_files']} "
+                  f"files {r['big_layer_bytes'] / 1e6:6.3f} MB  largest file {r['largest_file_bytes'] / 1e6:.3f} MB  "
+                  f"run folder {r['run_folder_bytes'] / 1e6:.1f} MB", flush=True)
+        if len(results[name]) == 2:
+            b, a = results[name]["before"], results[name]["after"]
+            print(f"{name:8s} after/before: rendering time {a['render_seconds'] / b['render_seconds']:.3f}, "
+                  f"share {a['render_share'] / b['render_share']:.3f}, page bytes "
+                  f"{a['page_bytes'] / b['page_bytes']:.4f}, {b['big_layer']} bytes "
+                  f"{a['big_layer_bytes'] / b['big_layer_bytes']:.4f}, run total {a['seconds'] / b['seconds']:.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
