@@ -278,6 +278,26 @@ def study(args: argparse.Namespace) -> None:
     print(f"report: {outcome.report}")
 
 
+def bench_merge(args: argparse.Namespace) -> None:
+    from ..studies import bench_merge as study
+    from ..studies.workloads import WorkloadConfig
+
+    train = WorkloadConfig(arch=args.arch, arch_kwargs=args.arch_kwargs, models=args.models, epochs=args.epochs,
+                           finetune_epochs=args.finetune_epochs, lr=args.lr, finetune_lr=args.finetune_lr,
+                           batch_size=args.train_batch_size, augment=args.augment, holdout=args.holdout)
+    cfg = study.BenchConfig(workloads=args.workloads or study.DEFAULT_WORKLOADS,
+                            methods=args.methods or study.DEFAULT_METHODS, train=train, matching=args.matching,
+                            batch_size=args.batch_size, stats_images=args.stats_images,
+                            eval_splits=list(args.eval_splits))
+    result = study.run_folder(cfg, args.data, args.out, split=args.split, checkpoints=args.checkpoints,
+                              device=resolve_device(args.device), progress=not args.quiet,
+                              overwrite=args.overwrite, options=_options(args))
+    print(study.format_table(result.rows))
+    print(result.reading)
+    print(f"table: {Path(args.out) / study.CSV_NAME}")
+    print(f"report: {Path(args.out) / 'report.html'}")
+
+
 def methods(args: argparse.Namespace) -> None:
     from ..merge.methods import methods_table
 

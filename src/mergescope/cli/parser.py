@@ -274,6 +274,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", choices=STUDY_STAGES, metavar="STAGE", help="rerun this stage and every "
                    "stage after it")
 
+    bench_methods = ("logit_ensemble prob_ensemble naive fedavg swa uniform_soup greedy_soup task_arithmetic ties "
+                     "dare breadcrumbs fisher regmean permuted permuted+repair permuted+reset ste zipit+repair "
+                     "permuted>ties")
+    p = _command(sub, "bench-merge", "every merge method on workloads trained for each family (independent seeds, "
+                 "ZipIt!'s class halves, fine-tunes of one base, checkpoints of one run): one table of accuracy per "
+                 "subset and overall, data passes, seconds; CSV and a report",
+                 [common, model_options(), data_options(stats_split), eval_options(), run_options(),
+                  batch_options(500), matching_options(), merging_options(bench_methods, combining=True)],
+                 C.bench_merge, required=("data", "out", "arch"))
+    p.add_argument("--workloads", nargs="+", metavar="NAME", help="default: seeds halves halves_finetune "
+                   "stratified_finetune hparams checkpoints (mergescope.studies.workloads)")
+    p.add_argument("--models", type=T.positive_int, default=2, help="models per workload where the count is free "
+                   "(seeds, hparams, checkpoints)")
+    p.add_argument("--epochs", type=T.positive_int, default=3, help="epochs from scratch (and of the base)")
+    p.add_argument("--finetune-epochs", type=T.positive_int, default=2, help="epochs of a fine-tune of the base")
+    p.add_argument("--lr", type=T.positive_float, default=0.1, help="peak learning rate from scratch")
+    p.add_argument("--finetune-lr", type=T.positive_float, default=0.02, help="peak learning rate of a fine-tune "
+                   "(SWA's constant rate)")
+    p.add_argument("--train-batch-size", type=T.positive_int, default=128, help="images per SGD step")
+    p.add_argument("--augment", action="store_true", help="random crop + flip while training (32 px and larger)")
+    p.add_argument("--holdout", type=T.positive_int, default=100, metavar="N", help="training images kept out of "
+                   "every model's training: the held-out split a greedy soup is scored on")
+    p.add_argument("--checkpoints", metavar="DIR", help="train the workloads' models here and reuse those already "
+                   "trained with the same configuration (default: OUT/checkpoints, trained afresh)")
+
     _command(sub, "methods", "list every merge method: family, paper, hyperparameters, exact for permuted copies",
              [], C.methods)
     return parser

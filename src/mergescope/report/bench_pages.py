@@ -62,7 +62,8 @@ def read_table(rows: Sequence[Mapping]) -> str:
             gap = 100 * (best["accuracy"] - single["accuracy"])
             text += f", {abs(gap):.1f} points {'above' if gap >= 0 else 'below'} the best single model"
         if ens is not None:
-            text += f", {100 * (ens['accuracy'] - best['accuracy']):.1f} points short of the {ens['method']}"
+            short = 100 * (ens["accuracy"] - best["accuracy"])
+            text += f", {abs(short):.1f} points {'short of' if short > 0 else 'at or above'} the {ens['method']}"
         others = [f"{f} {100 * r['accuracy']:.1f}%" for f, r in s["best_by_family"].items()
                   if r is not None and f != family]
         parts.append(text + (f"; best of {', '.join(others)})" if others else ")"))

@@ -42,6 +42,8 @@ class TrainRunConfig:
     split_seed: int = 0
     init: str | None = None  # start from this checkpoint's weights (a fine-tune; its architecture must be arch's)
     classes: Sequence[int] | None = None  # train on the images of these classes only (None: all)
+    holdout: int = 0  # keep this many fixed images (stratified, seeded by split_seed) out of training: held out
+    schedule: str = "onecycle"  # the learning-rate schedule (mergescope.train.list_schedules; SWA: "constant")
 
 
 def parse_classes(text: str, num_classes: int | None = None) -> list[int]:
@@ -58,13 +60,25 @@ def parse_classes(text: str, num_classes: int | None = None) -> list[int]:
     return sorted(out)
 
 
+def holdout_ids(data: ImageDataset, n: int, seed: int = 0) -> torch.Tensor:
+    """The ``n`` held-out image ids (spread evenly over the classes, seeded) that ``holdout = n`` keeps out."""
+    from ..data.splits import stratified_subset
+
+    return torch.as_tensor(stratified_subset(data.targets, n, seed=seed) if n else [], dtype=torch.int64)
+
+
 def training_ids(data: ImageDataset, cfg: TrainRunConfig) -> torch.Tensor | None:
-    """The ids a config trains on: its half of the stratified split (``part``), restricted to ``classes``
-    (None: every image)."""
+    """The ids a config trains on: its half of the stratified split (``part``), restricted to ``classes``, without
+    the ``holdout`` images (None: every image)."""
     ids = None
+    if cfg.holdout:
+        keep = torch.ones(len(data), dtype=torch.bool)
+        keep[holdout_ids(data, cfg.holdout, cfg.split_seed)] = False
+        ids = torch.nonzero(keep).flatten()
     if cfg.part:
         ids_a, ids_b = stratified_pair(data.targets, major=cfg.major, seed=cfg.split_seed)
-        ids = torch.as_tensor(ids_a if cfg.part == "a" else ids_b)
+        part = torch.as_tensor(ids_a if cfg.part == "a" else ids_b)
+        ids = part if ids is None else part[torch.isin(part, ids)]
     if cfg.classes is not None:
         k = len(data.classes)
         if not cfg.classes or any(not 0 <= c < k for c in cfg.classes):
@@ -97,13 +111,13 @@ def run(data: ImageDataset, config: TrainRunConfig, test: ImageDataset | None = 
     ids = training_ids(data, cfg)
     model = initial_model(data, cfg, device)
     tcfg = TrainConfig(epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr, seed=cfg.seed, augment=cfg.augment,
-                       device=str(device), amp=cfg.amp, label_smoothing=cfg.label_smoothing)
+                       device=str(device), amp=cfg.amp, label_smoothing=cfg.label_smoothing, schedule=cfg.schedule)
     with stage("training"):
         metrics = train_model(model, data, tcfg, eval_ds=test, progress=progress, ids=ids)
     split = {"part": cfg.part, "major": cfg.major, "seed": cfg.split_seed} if cfg.part else None
     meta = {"seed": cfg.seed, "train_config": tcfg.to_dict(), "metrics": metrics, "dataset_fingerprint":
             data.fingerprint, "split": split}
-    if cfg.init is not None or cfg.classes is not None:  # (older sidecars' bytes unchanged without them)
+    if cfg.init is not None or cfg.classes is not None or cfg.holdout:  # (a plain run's meta as before)
         meta.update(init=None if cfg.init is None else {"checkpoint": str(cfg.init),
                                                         "sha256": checkpoint_sha256(cfg.init)},
                     classes=None if cfg.classes is None else list(cfg.classes),
