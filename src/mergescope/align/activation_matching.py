@@ -26,7 +26,7 @@ from ..distributed import merge_over_ranks, shard
 from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
 from ..probe.engine import run_pass
-from ..probe.stats import CoMoments, as_samples
+from ..probe.stats import CoMoments
 from ..probe.taps import tap_model
 from ._assignment import best_permutation
 from .result import MatchResult
@@ -67,15 +67,13 @@ def match_many(
     def consume(batch, x, outs):
         ref_feats = outs["0"][1]
         for t in taps:
-            a = as_samples(ref_feats[t.name], t.channel_dim)
-            if not torch.isfinite(a).all():
-                raise NumericsError(f"NaN/Inf activations at layer '{t.name}' of the reference model")
-            for k in range(1, len(others) + 1):
-                stats[k, t.name].update(a, as_samples(outs[str(k)][1][t.name], t.channel_dim))
+            for k in range(1, len(others) + 1):  # each tensor in its own layout: no reshape copies
+                stats[k, t.name].update_channels(ref_feats[t.name], outs[str(k)][1][t.name], t.channel_dim)
 
     batches, total = shard(batches, total)
     run_pass(tapped, batches, consume, device=device, desc="matching", total=total, progress=progress)
     stats = dict(zip(stats, merge_over_ranks(list(stats.values()), device)))
+    _check_finite(stats)
 
     results = []
     for k in range(1, len(others) + 1):
@@ -90,6 +88,17 @@ def match_many(
             dead_b[gname] = db.nonzero().flatten().tolist()
         results.append(MatchResult(perms, sims, "activation", dead_a, dead_b))
     return results
+
+
+def _check_finite(stats: dict[tuple[int, str], CoMoments]) -> None:
+    """A NaN/Inf activation anywhere in the pass reaches the reduced moments: checked once, on those."""
+    for (k, name), st in stats.items():
+        if st.cab is None:
+            raise NumericsError("no data: the batches were empty")
+        for side, m in ((0, st.a), (k, st.b)):
+            if not (torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all()):
+                who = "the reference model" if side == 0 else f"model {side}"
+                raise NumericsError(f"NaN/Inf activations at layer '{name}' of {who}")
 
 
 def activation_matching(model_a: nn.Module, model_b: nn.Module, spec: PermSpec, batches: Iterable,

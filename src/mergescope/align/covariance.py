@@ -23,7 +23,7 @@ from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
 from ..perm.spec import TapPoint
 from ..probe.engine import run_pass
-from ..probe.stats import as_samples
+from ..probe.stats import channel_view
 from ..probe.taps import tap_model
 
 
@@ -45,10 +45,32 @@ class JointMoments:
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Add a batch: ``a`` (samples, Ca) and ``b`` (samples, Cb), row i of both from the same sample."""
-        x = torch.cat([a, b], dim=1).double()  # (samples, Ca+Cb); float64: R² near 1 is a small difference
-        mean = x.mean(0)
-        xc = x - mean
-        self._combine(x.shape[0], mean, xc.T @ xc, a.shape[1])
+        self.update_channels(a, b, -1)
+
+    def update_channels(self, a: torch.Tensor, b: torch.Tensor, channel_dim: int = 1) -> None:
+        """Add a batch in its own layout (e.g. (N, C, H, W) with ``channel_dim`` 1; every image × position a
+        sample): both are copied once into one float64 buffer (R² near 1 is a small difference), centred in
+        place, and the scatter is one matmul — per image when there are more positions than channels (a
+        tall-skinny float64 matmul is slow), of the (samples, C) layout otherwise."""
+        a3, b3 = channel_view(a, channel_dim), channel_view(b, channel_dim)
+        (n_img, ca, pos), cb = a3.shape, b3.shape[1]
+        per_image = pos >= ca + cb
+        buf = torch.empty((n_img, ca + cb, pos) if per_image else (n_img, pos, ca + cb), dtype=torch.float64,
+                          device=a.device)
+        if per_image:
+            buf[:, :ca].copy_(a3)
+            buf[:, ca:].copy_(b3)
+            mean = buf.sum(2).sum(0) / max(n_img * pos, 1)
+            buf.sub_(mean.view(1, -1, 1))
+            scatter = torch.bmm(buf, buf.transpose(1, 2)).sum(0)
+        else:
+            buf[:, :, :ca].copy_(a3.transpose(1, 2))
+            buf[:, :, ca:].copy_(b3.transpose(1, 2))
+            x = buf.view(-1, ca + cb)
+            mean = x.mean(0)
+            x.sub_(mean)
+            scatter = x.T @ x
+        self._combine(n_img * pos, mean, scatter, ca)
 
     def _combine(self, n: int, mean: torch.Tensor, scatter: torch.Tensor, size_a: int) -> None:
         if self.mean is None:
@@ -211,9 +233,8 @@ def group_covariances_at(
         ref = outs["0"][1]
         for key, pts in taps_of.items():
             for t in pts:
-                a = as_samples(ref[t.name], t.channel_dim)
                 for k in range(len(others)):
-                    stats[k][key].update(a, as_samples(outs[str(k + 1)][1][t.name], t.channel_dim))
+                    stats[k][key].update_channels(ref[t.name], outs[str(k + 1)][1][t.name], t.channel_dim)
 
     batches, total = shard(batches, total)
     run_pass(tapped, batches, consume, device=device, desc="joint feature statistics", total=total,

@@ -26,21 +26,28 @@ def evaluate_models(
     Returns:
         ``{name: {"loss": float, "accuracy": float}}``. Non-finite logits raise NumericsError naming the model.
     """
-    sums = {k: torch.zeros(3, dtype=torch.float64) for k in models}  # loss sum, correct, count
+    # per model, on the device (no per-batch synchronisation): loss sum, correct, and the float64 sum of all
+    # logits, whose finiteness says whether any logit was NaN/Inf (checked once, at the end); then the count
+    sums = {k: torch.zeros(3, dtype=torch.float64, device=device) for k in models}
+    seen = [0]
     for m in models.values():
         m.to(device).eval()
 
     def consume(batch, x, outs):
-        y = batch.y.to(device)
+        y = batch.y.to(device, non_blocking=True)
+        seen[0] += len(y)
         for name, logits in outs.items():
-            if not torch.isfinite(logits).all():
-                raise NumericsError(f"model '{name}' produced NaN/Inf outputs")
             loss = F.cross_entropy(logits.float(), y, reduction="sum")
             correct = (logits.argmax(1) == y).sum()
-            sums[name] += torch.tensor([loss.item(), correct.item(), len(y)], dtype=torch.float64)
+            sums[name] += torch.stack([loss.double(), correct.double(), logits.sum(dtype=torch.float64)])
 
     batches, total = shard(batches, total)
     run_pass(models, batches, consume, device=device, desc=desc, total=total, progress=progress)
-    if sums:  # (models, 3), summed over the ranks
-        sums = dict(zip(sums, all_reduce(torch.stack(list(sums.values()))).unbind()))
-    return {k: {"loss": float(s[0] / s[2]), "accuracy": float(s[1] / s[2])} for k, s in sums.items()}
+    if sums:  # (models, 4), summed over the ranks
+        local = torch.stack([torch.cat([v.cpu(), torch.tensor([float(seen[0])], dtype=torch.float64)])
+                             for v in sums.values()])
+        sums = dict(zip(sums, all_reduce(local).unbind()))
+    for name, s in sums.items():
+        if not torch.isfinite(s[2]):
+            raise NumericsError(f"model '{name}' produced NaN/Inf outputs")
+    return {k: {"loss": float(s[0] / s[3]), "accuracy": float(s[1] / s[3])} for k, s in sums.items()}

@@ -86,12 +86,13 @@ class _BatchRenorm(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         self.ndim = y.dim()
-        mean, std = self.moments.update(as_samples(y, self.channel_dim))  # batch stats, (C,) each
+        mean, std = self.moments.update_channels(y, self.channel_dim)  # batch stats, (C,) each, no reshape
         t_mean, t_std = self.target
         scale = torch.where(std > _EPS, t_std / std.clamp_min(_EPS), torch.ones_like(std))
         shape = [1] * y.dim()
         shape[self.channel_dim] = -1
-        return (y - mean.view(shape)) * scale.view(shape) + t_mean.view(shape)
+        # (y − μ)·s + μ_t as one fused multiply-add: y·s + (μ_t − μ·s)
+        return torch.addcmul((t_mean - mean * scale).view(shape).to(y.dtype), y, scale.view(shape).to(y.dtype))
 
 
 class _WithOutputNorm:
@@ -254,6 +255,31 @@ def _apply(samples: torch.Tensor, how: torch.Tensor | None) -> torch.Tensor:
     return samples @ how.to(samples.dtype if samples.dtype == torch.float64 else torch.float32).T
 
 
+def _is_index(how: torch.Tensor) -> bool:
+    return not how.is_floating_point()
+
+
+def _pick(v: torch.Tensor, how: torch.Tensor | None) -> torch.Tensor:
+    """A (C,) statistic of an endpoint's channels, in the merged channels' order (identity or permutation)."""
+    return v if how is None else v.index_select(0, how.to(v.device))
+
+
+def _picked(m: Moments, how: torch.Tensor | None) -> Moments:
+    """The population moments of the permuted channels: the same moments, reordered."""
+    if how is None or m.mean is None:
+        return m
+    out = Moments()
+    out.n, out.mean, out.m2 = m.n, _pick(m.mean, how), _pick(m.m2, how)
+    return out
+
+
+def _check_finite(population: Mapping[tuple, Moments]) -> None:
+    """Any NaN/Inf activation of an endpoint reaches its reduced moments: checked once, after the pass."""
+    for (k, name, _), m in population.items():
+        if m.mean is not None and not (torch.isfinite(m.mean).all() and torch.isfinite(m.m2).all()):
+            raise NumericsError(f"NaN/Inf activations at '{name}' of endpoint {k} (0 = the first model)")
+
+
 def repair_many(
     endpoints: Sequence[nn.Module],
     spec: PermSpec,
@@ -315,21 +341,24 @@ def repair_many(
                     transforms[key] = _transform(cmap, device)
                 kt[k, p.tap.name] = key
         keys.append(kt)
-    population = {key: Moments() for key in transforms}
+    # an endpoint point's own moments serve every identity/permutation map of it (permuting the (C,) vectors);
+    # only a general linear map needs its mapped samples
+    own = {(k, name): Moments() for (k, name, _), how in transforms.items() if how is None or _is_index(how)}
+    mapped = {key: Moments() for key, how in transforms.items() if not (how is None or _is_index(how))}
     channel_dim = {p.tap.name: p.tap.channel_dim for pts, _ in plans for p in pts}
 
     def consume(batch, x, outs):
         if not repair:
             return
-        samples = {}  # (endpoint, point) -> (images × positions, C), shared by every map of that endpoint
+        feats = {(k, name): outs[f"end{k}"][1][name] for k, name, _ in transforms}
+        raw = {kn: m.update_channels(feats[kn], channel_dim[kn[1]]) for kn, m in own.items()}
         batch_stats = {}
         for key, how in transforms.items():
             k, name, _ = key
-            if (k, name) not in samples:
-                samples[k, name] = as_samples(outs[f"end{k}"][1][name], channel_dim[name])
-            mean, std = batch_stats[key] = population[key].update(_apply(samples[k, name], how))
-            if not (torch.isfinite(mean).all() and torch.isfinite(std).all()):  # any NaN/Inf reaches these
-                raise NumericsError(f"NaN/Inf activations at '{name}' of endpoint {k} (0 = the first model)")
+            if key in mapped:
+                batch_stats[key] = mapped[key].update(_apply(as_samples(feats[k, name], channel_dim[name]), how))
+            else:
+                batch_stats[key] = tuple(_pick(v, how) for v in raw[k, name])
         for t, kt, r, model in zip(repair, keys, renorms, tapped):
             for name, renorm in r.items():
                 stats = [batch_stats[kt[k, name]] for k in range(len(endpoints))]
@@ -342,11 +371,17 @@ def repair_many(
              progress=progress)
     _share_running_stats([*reset, *(t.model for t, (_, reset_bn) in zip(repair, plans) if reset_bn)])
     renorm_list = [renorm for r in renorms for renorm in r.values()]
-    merged = merge_over_ranks([population[key] for key in transforms] + [rn.moments for rn in renorm_list], device)
-    population = dict(zip(transforms, merged[: len(transforms)]))
+    pooled = [*own.values(), *mapped.values()]
+    merged = merge_over_ranks(pooled + [rn.moments for rn in renorm_list], device)
+    own.update(zip(own, merged[: len(own)]))
+    mapped.update(zip(mapped, merged[len(own): len(pooled)]))
     ndims = all_reduce(torch.tensor([rn.ndim for rn in renorm_list], dtype=torch.int64), "max")  # a rank
-    for renorm, moments, ndim in zip(renorm_list, merged[len(transforms):], ndims.tolist()):  # w/o batches: 0
+    for renorm, moments, ndim in zip(renorm_list, merged[len(pooled):], ndims.tolist()):  # w/o batches: 0
         renorm.moments, renorm.ndim = moments, ndim
+    population = {key: mapped[key] if key in mapped else _picked(own[key[:2]], how)
+                  for key, how in transforms.items()}
+    if repair:
+        _check_finite(population)
 
     for m in reset:
         m.eval()

@@ -6,6 +6,8 @@ floating-point rounding, and two partial results merge exactly like two batches.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -14,9 +16,41 @@ def as_samples(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
 
 
+def channel_view(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
+    """(N, C, *spatial) or (..., C) -> (before, C, after), a view of a contiguous tensor (no copy): the samples
+    are every (before, after) pair, i.e. every image × position, as :func:`as_samples` orders them per image."""
+    d = channel_dim % t.dim()
+    return t.reshape(math.prod(t.shape[:d]), t.shape[d], math.prod(t.shape[d + 1:]))
+
+
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """Half/bfloat16/integer activations are reduced in float32; float64 ones keep their precision."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def _channel_sum(x3: torch.Tensor) -> torch.Tensor:
+    """(A, C, S) -> (C,): the sum over samples, as one fused reduction per axis (no copy)."""
+    return x3[:, :, 0].sum(0) if x3.shape[2] == 1 else x3.sum(2).sum(0)
+
+
+def _centred(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel mean (C,), centred values (A, C, S) and sum of squared deviations (C,) of a batch."""
+    n = x3.shape[0] * x3.shape[2]
+    mean = _channel_sum(x3) / max(n, 1)
+    xc = x3 - mean.view(1, -1, 1)
+    return mean, xc, _channel_sum(xc * xc)
+
+
+def _cross(ac: torch.Tensor, bc: torch.Tensor) -> torch.Tensor:
+    """Σ over samples of the outer products of two centred (A, C, S) batches: (Ca, Cb).
+
+    Per image (one batched matmul, no copy) when a position count S exceeds the channel counts, otherwise one
+    matmul of the (samples, C) layouts (a copy each, smaller than the per-image products)."""
+    if ac.shape[2] == 1:
+        return ac[:, :, 0].T @ bc[:, :, 0]
+    if ac.shape[2] >= max(ac.shape[1], bc.shape[1]):
+        return torch.bmm(ac, bc.transpose(1, 2)).sum(0)
+    return ac.transpose(1, 2).reshape(-1, ac.shape[1]).T @ bc.transpose(1, 2).reshape(-1, bc.shape[1])
 
 
 class Moments:
@@ -29,10 +63,14 @@ class Moments:
 
     def update(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Add a (samples, C) batch; returns the batch's own per-channel mean and (population) std."""
-        x = _at_least_float32(x)
-        n = x.shape[0]
-        mean = x.mean(0)
-        m2 = ((x - mean) ** 2).sum(0)
+        return self.update_channels(x, -1)
+
+    def update_channels(self, t: torch.Tensor, channel_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add a batch in its own layout, e.g. (N, C, H, W) with ``channel_dim`` 1 (every image × position a
+        sample), without reshaping it; returns the batch's own per-channel mean and (population) std."""
+        x3 = channel_view(_at_least_float32(t), channel_dim)
+        n = x3.shape[0] * x3.shape[2]
+        mean, _, m2 = _centred(x3)
         self._combine(n, mean.double(), m2.double())
         return mean, (m2 / max(n, 1)).sqrt()
 
@@ -62,7 +100,9 @@ class Moments:
 class Extremes:
     """Per-channel minimum and maximum of a stream of (samples, C) batches, and how many samples equal each.
 
-    Exact (no rounding) and independent of batching and order, so it merges like :class:`Moments`.
+    Exact (no rounding) and independent of batching and order, so it merges like :class:`Moments`. Batches
+    added with :meth:`update_channels` count only where a batch could be all but one equal (the counts of the
+    other channels are 0, a lower bound that keeps :meth:`all_but_one_equal` exact).
     """
 
     def __init__(self) -> None:
@@ -77,6 +117,30 @@ class Extremes:
             return
         lo, hi = x.min(0).values, x.max(0).values
         self._combine(x.shape[0], lo, (x == lo).sum(0), hi, (x == hi).sum(0))
+
+    def update_channels(self, x3: torch.Tensor, m2: torch.Tensor) -> None:
+        """Add an (A, C, S) batch (:func:`channel_view`) whose per-channel sum of squared deviations is ``m2``.
+
+        A channel whose samples all but one equal its minimum (or maximum) has m2 = R²·(n−1)/n, R its range
+        (0 if constant); one with a larger m2 — beyond the rounding of m2 and R, bounded by a few ulps of the
+        largest magnitude M per sample — has at least two samples off each extreme, so only the others are
+        counted (one small gathered copy), and the rest count 0.
+        """
+        n = x3.shape[0] * x3.shape[2]
+        if n == 0:
+            return
+        lo, hi = x3.amin(2).amin(0), x3.amax(2).amax(0)
+        n_lo = torch.zeros(x3.shape[1], dtype=torch.int64, device=x3.device)
+        n_hi = n_lo.clone()
+        ulp = torch.finfo(x3.dtype).eps * torch.maximum(lo.abs(), hi.abs()).double()
+        bound = (math.sqrt(1.01 * (n - 1) / n) * ((hi - lo).double() + 2 * ulp)
+                 + math.sqrt(n) * (math.log2(n) + 4) * ulp)
+        maybe = (m2.double().sqrt() <= bound).nonzero().flatten()
+        if maybe.numel():
+            sub = x3.index_select(1, maybe)
+            n_lo[maybe] = _channel_sum((sub == lo[maybe].view(1, -1, 1)).to(torch.int64))
+            n_hi[maybe] = _channel_sum((sub == hi[maybe].view(1, -1, 1)).to(torch.int64))
+        self._combine(n, lo, n_lo, hi, n_hi)
 
     def _combine(self, n: int, lo: torch.Tensor, n_lo: torch.Tensor, hi: torch.Tensor, n_hi: torch.Tensor) -> None:
         if self.lo is None:
@@ -110,17 +174,23 @@ class CoMoments:
         self.ext_a, self.ext_b = Extremes(), Extremes()  # for :meth:`dead`
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Add a batch of (samples, Ca) and (samples, Cb), row i of both from the same sample."""
+        self.update_channels(a, b, -1)
+
+    def update_channels(self, a: torch.Tensor, b: torch.Tensor, channel_dim: int = 1) -> None:
+        """Add a batch in its own layout (e.g. (N, C, H, W), ``channel_dim`` 1), without reshaping it: each
+        batch's moments are computed once, from one centring of each side."""
         a, b = _at_least_float32(a), _at_least_float32(b)
         if a.dtype != b.dtype:
             a, b = a.double(), b.double()
-        n = a.shape[0]
-        ma, mb = a.mean(0), b.mean(0)
-        cab = (a - ma).T @ (b - mb)  # (Ca, Cb)
-        self._combine(n, ma.double(), mb.double(), cab.double())
-        self.a._combine(n, ma.double(), ((a - ma) ** 2).sum(0).double())
-        self.b._combine(n, mb.double(), ((b - mb) ** 2).sum(0).double())
-        self.ext_a.update(a)
-        self.ext_b.update(b)
+        a3, b3 = channel_view(a, channel_dim), channel_view(b, channel_dim)
+        n = a3.shape[0] * a3.shape[2]
+        (ma, ac, m2a), (mb, bc, m2b) = _centred(a3), _centred(b3)
+        self._combine(n, ma.double(), mb.double(), _cross(ac, bc).double())
+        self.a._combine(n, ma.double(), m2a.double())
+        self.b._combine(n, mb.double(), m2b.double())
+        self.ext_a.update_channels(a3, m2a)
+        self.ext_b.update_channels(b3, m2b)
 
     def _combine(self, n: int, ma: torch.Tensor, mb: torch.Tensor, cab: torch.Tensor) -> None:
         if self.cab is None:
@@ -128,11 +198,13 @@ class CoMoments:
             return
         n0 = self.a.n
         da, db = ma.to(self.a.mean.device) - self.a.mean, mb.to(self.b.mean.device) - self.b.mean
-        self.cab = self.cab + cab.to(self.cab.device) + torch.outer(da, db) * (n0 * n / (n0 + n))
+        self.cab += cab.to(self.cab.device)  # in place: a (Ca, Cb) float64 sum is the largest buffer of a pass
+        self.cab.addr_(da, db, alpha=n0 * n / (n0 + n))
 
     def merge(self, other: "CoMoments") -> None:
         if other.cab is not None:
-            self._combine(other.a.n, other.a.mean, other.b.mean, other.cab)
+            cab = other.cab if self.cab is not None else other.cab.clone()  # self.cab is updated in place
+            self._combine(other.a.n, other.a.mean, other.b.mean, cab)
             self.a.merge(other.a)
             self.b.merge(other.b)
             self.ext_a.merge(other.ext_a)
