@@ -87,6 +87,41 @@ def child(case: dict) -> dict:
             "run_folder_bytes": _bytes(out.rglob("*"))}
 
 
+def static_alternative(run: Path, data: str, layer: str) -> dict:
+    """The other lean form, measured on the same view: the leanest static markup of a layer's pairwise page (one
+    ``<i>`` per tile: sheet class, offset, tooltip; one heading per channel; no template engine), against the
+    data page this checkout writes — bytes and seconds of each for that one view."""
+    from mergescope.data import open_dataset
+    from mergescope.probe import load_probe
+    from mergescope.report.feature_views import views_from_probe
+    from mergescope.report.features import render_feature_pages
+    from mergescope.report.sprites import sprite_layout
+
+    dataset, probe = open_dataset(data, split="train"), load_probe(run / "probe")
+    rows = {"A": "A", "B (before permutation)": "B", "B aligned to A": "B_aligned"}
+    [view] = views_from_probe(probe, rows, "pair", "A and B", layers=[layer])
+    t0 = time.perf_counter()
+    render_feature_pages(run / "alt", dataset, [view])
+    data_s = time.perf_counter() - t0
+    data_bytes = (run / "alt" / "features" / f"pair_{layer}.html").stat().st_size
+    t0 = time.perf_counter()
+    ids = sorted({int(i) for v in view.rows.values() for i in v.ravel() if i >= 0})
+    tiles = sprite_layout(ids, "sprites", "pair", "jpg", 56)
+    sheets = {t: n for n, t in enumerate(dict.fromkeys(t.sheet for t in tiles.values()))}
+    parts = []
+    for c in range(len(next(iter(view.rows.values())))):
+        parts.append(f'<section id="c{c}"><h3>channel {c}</h3>')
+        for label, table in view.rows.items():
+            cells = "".join(f'<i class="s{sheets[tiles[int(i)].sheet]}" style="background-position:-{tiles[int(i)].x}px '
+                            f'-{tiles[int(i)].y}px" title="image {int(i)} ({dataset.classes[int(dataset.targets[int(i)])]})'
+                            f': {float(v):.3g}"></i>' for i, v in zip(table[c], view.values[label][c]) if i >= 0)
+            parts.append(f'<div class="frow"><span class="lbl">{label}</span>{cells}</div>')
+        parts.append("</section>")
+    static_bytes = len("".join(parts).encode())
+    return {"layer": layer, "data_page_bytes": data_bytes, "data_page_seconds": data_s,
+            "static_markup_bytes": static_bytes, "static_markup_seconds": time.perf_counter() - t0}
+
+
 def run_child(src: Path, case: dict) -> dict:
     env = {**os.environ, "PYTHONPATH": str(src), "OMP_WAIT_POLICY": "PASSIVE"}
     proc = subprocess.run([sys.executable, __file__, "--child", json.dumps(case)], env=env, capture_output=True,
@@ -144,6 +179,12 @@ def main() -> None:
                   f"share {a['render_share'] / b['render_share']:.3f}, page bytes "
                   f"{a['page_bytes'] / b['page_bytes']:.4f}, {b['big_layer']} bytes "
                   f"{a['big_layer_bytes'] / b['big_layer_bytes']:.4f}, run total {a['seconds'] / b['seconds']:.3f}")
+    if "alexnet" in cases:
+        alt = static_alternative(work / "alexnet_after", cases["alexnet"]["data"], cases["alexnet"]["big_layer"])
+        results["alexnet"]["alternative"] = alt
+        print(f"alexnet  {alt['layer']} pairwise page, two lean forms: data + script {alt['data_page_bytes'] / 1e6:.3f} MB "
+              f"in {alt['data_page_seconds']:.2f} s; leanest static markup {alt['static_markup_bytes'] / 1e6:.3f} MB "
+              f"in {alt['static_markup_seconds']:.2f} s (ratio {alt['static_markup_bytes'] / alt['data_page_bytes']:.1f}×)")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
 

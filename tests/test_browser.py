@@ -104,6 +104,8 @@ def visits(run_dir, driver) -> dict[Path, dict]:
     for page in _pages(run_dir):
         driver.get(page.as_uri())
         assert driver.execute_script("return document.readyState") == "complete", page
+        if DATA_ID in _ids(page, {}):  # a feature page: its tiles are drawn once its data is unpacked
+            assert driver.execute_async_script(_DRAWN, None) is not None, f"{page.name}: nothing drawn"
         out[page] = {"title": driver.title, "images": driver.execute_script(_IMAGES),
                      "backgrounds": driver.execute_async_script(_LOAD_BACKGROUNDS),
                      "links": driver.execute_script(_LINKS), "sortable": driver.execute_script(_SORTABLE),
@@ -153,18 +155,33 @@ def _ids(path: Path, cache: dict[Path, set[str]]) -> set[str]:
     return cache[path]
 
 
-# A feature page draws its channels from its data: whether #c<j> exists is asked of the page after the hash moved.
+# A feature page draws its channels from its data, once it has unpacked it: whether #c<j> exists is asked of the
+# page after the hash moved, waiting (up to 5 s) for the script to draw it.
 _HAS_ID = """
 const [id, done] = [arguments[0], arguments[arguments.length - 1]];
-if (location.hash === "#" + id) { done(!!document.getElementById(id)); return; }
-window.addEventListener("hashchange", () => done(!!document.getElementById(id)), {once: true});
-location.hash = id;
+if (location.hash !== "#" + id) location.hash = id;
+const until = Date.now() + 5000;
+(function poll() {
+  if (document.getElementById(id) || Date.now() > until) done(!!document.getElementById(id));
+  else setTimeout(poll, 10);
+})();
+"""
+# Waits (up to 10 s) until the feature page's script has drawn page arguments[0] (null: any page); its number.
+_DRAWN = """
+const [page, done] = [arguments[0], arguments[arguments.length - 1]];
+const until = Date.now() + 10000;
+(function poll() {
+  const drawn = document.documentElement.dataset.drawn;
+  if ((drawn !== undefined && (page === null || drawn === String(page))) || Date.now() > until) done(drawn ?? null);
+  else setTimeout(poll, 10);
+})();
 """
 
 
 def _drawn_ids(driver, page: Path, fragments: set[str]) -> set[str]:
     """The fragments that name an element of ``page`` once its script has shown them."""
     driver.get(page.as_uri())
+    assert driver.execute_async_script(_DRAWN, None) is not None, f"{page.name}: nothing drawn"
     return {f for f in sorted(fragments) if driver.execute_async_script(_HAS_ID, f)}
 
 
@@ -243,6 +260,7 @@ def test_every_feature_page_draws_every_channel_with_its_tiles(run_dir, driver, 
         seen = []
         for start in range(0, len(order), per):
             driver.get(f"{page.as_uri()}#c{order[start]}")
+            assert driver.execute_async_script(_DRAWN, start // per) == str(start // per), f"{page.name} {start}"
             seen += driver.execute_script(_SECTIONS)
         want = [[f"c{c}", len(ids), sum(int((rows[i] >= 0).sum()) for rows in ids.values())]
                 for i, c in enumerate(order)]

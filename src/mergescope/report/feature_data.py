@@ -10,17 +10,20 @@ little script (``templates/_feature_page.js``) draws one page of channels at a t
               ``u // per_sheet``, row-major in a grid of ``cols`` columns of ``tile`` px
               (:func:`mergescope.report.sprites.sprite_layout`)
 ``rows``      row labels (``R``); ``k`` tiles per channel and row
-``tiles``     base64 of little-endian uint16 (uint32 when there are 65,535 images or more) [R, n, k]; the
-              dtype's maximum means no image
-``values``    base64 of little-endian float16 [R, n, k] (float32 when a value is beyond float16's range); NaN:
-              no value. float16 keeps 3 significant digits, what the tooltip shows.
+``tiles``     little-endian uint16 (uint32 when there are 65,535 images or more) [R, n, k]; the dtype's maximum
+              means no image
+``values``    little-endian float16 [R, n, k] (float32 when a value is beyond float16's range); NaN: no value.
+              float16 keeps 3 significant digits, what the tooltip shows.
 ``info``      metric name -> value per shown channel (4 significant digits; null: not defined)
 
-A 4,096-channel layer with three rows of ten images is ~0.65 MB of base64, against ~35 MB of markup.
+``tiles`` and ``values`` are packed: their bytes split into byte planes (all first bytes, then all second bytes),
+gzipped, base64 (the page unpacks them with the browser's ``DecompressionStream``). A 4,096-channel layer with
+three rows of ten images is ~0.3 MB, against ~17 MB of markup before (bench/RESULTS.md, 2026-12-02).
 """
 from __future__ import annotations
 
 import base64
+import gzip
 import json
 import re
 from collections.abc import Sequence
@@ -36,12 +39,17 @@ DATA_ID = "feature-data"  # the id of the page's <script type="application/json"
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def _b64(a: np.ndarray) -> str:
-    return base64.b64encode(np.ascontiguousarray(a).tobytes()).decode("ascii")
+def _pack(a: np.ndarray) -> str:
+    """base64 of the gzip of ``a``'s bytes split into byte planes (every element's first byte, then every second
+    byte...: the high bytes of small indices and the exponents of similar values compress well)."""
+    planes = np.frombuffer(np.ascontiguousarray(a).tobytes(), np.uint8).reshape(-1, a.dtype.itemsize).T
+    return base64.b64encode(gzip.compress(planes.tobytes(), compresslevel=9, mtime=0)).decode("ascii")
 
 
-def _unb64(text: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    return np.frombuffer(base64.b64decode(text), dtype=dtype).reshape(shape)
+def _unpack(text: str, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    size = np.dtype(dtype).itemsize
+    planes = np.frombuffer(gzip.decompress(base64.b64decode(text)), np.uint8).reshape(size, -1)
+    return np.frombuffer(planes.T.tobytes(), dtype=dtype).reshape(shape)
 
 
 def _short(x) -> float | None:
@@ -80,8 +88,8 @@ def encode_view(view, dataset, images: Sequence[int], sheet_urls: Sequence[str],
             "images": images.tolist(), "classes": [str(c) for c in dataset.classes],
             "image_class": targets[images].astype(int).tolist(),
             "sheets": [{"url": u, "cols": sheet_columns(n)} for u, n in zip(sheet_urls, counts)],
-            "rows": labels, "k": k, "tile_dtype": tile_dtype, "tiles": _b64(tiles),
-            "value_dtype": value_dtype, "values": _b64(values.astype(value_dtype)),
+            "rows": labels, "k": k, "tile_dtype": tile_dtype, "tiles": _pack(tiles),
+            "value_dtype": value_dtype, "values": _pack(values.astype(value_dtype)),
             "info": {name: [_short(v[c]) for c in order] for name, v in view.channel_info.items()}}
 
 
@@ -109,11 +117,11 @@ def decode(record: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per row label, the image ids (int64 [n, k], -1: none) and values (float64 [n, k], NaN: none) of the
     channels of ``record["order"]``, in that order — what the page shows."""
     r, n, k = len(record["rows"]), len(record["order"]), record["k"]
-    tiles = _unb64(record["tiles"], record["tile_dtype"], (r, n, k))
+    tiles = _unpack(record["tiles"], record["tile_dtype"], (r, n, k))
     images = np.asarray(record["images"], dtype=np.int64)
     none = tiles == np.iinfo(record["tile_dtype"]).max
     ids = np.where(none, -1, images[np.where(none, 0, tiles)] if len(images) else -1)
-    values = _unb64(record["values"], record["value_dtype"], (r, n, k)).astype(np.float64)
+    values = _unpack(record["values"], record["value_dtype"], (r, n, k)).astype(np.float64)
     return ({label: ids[i] for i, label in enumerate(record["rows"])},
             {label: values[i] for i, label in enumerate(record["rows"])})
 

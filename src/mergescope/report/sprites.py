@@ -111,5 +111,6 @@ def write_sprites(dataset, ids: Iterable[int], out_dir: Path, prefix: str, size:
         for image_id in chunk:
             sheet.paste(tiles_of(image_id), (tiles[image_id].x, tiles[image_id].y))
         with atomic_path(out_dir / f"{prefix}_{n}.{ext}") as tmp:
-            sheet.save(tmp, format=fmt, **({"quality": 88} if fmt == "JPEG" else {"optimize": True}))
+            # PNG at zlib's default level: optimize=True made sheets 4% smaller in 3x the time
+            sheet.save(tmp, format=fmt, **({"quality": 88} if fmt == "JPEG" else {"compress_level": 6}))
     return tiles
