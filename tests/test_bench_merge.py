@@ -155,3 +155,23 @@ def test_merge_plan_counts_the_passes_of_combining_methods(bench):
         merge_run(models, train, {}, MergeConfig(["greedy_soup"]))
     with pytest.raises(MergescopeError, match="^'permuted>mergemany': the part after '>' must be an aggregation"):
         merge_run(models, train, {}, MergeConfig(["permuted>mergemany"]))
+
+
+def test_the_reading_is_computed_from_the_rows():
+    from mergescope.report.bench_pages import read_table
+
+    def row(w, method, family, acc, loss=1.0):
+        return {"workload": w, "method": method, "family": family, "split": "test", "accuracy": acc, "loss": loss,
+                "accuracy_a": acc, "accuracy_b": acc}
+
+    rows = [row("w1", "model 0 (a)", "input", 0.8), row("w1", "logit_ensemble", "ensemble", 0.9),
+            row("w1", "permuted+repair", "alignment", 0.7), row("w1", "ties", "aggregation", 0.5),
+            row("w2", "model 0 (a)", "input", 0.6, 0.3), row("w2", "greedy_soup", "aggregation", 0.6, 0.3),
+            row("w2", "zipit+repair", "map", 0.4), row("w2", "regmean", "aggregation", 0.45)]
+    text = read_table(rows)
+    assert "on w1, neuron alignment wins among the merges (permuted+repair, 70.0%, 10.0 points below the best " \
+           "single model, 20.0 points short of the logit_ensemble; best of weight aggregation 50.0%)" in text
+    assert "on w2, weight aggregation wins among the merges (regmean, 45.0%" in text
+    assert "greedy_soup returned one of the input models" in text
+    assert text.endswith("Overall: neuron alignment on 1 of 2 workloads (w1); weight aggregation on 1 of 2 "
+                         "workloads (w2).")

@@ -31,14 +31,23 @@ def _split(rows: Sequence[Mapping]) -> str | None:
     return "test" if "test" in splits else (splits[0] if splits else None)
 
 
+def _same_model(a: Mapping, b: Mapping) -> bool:
+    """Whether two rows score alike to the last digit (a greedy soup that kept one ingredient is that model)."""
+    return all(abs(a[k] - b[k]) <= 1e-12 for k in ("accuracy", "loss", "accuracy_a", "accuracy_b") if _ok(a[k]))
+
+
 def workload_summary(rows: Sequence[Mapping], workload: str, split: str) -> dict:
-    """One workload's best merge (no ensemble, no input model), its ensemble (the best one) and best single model."""
+    """One workload's best merge (no ensemble, no input model, and no merge that scores exactly as one of the
+    inputs: it selected a model rather than merging), its best ensemble and its best single model."""
     mine = [r for r in rows if r["workload"] == workload and r["split"] == split and _ok(r["accuracy"])]
     inputs = [r for r in mine if r["family"] == "input"]
     ensembles = [r for r in mine if r["family"] == "ensemble"]
     merges = [r for r in mine if r["family"] not in ("input", "ensemble")]
+    selected = [r for r in merges if any(_same_model(r, i) for i in inputs)]
+    merges = [r for r in merges if r not in selected]
     pick = lambda rs: max(rs, key=lambda r: r["accuracy"]) if rs else None  # noqa: E731
     return {"best_merge": pick(merges), "ensemble": pick(ensembles), "best_single": pick(inputs),
+            "selected": [r["method"] for r in selected],
             "best_by_family": {SURVEY_FAMILY[f]: pick([r for r in merges if r["family"] == f])
                                for f in dict.fromkeys(r["family"] for r in merges)}}
 
@@ -66,7 +75,10 @@ def read_table(rows: Sequence[Mapping]) -> str:
             text += f", {abs(short):.1f} points {'short of' if short > 0 else 'at or above'} the {ens['method']}"
         others = [f"{f} {100 * r['accuracy']:.1f}%" for f, r in s["best_by_family"].items()
                   if r is not None and f != family]
-        parts.append(text + (f"; best of {', '.join(others)})" if others else ")"))
+        extra = [f"best of {', '.join(others)}"] if others else []
+        if s["selected"]:
+            extra.append(f"{', '.join(s['selected'])} returned one of the input models")
+        parts.append(text + "".join(f"; {e}" for e in extra) + ")")
     if not parts:
         return ""
     tally = "; ".join(f"{family} on {len(ws)} of {len(parts)} workloads ({', '.join(ws)})"

@@ -20,6 +20,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -55,6 +56,7 @@ class BenchConfig:
     batch_size: int = 500
     stats_images: int | None = None  # images of the training split for matching, statistics, REPAIR (None: all)
     eval_splits: Sequence[str] = ("test",)
+    params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)  # method (base) -> hyperparameters
 
 
 @dataclass
@@ -83,10 +85,11 @@ def unavailable(method: str, built: BuiltWorkload) -> str:
     return ""
 
 
-def own_passes(method: str, n: int, matching: str) -> tuple[int, int]:
-    """(data passes, held-out passes) that ``method`` needs on its own over ``n`` models (module docstring)."""
+def own_passes(method: str, n: int, matching: str, params: Mapping[str, Any] | None = None) -> tuple[int, int]:
+    """(data passes, held-out passes) that ``method`` needs on its own over ``n`` models at hyperparameters
+    ``params`` (module docstring)."""
     entry, fix = resolve_method(method)
-    params = entry.defaults()
+    params = entry.resolve(params)
     passes = int("matches" in entry.needs and matching == "activation") + int(bool(entry.places())) + int(bool(fix))
     if not entry.plan_ready:
         passes += method_passes(entry, params, n, "align")["method data"]
@@ -120,7 +123,7 @@ def run_workload(built: BuiltWorkload, train: ImageDataset, evals: Mapping[str, 
     plan = MergePlan(runnable, [(1.0 / n,) * n], matching=cfg.matching, batch_size=cfg.batch_size,
                      stats_ids=pool.tolist(), base=built.base, data=data[0] if same else data,
                      heldout=_heldout_score(train, built.heldout_ids, cfg.batch_size, device),
-                     sample_counts=built.sample_counts)
+                     sample_counts=built.sample_counts, params=cfg.params)
     res = execute_plan(plan, built.models, train, {}, device=device, progress=progress)
     everything = {f"model {k}": m for k, m in enumerate(built.models)}
     everything.update({m: res.merged[m, 0] for m in res.methods})
@@ -147,7 +150,8 @@ def run_workload(built: BuiltWorkload, train: ImageDataset, evals: Mapping[str, 
             row = {"workload": name, "method": method, "family": entry.family, "split": split,
                    "batchnorm": batchnorm_of(method), "note": note}
             if method in res.methods:
-                data_passes, heldout = own_passes(method, n, cfg.matching)
+                data_passes, heldout = own_passes(method, n, cfg.matching,
+                                                  cfg.params.get(split_method(method)[0]))
                 row.update(scored(method), data_passes=data_passes, heldout_passes=heldout,
                            seconds=res.method_seconds.get(split_method(method)[0], 0.0),
                            **inference_cost(res.merged[method, 0]))
