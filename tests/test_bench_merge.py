@@ -175,3 +175,14 @@ def test_the_reading_is_computed_from_the_rows():
     assert "greedy_soup returned one of the input models" in text
     assert text.endswith("Overall: neuron alignment on 1 of 2 workloads (w1); weight aggregation on 1 of 2 "
                          "workloads (w2).")
+
+
+def test_the_command_line_restates_the_bench_defaults(tmp_path, capsys):
+    from mergescope.cli import parser
+    from mergescope.studies import bench_merge
+
+    assert parser.BENCH_METHODS == bench_merge.DEFAULT_METHODS and parser.BENCH_WORKLOADS == \
+        bench_merge.DEFAULT_WORKLOADS
+    assert main(["bench-merge", *ARGS, "--workloads", "seed", "--out", str(tmp_path / "b")]) == 2
+    assert capsys.readouterr().err == "error: unknown workload 'seed'; known: seeds, halves, halves_finetune, " \
+                                      "stratified_finetune, hparams, checkpoints\n" and not (tmp_path / "b").exists()

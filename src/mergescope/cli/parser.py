@@ -17,6 +17,10 @@ from . import commands as C
 MATCHINGS = ("activation", "weight")  # mergescope.studies.plan.MATCHINGS
 MATCH_POINTS = ("stage_end", "all")  # mergescope.perm.spec.MATCH_POINTS
 STUDY_STAGES = ("train", "sweep", "features", "compare", "regress", "merge")  # mergescope.studies.study.STAGES
+BENCH_METHODS = ("logit_ensemble", "prob_ensemble", "naive", "fedavg", "swa", "uniform_soup", "greedy_soup",
+                 "task_arithmetic", "ties", "dare", "breadcrumbs", "fisher", "regmean", "permuted", "permuted+repair",
+                 "permuted+reset", "ste", "zipit+repair", "permuted>ties")  # mergescope.studies.bench_merge's
+BENCH_WORKLOADS = ("seeds", "halves", "halves_finetune", "stratified_finetune", "hparams", "checkpoints")
 REQUIRED = "_required"  # the parser default naming a command's required options (checked after --config)
 
 
@@ -274,17 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="start", choices=STUDY_STAGES, metavar="STAGE", help="rerun this stage and every "
                    "stage after it")
 
-    bench_methods = ("logit_ensemble prob_ensemble naive fedavg swa uniform_soup greedy_soup task_arithmetic ties "
-                     "dare breadcrumbs fisher regmean permuted permuted+repair permuted+reset ste zipit+repair "
-                     "permuted>ties")
     p = _command(sub, "bench-merge", "every merge method on workloads trained for each family (independent seeds, "
                  "ZipIt!'s class halves, fine-tunes of one base, checkpoints of one run): one table of accuracy per "
                  "subset and overall, data passes, seconds; CSV and a report",
                  [common, model_options(), data_options(stats_split), eval_options(), run_options(),
-                  batch_options(500), matching_options(), merging_options(bench_methods, combining=True)],
+                  batch_options(500), matching_options(), merging_options(" ".join(BENCH_METHODS), combining=True)],
                  C.bench_merge, required=("data", "out", "arch"))
-    p.add_argument("--workloads", nargs="+", metavar="NAME", help="default: seeds halves halves_finetune "
-                   "stratified_finetune hparams checkpoints (mergescope.studies.workloads)")
+    p.add_argument("--workloads", nargs="+", metavar="NAME", help=f"default: {' '.join(BENCH_WORKLOADS)} "
+                   "(mergescope.studies.workloads)")
     p.add_argument("--models", type=T.positive_int, default=2, help="models per workload where the count is free "
                    "(seeds, hparams, checkpoints)")
     p.add_argument("--epochs", type=T.positive_int, default=3, help="epochs from scratch (and of the base)")
