@@ -87,14 +87,15 @@ def main() -> None:
     p.add_argument("--checkpoints", help="where the workloads' models are trained and reused (default OUT/checkpoints)")
     p.add_argument("--arch", default="resnet20")
     p.add_argument("--width", type=int, default=1)
-    p.add_argument("--train-images", type=int, default=2000)
-    p.add_argument("--test-images", type=int, default=1000)
-    p.add_argument("--holdout", type=int, default=200)
+    p.add_argument("--train-images", type=int, default=1500)
+    p.add_argument("--test-images", type=int, default=500)
+    p.add_argument("--holdout", type=int, default=150)
     p.add_argument("--models", type=int, default=2)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--finetune-epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--finetune-lr", type=float, default=0.02)
+    p.add_argument("--train-batch-size", type=int, default=64, help="images per SGD step")
     p.add_argument("--augment", action="store_true")
     p.add_argument("--stats-images", type=int, default=500)
     p.add_argument("--fisher-examples", type=int, default=256, help="images per model for its Fisher (the registry's "
@@ -109,7 +110,7 @@ def main() -> None:
     test = subset(open_dataset(args.data, split="test"), args.test_images)
     wcfg = WorkloadConfig(arch=args.arch, arch_kwargs={"width": args.width}, models=args.models, epochs=args.epochs,
                           finetune_epochs=args.finetune_epochs, lr=args.lr, finetune_lr=args.finetune_lr,
-                          augment=args.augment, holdout=args.holdout)
+                          batch_size=args.train_batch_size, augment=args.augment, holdout=args.holdout)
     cfg = BenchConfig(workloads=args.workloads, methods=args.methods, train=wcfg, stats_images=args.stats_images,
                       params={"fisher": {"examples": args.fisher_examples}})
     out = Path(args.out)
