@@ -28,7 +28,16 @@ Goal
     and identical results: the script asserts that both schedules give the same permutations (the statistics
     are the same) and the same repaired weights.
 
+Statistics over forward (``--stats``, issue 14)
+    Each pass on its own next to the bare forwards of the models it runs, on the same pre-loaded batches,
+    interleaved, median of ``--repeats``: matching (A, B), REPAIR of 3 merged models (A, B eval; the merged models
+    in the mode the pass runs them: BatchNorm in train mode where REPAIR resets it), evaluation (A, B) and the
+    joint covariance of the map merges (A, B). Statistics = in-pass seconds − bare seconds, over bare seconds
+    (goal ≤ 0.3). Models: vgg11_bn and resnet20 (w1) on CIFAR-10 (``--data``) or random 32² images, tv_alexnet
+    on random 3×224² images. Run it with ``PYTHONPATH=<older checkout>/src`` for the "before" numbers.
+
 Run
+    python bench/data_passes.py --stats --models vgg11_bn resnet20 tv_alexnet --repeats 3
     python bench/data_passes.py                                  # default, ~3 min on a busy 2-core CPU
     python bench/data_passes.py --repeats 3                      # median of 3 timings (for RESULTS.md)
     python bench/data_passes.py --data ../shared/datasets/cifar10 --images 1000 --device cuda
@@ -61,6 +70,7 @@ MODELS = {  # name -> (create_model kwargs, random-data input size C,H,W)
     "vgg11_bn": ({}, (3, 32, 32)),
     "resnet20": ({"width": 1}, (3, 32, 32)),
     "tv_resnet50": ({}, (3, 64, 64)),
+    "tv_alexnet": ({}, (3, 224, 224)),
 }
 _OPENED: dict = {}
 
@@ -216,6 +226,90 @@ def bench_model(name: str, args, device) -> dict:
     }
 
 
+def bench_stats(name: str, args, device) -> dict:
+    """Each pass's in-pass seconds next to the bare forwards of the same models (module docstring)."""
+    from mergescope.align import group_covariances
+    from mergescope.evaluate import evaluate_models
+    from mergescope.merge.repair import _reset_mode, repair_plan
+
+    kwargs, size = MODELS[name]
+    if args.data and size[1] <= 32:
+        ds = _OPENED.setdefault(args.data, open_dataset(args.data, split="train"))
+        n = min(args.images, len(ds))
+    else:
+        n = args.images if size[1] <= 64 else args.alex_images
+        ds = random_dataset(n, size, seed=0)
+    ids = torch.arange(n)
+    loaded = list(iter_batches(ds, args.batch_size, ids=ids))  # data loading is in neither timing
+    torch.manual_seed(0)
+    a = calibrate_bn(create_model(name, **kwargs), loaded, device)
+    torch.manual_seed(1)
+    b = calibrate_bn(create_model(name, **kwargs), loaded, device)
+    spec = build_spec(a, loaded[0].x[:8].to(device))
+    [match] = match_many(a, [b], spec, loaded, device=device)
+    aligned = permute_model(b, spec, match.perms)
+    alphas = (0.25, 0.5, 0.75)
+
+    def in_pass(run) -> float:
+        """Seconds from a pass's first batch to its exhaustion (no tracing, no solving)."""
+        span = []
+
+        def timed_batches():
+            t0 = time.perf_counter()
+            yield from loaded
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            span.append(time.perf_counter() - t0)
+        run(timed_batches())
+        return span[0]
+
+    def bare(models) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            for batch in loaded:
+                x = batch.x.to(device)
+                for m in models:
+                    m(x)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def merged_models():
+        return [interpolate_model(a, aligned, al) for al in alphas]
+
+    _, reset_bn = repair_plan(spec)
+    plain_merged = [(_reset_mode(m) if reset_bn else m.eval()) for m in merged_models()]
+    passes = {
+        "matching": (lambda bs: match_many(a, [b], spec, bs, device=device), [a, b]),
+        "REPAIR x3": (lambda bs: repair_and_reset(a, aligned, spec, bs, repair=list(zip(alphas, merged_models())),
+                                                  device=device), [a.eval(), aligned.eval(), *plain_merged]),
+        "evaluation": (lambda bs: evaluate_models({"a": a, "b": b}, bs, device=device), [a, b]),
+        "covariance": (lambda bs: group_covariances(a, [b], spec, bs, device=device), [a, b]),
+    }
+    bare(passes["matching"][1])  # warm-up
+    rows = {}
+    for label, (run, models) in passes.items():
+        times, bares = [], []
+        for _ in range(args.repeats):
+            bares.append(bare(models))
+            times.append(in_pass(run))
+            a.eval(), b.eval()
+        t, f = statistics.median(times), statistics.median(bares)
+        rows[label] = {"models": len(models), "bare": f, "pass": t, "stats/fwd": (t - f) / f}
+    return {"model": name, "images": n, "rows": rows}
+
+
+def main_stats(args, device) -> None:
+    print(f"{'model':<12} {'pass':<11} {'models':>6} {'images':>6} {'bare fwd s':>10} {'in-pass s':>9} "
+          f"{'stats / fwd':>11}")
+    for name in args.models:
+        r = bench_stats(name, args, device)
+        for label, row in r["rows"].items():
+            print(f"{name:<12} {label:<11} {row['models']:>6} {r['images']:>6} {row['bare']:>10.2f} "
+                  f"{row['pass']:>9.2f} {row['stats/fwd']:>11.2f}", flush=True)
+    print(f"loadavg after: {os.getloadavg()[0]:.2f}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -227,6 +321,8 @@ def main() -> None:
                    "(e.g. ../shared/datasets/cifar10); default: random images")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    p.add_argument("--stats", action="store_true", help="each pass's statistics time over its bare forwards")
+    p.add_argument("--alex-images", type=int, default=64, help="with --stats: random 224² images for tv_alexnet")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -235,6 +331,9 @@ def main() -> None:
           f"alphas={args.alphas} repeats={args.repeats} data={args.data or 'random'} "
           f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
           f"loadavg(1m,5m)={load[0]:.2f},{load[1]:.2f}")
+    if args.stats:
+        main_stats(args, device)
+        return
     out = []
     for name in args.models:
         r = bench_model(name, args, device)
