@@ -1,6 +1,6 @@
 """Per-class loss and accuracy of many models in one pass, and the accuracy on a subset of the classes — ZipIt!'s
-per-task accuracy (Stoica et al. 2024, Table 1: a model merged from a "classes 0-4" and a "classes 5-9" model is
-scored on all test images — joint — and on the test images of each half's classes, over all ten logits).
+per-task accuracy (Stoica et al. 2024, Table 1: a model merged from a "classes 0-4" and a "classes 5-9"
+model is scored on all test images — joint — and on the test images of each half's classes, over all ten logits).
 
 The subset's accuracy is Σ_{c∈S} correct_c / Σ_{c∈S} n_c: the images of those classes only (their predictions still
 range over every class); the joint accuracy is the same sum over all classes.

@@ -124,17 +124,22 @@ Every number is in <a href="{{ csv }}"><code>{{ csv }}</code></a>.</p>
 <p class="headline">{{ reading }}</p>
 {% for w in workloads %}
 <h3>{{ w.name }}</h3>
-<p>Models: {{ w.members | join(", ") }}; shared passes: {% for k, v in w.passes.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}.</p>
+<p>Models: {{ w.members | join(", ") }}; shared passes:
+{% for k, v in w.passes.items() %}{{ k }} {{ v }}{% if not loop.last %}, {% endif %}{% endfor %}.</p>
 {% if w.figure %}<figure><img src="{{ w.figure }}" alt="accuracy of every method on {{ w.name }}"></figure>{% endif %}
 <table>
-<thead><tr><th>Method</th><th>Family</th><th>Split</th><th class="num">Accuracy</th><th class="num">{{ w.subset_a }}</th>
-<th class="num">{{ w.subset_b }}</th><th class="num">Loss</th><th class="num">Passes</th><th class="num">Held-out</th>
-<th class="num">Seconds</th><th>BatchNorm</th><th class="num">Parameters</th><th class="num">Forward passes</th><th>Note</th></tr></thead>
+<thead><tr><th>Method</th><th>Family</th><th>Split</th><th class="num">Accuracy</th>
+<th class="num">{{ w.subset_a }}</th><th class="num">{{ w.subset_b }}</th><th class="num">Loss</th>
+<th class="num">Passes</th><th class="num">Held-out</th><th class="num">Seconds</th><th>BatchNorm</th>
+<th class="num">Parameters</th><th class="num">Forward passes</th><th>Note</th></tr></thead>
 <tbody>
-{% for r in w.rows %}<tr><td>{{ r.method }}</td><td>{{ r.family }}</td><td>{{ r.split }}</td><td class="num">{{ pct(r.accuracy) }}</td>
-<td class="num">{{ pct(r.accuracy_a) }}</td><td class="num">{{ pct(r.accuracy_b) }}</td><td class="num">{{ num(r.loss, 4) }}</td>
-<td class="num">{{ num(r.data_passes, 0) }}</td><td class="num">{{ num(r.heldout_passes, 0) }}</td><td class="num">{{ num(r.seconds, 2) }}</td>
-<td>{{ r.batchnorm or "" }}</td><td class="num">{{ num(r.parameters, 0) }}</td><td class="num">{{ num(r.forward_passes, 0) }}</td><td>{{ r.note or "" }}</td></tr>
+{% for r in w.rows %}<tr><td>{{ r.method }}</td><td>{{ r.family }}</td><td>{{ r.split }}</td>
+<td class="num">{{ pct(r.accuracy) }}</td><td class="num">{{ pct(r.accuracy_a) }}</td>
+<td class="num">{{ pct(r.accuracy_b) }}</td><td class="num">{{ num(r.loss, 4) }}</td>
+<td class="num">{{ num(r.data_passes, 0) }}</td><td class="num">{{ num(r.heldout_passes, 0) }}</td>
+<td class="num">{{ num(r.seconds, 2) }}</td><td>{{ r.batchnorm or "" }}</td>
+<td class="num">{{ num(r.parameters, 0) }}</td>
+<td class="num">{{ num(r.forward_passes, 0) }}</td><td>{{ r.note or "" }}</td></tr>
 {% endfor %}</tbody></table>
 {% endfor %}
 """)
