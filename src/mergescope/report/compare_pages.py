@@ -10,10 +10,12 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from markupsafe import Markup
 
 from mergescope.runs.atomic import atomic_write_text
 from mergescope.timing import staged
 from mergescope.report.compare_figures import plot_metric_histograms, plot_partial_merge
+from mergescope.report.feature_data import script_json
 from mergescope.report.features import channel_href
 from mergescope.report.html import FIGURES_DIR, _environment
 
@@ -93,6 +95,11 @@ def render_channel_tables(run_dir: str | os.PathLike, result, views: Sequence[st
     """Write ``features/table_<layer>.html``: every channel of a layer with every metric, sortable by any
     column, each channel linked to its feature views (``<view>_<layer>.html#c<channel>``).
 
+    The rows are data in the page (per channel: id, dead, then per column a number — 6 significant digits —, a
+    one-element list for a value not trusted, null, or the number of a category's text in ``texts``) that its
+    script turns into the table,
+    so a 4,096-channel layer is not megabytes of markup.
+
     Args:
         views: slugs of the feature views to link (those whose pages exist under ``features/``).
 
@@ -121,30 +128,29 @@ def render_channel_tables(run_dir: str | os.PathLike, result, views: Sequence[st
                     columns.append((f"{name.format(emb=embedding_label(_kind(result)))} {lab}", col, rs))
         columns = [c for c in columns if not (c[1] == "clip_delta" and result.embedder is None)]
         consensus = next(iter(by_pair.values()))[0]["consensus"] != ""
-        table = []
+        table, texts = [], {}  # texts: category text -> its number in the data
         for j in range(channels):
-            cells = []
+            cells: list = []
             for _, metric, rs in columns:
                 r = rs[j]
                 if metric in _TEXT:
-                    text = r.get(metric) or ""
-                    cells.append({"text": text, "sort": text, "num": False, "flag": False})
+                    cells.append(texts.setdefault(r.get(metric) or "", len(texts)))
                     continue
                 v, ok = r[metric], _usable(r, metric)
-                cells.append({"text": "" if v is None else f"{v:.3f}", "sort": f"{v:.6g}" if ok else "",
-                              "num": True, "flag": v is not None and not ok})
+                cells.append(None if v is None else float(f"{v:.6g}") if ok else [float(f"{v:.6g}")])
             if consensus:
                 for col in ("consensus", "consensus_fixed_threshold"):
-                    c = by_pair[pairs[0]][j].get(col) or "" if pairs[0] in by_pair else ""
-                    cells.append({"text": c, "sort": c, "num": False, "flag": False})
-            dead = any(rs[j]["dead"] for rs in by_pair.values())
-            table.append({"channel": j, "dead": dead, "cells": cells,
-                          "links": [{"slug": v, "href": channel_href(v, layer, j)} for v in links]})
+                    text = by_pair[pairs[0]][j].get(col) or "" if pairs[0] in by_pair else ""
+                    cells.append(texts.setdefault(text, len(texts)))
+            table.append([j, int(any(rs[j]["dead"] for rs in by_pair.values())), *cells])
         headers = [{"name": name, "num": metric not in _TEXT} for name, metric, _ in columns]
         if consensus:
             headers += [{"name": "consensus (null)", "num": False},
                         {"name": "consensus, fixed threshold", "num": False}]
-        html = template.render(title=f"Channel table — {layer}", layer=layer, headers=headers, rows=table,
+        data = {"rows": table, "texts": list(texts),
+                "links": [{"slug": v, "page": channel_href(v, layer, 0).split("#")[0]} for v in links]}
+        html = template.render(title=f"Channel table — {layer}", layer=layer, headers=headers,
+                               data=Markup(script_json(data)),
                                delta_label=dl, embedder=result.embedder, subset_size=result.subset_size,
                                quantile_text=_quantile_text(result.rules.get("similar", {}).get("quantile")))
         atomic_write_text(run_dir / FEATURES_DIR / table_name(layer), html)

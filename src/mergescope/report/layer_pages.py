@@ -9,10 +9,13 @@ import os
 from collections.abc import Collection
 from pathlib import Path
 
+from markupsafe import Markup
+
 from ..runs.atomic import atomic_write_text
 from ..timing import staged
 from .channel_pages import METRIC_NAMES, ChannelTables, channel_page
 from .compare_pages import _safe, model_label, table_name
+from .feature_data import script_json
 from .html import FIGURES_DIR, _environment
 
 LAYERS_DIR = "layers"
@@ -77,6 +80,27 @@ def layer_table(tables: ChannelTables, layer: str, linked: Collection[tuple[str,
     return [{"name": h["name"], "num": h["num"]} for h in headers], rows
 
 
+def table_data(headers: list[dict], rows: list[dict]) -> dict:
+    """The rows of :func:`layer_table` as the page's data, drawn by its script: per channel [channel, dead, href or
+    None, cells...], a numeric cell ``null`` (empty), its value (6 significant digits, shown with 3 decimals) or
+    [value, similar, sortable], a text cell the number of its text in ``texts``."""
+    texts: dict[str, int] = {}
+    out = []
+    for r in rows:
+        cells: list = []
+        for h, c in zip(headers, r["cells"]):
+            if not h["num"]:
+                cells.append(texts.setdefault(c["text"], len(texts)))
+            elif c["text"] == "":
+                cells.append(None)
+            elif c["sort"] and not c["similar"]:
+                cells.append(float(c["sort"]))
+            else:
+                cells.append([float(c["sort"] or c["text"]), int(c["similar"]), int(bool(c["sort"]))])
+        out.append([r["channel"], int(r["dead"]), r["href"], *cells])
+    return {"rows": out, "texts": list(texts)}
+
+
 @staged("rendering")
 def render_layer_pages(study_dir: str | os.PathLike, features_dir: str | os.PathLike,
                        tables: ChannelTables | None = None, linked: Collection[tuple[str, int]] | None = None,
@@ -103,11 +127,12 @@ def render_layer_pages(study_dir: str | os.PathLike, features_dir: str | os.Path
         filters = [sorted({r["cells"][i]["text"] for r in rows} - {""}) if not h["num"] else None
                    for i, h in enumerate(headers)]
         html = template.render(
-            title=f"Layer {layer}", layer=layer, root=root, headers=headers, rows=rows, filters=filters,
+            title=f"Layer {layer}", layer=layer, root=root, headers=headers, filters=filters,
+            data=Markup(script_json(table_data(headers, rows))),
             histogram=f"{feats}/{FIGURES_DIR}/{histogram.name}" if histogram.is_file() else None,
             channel_table=f"{feats}/features/{table.name}" if table.is_file() else None)
         written[layer] = atomic_write_text(path, html)
     return written
 
 
-__all__ = ["LAYERS_DIR", "layer_page", "layer_table", "render_layer_pages"]
+__all__ = ["LAYERS_DIR", "layer_page", "layer_table", "render_layer_pages", "table_data"]
