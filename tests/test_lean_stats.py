@@ -1,0 +1,106 @@
+"""The lean pass statistics (issue 14) equal the plain (samples, C) computations they replace, and weight matching's
+incremental cost updates equal recomputing every term."""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from mergescope.align import JointMoments, match_many, weight_matching
+from mergescope.errors import NumericsError
+from mergescope.models import create_model
+from mergescope.perm import build_spec
+from mergescope.probe.stats import CoMoments, Extremes, Moments, as_samples, channel_view
+
+
+def _activations(shape, seed=0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, shape[1]).view(
+        1, -1, *[1] * (len(shape) - 2)).double() + offset).relu()
+
+
+def _plain(x: torch.Tensor):
+    """Mean and sum of squared deviations of (samples, C) data, written out."""
+    mean = x.mean(0)
+    return mean, ((x - mean) ** 2).sum(0)
+
+
+@pytest.mark.parametrize("shape,dim", [((6, 5, 7, 9), 1), ((6, 40, 3, 3), 1), ((11, 7), 1), ((4, 3, 6), -1)])
+def test_channel_layout_moments_equal_samples_moments(shape, dim):
+    a, b = _activations(shape, 0), _activations(tuple(s + (2 if i == (dim % len(shape)) else 0)
+                                                        for i, s in enumerate(shape)), 1)
+    sa, sb = as_samples(a, dim), as_samples(b, dim)
+    m = Moments()
+    mean, std = m.update_channels(a, dim)
+    ref_mean, ref_m2 = _plain(sa)
+    assert torch.allclose(mean, ref_mean, rtol=1e-12) and torch.allclose(m.m2, ref_m2, rtol=1e-12)
+    assert torch.allclose(std, (ref_m2 / len(sa)).sqrt(), rtol=1e-12)
+    c = CoMoments()
+    c.update_channels(a, b, dim)
+    cab = (sa - sa.mean(0)).T @ (sb - sb.mean(0))
+    assert torch.allclose(c.cab, cab, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(c.b.m2, _plain(sb)[1], rtol=1e-12)
+    j = JointMoments()
+    j.update_channels(a, b, dim)
+    x = torch.cat([sa, sb], 1)
+    assert torch.allclose(j.scatter, (x - x.mean(0)).T @ (x - x.mean(0)), rtol=1e-10, atol=1e-10)
+    assert torch.allclose(j.mean, x.mean(0), rtol=1e-12)
+
+
+def test_channel_view_is_a_view():
+    t = torch.zeros(3, 4, 5, 6)
+    assert channel_view(t, 1).data_ptr() == t.data_ptr() and channel_view(t, 1).shape == (3, 4, 30)
+    assert channel_view(t, -1).shape == (60, 6, 1)
+
+
+def test_extremes_counted_only_where_needed_keep_dead_channels_exact():
+    """All-but-one-equal channels are found even far from zero in float32 (rounding of m2 and the range),
+    and channels with two samples off each extreme are not."""
+    n = 64
+    x = torch.zeros(n, 6, 1, 1)
+    x[:, 0] = 1000.0  # constant, large offset
+    x[:, 1] = 1000.0
+    x[5, 1] = 1000.0 + 2 ** -13  # one sample off by ~one float32 ulp of 1000 -> all but one equal
+    x[9, 2] = 3.0  # ReLU unit firing once
+    x[[3, 4], 3] = torch.tensor([[[1.0]], [[2.0]]])  # two samples: informative
+    x[:, 4] = torch.arange(n, dtype=torch.float32).view(n, 1, 1)
+    x[:, 5] = -7.0
+    x[[1, 2], 5] = -7.5  # two samples below a constant: informative
+    expected = [True, True, True, False, False, False]
+    for chunks in ([x], x.split(16), x[torch.randperm(n, generator=torch.Generator().manual_seed(0))].split(7)):
+        c = CoMoments()
+        for ch in chunks:
+            c.update_channels(ch, ch, 1)
+        assert c.ext_a.all_but_one_equal().tolist() == expected
+        e = Extremes()
+        for ch in chunks:
+            e.update(as_samples(ch, 1))
+        assert e.all_but_one_equal().tolist() == expected
+
+
+def test_matching_names_the_model_with_nan_activations():
+    a = create_model("cnn_digits", width=4, seed=0).eval()
+    b = create_model("cnn_digits", width=4, seed=1).eval()
+    x = torch.randn(8, 1, 8, 8)  # the digits images
+    spec = build_spec(a, x)
+    with torch.no_grad():
+        next(b.parameters()).fill_(float("nan"))
+    batches = [type("B", (), {"x": x})()]
+    with pytest.raises(NumericsError, match="model 1"):
+        match_many(a, [b], spec, batches)
+
+
+def test_incremental_cost_updates_equal_full_recomputation(monkeypatch):
+    torch.manual_seed(0)
+    a = create_model("resnet20", width=1, in_channels=3).eval()
+    torch.manual_seed(1)
+    b = create_model("resnet20", width=1, in_channels=3).eval()
+    spec = build_spec(a, torch.randn(2, 3, 32, 32))
+    fast = weight_matching(a.state_dict(), b.state_dict(), spec)
+    monkeypatch.setattr(sys.modules["mergescope.align.weight_matching"], "INCREMENTAL", 0.0)  # every stale term recomputed
+    full = weight_matching(a.state_dict(), b.state_dict(), spec)
+    assert all(torch.equal(fast.perms[g], full.perms[g]) for g in spec.groups)
+    for g in spec.groups:
+        np.testing.assert_allclose(fast.similarity[g], full.similarity[g], rtol=1e-4, atol=1e-4)
