@@ -128,7 +128,8 @@ def run_child(src: Path, case: dict) -> dict:
                           text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"child ({src}) failed:\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    lines = proc.stdout.strip().splitlines()
+    return {**json.loads(lines[-1]), "stage_line": next((x for x in lines if x.startswith("time ")), None)}
 
 
 def main() -> None:
@@ -173,6 +174,8 @@ def main() -> None:
                   f"{r['pages']:4d} pages {r['page_bytes'] / 1e6:7.2f} MB  {r['big_layer']}: {r['big_layer_files']} "
                   f"files {r['big_layer_bytes'] / 1e6:6.3f} MB  largest file {r['largest_file_bytes'] / 1e6:.3f} MB  "
                   f"run folder {r['run_folder_bytes'] / 1e6:.1f} MB", flush=True)
+            if r["stage_line"]:
+                print(f"{name:8s} {version:6s} {r['stage_line']}", flush=True)
         if len(results[name]) == 2:
             b, a = results[name]["before"], results[name]["after"]
             print(f"{name:8s} after/before: rendering time {a['render_seconds'] / b['render_seconds']:.3f}, "

@@ -72,6 +72,7 @@ def encode_view(view, dataset, images: Sequence[int], sheet_urls: Sequence[str],
         ids[r, :, :rows.shape[1]] = rows
         if label in view.values:
             values[r, :, :rows.shape[1]] = np.asarray(view.values[label], dtype=np.float64)[order]
+    values[ids < 0] = np.nan  # no image, no value
     images = np.asarray(images, dtype=np.int64)
     wide = len(images) >= np.iinfo(np.uint16).max
     tile_dtype = "<u4" if wide else "<u2"
