@@ -103,6 +103,14 @@ def device(text: str) -> str:
     return text
 
 
+def workers(text: str) -> int | None:
+    """``auto`` (None: one per CPU) or an integer ≥ 0 (decoding worker processes; 0: in the main process)."""
+    if text == "auto":
+        return None
+    value = _number(text, int)
+    return _within(value, value >= 0, "at least 0, or auto")
+
+
 def device_or_auto(text: str) -> str:
     """``auto`` (resolved when the command runs: cuda when available, else cpu) or a :func:`device`."""
     return text if text == "auto" else device(text)

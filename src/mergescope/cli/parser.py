@@ -48,6 +48,8 @@ def common_options(config: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--device", type=T.device_or_auto, default="auto",
                    help="torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:N, mps")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    g.add_argument("--workers", type=T.workers, default="auto", help="processes that decode and resize images "
+                   "(ImageFolder trees, JPEG packs) alongside the models: auto (one per CPU) or N; 0: none")
     if config:
         g.add_argument("--config", metavar="FILE", help="TOML or YAML file of options (keys: the option names, "
                        "e.g. batch_size = 256); options on the command line override it")

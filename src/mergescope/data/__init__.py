@@ -5,7 +5,7 @@ from mergescope.data.base import ImageDataset
 from mergescope.data.cifar import load_cifar10, load_jpeg_pack
 from mergescope.data.digits import digits_split_ids, load_digits
 from mergescope.data.folder import ImageFolderDataset
-from mergescope.data.loader import Batch, iter_batches, len_batches
+from mergescope.data.loader import Batch, default_workers, iter_batches, len_batches, set_workers
 from mergescope.data.memory import InMemoryDataset
 from mergescope.data.normalize import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from mergescope.data.open import open_dataset
@@ -22,6 +22,7 @@ __all__ = [
     "InMemoryDataset",
     "augment_batch",
     "class_proportion_split",
+    "default_workers",
     "digits_split_ids",
     "iter_batches",
     "len_batches",
@@ -29,6 +30,7 @@ __all__ = [
     "load_digits",
     "load_jpeg_pack",
     "open_dataset",
+    "set_workers",
     "stratified_pair",
     "stratified_subset",
     "subset_per_class",

@@ -1,8 +1,9 @@
-"""A content-keyed on-disk cache of decoded arrays (.npy), written atomically."""
+"""Decoded arrays kept once: a content-keyed on-disk cache (.npy, written atomically) and an in-process one."""
 
 import hashlib
 import os
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,3 +39,26 @@ def cached_array(cache_dir: str | os.PathLike | None, key: str, compute: Callabl
     with atomic_path(target) as tmp, open(tmp, "wb") as f:
         np.save(f, array, allow_pickle=False)
     return array
+
+
+_decoded: "weakref.WeakValueDictionary[str, np.ndarray]" = weakref.WeakValueDictionary()
+
+
+def decoded_once(key: str, compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """``compute()``, or the array an earlier call with ``key`` returned while that array is still alive (a
+    dataset opened twice in one process — e.g. by two stages of a study — is decoded once, and freed with its
+    last user)."""
+    array = _decoded.get(key)
+    if array is None:
+        array = compute()
+        _decoded[key] = array
+    return array
+
+
+def files_key(paths: Sequence[str], *extra: object) -> str:
+    """A key that changes when any file is replaced, resized or touched: sha256 over path, size and mtime."""
+    h = hashlib.sha256(repr(extra).encode())
+    for path in paths:
+        st = os.stat(path)
+        h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()

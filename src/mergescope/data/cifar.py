@@ -8,11 +8,12 @@ import numpy as np
 import torch
 from torchvision.datasets import CIFAR10
 
-from mergescope.data.cache import cached_array, file_sha256
+from mergescope.data.cache import cached_array, decoded_once, file_sha256, files_key
 from mergescope.data.decode import decode_jpeg_chunk
 from mergescope.data.memory import InMemoryDataset
 from mergescope.data.normalize import CIFAR10_MEAN, CIFAR10_STD, HALF_MEAN, HALF_STD
-from mergescope.data.pool import chunk_bounds, cpu_count, parallel_starmap
+from mergescope.data.loader import default_workers
+from mergescope.data.pool import chunk_bounds, parallel_starmap
 from mergescope.errors import DatasetError
 
 PACK_KEYS = ("data", "offsets", "labels", "classes")
@@ -66,12 +67,13 @@ def decode_pack(data: np.ndarray, offsets: np.ndarray, workers: int | None = Non
 
     Args:
         data: uint8 [total_bytes]; offsets: int64 [n+1].
-        workers: processes (default: all CPUs; ≤ 1 decodes in this process).
+        workers: processes (default: the process's setting, one per CPU unless --workers says otherwise;
+            ≤ 1 decodes in this process).
 
     Returns:
         uint8 [n, H, W, 3].
     """
-    workers = cpu_count() if workers is None else workers
+    workers = default_workers() if workers is None else workers
     size = decode_jpeg_chunk(data[:offsets[1]].tobytes(), offsets[:2]).shape[1:3]  # all must match image 0
     bounds = chunk_bounds(len(offsets) - 1, 4 * max(workers, 1))
     tasks = [(data[offsets[a]:offsets[b]].tobytes(), offsets[a:b + 1] - offsets[a], a, size) for a, b in bounds]
@@ -93,10 +95,11 @@ def load_jpeg_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
 
     Args:
         path: the .npz file; image i is ``data[offsets[i]:offsets[i+1]]``.
-        cache_dir: if given, the decoded uint8 array is cached there as ``<sha256 of pack>.npy``.
+        cache_dir: if given, the decoded uint8 array is cached there as ``<sha256 of pack>.npy``; if not, a pack
+            opened again while the pixels of its last opening are still in use reuses them.
         mean, std: per-channel normalization; default: the standard statistics for a known name
             (``cifar10*`` packs), else 0.5.
-        workers: decoding processes (default: all CPUs).
+        workers: decoding processes (default: the process's setting, :func:`mergescope.data.set_workers`).
 
     Returns:
         InMemoryDataset, RGB, named after the file (``cifar10_train.npz`` → "cifar10").
@@ -107,7 +110,11 @@ def load_jpeg_pack(path: str | os.PathLike, cache_dir: str | os.PathLike | None 
     pack = _read_pack(path)
     name = pack_name(path)
     key = file_sha256(path) if cache_dir is not None else ""
-    pixels = cached_array(cache_dir, key, partial(decode_pack, pack["data"], pack["offsets"], workers))
+    decode = partial(decode_pack, pack["data"], pack["offsets"], workers)
+    if cache_dir is None:  # opened again in this process while still in use: decoded once
+        pixels = decoded_once(files_key([str(path.resolve())], "jpeg pack"), decode)
+    else:
+        pixels = cached_array(cache_dir, key, decode)
     if pixels.shape[0] != len(pack["labels"]):
         raise DatasetError(f"cached pixels for {path} hold {pixels.shape[0]} images, pack has {len(pack['labels'])}")
     default_mean, default_std = KNOWN_STATS.get(name, (HALF_MEAN, HALF_STD))

@@ -15,7 +15,9 @@ from mergescope.data.base import ImageDataset
 from mergescope.data.decode import decode_files, image_size, image_sizes, load_rgb, size_mismatch
 from mergescope.data.memory import InMemoryDataset
 from mergescope.data.normalize import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
-from mergescope.data.pool import chunk_bounds, cpu_count, parallel_starmap
+from mergescope.data.cache import decoded_once, files_key
+from mergescope.data.loader import default_workers
+from mergescope.data.pool import chunk_bounds, parallel_starmap
 from mergescope.errors import DatasetError
 
 PRESETS = ("auto", "small", "imagenet")
@@ -40,7 +42,7 @@ def resolve_preset(preset: str, first_path: str) -> str:
 
 def _chunked(fn, paths: list[str], workers: int | None, **kw) -> list:
     """Run ``fn(paths[a:b], **kw)`` over contiguous chunks in a process pool, results in order."""
-    workers = cpu_count() if workers is None else workers
+    workers = default_workers() if workers is None else workers
     bounds = chunk_bounds(len(paths), 4 * max(workers, 1))
     return parallel_starmap(partial(fn, **kw), [(paths[a:b],) for a, b in bounds], workers)
 
@@ -75,7 +77,8 @@ class ImageFolderDataset(ImageDataset):
             in_memory: decode everything once into memory (default: True for "small" trees below 200k images).
             mean, std: override the preset's normalization (3 values each).
             name: dataset name (default: the folder's name, or its parent's for train/test/val folders).
-            workers: decoding processes (default: all CPUs).
+            workers: decoding processes (default: the process's setting, one per CPU unless --workers says
+                otherwise).
         """
         root = Path(root).expanduser()
         if not root.is_dir():
@@ -102,9 +105,9 @@ class ImageFolderDataset(ImageDataset):
         self.in_memory = bool(in_memory)
         self._memory = None
         try:
-            if self.in_memory:  # decoding checks every size itself
-                pixels = np.concatenate(_chunked(decode_files, self.paths, workers, geometry=self._geometry,
-                                                 size=self.image_size))
+            if self.in_memory:  # decoding checks every size itself; a tree opened again is decoded once
+                pixels = decoded_once(files_key(self.paths, self.preset, self.image_size), lambda: np.concatenate(
+                    _chunked(decode_files, self.paths, workers, geometry=self._geometry, size=self.image_size)))
                 self._memory = InMemoryDataset(torch.from_numpy(pixels), self.targets, self.classes,
                                                self.mean, self.std, name=self.name)  # pixels [N,H,W,3]
             elif self.preset == "small":

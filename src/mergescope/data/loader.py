@@ -1,4 +1,10 @@
-"""Iterating over a dataset in batches that carry their image ids."""
+"""Iterating over a dataset in batches that carry their image ids.
+
+Datasets that are not in memory (ImageFolder trees of large images) are decoded and resized in DataLoader worker
+processes — ``num_workers`` of them, by default the process's setting (:func:`set_workers`, the CLI's
+``--workers``; initially one per CPU) — which hand their batches back in order, into pinned memory with two
+batches prefetched per worker when CUDA is available, so the host-to-device copy of :func:`run_pass` overlaps.
+"""
 
 from collections.abc import Iterator
 from typing import NamedTuple
@@ -7,6 +13,23 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mergescope.data.base import ImageDataset, as_ids
+from mergescope.data.pool import cpu_count
+
+_workers: int | None = None  # the process's default number of loader/decoder workers (None: one per CPU)
+
+
+def set_workers(workers: int | None) -> None:
+    """The default number of worker processes for decoding (``iter_batches``, ImageFolder trees, JPEG packs) in
+    this process; None: one per CPU; 0: decode in this process."""
+    global _workers
+    if workers is not None and workers < 0:
+        raise ValueError(f"workers must be at least 0, got {workers}")
+    _workers = workers
+
+
+def default_workers() -> int:
+    """The number of decoding workers a call that does not choose gets (:func:`set_workers`)."""
+    return cpu_count() if _workers is None else _workers
 
 
 class Batch(NamedTuple):
@@ -51,15 +74,17 @@ def len_batches(dataset: ImageDataset, batch_size: int, ids=None, drop_last: boo
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
-def _generate(dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: int) -> Iterator[Batch]:
+def _generate(dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: int | None) -> Iterator[Batch]:
     """Yield the batches for precomputed id chunks (in-memory fast path or a DataLoader)."""
     if getattr(dataset, "in_memory", False):
         for chunk in chunks:
             x, y = dataset.get_batch(chunk)
             yield Batch(chunk, x, y)
         return
+    workers = min(default_workers() if num_workers is None else num_workers, len(chunks))
+    cuda = torch.cuda.is_available()
     loader = DataLoader(_WithIds(dataset), batch_sampler=[chunk.tolist() for chunk in chunks],
-                        num_workers=num_workers)
+                        num_workers=workers, pin_memory=cuda, prefetch_factor=2 if workers > 0 else None)
     for ids_b, x, y in loader:
         yield Batch(ids_b.to(torch.int64), x, y.to(torch.int64))
 
@@ -71,7 +96,7 @@ class Batches:
     group's ranks each walk one slice (:func:`mergescope.distributed.shard`).
     """
 
-    def __init__(self, dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: int = 0):
+    def __init__(self, dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: int | None = None):
         self.dataset, self.chunks, self.num_workers = dataset, chunks, num_workers
 
     def __len__(self) -> int:
@@ -87,7 +112,7 @@ class Batches:
 
 
 def iter_batches(dataset: ImageDataset, batch_size: int, ids=None, shuffle: bool = False, seed: int = 0,
-                 drop_last: bool = False, num_workers: int = 0) -> Batches:
+                 drop_last: bool = False, num_workers: int | None = None) -> Batches:
     """Batches of ``dataset`` with their ids.
 
     In-memory datasets are sliced with ``get_batch`` directly; others go through a torch DataLoader
@@ -100,7 +125,8 @@ def iter_batches(dataset: ImageDataset, batch_size: int, ids=None, shuffle: bool
         shuffle: permute the ids with a generator seeded by ``seed``.
         seed: shuffle seed.
         drop_last: skip a final short batch.
-        num_workers: DataLoader workers (ignored for in-memory datasets).
+        num_workers: DataLoader workers that decode (ignored for in-memory datasets); default: the process's
+            setting (:func:`set_workers`); 0: decode in this process.
 
     Returns:
         :class:`Batches` (iterable, sized, sliceable) of Batch(ids int64 [B], x float32 [B,C,H,W], y int64 [B]).

@@ -65,7 +65,7 @@ def probe(
     checkpoint_every: int | None = 50,
     checkpoint_dir: str | Path | None = None,
     other_pass: str = "error",
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> ProbeResult:
     """Probe every layer of every model in one pass over ``dataset``.
 
@@ -94,7 +94,8 @@ def probe(
             staging folder (:class:`mergescope.runs.Staging`'s ``resume``).
         other_pass: what a checkpoint of a different pass (other models, layers, k...) in ``checkpoint_dir``
             means: ``"error"`` (default) raises, ``"restart"`` removes it with a note and starts over.
-        num_workers: DataLoader workers for datasets that are not in memory.
+        num_workers: DataLoader workers for datasets that are not in memory (default: the process's setting,
+            :func:`mergescope.data.set_workers`).
 
     Returns:
         A :class:`ProbeResult`; inside a process group every rank returns the same, complete result (only
