@@ -32,8 +32,8 @@ def test_the_data_gives_back_every_shown_tile_value_and_place(images, scale):
     rows["B <b>"][3, 2:] = -1  # fewer images for one channel
     values = {label: -np.sort(-rng.random((channels, 5)), axis=1) * scale for label in rows}
     order = [7, 3, 0, 39, 12] if channels == 40 else list(range(channels))
-    record, tiles = _encode(FeatureView("pair", "t", "layer", rows, values, {"corr": rng.random(channels)}, order=order),
-                            images)
+    view = FeatureView("pair", "t", "layer", rows, values, {"corr": rng.random(channels)}, order=order)
+    record, tiles = _encode(view, images)
     assert record["tile_dtype"] == ("<u4" if images >= 65_535 else "<u2")
     assert record["value_dtype"] == ("<f4" if scale > 1 else "<f2")
     ids, vals = decode(record)

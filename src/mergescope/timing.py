@@ -81,7 +81,8 @@ class StageTimes:
         names = [s for s in STAGES if s in spent] + sorted(set(spent) - set(STAGES))
         stages = {s: round(spent[s], 3) for s in names if spent[s] > 0}
         total = now - start
-        return {"total_s": round(total, 3), "stages": stages, "other_s": round(max(0.0, total - sum(spent.values())), 3)}
+        other = max(0.0, total - sum(spent.values()))
+        return {"total_s": round(total, 3), "stages": stages, "other_s": round(other, 3)}
 
     def line(self) -> str:
         """One line for the end of a command: total, then each stage with its share, then the rest."""
@@ -89,7 +90,8 @@ class StageTimes:
 
 
 def format_record(record: dict) -> str:
-    """``time 12.3 s: forward 5.1 s (41%) · statistics 2.0 s (16%) · other 0.4 s`` from a :meth:`StageTimes.record`."""
+    """``time 12.3 s: forward 5.1 s (41%) · statistics 2.0 s (16%) · other 0.4 s`` from a
+    :meth:`StageTimes.record`."""
     total = record["total_s"]
     parts = [f"{name} {s:.1f} s ({100 * s / total:.0f}%)" if total > 0 else f"{name} {s:.1f} s"
              for name, s in record["stages"].items()]

@@ -24,8 +24,9 @@ _FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
 def compact_subset(x: torch.Tensor) -> torch.Tensor:
-    """One layer's D' activations [|D'|, C] as kept: float16 (relative rounding error at most 2^-11; two values
-    less than one float16 step, ~0.1%, apart may become a tie for Kendall's τ), or bfloat16 when a value is beyond float16's range (65,504)."""
+    """One layer's D' activations [|D'|, C] as kept: float16 (relative rounding error at most 2^-11 — coarser for
+    subnormal values below 6.1e-5 —; two values less than one float16 step, ~0.1%, apart may become a tie for
+    Kendall's τ), or bfloat16 when a value is beyond float16's range (65,504)."""
     big = x.numel() > 0 and float(x.abs().max()) > _FLOAT16_MAX
     return x.to(torch.bfloat16 if big else SUBSET_DTYPE)
 
