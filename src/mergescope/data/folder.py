@@ -11,7 +11,7 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as TF
 
-from mergescope.data.base import ImageDataset
+from mergescope.data.base import ImageDataset, as_ids
 from mergescope.data.decode import decode_files, image_size, image_sizes, load_rgb, size_mismatch
 from mergescope.data.memory import InMemoryDataset
 from mergescope.data.normalize import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
@@ -127,7 +127,18 @@ class ImageFolderDataset(ImageDataset):
         return normalize_uint8(pixels, self.mean, self.std)[0], int(self.targets[i])
 
     def get_batch(self, ids) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._memory.get_batch(ids) if self._memory is not None else super().get_batch(ids)
+        if self._memory is not None:
+            return self._memory.get_batch(ids)
+        pixels, y = self.pixel_batch(as_ids(ids, len(self)))
+        return normalize_uint8(pixels, self.mean, self.std), torch.from_numpy(y)
+
+    def pixel_batch(self, ids: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded uint8 [B, H, W, 3] pixels and int64 [B] labels of ``ids`` (for loader workers)."""
+        idx = ids.tolist()
+        if not idx:
+            return np.empty((0, *self.image_size, 3), np.uint8), self.targets[:0]
+        pixels = decode_files([self.paths[i] for i in idx], self._geometry, self.image_size)
+        return pixels, self.targets[idx]
 
     def image(self, i: int) -> Image.Image:
         return load_rgb(self.paths[i])
