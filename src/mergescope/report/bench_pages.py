@@ -72,7 +72,8 @@ def read_table(rows: Sequence[Mapping]) -> str:
             text += f", {abs(gap):.1f} points {'above' if gap >= 0 else 'below'} the best single model"
         if ens is not None:
             short = 100 * (ens["accuracy"] - best["accuracy"])
-            text += f", {abs(short):.1f} points {'short of' if short > 0 else 'at or above'} the {ens['method']}"
+            where = "short of" if short > 0 else "above" if short < 0 else "level with"
+            text += f", {abs(short):.1f} points {where} the {ens['method']}"
         others = [f"{f} {100 * r['accuracy']:.1f}%" for f, r in s["best_by_family"].items()
                   if r is not None and f != family]
         extra = [f"best of {', '.join(others)}"] if others else []
