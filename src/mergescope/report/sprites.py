@@ -7,6 +7,7 @@ for 8×8 inputs) or JPEG for large photos.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from ..runs.atomic import atomic_path
+from ..runs.atomic import atomic_path, atomic_write_text
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,9 @@ def write_sprites(dataset, ids: Iterable[int], out_dir: Path, prefix: str, size:
     """Render every distinct image id once into sprite sheets ``out_dir/<prefix>_<n>.(png|jpg)``
     (layout: :func:`sprite_layout`); ``tiles_of``: a :class:`TileCache` shared by several calls.
 
+    Sheets already drawn for the same ids of the same dataset (fingerprint) at the same size — a report rendered
+    again, a comparison re-rendering the pages — are kept: ``<prefix>.sheets`` records what they show.
+
     Returns:
         image id -> :class:`Tile` (sheet path relative to the parent of ``out_dir``, pixel offsets).
     """
@@ -105,7 +109,12 @@ def write_sprites(dataset, ids: Iterable[int], out_dir: Path, prefix: str, size:
     small = tiles_of.small(unique[0]) if unique else True
     ext, fmt = ("png", "PNG") if small else ("jpg", "JPEG")
     tiles = sprite_layout(unique, out_dir.name, prefix, ext, size, per_sheet)
-    for n, start in enumerate(range(0, len(unique), per_sheet)):
+    shows = hashlib.sha256(f"{dataset.fingerprint}|{size}|{per_sheet}|{ext}|{unique}".encode()).hexdigest()
+    stamp, sheets = out_dir / f"{prefix}.sheets", range(0, len(unique), per_sheet)
+    if (stamp.is_file() and stamp.read_text(encoding="utf-8") == shows
+            and all((out_dir / f"{prefix}_{n}.{ext}").is_file() for n, _ in enumerate(sheets))):
+        return tiles
+    for n, start in enumerate(sheets):
         chunk = unique[start:start + per_sheet]
         sheet = Image.new("RGB", sheet_size(len(chunk), size), (255, 255, 255))
         for image_id in chunk:
@@ -113,4 +122,5 @@ def write_sprites(dataset, ids: Iterable[int], out_dir: Path, prefix: str, size:
         with atomic_path(out_dir / f"{prefix}_{n}.{ext}") as tmp:
             # PNG at zlib's default level: optimize=True made sheets 4% smaller in 3x the time
             sheet.save(tmp, format=fmt, **({"quality": 88} if fmt == "JPEG" else {"compress_level": 6}))
+    atomic_write_text(stamp, shows)
     return tiles

@@ -51,6 +51,7 @@ from ..report.compare_pages import (
     render_histograms,
     render_partial_merge,
 )
+from ..timing import stage
 
 SECTION_TITLE = "Channel comparison"
 PARTIAL_COLUMNS = ("metric", "direction", "fraction", "seed", "channels", "accuracy", "loss")
@@ -222,10 +223,11 @@ def run(
         pairs = pairs_from_recipes(result, recipes, reference,
                                    [m for m in result.models if aligned_key(m) in result.models])
     cache = EmbeddingCache(embedder) if embedder is not None else None
-    res = compare_models(result, pairs, embed=None if cache is None else (lambda ids: cache.get(ids, dataset)),
-                         embedder_name=getattr(embedder, "name", ""), embedder_kind=getattr(embedder, "kind", ""),
-                         consensus_metric=cfg.consensus_metric, threshold=cfg.threshold,
-                         null_quantile=cfg.null_quantile, null_partners=cfg.null_partners)
+    with stage("statistics"):  # τ, δ, overlap, correlation and categories (embedding the top images too)
+        res = compare_models(result, pairs, embed=None if cache is None else (lambda ids: cache.get(ids, dataset)),
+                             embedder_name=getattr(embedder, "name", ""), embedder_kind=getattr(embedder, "kind", ""),
+                             consensus_metric=cfg.consensus_metric, threshold=cfg.threshold,
+                             null_quantile=cfg.null_quantile, null_partners=cfg.null_partners)
     if res.embedder is not None:
         res.embedder["images_embedded"] = cache.computed
     files = [write_compare_csv(run_dir / "compare.csv", res.rows)]
