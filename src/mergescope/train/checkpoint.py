@@ -102,9 +102,11 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
 
 
 def check_pair(path: Path, info: dict[str, Any]) -> None:
-    """Refuse weights that are not the ones their sidecar was written with (its ``weights_sha256``; sidecars
-    written before it was recorded are not checked): what a kill between the two writes leaves."""
-    want = info.get("weights_sha256")
+    """Refuse weights that are not the ones their sidecar was written with (its ``weights_sha256``, when the sidecar
+    names this file as its weights; sidecars written before it was recorded are not checked): what a kill between
+    the two writes leaves. A sidecar shared with a file of another name (``m.pth`` beside ``m.safetensors``) only
+    describes the architecture."""
+    want = info.get("weights_sha256") if info.get("weights") == path.name else None
     if want is not None and file_sha256(path) != want:
         raise CheckpointError(f"{path} is not the file its sidecar {sidecar_path(path)} was written with (sha256 "
                               "differs): the pair is incomplete — a write that was interrupted, or one file replaced; "
