@@ -81,9 +81,10 @@ class ProbeState:
         if self.index is not None:
             pos, rows = self.index.locate(ids)
             pos, rows = pos.to(self.device), rows.to(self.device)
-        for key, r in reduced.items():
-            with stage("top-k", self.sync):
+        with stage("top-k", self.sync):  # every layer's at once: one device sync per batch on CUDA
+            for key, r in reduced.items():
                 self.topk[key].update(r, ids, check=False)
+        for key, r in reduced.items():
             self.moments[key].update(r)
             if pos is not None and pos.numel():
                 self.subset[key][rows] = r[pos]
