@@ -10,6 +10,7 @@
     mergescope report RUN_DIR                        re-render report.html (and feature pages) from stored results
     mergescope layers --arch NAME | --checkpoint CKPT   the observable layers and permutation groups
     mergescope methods                               every merge method: family, paper, hyperparameters
+    mergescope bench-merge --data SPEC --out DIR     every method on workloads made for each family: one table
 
 Checkpoints can be mergescope's (safetensors + JSON sidecar) or any state-dict file with ``--arch NAME``
 (zoo names, ``tv_*`` torchvision, ``timm:NAME``). Every option can also come from ``--config FILE`` (TOML or
