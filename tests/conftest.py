@@ -146,3 +146,14 @@ def helpers():
                                  image_batches=image_batches, randomize_batchnorm=randomize_batchnorm,
                                  point_moments=point_moments, assert_repaired=assert_repaired,
                                  interpolated_targets=interpolated_targets, DIGIT_MODELS=DIGIT_MODELS)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One ``mergescope demo`` study folder for every test that reads one (the CLI's and the browser's): a test
+    must not change it."""
+    from mergescope.cli import main
+
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    return out

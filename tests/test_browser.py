@@ -18,7 +18,6 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 
-from mergescope.cli import main
 from mergescope.report.feature_data import DATA_ID, decode, read_page_data
 
 REQUIRED = os.environ.get("MERGESCOPE_REQUIRE_BROWSER") == "1"
@@ -71,10 +70,8 @@ _SORTABLE = "return document.querySelectorAll('th.sort').length;"
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("browser") / "run"
-    assert main(["demo", "--out", str(out), "--quiet", "--epochs", "2"]) == 0
-    return out
+def run_dir(demo_run) -> Path:
+    return demo_run
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,9 @@ from mergescope.report import barriers, read_csv
 from mergescope.train import save_checkpoint
 
 
-@pytest.fixture(scope="module")
-def demo_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert main(["demo", "--out", str(out), "--quiet"]) == 0
-    return out
+@pytest.fixture
+def demo_dir(demo_run):
+    return demo_run
 
 
 def test_demo_writes_a_complete_study_folder(demo_dir):
