@@ -81,14 +81,16 @@ class JointMoments:
             raise ValueError("JointMoments: batches with different channel counts")
         total = self.n + n
         delta = mean.to(self.mean.device) - self.mean
-        self.scatter = self.scatter + scatter.to(self.scatter.device) + torch.outer(delta, delta) * (self.n * n / total)
+        self.scatter += scatter.to(self.scatter.device)  # in place: (Ca+Cb)² float64 is a pass's largest buffer
+        self.scatter.addr_(delta, delta, alpha=self.n * n / total)
         self.mean = self.mean + delta * (n / total)
         self.n = total
 
     def merge(self, other: JointMoments) -> None:
         """Add another accumulator's samples (another rank, another observation point)."""
         if other.mean is not None:
-            self._combine(other.n, other.mean, other.scatter, other.size_a)
+            scatter = other.scatter if self.mean is not None else other.scatter.clone()  # self's is updated in place
+            self._combine(other.n, other.mean, scatter, other.size_a)
 
     def swapped(self) -> JointMoments:
         """The same statistics with the roles of a and b exchanged."""
