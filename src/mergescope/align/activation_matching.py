@@ -22,7 +22,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._allocator import keep_freed_memory
 from ..distributed import merge_over_ranks, shard
 from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
@@ -59,7 +58,6 @@ def match_many(
         >>> [res] = match_many(model_a, [model_b], build_spec(model_a), iter_batches(ds, 500))
         >>> model_b_aligned = permute_model(model_b, spec, res.perms)
     """
-    keep_freed_memory()
     where = {g: observation_points(group, points) for g, group in spec.groups.items()}
     taps = list({t.name: t for pts in where.values() for t in pts}.values())
     tapped = {str(i): tap_model(m, [t.name for t in taps]).to(device).eval()

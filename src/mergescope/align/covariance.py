@@ -18,7 +18,6 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import nn
 
-from .._allocator import keep_freed_memory
 from ..distributed import merge_over_ranks, shard
 from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
@@ -226,7 +225,6 @@ def group_covariances_at(
 ) -> dict[str, list[dict[str, JointMoments]]]:
     """:func:`group_covariances` at several places (:data:`PLACES`) in the same ONE pass:
     ``{place: [per model of others {group: JointMoments}]}``."""
-    keep_freed_memory()
     names = list(spec.groups) if groups is None else list(groups)
     taps_of = {(place, g): group_points(spec, g, place, points) for place in dict.fromkeys(places) for g in names}
     taps = sorted({t.name for pts in taps_of.values() for t in pts})

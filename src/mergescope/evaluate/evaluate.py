@@ -8,7 +8,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._allocator import keep_freed_memory
 from ..distributed import all_reduce, shard
 from ..errors import NumericsError
 from ..probe.engine import run_pass
@@ -29,7 +28,6 @@ def evaluate_models(
     """
     # per model, on the device (no per-batch synchronisation): loss sum, correct, and the float64 sum of all
     # logits, whose finiteness says whether any logit was NaN/Inf (checked once, at the end); then the count
-    keep_freed_memory()
     sums = {k: torch.zeros(3, dtype=torch.float64, device=device) for k in models}
     seen = [0]
     for m in models.values():

@@ -61,7 +61,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .._allocator import keep_freed_memory
 from ..distributed import all_reduce, merge_over_ranks, shard, world
 from ..errors import ArchitectureError, NumericsError
 from ..perm import PermSpec, RepairPoint
@@ -307,7 +306,6 @@ def repair_many(
         >>> repair_many([model_a, model_b], spec, iter_batches(train, 500),
         ...             repair=[RepairTarget(merged, (0.5, 0.5), maps)])
     """
-    keep_freed_memory()
     plans = [repair_plan(spec, t.points) for t in repair]
     if any(not pts for pts, _ in plans):
         raise ArchitectureError("this architecture has no layer REPAIR can renormalize")

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._allocator import keep_freed_memory
 from .._progress import track
 from ..timing import stage
 
@@ -25,13 +26,15 @@ def run_pass(
 ) -> int:
     """Feed each batch (anything with ``.x``) to every model and hand all outputs to ``consume``.
 
-    Models run under ``torch.inference_mode`` in whatever train/eval mode they are in (RESET relies on that).
+    Models run under ``torch.inference_mode`` in whatever train/eval mode they are in (RESET relies on that);
+    freed activation memory is kept for the next batch (:func:`mergescope._allocator.keep_freed_memory`).
     The time goes to the stages ``decode`` (waiting for the batch), ``transfer``, ``forward`` and ``statistics``
     (``consume``) of :mod:`mergescope.timing`.
 
     Returns:
         The number of batches seen.
     """
+    keep_freed_memory()
     seen = 0
     device = torch.device(device)
     sync = device if device.type == "cuda" else None
