@@ -311,6 +311,18 @@ MUTANTS: tuple[Mutant, ...] = (
            "ids = torch.nonzero(keep).flatten() if ids is None else torch.nonzero(keep).flatten()",
            ("tests/test_bench_merge.py::test_fine_tunes_start_from_the_base",),
            "--classes ignores the images a part already selected"),
+    # -- lean statistics and incremental weight matching (issue 14)
+    Mutant("lean_moments_wrong_centre", "probe/stats.py", "xc = x3 - mean.view(1, -1, 1)", "xc = x3 - mean.mean()",
+           ("tests/test_lean_stats.py::test_channel_layout_moments_equal_samples_moments",),
+           "channel-layout moments centred on the mean over all channels"),
+    Mutant("extremes_test_too_tight", "probe/stats.py", "math.sqrt(1.01 * (n - 1) / n)", "math.sqrt(1.01 * (n - 2) / n)",
+           ("tests/test_lean_stats.py::test_extremes_counted_only_where_needed_keep_dead_channels_exact",),
+           "an all-but-one-equal channel is not recognised as one"),
+    Mutant("wm_incremental_sign", "align/weight_matching.py",
+           "diff = _gather(b_0[ax.param], o_ax, new[moved]) - _gather(b_0[ax.param], o_ax, old[moved])",
+           "diff = _gather(b_0[ax.param], o_ax, old[moved]) - _gather(b_0[ax.param], o_ax, new[moved])",
+           ("tests/test_lean_stats.py::test_incremental_cost_updates_equal_full_recomputation",),
+           "weight matching's incremental cost update subtracts the wrong way"),
 )
 
 
