@@ -189,9 +189,9 @@ MUTANTS: tuple[Mutant, ...] = (
            "    q = quantile", ("tests/test_compare.py", _COMPARE), "the null quantile not flipped for δ (lower = similar)"),
     # -- run folders as a whole (issue 12)
     Mutant("run_written_in_place", "runs/transaction.py",
-           "            _fill(staging, final if adds else None)\n            yield Staging(final, staging, resume)\n"
-           "            _commit(staging, final)",
-           "            final.mkdir(parents=True, exist_ok=True)\n            yield Staging(final, final, resume)",
+           "        _fill(staging, final if adds else None)\n        yield Staging(final, staging, resume)\n"
+           "        _commit(staging, final)",
+           "        final.mkdir(parents=True, exist_ok=True)\n        yield Staging(final, final, resume)",
            (f"{_RUNS}::test_a_full_disk_is_one_line_and_leaves_the_old_run",),
            "a command writes its run folder in place instead of staging it and committing with one rename"),
     Mutant("lock_ignored", "runs/transaction.py", "if pid and pid != os.getpid() and _alive(pid):", "if False:",
@@ -223,8 +223,8 @@ MUTANTS: tuple[Mutant, ...] = (
            "first, stop = batch_range(len(batches) - 1, rank, size)", (_DIST,), "the last batch is walked by no rank"),
     Mutant("merge_skips_rank_1", "distributed.py", "for other in shards[1:]:", "for other in shards[2:]:",
            (_DIST,), "rank 1's accumulators are left out of the combination"),
-    Mutant("eval_not_reduced", "evaluate/evaluate.py", "all_reduce(torch.stack(list(sums.values())))",
-           "torch.stack(list(sums.values()))", (f"{_DIST}::test_evaluation_equals_one_process",),
+    Mutant("eval_not_reduced", "evaluate/evaluate.py", "sums = dict(zip(sums, all_reduce(local).unbind()))",
+           "sums = dict(zip(sums, local.unbind()))", (f"{_DIST}::test_evaluation_equals_one_process",),
            "each rank reports the accuracy of its own shard"),
     Mutant("train_eval_not_reduced", "train/evaluation.py",
            "all_reduce(loss_sum), all_reduce(correct), int(all_reduce(count))", "loss_sum, correct, int(count)",
