@@ -278,6 +278,7 @@ def study(args: argparse.Namespace) -> None:
     print(f"report: {outcome.report}")
 
 
+@_timed
 def bench_merge(args: argparse.Namespace) -> None:
     from ..studies import bench_merge as study
     from ..studies.workloads import WorkloadConfig

@@ -201,20 +201,21 @@ def run_folder(cfg: BenchConfig, data: str, out: str, *, split: str = "train", c
     """The benchmark as a run folder: ``bench.csv``, ``results.json``, ``report.html`` (one bar chart per
     workload), the trained models under ``checkpoints/`` (or ``checkpoints``, where they are reused) and the
     manifest with every file's sha256."""
-    from ..data import open_dataset
-    from ..models import create_model
+    from ..models import check_input_fits, create_model
     from ..report import render_report
     from ..report.bench_pages import bench_section
     from ..runs import RESULTS, write_manifest, write_run
     from ..runs.csvio import write_rows
     from ..runs.jsonio import write_json
+    from ..timing import record_since, since_here
     from .common import dataset_record, open_data
 
     check_config(cfg)
-    train = open_dataset(data, split=split)
+    mark = since_here()
+    train, evals = open_data(data, split, eval_splits=cfg.eval_splits)  # opened once, then checked to fit
     probe = create_model(cfg.train.arch, **{"in_channels": train.num_channels, "num_classes": len(train.classes),
                                             **dict(cfg.train.arch_kwargs)})
-    train, evals = open_data(data, split, probe, f"--arch {cfg.train.arch}", cfg.eval_splits)
+    check_input_fits(probe, train, f"--arch {cfg.train.arch}")
     with write_run(out, overwrite=overwrite) as staging:
         run_dir = staging.path
         folder = Path(checkpoints) if checkpoints else run_dir / "checkpoints"
@@ -232,7 +233,8 @@ def run_folder(cfg: BenchConfig, data: str, out: str, *, split: str = "train", c
             files += sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.json"))
         write_manifest(run_dir, {"bench": asdict(cfg), "data": data, "split": split,
                                  "checkpoints": str(folder) if checkpoints else "checkpoints",
-                                 "options": dict(options or {})}, files, dataset=dataset_record(train))
+                                 "options": dict(options or {})}, files, dataset=dataset_record(train),
+                       time_by_stage=record_since(mark))
     return result
 
 
