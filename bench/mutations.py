@@ -204,7 +204,7 @@ MUTANTS: tuple[Mutant, ...] = (
            (f"{_RUNS}::test_a_run_folder_damaged_after_its_run_is_named_by_the_command_that_reads_it",),
            "report re-renders from probe tensors edited after the run and refreshes their hashes"),
     Mutant("checkpoint_pair_unchecked", "train/checkpoint.py",
-           "    if want is not None and file_sha256(path) != want:\n        raise CheckpointError(f\"{path} is not the file",
+           "    if want is not None and (sha256 or file_sha256(path)) != want:\n        raise CheckpointError(f\"{path} is not the file",
            "    if False:\n        raise CheckpointError(f\"{path} is not the file",
            (f"{_RUNS}::test_train_writes_again_over_what_a_kill_between_its_two_files_left",),
            "weights are loaded with a sidecar written for other weights"),

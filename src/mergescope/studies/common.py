@@ -75,15 +75,16 @@ def load_models(checkpoints: Sequence[str | os.PathLike], *, arch: str | None = 
     if len(checkpoints) < at_least:
         raise MergescopeError(f"give at least {at_least} checkpoints (got {len(checkpoints)}): the reference "
                               "first, then the models to align to it")
-    loaded = [load_checkpoint(c, device=device, arch=arch, arch_kwargs=dict(arch_kwargs or {}) or None)
-              for c in checkpoints]
+    digests = [checkpoint_sha256(c) for c in checkpoints]  # each file read once for its hash
+    loaded = [load_checkpoint(c, device=device, arch=arch, arch_kwargs=dict(arch_kwargs or {}) or None, sha256=h)
+              for c, h in zip(checkpoints, digests)]
     for (model, _), path in zip(loaded[1:], checkpoints[1:]):
         try:
             check_same_architecture(loaded[0][0], model)
         except ArchitectureError as e:
             raise ArchitectureError(f"{checkpoints[0]} and {path}: {e}") from None
     return LoadedModels([Path(c) for c in checkpoints], [m for m, _ in loaded], [meta for _, meta in loaded],
-                        [checkpoint_sha256(c) for c in checkpoints], arch, dict(arch_kwargs or {}))
+                        digests, arch, dict(arch_kwargs or {}))
 
 
 def open_data(data: str, split: str, model: nn.Module | None = None, label: str = "the models",

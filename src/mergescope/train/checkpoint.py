@@ -101,13 +101,13 @@ def read_checkpoint_info(path: str | Path) -> dict[str, Any]:
     return info
 
 
-def check_pair(path: Path, info: dict[str, Any]) -> None:
+def check_pair(path: Path, info: dict[str, Any], sha256: str | None = None) -> None:
     """Refuse weights that are not the ones their sidecar was written with (its ``weights_sha256``, when the sidecar
     names this file as its weights; sidecars written before it was recorded are not checked): what a kill between
     the two writes leaves. A sidecar shared with a file of another name (``m.pth`` beside ``m.safetensors``) only
-    describes the architecture."""
+    describes the architecture. ``sha256``: the file's, when the caller has it already."""
     want = info.get("weights_sha256") if info.get("weights") == path.name else None
-    if want is not None and file_sha256(path) != want:
+    if want is not None and (sha256 or file_sha256(path)) != want:
         raise CheckpointError(f"{path} is not the file its sidecar {sidecar_path(path)} was written with (sha256 "
                               "differs): the pair is incomplete — a write that was interrupted, or one file replaced; "
                               "write the checkpoint again")
@@ -172,6 +172,7 @@ def load_checkpoint(
     device: torch.device | str = "cpu",
     arch: str | None = None,
     arch_kwargs: dict[str, Any] | None = None,
+    sha256: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """Rebuild a model from a mergescope checkpoint or from any state-dict file.
 
@@ -184,6 +185,8 @@ def load_checkpoint(
             equal the sidecar's when both are there.
         arch_kwargs: builder arguments; with a sidecar each must equal the recorded one. Without one, a
             ``num_classes`` or input-channel argument not given is read off the classifier's / stem's shape.
+        sha256: the weights file's sha256 when the caller has computed it (:func:`checkpoint_sha256`), so the check
+            against the sidecar does not read the file a second time.
 
     Returns:
         ``(model, meta)``: the model in eval mode, and the sidecar's ``meta`` (``{}`` without a sidecar).
@@ -204,7 +207,7 @@ def load_checkpoint(
                               "pass --arch NAME [--arch-kwargs JSON] (a zoo name, tv_* or timm:NAME)")
     state = load_state_dict_file(path)  # a damaged file is named as such first
     if info is not None:
-        check_pair(path, info)
+        check_pair(path, info, sha256)
     model = _build_to_fit(arch, kwargs, state)
     apply_state_dict(model, state, source=f"checkpoint {path}", arch=arch)
     model.to(device)
