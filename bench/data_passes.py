@@ -289,6 +289,8 @@ def bench_stats(name: str, args, device) -> dict:
     bare(passes["matching"][1])  # warm-up
     rows = {}
     for label, (run, models) in passes.items():
+        if args.passes and label not in args.passes:
+            continue
         times, bares = [], []
         for _ in range(args.repeats):
             bares.append(bare(models))
@@ -322,6 +324,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     p.add_argument("--stats", action="store_true", help="each pass's statistics time over its bare forwards")
+    p.add_argument("--passes", nargs="+", default=None, choices=["matching", "REPAIR x3", "evaluation", "covariance"],
+                   help="with --stats: only these passes (default: all)")
     p.add_argument("--alex-images", type=int, default=64, help="with --stats: random 224² images for tv_alexnet")
     args = p.parse_args()
     torch.set_num_threads(args.threads)

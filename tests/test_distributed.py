@@ -184,7 +184,9 @@ def _train_ids() -> list[int]:
 def test_matching_statistics_equal_one_process(runs):
     (single, _), ranks = runs[0], runs[1]
     for out, _ in ranks:
-        assert_close(single["matching"], out["matching"])  # permutations identical, correlations up to rounding
+        # permutations identical; correlations up to float32 rounding: each batch's cross products are float32
+        # matmuls, which MKL may split over another number of threads in a rank than in the one process
+        assert_close(single["matching"], out["matching"], rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(p, torch.arange(len(p))) for p in single["matching"][0].values())
     assert_walked_own_share(runs, "matching", [_train_ids()])
 
@@ -193,7 +195,7 @@ def test_covariance_pass_equals_one_process(runs):
     (single, _), ranks = runs[0], runs[1]
     assert all(n > 0 and n % 1437 == 0 for n, _, _ in single["covariance"].values())  # images × positions
     for out, _ in ranks:
-        assert_close(single["covariance"], out["covariance"])  # sample counts exact
+        assert_close(single["covariance"], out["covariance"], rtol=1e-5, atol=1e-6)  # counts exact; float32 products
     assert_walked_own_share(runs, "covariance", [_train_ids()])
 
 
@@ -222,7 +224,7 @@ def test_evaluation_equals_one_process(runs):
 def test_regression_fit_and_topk_equal_one_process(runs):
     (single, _), ranks, fit, held = runs
     for out, _ in ranks:
-        assert_close(single["regression"], out["regression"], rtol=1e-7, atol=1e-9)
+        assert_close(single["regression"], out["regression"], rtol=1e-5, atol=1e-6)  # from float32 products
         assert_close(single["topk"], out["topk"])  # top-k ids exactly
     assert_walked_own_share(runs, "regression", [fit, held, held])
 
@@ -232,7 +234,7 @@ def test_a_rank_without_batches_gets_the_result(runs):
     (stats, block, tops, scores), (want_stats, want_block, want_tops, want_scores) = ranks[0][0]["one_batch"], \
         single["one_batch"]
     assert ranks[0][1]["one_batch"] == [] and ranks[1][1]["one_batch"] == seen["one_batch"]
-    assert_close(want_stats, stats)
+    assert_close(want_stats, stats, rtol=1e-5, atol=1e-6)  # float32 products, another thread count
     assert_close(want_block, block, rtol=1e-5, atol=1e-6)
     assert_close(want_tops, tops)
     assert scores["a"]["accuracy"] == want_scores["a"]["accuracy"]

@@ -99,8 +99,51 @@ def test_incremental_cost_updates_equal_full_recomputation(monkeypatch):
     b = create_model("resnet20", width=1, in_channels=3).eval()
     spec = build_spec(a, torch.randn(2, 3, 32, 32))
     fast = weight_matching(a.state_dict(), b.state_dict(), spec)
-    monkeypatch.setattr(sys.modules["mergescope.align.weight_matching"], "INCREMENTAL", 0.0)  # every stale term recomputed
+    monkeypatch.setattr(sys.modules["mergescope.align.weight_matching"], "INCREMENTAL", False)  # every cost recomputed from scratch
     full = weight_matching(a.state_dict(), b.state_dict(), spec)
     assert all(torch.equal(fast.perms[g], full.perms[g]) for g in spec.groups)
     for g in spec.groups:
         np.testing.assert_allclose(fast.similarity[g], full.similarity[g], rtol=1e-4, atol=1e-4)
+
+
+def _joint_scatter_written_out(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
+    """The centred scatter of [a, b] over every image × position, in float64 (samples, Ca+Cb) form."""
+    x = torch.cat([as_samples(a.double(), dim), as_samples(b.double(), dim)], 1)
+    d = x - x.mean(0)
+    return d.T @ d
+
+
+@pytest.mark.parametrize("shape,dim", [((6, 5, 7, 9), 1), ((6, 40, 3, 3), 1), ((300, 24), 1)])
+def test_joint_moments_float32_products_match_the_written_out_scatter(shape, dim, monkeypatch):
+    """Per-image products (more positions than channels), the (samples, C) layout, several row blocks and image
+    chunks per batch (``_ROWS``, ``_BLOCK`` made small) all give the float64 scatter of the samples: exactly (1e-12) for float64 input,
+    within float32 rounding (1e-6 of the largest variance) for float32 input, as matching's CoMoments does."""
+    covariance = sys.modules["mergescope.align.covariance"]
+    monkeypatch.setattr(covariance, "_ROWS", 8)  # several blocks of rows per batch
+    monkeypatch.setattr(covariance, "_BLOCK", 2 * 5 * 8)  # per-image products two images at a time
+    a = _activations(shape, seed=1, offset=3.0)  # a large mean: centring in float32 must not cost precision
+    b = _activations((shape[0], shape[1] + 3, *shape[2:]), seed=2)
+    want = _joint_scatter_written_out(a, b, dim)
+    for dtype, rel in ((torch.float64, 1e-12), (torch.float32, 1e-6)):
+        st = JointMoments()
+        for lo in range(0, shape[0], 4):  # several batches: Chan et al.'s update between them
+            st.update_channels(a[lo:lo + 4].to(dtype), b[lo:lo + 4].to(dtype), dim)
+        scale = want.diagonal().max().item()
+        np.testing.assert_allclose(st.scatter.numpy(), want.numpy(), rtol=0, atol=rel * scale, err_msg=str(dtype))
+        assert torch.equal(st.sab.T, st.scatter[st.size_a:, : st.size_a])  # Σ_BA written out on reading
+
+
+def test_shared_reference_block_equals_one_model_at_a_time():
+    """update_shared computes A's deviations and Σ_AA once for every model; each model's moments are those it
+    gets alone."""
+    from mergescope.align.covariance import update_shared
+
+    a = _activations((5, 6, 8, 8), seed=3).float()
+    bs = [_activations((5, 6, 8, 8), seed=s).float() for s in (4, 5)]
+    shared, alone = [JointMoments(), JointMoments()], [JointMoments(), JointMoments()]
+    for lo in (0, 2):
+        update_shared(shared, a[lo:lo + 3], [b[lo:lo + 3] for b in bs])
+        for st, b in zip(alone, bs):
+            st.update_channels(a[lo:lo + 3], b[lo:lo + 3])
+    for s, o in zip(shared, alone):
+        assert s.n == o.n and torch.equal(s.mean, o.mean) and torch.equal(s.scatter, o.scatter)

@@ -86,8 +86,10 @@ def test_cca_map_is_the_papers_on_a_trained_pair(raw, base, relative):
         forward, inverse = _cca_oracle(raw_a[post], raw_b[post], relative)
         got = maps[group]
         scale = np.abs(forward).max()
-        np.testing.assert_allclose(got.forward.numpy(), forward, atol=1e-6 * scale, err_msg=f"{base} {group}")
-        np.testing.assert_allclose(got.inverse.numpy(), inverse, atol=1e-6 * np.abs(inverse).max(),
+        # the library's scatter blocks are float32 products (~1e-7 of the largest variance); the whitening
+        # Σ^-1/2 amplifies that by the covariances' condition number: ~1e-5 of the map's largest entry
+        np.testing.assert_allclose(got.forward.numpy(), forward, atol=2e-4 * scale, err_msg=f"{base} {group}")
+        np.testing.assert_allclose(got.inverse.numpy(), inverse, atol=2e-4 * np.abs(inverse).max(),
                                    err_msg=f"{base} {group}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import re
 import shutil
 from html.parser import HTMLParser
@@ -140,6 +141,69 @@ def test_interpolation_barriers_match_the_sweep(study):
             mid = next(r["accuracy"] for r in curve if abs(r["alpha"] - 0.5) < 1e-9)
             assert page.numbers[f"q1.{split}.{method}.midpoint_accuracy"][1] == _percent(mid)
     assert page.numbers["q1.naive.accuracy_barrier"] == page.numbers["q1.test.naive.accuracy_barrier"]
+    # the answer row features the merge of the smallest test accuracy barrier (ties: the higher midpoint)
+    test = {m: float(page.numbers[f"q1.test.{m}.accuracy_barrier"][0]) for m in methods if m != "naive"}
+    mids = {m: float(page.numbers[f"q1.test.{m}.midpoint_accuracy"][0]) for m in test}
+    answer = min(test, key=lambda m: (test[m], -mids[m]))
+    assert page.numbers["q1.best.accuracy_barrier"] == page.numbers[f"q1.test.{answer}.accuracy_barrier"]
+    row = re.search(r'<a href="#q1">Q1 Interpolation</a></td><td>(.*?)</td></tr>', out.path.read_text("utf-8"), re.S)
+    assert row[1].startswith(f"<b>{answer}</b>: the smallest accuracy barrier")
+
+
+# Models B 96.0% and A 97.0%; the line from B (α = 0) to A (α = 1) is 0.96 + 0.01·α. Per merge its accuracy at
+# α = 0, 0.25, 0.5, 0.75, 1 and its accuracy barrier against that line, worked out by hand.
+Q1_CURVES = {
+    "naive": ((0.96, 0.40, 0.12, 0.45, 0.97), 0.965 - 0.12),
+    "regression+repair": ((0.70, 0.95, 0.981, 0.975, 0.97), 0.96 - 0.70),  # best at α = 0.5, its α = 0 end 70%
+    "broken": ((0.96, 0.96, 0.99, math.nan, 0.97), math.nan),  # NaN barrier: never the answer
+    "permuted+repair": ((0.96, 0.955, 0.949, 0.96, 0.97), 0.965 - 0.949),  # the smallest barrier
+    "permuted": ((0.96, 0.85, 0.80, 0.86, 0.97), 0.965 - 0.80),
+}
+
+
+def _hand_sweep(root: Path, curves: dict) -> Path:
+    """A sweep folder holding only results.json: the rows of ``curves`` on the test split and models A and B."""
+    rows = [{"method": m, "alpha": a, "split": "test", "loss": 0.1 + (0.97 - acc), "accuracy": acc}
+            for m, (accs, _) in curves.items() for a, acc in zip((0.0, 0.25, 0.5, 0.75, 1.0), accs)]
+    ends = [{"model": "A", "split": "test", "loss": 0.1, "accuracy": 0.97},
+            {"model": "B", "split": "test", "loss": 0.1, "accuracy": 0.96}]
+    sweep = root / "sweep"
+    sweep.mkdir(parents=True)
+    (sweep / "results.json").write_text(json.dumps({"rows": rows, "endpoints": ends, "summary": {}}), "utf-8")
+    return sweep
+
+
+def test_q1_answer_is_the_smallest_barrier_not_the_best_midpoint(tmp_path):
+    out = render_overview(tmp_path, {"sweep": _hand_sweep(tmp_path, Q1_CURVES)})
+    page = _parse(out.path)
+    for method, (_, barrier) in Q1_CURVES.items():
+        if not math.isnan(barrier):
+            assert float(page.numbers[f"q1.test.{method}.accuracy_barrier"][0]) == pytest.approx(barrier, abs=1e-12)
+    value, text = page.numbers["q1.best.accuracy_barrier"]
+    assert float(value) == pytest.approx(0.016, abs=1e-12) and text == "+1.6 pts"
+    assert page.numbers["q1.naive.accuracy_barrier"][1] == "+84.5 pts"
+    value, text = page.numbers["q1.best_midpoint.accuracy_barrier"]
+    assert float(value) == pytest.approx(0.26, abs=1e-12) and text == "+26.0 pts"
+    row = re.search(r'<a href="#q1">Q1 Interpolation</a></td><td>(.*?)</td></tr>', out.path.read_text("utf-8"), re.S)
+    words = re.sub(r"<[^>]+>", "", " ".join(row[1].split()))
+    assert words == ("permuted+repair: the smallest accuracy barrier, +1.6 pts (the largest drop below the straight "
+                     "line from model B at α = 0 to model A at α = 1; positive = below), 94.9% at α = 0.5; direct "
+                     "average (naive): +84.5 pts; best at α = 0.5: regression+repair (98.1%), accuracy barrier "
+                     "+26.0 pts (test)")
+
+
+def test_q1_answer_ties_and_the_direct_average_alone(tmp_path):
+    # equal barriers (the same 0.05 drop at α = 0.25): the higher accuracy at α = 0.5 is the answer, whatever the
+    # order; it is then also the best midpoint, so no second merge is named
+    tied = {"early": ((0.96, 0.9125, 0.93, 0.96, 0.97), 0.05), "late": ((0.96, 0.9125, 0.95, 0.96, 0.97), 0.05)}
+    for i, order in enumerate((("early", "late"), ("late", "early"))):
+        out = render_overview(tmp_path / str(i), {"sweep": _hand_sweep(tmp_path / str(i), {m: tied[m] for m in order})})
+        html = out.path.read_text("utf-8")
+        assert "<b>late</b>: the smallest accuracy barrier" in html and "best at α = 0.5" not in html
+    out = render_overview(tmp_path / "naive", {"sweep": _hand_sweep(tmp_path / "naive", {"naive": Q1_CURVES["naive"]})})
+    page = _parse(out.path)
+    assert "q1.best.accuracy_barrier" not in page.numbers and "q1.best_midpoint.accuracy_barrier" not in page.numbers
+    assert page.numbers["q1.naive.accuracy_barrier"][1] == "+84.5 pts"
 
 
 def test_partial_merging_against_random_matches_the_comparison(study):

@@ -48,7 +48,7 @@ def test_regressed_topk_of_a_permuted_copy_is_the_models_own(helpers, train):
         assert np.array_equal(one.ids[live], gt.a_ids[live]), g  # same images, same order
         assert (one.recovered[live] == 1).all(), g
         assert (gt.single_recovered[live] == 1).all(), g
-        assert np.isnan(one.recovered[~live]).all() and (one.r2[live] > 1 - 1e-9).all()
+        assert np.isnan(one.recovered[~live]).all() and (one.r2[live] > 1 - 1e-6).all()  # float32 products
         assert (pick(gt, gt.channels_b).recovered[live] >= 0.9).all(), g
 
 

@@ -103,7 +103,7 @@ def test_regression_onto_a_mixed_copy_recovers_the_mixing_matrix(kind, train):
     fit = res.fits[group]
     assert (fit.weight - torch.linalg.inv(m)).abs().max() < 1e-4
     assert fit.intercept.abs().max() < 1e-4
-    assert (fit.r2 - 1).abs().max() < 1e-6
+    assert (fit.r2 - 1).abs().max() < 1e-5  # the scatter's blocks are float32 products (~1e-7 relative)
 
 
 def test_streamed_statistics_do_not_depend_on_batching(helpers, train):
@@ -115,9 +115,11 @@ def test_streamed_statistics_do_not_depend_on_batching(helpers, train):
     [whole] = group_covariances(a, [b], spec, iter_batches(train, len(ids), ids=ids))
     for g in spec.groups:
         assert small[g].n == whole[g].n
-        assert torch.allclose(small[g].scatter, whole[g].scatter, rtol=1e-5, atol=1e-8)  # float32 model
+        # float32 products of each batch summed in float64: entries agree to ~1e-7 of the largest variance
+        scale = whole[g].scatter.diagonal().max().item()
+        assert torch.allclose(small[g].scatter, whole[g].scatter, rtol=1e-5, atol=1e-6 * scale)
         f1, f2 = regression_fit(small[g]), regression_fit(whole[g])
-        assert torch.allclose(f1.weight, f2.weight, atol=1e-7)
+        assert torch.allclose(f1.weight, f2.weight, atol=1e-5 * f2.weight.abs().max().item())  # via Σ_BB⁻¹
     # merging two halves is the same as seeing everything
     half1, half2 = JointMoments(), JointMoments()
     xa, xb = torch.randn(100, 3), torch.randn(100, 4)

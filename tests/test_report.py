@@ -153,18 +153,104 @@ class _Images(HTMLParser):
             self.srcs.append(dict(attrs)["src"])
 
 
-def test_headline_names_best_method_and_direct_average():
+def test_headline_names_lowest_barrier_method_and_direct_average():
     text = headline(synthetic_rows(), synthetic_results()["endpoints"])
-    # α = 0.5: line = (0.969 + 0.972) / 2 = 0.9705; repair − 0.03 = 94.05 → "94.0%" or "94.1%"; naive − 0.85 = 12.05
-    assert re.search(r"At α = 0\.5, permuted\+repair reaches 94\.[01]% test accuracy vs 12\.[01]% for the direct average \(endpoints", text)
+    # the dips peak at α = 0.5: barriers = DIPS; α = 0.5: line = (0.969 + 0.972) / 2 = 0.9705; repair − 0.03 = 94.05
+    # → "94.0%" or "94.1%"; naive − 0.85 = 12.05
+    assert re.match(r"permuted\+repair has the smallest test accuracy barrier, \+3\.0 pts \(the largest drop of "
+                    r"accuracy below the straight line from model B at α = 0 to model A at α = 1\), and reaches "
+                    r"94\.[01]% at α = 0\.5; the direct average \+85\.0 pts, 12\.[01]% at α = 0\.5 \(endpoints", text)
     assert "model A 97.2%, model B 96.9%" in text
+    assert "the best at α = 0.5" not in text  # the lowest barrier is also the best midpoint here
 
 
-def test_headline_without_naive_compares_with_weakest_method():
+def test_headline_without_naive_compares_with_the_largest_barrier():
     rows = [r for r in synthetic_rows(("test",)) if r["method"] != "naive"]
     text = headline(rows)  # endpoints come from the curve itself
-    assert re.search(r"permuted\+repair reaches 94\.[01]% test accuracy vs 77\.[01]% for permuted, the weakest", text)
+    assert re.match(r"permuted\+repair has the smallest test accuracy barrier, \+3\.0 pts \(the largest drop of "
+                    r"accuracy below the straight line between the method's own accuracies at α = 0 and α = 1\), and "
+                    r"reaches 94\.[01]% at α = 0\.5; the largest, \+20\.0 pts, is permuted's", text)
     assert "model A 97.2%, model B 96.9%" in text
+
+
+# Q1 (000 Fig. 3.1) asks whether the path crosses a barrier: the featured merge is the one of the smallest accuracy
+# barrier, not the best at α = 0.5. Models: B 96.0%, A 97.0% on test; the line from B to A is 0.96 + 0.01·α.
+Q1_ENDS = [{"model": "A", "split": "test", "loss": 0.1, "accuracy": 0.97},
+           {"model": "B", "split": "test", "loss": 0.1, "accuracy": 0.96}]
+Q1_ALPHAS = (0.0, 0.25, 0.5, 0.75, 1.0)
+Q1_CURVES = {  # accuracy at Q1_ALPHAS, and the accuracy barrier against models A and B worked out by hand
+    # α = 0 is B rewritten in A's basis, 70%: 0.96 − 0.70 = 0.26 there; above the line at α = 0.5 (98.1%)
+    "regression+repair": ((0.70, 0.95, 0.981, 0.975, 0.97), 0.26),
+    "naive": ((0.96, 0.40, 0.12, 0.45, 0.97), 0.965 - 0.12),
+    "permuted": ((0.96, 0.85, 0.80, 0.86, 0.97), 0.965 - 0.80),
+    # the smallest: 0.965 − 0.949 = 0.016 at α = 0.5
+    "permuted+repair": ((0.96, 0.955, 0.949, 0.96, 0.97), 0.965 - 0.949),
+}
+
+
+def q1_rows(curves=None, split="test"):
+    return [_row(m, a, split, 0.1 + (0.97 - acc), acc) for m, (accs, _) in (curves or Q1_CURVES).items()
+            for a, acc in zip(Q1_ALPHAS, accs)]
+
+
+def test_hand_built_q1_barriers_are_the_hand_computed_ones():
+    by = {b["method"]: b for b in barriers(q1_rows(), Q1_ENDS)}
+    for method, (_, barrier) in Q1_CURVES.items():
+        assert by[method]["accuracy_barrier"] == pytest.approx(barrier, abs=1e-12), method
+
+
+def test_headline_features_the_smallest_barrier_not_the_best_midpoint():
+    text = headline(q1_rows(), Q1_ENDS)
+    assert text.startswith("permuted+repair has the smallest test accuracy barrier, +1.6 pts (the largest drop of "
+                           "accuracy below the straight line from model B at α = 0 to model A at α = 1), and reaches "
+                           "94.9% at α = 0.5; the direct average +84.5 pts, 12.0% at α = 0.5; ")
+    # the best midpoint is named as such, with its barrier, so it is not mistaken for the answer
+    assert "; regression+repair, the best at α = 0.5 (98.1%), has a barrier of +26.0 pts (endpoints: model A " \
+           "97.0%, model B 96.0%)." in text
+    # against its own α = 0 end (70%) regression+repair looks barrier-free: the headline must use models A and B
+    assert not headline(q1_rows()).startswith("permuted+repair")
+
+
+def test_headline_breaks_equal_barriers_by_the_higher_midpoint():
+    # both drop 0.05 below the line at α = 0.25 (the same numbers, so exactly equal barriers); at α = 0.5 "late"
+    # keeps more accuracy. Whatever their order, "late" is featured; a merge with a larger barrier never is.
+    tied = {"early": ((0.96, 0.9125, 0.93, 0.96, 0.97), 0.05), "late": ((0.96, 0.9125, 0.95, 0.96, 0.97), 0.05),
+            "worse": ((0.96, 0.9, 0.96, 0.96, 0.97), 0.0625)}
+    stats = barriers(q1_rows(tied), Q1_ENDS)
+    assert stats[0]["accuracy_barrier"] == stats[1]["accuracy_barrier"]
+    for order in (("early", "late", "worse"), ("late", "early", "worse"), ("worse", "early", "late")):
+        text = headline(q1_rows({m: tied[m] for m in order}), Q1_ENDS)
+        assert text.startswith("late has the smallest test accuracy barrier, +5.0 pts"), order
+        assert "worse, the best at α = 0.5 (96.0%), has a barrier of +6.2 pts" in text, order
+
+
+def test_headline_skips_a_merge_whose_barrier_is_nan():
+    # "broken" (listed first) has no accuracy at α = 0.75: its barrier is NaN, so it is neither the answer nor,
+    # although its 99.0% at α = 0.5 is the best, the best midpoint named beside it
+    curves = {"broken": ((0.96, 0.96, 0.99, math.nan, 0.97), math.nan), **Q1_CURVES}
+    stats = barriers(q1_rows(curves), Q1_ENDS)
+    assert math.isnan(stats[0]["accuracy_barrier"]) and stats[0]["midpoint_accuracy"] == 0.99
+    text = headline(q1_rows(curves), Q1_ENDS)
+    assert text.startswith("permuted+repair has the smallest test accuracy barrier, +1.6 pts") and "broken" not in text
+    assert "regression+repair, the best at α = 0.5 (98.1%), has a barrier of +26.0 pts" in text
+    only_broken = {"broken": curves["broken"]}
+    assert headline(q1_rows(only_broken), Q1_ENDS) == "No merge has a finite accuracy barrier on the test split."
+
+
+def test_headline_with_only_the_direct_average():
+    text = headline(q1_rows({"naive": Q1_CURVES["naive"]}), Q1_ENDS)
+    assert text == ("The direct average (naive) has a test accuracy barrier of +84.5 pts (the largest drop of accuracy "
+                    "below the straight line from model B at α = 0 to model A at α = 1), and reaches 12.0% at "
+                    "α = 0.5 (endpoints: model A 97.0%, model B 96.0%).")
+
+
+def test_report_tags_the_smallest_barrier_card_best(tmp_path):
+    results = {"title": "q1", "summary": {}, "endpoints": Q1_ENDS, "rows": q1_rows()}
+    page = render_report(tmp_path, results).read_text(encoding="utf-8")
+    tags = {method: role for role, method in re.findall(r'<div class="card ?(\w*)"[^>]*>\s*<div><span '
+                                                        r'class="name">([^<]+)</span>', page)}
+    assert tags == {"regression+repair": "", "naive": "baseline", "permuted": "", "permuted+repair": "best"}
+    assert str(escape(headline(results["rows"], results["endpoints"]))) in page
 
 
 def test_method_colours_are_fixed_and_distinct():

@@ -3,7 +3,7 @@
 Regression alignment, CCA merging, OT fusion and ZipIt! all start from the same second-order statistics of the
 concatenated features ``[a; b]`` of a group (A's channels, then B's): the means and the full centred scatter
 matrix, whose blocks are Σ_AA, Σ_BB and Σ_AB. :class:`JointMoments` accumulates them in float64 with Chan et
-al.'s parallel update (like :class:`mergescope.probe.stats.CoMoments`), so memory is O(channels²), never
+al.'s parallel update (each batch's blocks are float32 products of a few thousand samples, :func:`update_shared`) (like :class:`mergescope.probe.stats.CoMoments`), so memory is O(channels²), never
 O(samples), and the result does not depend on how the data was batched. Every image × position is one sample.
 A residual stream is measured where REPAIR's reference measures it for matching — its stage's last block output
 (``points="stage_end"``, :func:`mergescope.perm.observation_points`); ``points="all"`` pools the samples of every
@@ -41,7 +41,21 @@ class JointMoments:
         self.n = 0
         self.size_a: int | None = None
         self.mean: torch.Tensor | None = None
-        self.scatter: torch.Tensor | None = None
+        self._scatter: torch.Tensor | None = None
+        self._lower_stale = False  # Σ_BA not yet written (the batch updates add Σ_AA, Σ_AB and Σ_BB only)
+
+    @property
+    def scatter(self) -> torch.Tensor | None:
+        if self._lower_stale:
+            ca = self.size_a
+            with torch.inference_mode(self._scatter.is_inference()):  # written in a pass, read after it
+                self._scatter[ca:, :ca] = self._scatter[:ca, ca:].T
+            self._lower_stale = False
+        return self._scatter
+
+    @scatter.setter
+    def scatter(self, value: torch.Tensor | None) -> None:
+        self._scatter, self._lower_stale = value, False
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Add a batch: ``a`` (samples, Ca) and ``b`` (samples, Cb), row i of both from the same sample."""
@@ -49,28 +63,31 @@ class JointMoments:
 
     def update_channels(self, a: torch.Tensor, b: torch.Tensor, channel_dim: int = 1) -> None:
         """Add a batch in its own layout (e.g. (N, C, H, W) with ``channel_dim`` 1; every image × position a
-        sample): both are copied once into one float64 buffer (R² near 1 is a small difference), centred in
-        place, and the scatter is one matmul — per image when there are more positions than channels (a
-        tall-skinny float64 matmul is slow), of the (samples, C) layout otherwise."""
-        a3, b3 = channel_view(a, channel_dim), channel_view(b, channel_dim)
-        (n_img, ca, pos), cb = a3.shape, b3.shape[1]
-        per_image = pos >= ca + cb
-        buf = torch.empty((n_img, ca + cb, pos) if per_image else (n_img, pos, ca + cb), dtype=torch.float64,
-                          device=a.device)
-        if per_image:
-            buf[:, :ca].copy_(a3)
-            buf[:, ca:].copy_(b3)
-            mean = buf.sum(2).sum(0) / max(n_img * pos, 1)
-            buf.sub_(mean.view(1, -1, 1))
-            scatter = torch.bmm(buf, buf.transpose(1, 2)).sum(0)
-        else:
-            buf[:, :, :ca].copy_(a3.transpose(1, 2))
-            buf[:, :, ca:].copy_(b3.transpose(1, 2))
-            x = buf.view(-1, ca + cb)
-            mean = x.mean(0)
-            x.sub_(mean)
-            scatter = x.T @ x
-        self._combine(n_img * pos, mean, scatter, ca)
+        sample): :func:`update_shared` with one ``b``."""
+        update_shared([self], a, [b], channel_dim)
+
+    def _combine_blocks(self, n: int, mean: torch.Tensor, saa: torch.Tensor, sab: torch.Tensor,
+                        sbb: torch.Tensor) -> None:
+        """Chan et al.'s update with a batch's scatter given as its blocks Σ_AA, Σ_AB, Σ_BB (float32 or float64),
+        added in place into the float64 blocks; Σ_BA = Σ_ABᵀ is written when :attr:`scatter` is next read."""
+        ca = saa.shape[0]
+        if self.mean is None:
+            self._scatter = torch.empty((len(mean), len(mean)), dtype=torch.float64, device=mean.device)
+            self._scatter[:ca, :ca], self._scatter[:ca, ca:], self._scatter[ca:, ca:] = saa, sab, sbb
+            self.n, self.mean, self.size_a, self._lower_stale = n, mean, ca, True
+            return
+        if ca != self.size_a or mean.shape != self.mean.shape:
+            raise ValueError("JointMoments: batches with different channel counts")
+        total = self.n + n
+        delta = mean - self.mean
+        da, db, w = delta[:ca], delta[ca:], self.n * n / total
+        upper = self._scatter[:ca, ca:]
+        for block, add, left, right in ((self._scatter[:ca, :ca], saa, da, da), (upper, sab, da, db),
+                                        (self._scatter[ca:, ca:], sbb, db, db)):
+            block.add_(add).addr_(left, right, alpha=w)  # in place: (Ca+Cb)² float64 is a pass's largest buffer
+        self._lower_stale = True
+        self.mean = self.mean + delta * (n / total)
+        self.n = total
 
     def _combine(self, n: int, mean: torch.Tensor, scatter: torch.Tensor, size_a: int) -> None:
         if self.mean is None:
@@ -150,6 +167,66 @@ class JointMoments:
         both = const.unsqueeze(1) & const.unsqueeze(0)
         either = const.unsqueeze(1) | const.unsqueeze(0)
         return torch.where(either, both.to(corr.dtype) if constants_match else torch.zeros_like(corr), corr)
+
+
+_ROWS = 8192  # samples per float32 product before the sum moves to float64
+_BLOCK = 1 << 24  # elements of a per-image product chunk (64 MB in float32)
+
+
+def _centred(x3: torch.Tensor, per_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's float64 channel means and its deviations from them — float32 (float64 for float64 input), laid
+    out (images, C, positions) for per-image products or (samples, C) otherwise: the one copy of the batch."""
+    n_img, c, pos = x3.shape
+    mean = x3.sum(2).to(torch.float64).sum(0) / max(n_img * pos, 1)  # float32 sums of one image's positions
+    dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
+    if per_image:
+        return torch.sub(x3, mean.to(dtype).view(1, -1, 1), out=torch.empty(x3.shape, dtype=dtype, device=x3.device)), mean
+    out = torch.empty((n_img, pos, c), dtype=dtype, device=x3.device)
+    torch.sub(x3.transpose(1, 2), mean.to(dtype), out=out)
+    return out.view(-1, c), mean
+
+
+def _products(x: torch.Tensor, y: torch.Tensor, per_image: bool) -> torch.Tensor:
+    """``Σ_samples x yᵀ`` (Cx, Cy) of two centred batches from :func:`_centred`: float32 products —
+    of each image's positions, summed over a chunk of images, or of at most :data:`_ROWS` rows — summed in
+    float64 (one part is returned as it is: the caller adds it into float64), so the rounding is that of float32
+    sums of a few thousand terms, whatever the batch size."""
+    if per_image:
+        step = max(1, _BLOCK // (x.shape[1] * y.shape[1] or 1))
+        parts = [torch.bmm(x[i:i + step], y[i:i + step].transpose(1, 2)).sum(0) for i in range(0, len(x), step)]
+    else:
+        parts = [x[i:i + _ROWS].T @ y[i:i + _ROWS] for i in range(0, len(x), _ROWS)]
+    if len(parts) == 1:
+        return parts[0]  # added into the float64 sums as it is (the addition is in float64)
+    out = torch.zeros(parts[0].shape if parts else (x.shape[-2] if per_image else x.shape[1],
+                                                       y.shape[-2] if per_image else y.shape[1]),
+                      dtype=torch.float64, device=x.device)
+    for part in parts:
+        out += part
+    return out
+
+
+def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
+                  channel_dim: int = 1) -> None:
+    """Add one batch to the joint moments of ``a`` with each ``b`` (``stats[k]`` ← ``[a, bs[k]]``): A's deviations
+    and Σ_AA are computed once for all, then Σ_AB and Σ_BB per model — 1 + 2k products instead of 4k.
+
+    Every image × position is a sample. Each batch is centred on its own float64 mean and its scatter blocks are
+    float32 products summed in float64 (:func:`_products`); batches are combined in float64 (Chan et al.), so
+    the statistics agree with a float64 computation to float32 rounding (~1e-7 relative), the precision of the
+    float32 activations themselves. A product over the positions of each image is used when there are more
+    positions than channels (a tall-skinny product is slow), over the (samples, C) layout otherwise.
+    """
+    a3 = channel_view(a, channel_dim)
+    n_img, ca, pos = a3.shape
+    b3s = [channel_view(b, channel_dim) for b in bs]
+    per_image = pos >= ca + max(b3.shape[1] for b3 in b3s)
+    xa, mean_a = _centred(a3, per_image)
+    saa = _products(xa, xa, per_image)
+    for st, b3 in zip(stats, b3s):
+        xb, mean_b = _centred(b3, per_image)
+        st._combine_blocks(n_img * pos, torch.cat([mean_a, mean_b]), saa, _products(xa, xb, per_image),
+                           _products(xb, xb, per_image))
 
 
 PLACES = ("observe", "preactivation")  # where a group's joint statistics can be gathered (:func:`group_points`)
@@ -235,8 +312,8 @@ def group_covariances_at(
         ref = outs["0"][1]
         for key, pts in taps_of.items():
             for t in pts:
-                for k in range(len(others)):
-                    stats[k][key].update_channels(ref[t.name], outs[str(k + 1)][1][t.name], t.channel_dim)
+                update_shared([st[key] for st in stats], ref[t.name],
+                              [outs[str(k + 1)][1][t.name] for k in range(len(others))], t.channel_dim)
 
     batches, total = shard(batches, total)
     run_pass(tapped, batches, consume, device=device, desc="joint feature statistics", total=total,

@@ -11,14 +11,15 @@ reference (samuela/git-re-basin ``weight_matching``) draws a fresh random order 
 every weight axis the spec moves, BatchNorm running statistics included; the reference's networks (JAX: batch
 statistics are not parameters; its ResNets use LayerNorm) have none, so it says nothing about them.
 
-Speed: ``P(B)`` is kept fully permuted and only the weights a changed group touches are re-indexed; each weight
-axis's term of the cost is cached (columns in B's original channel order) and brought up to date only
-when a permutation on another axis of that weight moved: a term with one such axis is updated by the products of
-the channels that moved only, ``A_S (B_new,S − B_old,S)ᵀ`` (the term is linear in B), while fewer than
-:data:`INCREMENTAL` of them moved — later sweeps move few channels — and recomputed otherwise; a group none of
-whose neighbours moved since its last solve is skipped (same cost, same optimum), so the final, no-change sweep
-costs nothing. The returned cost matrices are rebuilt from the cache at exit (only stale terms are recomputed):
-they are those of the returned permutations, also when ``max_iter`` stops the descent early.
+Speed: each group's cost matrix is kept (columns in B's original channel order) and brought up to date by
+adding only what changed since its last solve. Every term is linear in B permuted on the term's other axes, so
+when a neighbour ``o`` moved the channels ``S`` the term changes by ``A_S (B_new,S − B_old,S)ᵀ`` — the products of
+the moved channels only (a term with several moved neighbours is recomputed as one difference). Terms no other
+group touches (BatchNorm vectors, a classifier's input) are summed once. Later sweeps move few channels, so they
+cost little; a group none of whose neighbours moved since its last solve is skipped (same cost, same optimum), so
+the final, no-change sweep costs nothing. The returned cost matrices are those of the returned permutations, also
+when ``max_iter`` stops the descent early. With :data:`INCREMENTAL` false every cost is recomputed from scratch
+(the literal algorithm; the tests compare the two).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 
 from ..errors import ArchitectureError
-from ..perm import PermSpec, invert, permute_axis
+from ..perm import PermSpec
 from ..perm.spec import PermAxis
 from ._assignment import best_permutation
 from .result import MatchResult
@@ -42,16 +43,17 @@ def _flat(t: torch.Tensor, ax: PermAxis) -> torch.Tensor:
     return t.movedim(ax.axis, 0).reshape(t.shape[ax.axis], -1)
 
 
-INCREMENTAL = 0.5  # a term is updated from the moved channels while fewer than this fraction of them moved
+INCREMENTAL = True  # False: every cost matrix recomputed from scratch at every solve
 
 
-def _others(spec: PermSpec, ax: PermAxis) -> tuple[str, ...]:
-    """The groups on the other axes of ``ax.param``: the cost term of ``ax`` changes only when they move."""
-    return tuple(g for i, g in enumerate(spec.param_axes[ax.param]) if i != ax.axis and g is not None)
+def _others(spec: PermSpec, ax: PermAxis) -> tuple[tuple[str, PermAxis], ...]:
+    """The groups on the other axes of ``ax.param`` with their axes: the term of ``ax`` changes only when they move."""
+    return tuple((g, _axis_of(spec, g, ax.param, i)) for i, g in enumerate(spec.param_axes[ax.param])
+                 if i != ax.axis and g is not None)
 
 
-def _axis_of(spec: PermSpec, group: str, param: str) -> PermAxis:
-    return next(ax for ax in spec.groups[group].axes if ax.param == param)
+def _axis_of(spec: PermSpec, group: str, param: str, axis: int) -> PermAxis:
+    return next(ax for ax in spec.groups[group].axes if ax.param == param and ax.axis == axis)
 
 
 def _gather(t: torch.Tensor, ax: PermAxis, idx: torch.Tensor) -> torch.Tensor:
@@ -91,72 +93,70 @@ def weight_matching(
             raise ArchitectureError(f"weight '{k}' is missing or differs in shape between the two models")
     a = {k: state_a[k].detach().to(device, torch.float32) for k in keys}
     b_0 = {k: state_b[k].detach().to(device, torch.float32) for k in keys}  # B as given
-    b_cur = dict(b_0)  # B with all current perms applied
     perms = {g: torch.arange(grp.size, device=device) for g, grp in spec.groups.items()}
-    history = {g: [p] for g, p in perms.items()}  # history[g][v]: g's permutation at version v
     terms = {g: [(ax, _others(spec, ax)) for ax in grp.axes] for g, grp in spec.groups.items()}
-    a_flat = {(ax.param, ax.axis): _flat(a[ax.param], ax) for grp in spec.groups.values() for ax in grp.axes}
-    term_cache: dict[tuple[str, int], tuple[tuple[int, ...], torch.Tensor]] = {}
-    solved: dict[str, tuple[int, ...]] = {}  # versions of a group's neighbours when its cost was last solved
+    neighbours = {g: tuple(dict.fromkeys(o for _, others in terms[g] for o, _ in others)) for g in spec.groups}
 
-    def version(g: str) -> int:
-        return len(history[g]) - 1
+    def term(ax: PermAxis, others, at: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``A_ax @ B_axᵀ`` with B's other axes permuted by ``at`` and ``ax`` itself in B's original order."""
+        b = b_0[ax.param]
+        for o, o_ax in others:
+            b = _gather(b, o_ax, at[o])
+        return _flat(a[ax.param], ax) @ _flat(b, ax).T
 
-    def update(ax: PermAxis, other: str, since: int, c: torch.Tensor) -> bool:
-        """Bring the term ``c`` of ``ax`` up to date with ``other``'s moves since version ``since`` (in place),
-        from the moved channels only; False (``c`` untouched) where recomputing it costs less."""
-        o_ax = _axis_of(spec, other, ax.param)
-        old, new = history[other][since], perms[other]
-        moved = (old != new).nonzero().flatten()
-        if len(moved) >= INCREMENTAL * len(new):
-            return False
-        if len(moved):
-            a_s = _flat(_gather(a[ax.param], o_ax, moved), ax)
-            diff = _gather(b_0[ax.param], o_ax, new[moved]) - _gather(b_0[ax.param], o_ax, old[moved])
-            c += a_s @ _flat(diff, ax).T
-        return True
-
-    def cost(g: str) -> torch.Tensor:
-        """C[i, j] = <A channel i, B channel j> with every other permutation applied; cached per weight axis."""
+    def fresh(g: str) -> torch.Tensor:
         total = None
         for ax, others in terms[g]:
-            key, stamp = (ax.param, ax.axis), tuple(version(o) for o in others)
-            hit = term_cache.get(key)
-            if hit is None or hit[0] != stamp:
-                if hit is not None and len(others) == 1 and update(ax, others[0], hit[0][0], hit[1]):
-                    hit = term_cache[key] = (stamp, hit[1])
-                else:
-                    m = a_flat[key] @ _flat(b_cur[ax.param], ax).T  # (C, C); column j' is B channel perms[g][j']
-                    c = torch.empty_like(m)
-                    c[:, perms[g]] = m
-                    hit = term_cache[key] = (stamp, c)
-            total = hit[1].clone() if total is None else total.add_(hit[1])
+            t = term(ax, others, perms)
+            total = t if total is None else total.add_(t)
         return total
+
+    costs: dict[str, torch.Tensor] = {}  # a group's cost matrix as of seen[g]
+    seen: dict[str, dict[str, torch.Tensor]] = {}  # the neighbours' permutations costs[g] is up to date with
+
+    def cost(g: str) -> torch.Tensor:
+        """C[i, j] = <A channel i, B channel j> with every other permutation applied."""
+        if not INCREMENTAL or g not in costs:
+            costs[g], seen[g] = fresh(g), {o: perms[o] for o in neighbours[g]}
+            return costs[g]
+        c, then = costs[g], seen[g]
+        moved = {o: (then[o] != perms[o]).nonzero().flatten() for o in neighbours[g] if then[o] is not perms[o]}
+        moved = {o: m for o, m in moved.items() if len(m)}
+        for ax, others in terms[g]:
+            hit = [(o, o_ax) for o, o_ax in others if o in moved]
+            if not hit:
+                continue
+            if len(others) == 1:  # the products of the moved channels only
+                (o, o_ax), = hit
+                s, old, new = moved[o], then[o], perms[o]
+                a_s = _flat(_gather(a[ax.param], o_ax, s), ax)
+                diff = _gather(b_0[ax.param], o_ax, new[s]) - _gather(b_0[ax.param], o_ax, old[s])
+                c += a_s @ _flat(diff, ax).T
+            else:
+                c += term(ax, others, perms) - term(ax, others, then)
+        seen[g] = {o: perms[o] for o in neighbours[g]}
+        return c
 
     rng = np.random.default_rng(seed)
     names = list(spec.groups)
+    solved: dict[str, dict[str, torch.Tensor]] = {}  # the neighbours' permutations when a group was last solved
     for _ in range(max_iter):
         improved = False
         for gi in rng.permutation(len(names)):
             g = names[gi]
-            stamp = tuple(version(o) for _, others in terms[g] for o in others)
-            if solved.get(g) == stamp:
+            if g in solved and all(solved[g][o] is perms[o] for o in neighbours[g]):
                 continue  # nothing it depends on moved: the same cost, the same optimum
             c = cost(g)
-            solved[g] = stamp
+            solved[g] = {o: perms[o] for o in neighbours[g]}
             new = best_permutation(c, f"weight-matching cost ({g})").to(device)
             rows = torch.arange(len(new), device=device)
             old_score, new_score = c[rows, perms[g]].sum().item(), c[rows, new].sum().item()
             if new_score > old_score + 1e-6 * max(abs(old_score), 1.0):
-                step = invert(perms[g])[new]
-                for ax in spec.groups[g].axes:
-                    b_cur[ax.param] = permute_axis(b_cur[ax.param], ax, step)
-                perms[g] = new
-                history[g].append(new)
+                perms[g] = new  # a new tensor: ``is`` tells a moved group from an unmoved one
                 improved = True
         if not improved:
             break
-    # A group solved before a neighbour moved holds a stale cost when max_iter ends the descent: refresh at exit.
+    # A group solved before a neighbour moved holds a stale cost when max_iter ends the descent: bring it up to date.
     sims = {g: cost(g).double().cpu().numpy() for g in names}
     return MatchResult({g: p.cpu() for g, p in perms.items()}, sims, "weight")
 

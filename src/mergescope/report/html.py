@@ -17,7 +17,7 @@ from mergescope.runs.atomic import atomic_write_text
 from mergescope.runs.jsonio import package_version
 from mergescope.timing import staged
 from mergescope.report.figures import interpolation_figures, method_colors
-from mergescope.report.headline import best_and_baseline, headline
+from mergescope.report.headline import direct_average, headline, lowest_barrier
 from mergescope.report.interpolation import barriers, curves, methods, splits
 
 REPORT_NAME = "report.html"
@@ -59,7 +59,9 @@ def report_context(results: Mapping, figures: list[Path], run_dir: Path) -> dict
     stats = barriers(rows, results.get("endpoints"), results.get("corrections")) if rows else []
     colors = method_colors(methods(rows)) if rows else {}
     split = splits(rows)[0] if rows else None
-    best, baseline = best_and_baseline(stats, split) if rows else (None, None)
+    # the card tagged "best" is the headline's: the smallest accuracy barrier (Q1), not the best midpoint
+    best = lowest_barrier(stats, split) if rows else None
+    baseline = direct_average(stats, split) if rows else None
     order = {s: i for i, s in enumerate(splits(rows))} if rows else {}
     cards = [{**s, "color": colors[s["method"]],
               "role": "best" if s is best else "baseline" if s is baseline else ""}

@@ -32,7 +32,7 @@ from .channel_images import ChannelImages
 from .channel_pages import ChannelTables, TileSheets, channel_page, render_channel_pages
 from .compare_pages import model_label, table_name
 from .features import TILE
-from .headline import best_and_baseline
+from .headline import against_models, best_midpoint, direct_average, lowest_barrier
 from .html import REPORT_NAME, _environment
 from .interpolation import barriers, splits
 from .layer_pages import layer_page, render_layer_pages
@@ -64,16 +64,21 @@ def _load(part: Path) -> dict:
 # -- the numbers ------------------------------------------------------------------------------------------------
 
 def interpolation_answer(results: Mapping, prefix: str) -> dict:
-    """Q1 (Fig. 3.1): barrier and midpoint of every method on every split (:func:`barriers`, endpoints = A and B),
-    the best method and the direct average on the first split; ``prefix``: the sweep folder, relative to the page."""
+    """Q1 (Fig. 3.1): barrier and midpoint of every method on every split (:func:`barriers`, endpoints = A and B);
+    on the first split the answer ``best``, the merge with the smallest accuracy barrier (:func:`lowest_barrier`),
+    ``best_midpoint``, the merge with the best accuracy at α = 0.5 (:func:`best_midpoint`; may be another one,
+    e.g. a map-based merge whose α = 0 end falls far below model B), ``baseline``, the direct average, and
+    ``against_models``, whether the barriers' line runs from model B to model A (else each method's own ends);
+    ``prefix``: the sweep folder, relative to the page."""
     rows = results.get("rows") or []
     if not rows:
         raise MergescopeError("the sweep's results.json has no interpolation rows")
     stats = barriers(rows, results.get("endpoints"), results.get("corrections"))
     split = splits(rows)[0]
-    best, baseline = best_and_baseline(stats, split)
     alphas = sorted({float(r["alpha"]) for r in rows})
-    return {"split": split, "barriers": stats, "best": best, "baseline": baseline, "alphas": len(alphas),
+    return {"split": split, "barriers": stats, "best": lowest_barrier(stats, split),
+            "best_midpoint": best_midpoint(stats, split), "baseline": direct_average(stats, split),
+            "against_models": against_models(results.get("endpoints"), split), "alphas": len(alphas),
             "step": alphas[1] - alphas[0] if len(alphas) > 1 else None,
             "endpoints": list(results.get("endpoints") or []), "matching": results.get("matching_method", ""),
             "report": f"{prefix}/{REPORT_NAME}", "csv": f"{prefix}/interpolation.csv"}
