@@ -28,6 +28,19 @@ ROOT = Path(__file__).resolve().parents[1]
 RENDER_FUNCS = ("render_views", "render_report")  # studies/probe.py, report/html.py: every page of a probe run
 
 
+def digits_checkpoints(folder: Path) -> list[str]:
+    """Three digits CNNs (width 16, 6 epochs, seeds 0-2), trained with ``mergescope train`` unless already there."""
+    paths = []
+    for seed in (0, 1, 2):
+        path = folder / f"cnn_digits_w16_e6_s{seed}.safetensors"
+        if not path.exists():
+            subprocess.run([sys.executable, "-m", "mergescope.cli", "train", "--arch", "cnn_digits", "--arch-kwargs",
+                            '{"width": 16}', "--epochs", "6", "--seed", str(seed), "--data", "digits", "--out",
+                            str(path), "--quiet"], check=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
+        paths.append(str(path))
+    return paths
+
+
 def make_tree(root: Path, images: int, size: int, classes: int = 10) -> Path:
     """An ImageFolder tree of smooth random photos-to-be (JPEG, quality 90), ``images`` in train/."""
     import numpy as np
@@ -161,8 +174,7 @@ def main() -> None:
         cases["alexnet"] = {"checkpoints": make_alexnets(work), "data": str(tree), "batch_size": args.batch_size,
                             "subset": args.images, "big_layer": "classifier.2"}
     if "digits" in args.cases:
-        ck = ROOT / "bench" / "checkpoints"
-        cases["digits"] = {"checkpoints": [str(ck / f"cnn_digits_w16_e6_s{s}.safetensors") for s in (0, 1, 2)],
+        cases["digits"] = {"checkpoints": digits_checkpoints(ROOT / "bench" / "checkpoints"),
                            "data": "digits", "batch_size": 256, "subset": 1437, "big_layer": "features.5"}
     results: dict[str, dict[str, dict]] = {}
     for name, case in cases.items():

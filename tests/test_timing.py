@@ -96,3 +96,13 @@ def test_every_command_prints_and_records_where_its_time_went(tmp_path, capsys):
     assert all(f" {name} " in f" {line} " for name in want), line
     assert 0 < sum(record["stages"].values()) + record["other_s"] <= record["total_s"] + 1e-3
     assert record["stages"]["rendering"] > 0 and record["stages"]["forward"] > 0
+
+
+def test_opening_a_dataset_is_charged_to_decode():
+    """A pack or a small tree is decoded when opened: that time is ``decode``, not ``other``."""
+    from mergescope.data import open_dataset
+
+    with timing.timed() as times:
+        open_dataset("digits", split="train")
+    assert times.seconds.get("decode", 0.0) > 0.0
+    assert times.seconds["decode"] >= 0.9 * (time.perf_counter() - times.started)

@@ -1,6 +1,7 @@
 """Where a run's time went: seconds by stage, recorded by the data passes and the studies, printed at the end.
 
-The stages (:data:`STAGES`): ``decode`` (waiting for the next batch: reading, decoding, resizing), ``transfer``
+The stages (:data:`STAGES`): ``decode`` (opening the dataset — a pack or a small tree is decoded then — and
+waiting for the next batch: reading, decoding, resizing), ``transfer``
 (host to device), ``forward`` (the models), ``statistics`` (what a pass accumulates: moments, correlations, D′),
 ``top-k`` (the probe's streaming top-k), ``assignment`` (alignment outside the data passes: the assignment
 problems, weight matching), ``training`` (the optimiser's loop), ``rendering`` (pages and figures), ``writing``

@@ -26,7 +26,7 @@ from ..distributed import merge_over_ranks, shard
 from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
 from ..probe.engine import run_pass
-from ..probe.stats import CoMoments
+from ..probe.stats import CoMoments, co_update
 from ..probe.taps import tap_model
 from ._assignment import best_permutation
 from .result import MatchResult
@@ -66,9 +66,9 @@ def match_many(
 
     def consume(batch, x, outs):
         ref_feats = outs["0"][1]
-        for t in taps:
-            for k in range(1, len(others) + 1):  # each tensor in its own layout: no reshape copies
-                stats[k, t.name].update_channels(ref_feats[t.name], outs[str(k)][1][t.name], t.channel_dim)
+        for t in taps:  # each tensor in its own layout (no reshape copies); the reference's moments once
+            co_update([stats[k, t.name] for k in range(1, len(others) + 1)], ref_feats[t.name],
+                      [outs[str(k)][1][t.name] for k in range(1, len(others) + 1)], t.channel_dim)
 
     batches, total = shard(batches, total)
     run_pass(tapped, batches, consume, device=device, desc="matching", total=total, progress=progress)

@@ -8,7 +8,8 @@ capped by the dataset — :func:`regression_subsets`):
     a_i ≈ W[i] · b + c_i,    W = Σ_AB (Σ_BB + λ·s·I)⁻¹,    c = μ_A − W μ_B,
 
 with Σ the (population) covariances from the streamed normal equations (:class:`JointMoments`: means and the
-full centred scatter of ``[a; b]`` in float64 — activations are never held), ``λ`` the optional ridge and
+full centred scatter of ``[a; b]``, float32 products of each batch summed in float64 — activations are never
+held), ``λ`` the optional ridge and
 ``s = mean(diag Σ_BB)`` (so λ is relative and scale-free). Singular systems (constant B channels) are solved
 with the pseudo-inverse (minimum-norm solution: constant channels get weight 0).
 

@@ -7,6 +7,7 @@ from mergescope.data.cifar import load_cifar10, load_jpeg_pack
 from mergescope.data.digits import load_digits
 from mergescope.data.folder import SPLIT_DIRS, ImageFolderDataset
 from mergescope.errors import DatasetError
+from mergescope.timing import staged
 
 CIFAR10_PREFIX = "cifar10:"
 
@@ -28,6 +29,7 @@ def has_split(spec: str, split: str) -> bool:
     return path.is_dir() and (_pack_for_split(path, split) is not None or (path / split).is_dir())
 
 
+@staged("decode")  # a pack or a small tree is decoded here, once
 def open_dataset(spec: str, split: str = "train", **kw) -> ImageDataset:
     """Open a dataset by spec.
 

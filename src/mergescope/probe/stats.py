@@ -7,6 +7,7 @@ floating-point rounding, and two partial results merge exactly like two batches.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -129,7 +130,8 @@ class Extremes:
         n = x3.shape[0] * x3.shape[2]
         if n == 0:
             return
-        lo, hi = x3.amin(2).amin(0), x3.amax(2).amax(0)
+        lo, hi = x3.aminmax(dim=2)  # one read of the batch for both
+        lo, hi = lo.amin(0), hi.amax(0)
         n_lo = torch.zeros(x3.shape[1], dtype=torch.int64, device=x3.device)
         n_hi = n_lo.clone()
         ulp = torch.finfo(x3.dtype).eps * torch.maximum(lo.abs(), hi.abs()).double()
@@ -159,6 +161,30 @@ class Extremes:
         return (self.n_lo >= self.n - 1) | (self.n_hi >= self.n - 1)
 
 
+def co_update(stats: Sequence[CoMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
+              channel_dim: int = 1) -> None:
+    """Add one batch to ``stats[k]`` ← (``a``, ``bs[k]``): A's centring, moments and extremes are computed once
+    for every model, then each model's own and its cross products with A."""
+    a = _at_least_float32(a)
+    bs = [_at_least_float32(b) for b in bs]
+    if any(b.dtype != a.dtype for b in bs):
+        a, bs = a.double(), [b.double() for b in bs]
+    a3 = channel_view(a, channel_dim)
+    n = a3.shape[0] * a3.shape[2]
+    ma, ac, m2a = _centred(a3)
+    ma64, m2a64 = ma.double(), m2a.double()
+    ext_a = Extremes()
+    ext_a.update_channels(a3, m2a)
+    for st, b in zip(stats, bs):
+        b3 = channel_view(b, channel_dim)
+        mb, bc, m2b = _centred(b3)
+        st._combine(n, ma64, mb.double(), _cross(ac, bc).double())
+        st.a._combine(n, ma64, m2a64)
+        st.b._combine(n, mb.double(), m2b.double())
+        st.ext_a.merge(ext_a)
+        st.ext_b.update_channels(b3, m2b)
+
+
 def _merge_extreme(v1, c1, v2, c2, pick):
     v2, c2 = v2.to(v1.device), c2.to(c1.device)
     v = pick(v1, v2)
@@ -179,18 +205,8 @@ class CoMoments:
 
     def update_channels(self, a: torch.Tensor, b: torch.Tensor, channel_dim: int = 1) -> None:
         """Add a batch in its own layout (e.g. (N, C, H, W), ``channel_dim`` 1), without reshaping it: each
-        batch's moments are computed once, from one centring of each side."""
-        a, b = _at_least_float32(a), _at_least_float32(b)
-        if a.dtype != b.dtype:
-            a, b = a.double(), b.double()
-        a3, b3 = channel_view(a, channel_dim), channel_view(b, channel_dim)
-        n = a3.shape[0] * a3.shape[2]
-        (ma, ac, m2a), (mb, bc, m2b) = _centred(a3), _centred(b3)
-        self._combine(n, ma.double(), mb.double(), _cross(ac, bc).double())
-        self.a._combine(n, ma.double(), m2a.double())
-        self.b._combine(n, mb.double(), m2b.double())
-        self.ext_a.update_channels(a3, m2a)
-        self.ext_b.update_channels(b3, m2b)
+        batch's moments are computed once, from one centring of each side (:func:`co_update` with one b)."""
+        co_update([self], a, [b], channel_dim)
 
     def _combine(self, n: int, ma: torch.Tensor, mb: torch.Tensor, cab: torch.Tensor) -> None:
         if self.cab is None:
