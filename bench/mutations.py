@@ -363,6 +363,15 @@ MUTANTS: tuple[Mutant, ...] = (
             "tests/test_oracle_maps.py"),
            "Σ_BA is left unwritten (the scatter's lower block holds garbage)"),
 
+    Mutant("dataset_opening_untimed", "data/open.py",
+           '@staged("decode")  # a pack or a small tree is decoded here, once\n', "",
+           ("tests/test_timing.py::test_opening_a_dataset_is_charged_to_decode",),
+           "decoding a pack when it is opened is charged to no stage (it shows as 'other')"),
+    Mutant("co_update_reference_moments_of_b", "probe/stats.py",
+           "        st.a._combine(n, ma64, m2a64)", "        st.a._combine(n, mb.double(), m2b.double())",
+           ("tests/test_align.py", "tests/test_lean_stats.py"),
+           "matching's shared update gives the reference the other model's moments"),
+
 )
 
 
