@@ -3,13 +3,16 @@
 Regression alignment, CCA merging, OT fusion and ZipIt! all start from the same second-order statistics of the
 concatenated features ``[a; b]`` of a group (A's channels, then B's): the means and the full centred scatter
 matrix, whose blocks are Σ_AA, Σ_BB and Σ_AB. :class:`JointMoments` accumulates them in float64 with Chan et
-al.'s parallel update (each batch's blocks are float32 products of a few thousand samples, :func:`update_shared`) (like :class:`mergescope.probe.stats.CoMoments`), so memory is O(channels²), never
-O(samples), and the result does not depend on how the data was batched. Every image × position is one sample.
+al.'s parallel update, like :class:`mergescope.probe.stats.CoMoments`: each batch's blocks are float32 products of
+a few thousand samples summed in float64 (:func:`update_shared`), so the statistics agree with a float64
+computation to float32 rounding (~1e-7 of the largest variance; float64 input stays float64). Memory is
+O(channels²), never O(samples), and batching changes the result only by that rounding. Every image × position
+is one sample.
 A residual stream is measured where REPAIR's reference measures it for matching — its stage's last block output
 (``points="stage_end"``, :func:`mergescope.perm.observation_points`); ``points="all"`` pools the samples of every
 place it is observed (stem activation and every block output). Inside a ``torch.distributed`` process group
 each rank walks its share of the batches and the moments are merged over the ranks
-(:mod:`mergescope.distributed`): every rank gets the one-process statistics, up to float64 rounding.
+(:mod:`mergescope.distributed`): every rank gets the one-process statistics, up to that rounding.
 """
 from __future__ import annotations
 
