@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10
 
 from mergescope.data.cache import cached_array, decoded_once, file_sha256, files_key
 from mergescope.data.decode import decode_jpeg_chunk
@@ -37,6 +36,8 @@ def load_cifar10(root: str | os.PathLike, split: str = "train", download: bool =
     root = Path(root).expanduser()
     if not download and not root.is_dir():
         raise DatasetError(f"dataset path not found: {root}")
+    from torchvision.datasets import CIFAR10  # only this loader needs it
+
     try:
         raw = CIFAR10(str(root), train=split == "train", download=download)
     except RuntimeError as exc:  # torchvision: "Dataset not found or corrupted"

@@ -3,8 +3,6 @@
 from functools import lru_cache
 
 import numpy as np
-from sklearn.datasets import load_digits as _sklearn_digits
-from sklearn.model_selection import train_test_split
 
 from mergescope.data.memory import InMemoryDataset
 from mergescope.errors import DatasetError
@@ -16,7 +14,9 @@ SPLIT_SEED = 0
 @lru_cache(maxsize=1)
 def _all_digits() -> tuple[np.ndarray, np.ndarray]:
     """All images as uint8 [1797, 8, 8, 1] (0..16 scaled to 0..255) and int64 labels [1797]."""
-    bunch = _sklearn_digits()
+    from sklearn.datasets import load_digits as sklearn_digits  # here: sklearn takes ~1 s to import
+
+    bunch = sklearn_digits()
     pixels = np.rint(bunch.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [N,8,8,1]
     return pixels, bunch.target.astype(np.int64)
 
@@ -39,6 +39,8 @@ def digits_split_ids(split: str = "train") -> np.ndarray:
         return everything
     if split not in ("train", "test"):
         raise DatasetError(f"digits has splits train/test/all, not {split!r}")
+    from sklearn.model_selection import train_test_split
+
     train, test = train_test_split(everything, test_size=TEST_FRACTION, random_state=SPLIT_SEED, stratify=labels)
     return np.sort(train if split == "train" else test)
 
