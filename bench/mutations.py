@@ -372,6 +372,12 @@ MUTANTS: tuple[Mutant, ...] = (
            ("tests/test_align.py", "tests/test_lean_stats.py"),
            "matching's shared update gives the reference the other model's moments"),
 
+    Mutant("joint_last_group_dropped", "align/covariance.py",
+           "        gathered.flush()\n", "        pass\n",
+           ("tests/test_lean_stats.py::test_batches_with_few_positions_are_added_in_groups",
+            "tests/test_regression.py::test_streamed_statistics_do_not_depend_on_batching"),
+           "the batches still held back at the end of the covariance pass are never added"),
+
 )
 
 

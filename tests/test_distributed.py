@@ -224,7 +224,9 @@ def test_evaluation_equals_one_process(runs):
 def test_regression_fit_and_topk_equal_one_process(runs):
     (single, _), ranks, fit, held = runs
     for out, _ in ranks:
-        assert_close(single["regression"], out["regression"], rtol=1e-5, atol=1e-6)  # from float32 products
+        # the weights solve Σ_BB⁻¹ Σ_BA from float32 products that each rank groups and rounds its own way:
+        # ~1e-7 of the scatter's scale, amplified by Σ_BB's condition number (2e-5 of the largest weight seen)
+        assert_close(single["regression"], out["regression"], rtol=1e-4, atol=1e-4)
         assert_close(single["topk"], out["topk"])  # top-k ids exactly
     assert_walked_own_share(runs, "regression", [fit, held, held])
 

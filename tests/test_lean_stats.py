@@ -116,8 +116,9 @@ def _joint_scatter_written_out(a: torch.Tensor, b: torch.Tensor, dim: int) -> to
 @pytest.mark.parametrize("shape,dim", [((6, 5, 7, 9), 1), ((6, 40, 3, 3), 1), ((300, 24), 1)])
 def test_joint_moments_float32_products_match_the_written_out_scatter(shape, dim, monkeypatch):
     """Per-image products (more positions than channels), the (samples, C) layout, several row blocks and image
-    chunks per batch (``_ROWS``, ``_BLOCK`` made small) all give the float64 scatter of the samples: exactly (1e-12) for float64 input,
-    within float32 rounding (1e-6 of the largest variance) for float32 input, as matching's CoMoments does."""
+    chunks per batch (``_ROWS``, ``_BLOCK`` made small) all give the float64 scatter of the samples: exactly
+    (1e-12) for float64 input, within float32 rounding (1e-6 of the largest variance) for float32 input, as
+    matching's CoMoments does."""
     covariance = sys.modules["mergescope.align.covariance"]
     monkeypatch.setattr(covariance, "_ROWS", 8)  # several blocks of rows per batch
     monkeypatch.setattr(covariance, "_BLOCK", 2 * 5 * 8)  # per-image products two images at a time
@@ -147,3 +148,32 @@ def test_shared_reference_block_equals_one_model_at_a_time():
             st.update_channels(a[lo:lo + 3], b[lo:lo + 3])
     for s, o in zip(shared, alone):
         assert s.n == o.n and torch.equal(s.mean, o.mean) and torch.equal(s.scatter, o.scatter)
+
+
+def test_batches_with_few_positions_are_added_in_groups(monkeypatch):
+    """A linear layer's batches (the (samples, C) layout) are held back and added as one group of ≤ _GROUP samples:
+    fewer scatter updates than batches, the same statistics as one batch of everything (to float32 rounding), and
+    nothing is left out at the end of the pass."""
+    from mergescope.align import group_covariances
+    from mergescope.data import iter_batches, load_digits
+
+    covariance = sys.modules["mergescope.align.covariance"]
+    monkeypatch.setattr(covariance, "_GROUP", 64)
+    calls = []
+    real = covariance.update_shared
+    monkeypatch.setattr(covariance, "update_shared", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k)))
+    a = create_model("mlp", seed=0, width=32).eval()
+    b = create_model("mlp", seed=1, width=32).eval()
+    spec = build_spec(a)
+    ds = load_digits("train")
+    ids = torch.arange(203)  # 203 = 29 batches of 7: the last group is a partial one
+    [small] = group_covariances(a, [b], spec, iter_batches(ds, 7, ids=ids))
+    grouped = len(calls)
+    calls.clear()
+    [whole] = group_covariances(a, [b], spec, iter_batches(ds, 203, ids=ids))
+    assert grouped < 29 * len(spec.groups)  # 64 rows per group of batches: ceil(203 / 63) groups per point
+    for g in spec.groups:
+        assert small[g].n == whole[g].n == 203
+        scale = whole[g].scatter.diagonal().max().item()
+        assert torch.allclose(small[g].scatter, whole[g].scatter, rtol=1e-5, atol=1e-6 * scale)
+        assert torch.allclose(small[g].mean, whole[g].mean, rtol=1e-6, atol=1e-7)

@@ -77,9 +77,9 @@ def test_regression_map_and_heldout_r2_match_a_literal_least_squares(oracle):
             want_held, want_fit = _r2(r["ha"][:, i], pred_held), _r2(r["fa"][:, i], pred_fit)
             np.testing.assert_allclose(fit.weight[i].numpy(), w, atol=1e-5 * max(1, np.abs(w).max()), err_msg=g)
             assert fit.intercept[i].item() == pytest.approx(c, abs=1e-5 * max(1, abs(c)))
-            # float32 products in the library's scatter (summed in float64): R² to ~1e-7
-            assert fit.r2[i].item() == pytest.approx(want_held, abs=2e-6), (g, i)
-            assert fit.r2_fit[i].item() == pytest.approx(want_fit, abs=2e-6), (g, i)
+            # float32 products in the library's scatter (summed in float64), ~5e-7 of its scale: R² to a few 1e-6
+            assert fit.r2[i].item() == pytest.approx(want_held, abs=1e-5), (g, i)
+            assert fit.r2_fit[i].item() == pytest.approx(want_fit, abs=1e-5), (g, i)
             gaps.append(want_fit - want_held)
         assert max(gaps) > 1e-3, g  # held-out and in-sample R² differ: the test tells them apart
 
@@ -101,10 +101,10 @@ def test_sparsity_sweep_keeps_the_top_m_weights_literally(oracle):
             kept[order] = w_full[order]
             c_kept = r["fa"][:, i].mean() - r["fb"].mean(0) @ kept  # the best intercept for the kept weights
             np.testing.assert_allclose(plain.weight[i].numpy(), kept, atol=1e-9)
-            assert plain.r2[i].item() == pytest.approx(_r2(r["ha"][:, i], r["hb"] @ kept + c_kept), abs=2e-6)
+            assert plain.r2[i].item() == pytest.approx(_r2(r["ha"][:, i], r["hb"] @ kept + c_kept), abs=1e-5)
             w, c = _lstsq(r["fa"][:, i], r["fb"], order)  # refit on the kept support
             np.testing.assert_allclose(refit.weight[i].numpy(), w, atol=1e-5 * max(1, np.abs(w).max()))
-            assert refit.r2[i].item() == pytest.approx(_r2(r["ha"][:, i], r["hb"] @ w + c), abs=2e-6)
+            assert refit.r2[i].item() == pytest.approx(_r2(r["ha"][:, i], r["hb"] @ w + c), abs=1e-5)
 
 
 def test_subsets_have_the_thesis_size_and_are_disjoint(oracle, digits_train):

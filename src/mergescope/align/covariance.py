@@ -28,6 +28,7 @@ from ..perm.spec import TapPoint
 from ..probe.engine import run_pass
 from ..probe.stats import channel_view
 from ..probe.taps import tap_model
+from ..timing import stage
 
 
 class JointMoments:
@@ -172,7 +173,8 @@ class JointMoments:
         return torch.where(either, both.to(corr.dtype) if constants_match else torch.zeros_like(corr), corr)
 
 
-_ROWS = 8192  # samples per float32 product before the sum moves to float64
+_ROWS = 1024  # samples per float32 product before the sum moves to float64
+_GROUP = 8192  # samples of (samples, C)-layout batches held back and added as one (:class:`_Gathered`)
 _BLOCK = 1 << 24  # elements of a per-image product chunk (64 MB in float32)
 
 
@@ -230,6 +232,41 @@ def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[t
         xb, mean_b = _centred(b3, per_image)
         st._combine_blocks(n_img * pos, torch.cat([mean_a, mean_b]), saa, _products(xa, xb, per_image),
                            _products(xb, xb, per_image))
+
+
+class _Gathered:
+    """Batches of few samples per channel — the (samples, C) layout: linear layers, small late feature maps — held
+    back and added as one (≤ :data:`_GROUP` samples, ≤ :data:`_BLOCK` values per tensor), so the float64 scatter
+    (largest for wide layers: 8,192² for two 4,096-unit layers) is updated once per group of batches instead of
+    once per batch. Per-image batches go straight through. :meth:`flush` adds what is left (end of the pass)."""
+
+    def __init__(self) -> None:
+        self._held: dict = {}  # key -> (stats, channel_dim, [(a, [b, ...]), ...], samples held)
+
+    def add(self, key, stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
+            channel_dim: int) -> None:
+        a3 = channel_view(a, channel_dim)
+        n_img, ca, pos = a3.shape
+        if pos >= ca + channel_view(bs[0], channel_dim).shape[1]:  # per-image products: nothing to gain
+            update_shared(stats, a, bs, channel_dim)
+            return
+        _, _, parts, rows = self._held.setdefault(key, (stats, channel_dim, [], 0))
+        parts.append((a3, [channel_view(b, channel_dim) for b in bs]))
+        rows += n_img * pos
+        self._held[key] = (stats, channel_dim, parts, rows)
+        if rows >= _GROUP or rows * ca >= _BLOCK:
+            self._add(key)
+
+    def _add(self, key) -> None:
+        stats, _, parts, _ = self._held.pop(key)
+        a = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
+        bs = [torch.cat([p[1][k] for p in parts]) if len(parts) > 1 else parts[0][1][k]
+              for k in range(len(parts[0][1]))]
+        update_shared(stats, a, bs, 1)  # the (images, C, positions) views: channels on axis 1
+
+    def flush(self) -> None:
+        for key in list(self._held):
+            self._add(key)
 
 
 PLACES = ("observe", "preactivation")  # where a group's joint statistics can be gathered (:func:`group_points`)
@@ -311,16 +348,20 @@ def group_covariances_at(
     tapped = {str(i): tap_model(m, taps).to(device).eval() for i, m in enumerate([reference, *others])}
     stats = [{key: JointMoments() for key in taps_of} for _ in others]
 
+    gathered = _Gathered()
+
     def consume(batch, x, outs):
         ref = outs["0"][1]
         for key, pts in taps_of.items():
             for t in pts:
-                update_shared([st[key] for st in stats], ref[t.name],
-                              [outs[str(k + 1)][1][t.name] for k in range(len(others))], t.channel_dim)
+                gathered.add((key, t.name), [st[key] for st in stats], ref[t.name],
+                             [outs[str(k + 1)][1][t.name] for k in range(len(others))], t.channel_dim)
 
     batches, total = shard(batches, total)
     run_pass(tapped, batches, consume, device=device, desc="joint feature statistics", total=total,
              progress=progress)
+    with torch.inference_mode(), stage("statistics"):  # the pass's tensors are inference tensors
+        gathered.flush()
     merged = iter(merge_over_ranks([st for per_model in stats for st in per_model.values()], device))
     stats = [{key: next(merged) for key in per_model} for per_model in stats]
     for k, per_group in enumerate(stats):  # NaN/Inf anywhere in a batch poisons the sums: checked once
