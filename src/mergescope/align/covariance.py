@@ -185,7 +185,8 @@ def _centred(x3: torch.Tensor, per_image: bool) -> tuple[torch.Tensor, torch.Ten
     mean = x3.sum(2).to(torch.float64).sum(0) / max(n_img * pos, 1)  # float32 sums of one image's positions
     dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
     if per_image:
-        return torch.sub(x3, mean.to(dtype).view(1, -1, 1), out=torch.empty(x3.shape, dtype=dtype, device=x3.device)), mean
+        out = torch.empty(x3.shape, dtype=dtype, device=x3.device)
+        return torch.sub(x3, mean.to(dtype).view(1, -1, 1), out=out), mean
     out = torch.empty((n_img, pos, c), dtype=dtype, device=x3.device)
     torch.sub(x3.transpose(1, 2), mean.to(dtype), out=out)
     return out.view(-1, c), mean
@@ -203,12 +204,17 @@ def _products(x: torch.Tensor, y: torch.Tensor, per_image: bool) -> torch.Tensor
         parts = [x[i:i + _ROWS].T @ y[i:i + _ROWS] for i in range(0, len(x), _ROWS)]
     if len(parts) == 1:
         return parts[0]  # added into the float64 sums as it is (the addition is in float64)
-    out = torch.zeros(parts[0].shape if parts else (x.shape[-2] if per_image else x.shape[1],
-                                                       y.shape[-2] if per_image else y.shape[1]),
-                      dtype=torch.float64, device=x.device)
+    channels = (x.shape[-2], y.shape[-2]) if per_image else (x.shape[1], y.shape[1])
+    out = torch.zeros(channels, dtype=torch.float64, device=x.device)  # no parts (no samples): zeros
     for part in parts:
         out += part
     return out
+
+
+def _per_image(a3: torch.Tensor, b3s: Sequence[torch.Tensor]) -> bool:
+    """Whether a batch's products run over each image's positions (more positions than channels; a tall-skinny
+    product is slow) rather than over its (samples, C) layout."""
+    return a3.shape[2] >= a3.shape[1] + max(b3.shape[1] for b3 in b3s)
 
 
 def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
@@ -225,7 +231,7 @@ def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[t
     a3 = channel_view(a, channel_dim)
     n_img, ca, pos = a3.shape
     b3s = [channel_view(b, channel_dim) for b in bs]
-    per_image = pos >= ca + max(b3.shape[1] for b3 in b3s)
+    per_image = _per_image(a3, b3s)
     xa, mean_a = _centred(a3, per_image)
     saa = _products(xa, xa, per_image)
     for st, b3 in zip(stats, b3s):
@@ -241,24 +247,23 @@ class _Gathered:
     once per batch. Per-image batches go straight through. :meth:`flush` adds what is left (end of the pass)."""
 
     def __init__(self) -> None:
-        self._held: dict = {}  # key -> (stats, channel_dim, [(a, [b, ...]), ...], samples held)
+        self._held: dict = {}  # key -> (stats, [(a, [b, ...]), ...] as (images, C, positions) views, samples held)
 
     def add(self, key, stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
             channel_dim: int) -> None:
-        a3 = channel_view(a, channel_dim)
-        n_img, ca, pos = a3.shape
-        if pos >= ca + channel_view(bs[0], channel_dim).shape[1]:  # per-image products: nothing to gain
-            update_shared(stats, a, bs, channel_dim)
+        a3, b3s = channel_view(a, channel_dim), [channel_view(b, channel_dim) for b in bs]
+        if _per_image(a3, b3s):  # nothing to gain
+            update_shared(stats, a3, b3s, 1)
             return
-        _, _, parts, rows = self._held.setdefault(key, (stats, channel_dim, [], 0))
-        parts.append((a3, [channel_view(b, channel_dim) for b in bs]))
-        rows += n_img * pos
-        self._held[key] = (stats, channel_dim, parts, rows)
-        if rows >= _GROUP or rows * ca >= _BLOCK:
+        _, parts, rows = self._held.get(key, (stats, [], 0))
+        parts.append((a3, b3s))
+        rows += a3.shape[0] * a3.shape[2]
+        self._held[key] = (stats, parts, rows)
+        if rows >= _GROUP or rows * a3.shape[1] >= _BLOCK:
             self._add(key)
 
     def _add(self, key) -> None:
-        stats, _, parts, _ = self._held.pop(key)
+        stats, parts, _ = self._held.pop(key)
         a = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
         bs = [torch.cat([p[1][k] for p in parts]) if len(parts) > 1 else parts[0][1][k]
               for k in range(len(parts[0][1]))]

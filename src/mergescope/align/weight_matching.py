@@ -113,6 +113,7 @@ def weight_matching(
 
     costs: dict[str, torch.Tensor] = {}  # a group's cost matrix as of seen[g]
     seen: dict[str, dict[str, torch.Tensor]] = {}  # the neighbours' permutations costs[g] is up to date with
+    #                                                (in the descent: those it was last solved with)
 
     def cost(g: str) -> torch.Tensor:
         """C[i, j] = <A channel i, B channel j> with every other permutation applied."""
@@ -139,15 +140,13 @@ def weight_matching(
 
     rng = np.random.default_rng(seed)
     names = list(spec.groups)
-    solved: dict[str, dict[str, torch.Tensor]] = {}  # the neighbours' permutations when a group was last solved
     for _ in range(max_iter):
         improved = False
         for gi in rng.permutation(len(names)):
             g = names[gi]
-            if g in solved and all(solved[g][o] is perms[o] for o in neighbours[g]):
-                continue  # nothing it depends on moved: the same cost, the same optimum
+            if g in seen and all(seen[g][o] is perms[o] for o in neighbours[g]):
+                continue  # nothing it depends on moved since its last solve: the same cost, the same optimum
             c = cost(g)
-            solved[g] = {o: perms[o] for o in neighbours[g]}
             new = best_permutation(c, f"weight-matching cost ({g})").to(device)
             rows = torch.arange(len(new), device=device)
             old_score, new_score = c[rows, perms[g]].sum().item(), c[rows, new].sum().item()

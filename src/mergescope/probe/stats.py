@@ -178,9 +178,10 @@ def co_update(stats: Sequence[CoMoments], a: torch.Tensor, bs: Sequence[torch.Te
     for st, b in zip(stats, bs):
         b3 = channel_view(b, channel_dim)
         mb, bc, m2b = _centred(b3)
-        st._combine(n, ma64, mb.double(), _cross(ac, bc).double())
+        mb64 = mb.double()
+        st._combine(n, ma64, mb64, _cross(ac, bc).double())
         st.a._combine(n, ma64, m2a64)
-        st.b._combine(n, mb.double(), m2b.double())
+        st.b._combine(n, mb64, m2b.double())
         st.ext_a.merge(ext_a)
         st.ext_b.update_channels(b3, m2b)
 
