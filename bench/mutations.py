@@ -337,7 +337,7 @@ MUTANTS: tuple[Mutant, ...] = (
             "tests/test_overview.py::test_q1_answer_ties_and_the_direct_average_alone"),
            "equal barriers go to the lower midpoint accuracy"),
     Mutant("headline_own_endpoints", "report/headline.py",
-           "stats = barriers(rows, _complete(endpoints))", "stats = barriers(rows)",
+           "stats = barriers(rows, endpoints)", "stats = barriers(rows)",
            ("tests/test_report.py::test_headline_features_the_smallest_barrier_not_the_best_midpoint",),
            "the headline measures barriers against each method's own α = 0 / 1 values, not models A and B"),
     Mutant("q1_keeps_nan_barrier", "report/headline.py",

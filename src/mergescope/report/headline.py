@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 
 from mergescope.report.formatting import percent, points
-from mergescope.report.interpolation import barriers, curves, splits, value_at
+from mergescope.report.interpolation import barriers, curves, model_ends, splits, value_at
 
 BASELINE = "naive"
 MIDPOINT = 0.5
@@ -49,15 +49,10 @@ def best_midpoint(stats: Sequence[Mapping], split: str) -> Mapping | None:
     return max(ranked, key=lambda s: s["midpoint_accuracy"], default=None)
 
 
-def _complete(endpoints: Iterable[Mapping] | None) -> list[Mapping]:
-    """Endpoint records :func:`barriers` can use (model, split, loss and accuracy all present)."""
-    return [e for e in endpoints or () if all(k in e for k in ("model", "split", "loss", "accuracy"))]
-
-
 def against_models(endpoints: Iterable[Mapping] | None, split: str) -> bool:
     """Whether :func:`barriers` measures ``split``'s barriers against models B (α = 0) and A (α = 1) themselves,
     i.e. ``endpoints`` holds both; else each method's own values at α = 0 and 1 are the line's ends."""
-    return {(e["model"], e["split"]) for e in _complete(endpoints)} >= {("A", split), ("B", split)}
+    return split in model_ends(endpoints)
 
 
 def _endpoint_accuracies(rows: list[Mapping], endpoints: Iterable[Mapping], split: str, method: str) -> tuple[float, float]:
@@ -91,7 +86,7 @@ def headline(rows: Iterable[Mapping], endpoints: Iterable[Mapping] = (), split: 
         return "No interpolation results were recorded."
     endpoints = list(endpoints)
     split = split or splits(rows)[0]
-    stats = barriers(rows, _complete(endpoints))
+    stats = barriers(rows, endpoints)
     best, base = lowest_barrier(stats, split), direct_average(stats, split)
     lead = best or base
     if lead is None:

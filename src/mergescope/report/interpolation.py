@@ -107,9 +107,11 @@ def _max_gap(curve: Sequence[dict], key: str, sign: float, ends: Mapping[str, tu
     return max(gaps, key=lambda ga: ga[0])
 
 
-def _model_ends(endpoints: Iterable[Mapping] | None) -> dict[str, dict[str, tuple[float, float]]]:
-    """split -> {"loss": (L_B, L_A), "accuracy": (Acc_B, Acc_A)} from endpoint records of models "A" and "B"."""
-    by = {(e["model"], e["split"]): e for e in endpoints or ()}
+def model_ends(endpoints: Iterable[Mapping] | None) -> dict[str, dict[str, tuple[float, float]]]:
+    """split -> {"loss": (L_B, L_A), "accuracy": (Acc_B, Acc_A)} from the endpoint records of models "A" and "B"
+    that hold model, split, loss and accuracy (others are not endpoints of a barrier)."""
+    by = {(e["model"], e["split"]): e for e in endpoints or ()
+          if all(k in e for k in ("model", "split", "loss", "accuracy"))}
     return {split: {k: (by["B", split][k], by["A", split][k]) for k in ("loss", "accuracy")}
             for (model, split) in by if model == "A" and ("B", split) in by}
 
@@ -132,7 +134,7 @@ def barriers(rows: Iterable[Mapping], endpoints: Iterable[Mapping] | None = None
     curve can be anything). Values are NaN when the curve contains NaN. A curve without a row at α = 0 or α = 1 raises MergescopeError. ``corrects`` is the method's entry of
     ``corrections`` (which points its fix corrects; empty when not given).
     """
-    ends = _model_ends(endpoints)
+    ends = model_ends(endpoints)
     out = []
     for (method, split), curve in curves(rows).items():
         _endpoint(curve, 0.0), _endpoint(curve, 1.0)  # every curve spans the whole path
