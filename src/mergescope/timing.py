@@ -75,15 +75,18 @@ class StageTimes:
 
     def record(self, since: tuple[float, dict[str, float]] | None = None) -> dict:
         """``{"total_s", "stages": {stage: s}, "other_s"}`` since ``since`` (a :meth:`snapshot`; default: the start),
-        stages in :data:`STAGES` order then any others, rounded to ms."""
+        stages in :data:`STAGES` order then any others, rounded to ms; ``other_s`` is what the rounded stages leave of
+        the rounded total."""
         start, before = since if since is not None else (self.started, {})
         now, seconds = self.snapshot()
         spent = {k: v - before.get(k, 0.0) for k, v in seconds.items()}
         names = [s for s in STAGES if s in spent] + sorted(set(spent) - set(STAGES))
         stages = {s: round(spent[s], 3) for s in names if spent[s] > 0}
-        total = now - start
-        other = max(0.0, total - sum(spent.values()))
-        return {"total_s": round(total, 3), "stages": stages, "other_s": round(other, 3)}
+        total = round(now - start, 3)
+        # the rest is taken from the rounded numbers, so that the record adds up to its total (per-stage rounding
+        # alone could leave the parts up to 0.5 ms each above it)
+        other = round(max(0.0, total - sum(stages.values())), 3)
+        return {"total_s": total, "stages": stages, "other_s": other}
 
     def line(self) -> str:
         """One line for the end of a command: total, then each stage with its share, then the rest."""
