@@ -33,8 +33,12 @@ Statistics over forward (``--stats``, issue 14)
     interleaved, median of ``--repeats``: matching (A, B), REPAIR of 3 merged models (A, B eval; the merged models
     in the mode the pass runs them: BatchNorm in train mode where REPAIR resets it), evaluation (A, B) and the
     joint covariance of the map merges (A, B). Statistics = in-pass seconds − bare seconds, over bare seconds
-    (goal ≤ 0.3). Models: vgg11_bn and resnet20 (w1) on CIFAR-10 (``--data``) or random 32² images, tv_alexnet
-    on random 3×224² images. Run it with ``PYTHONPATH=<older checkout>/src`` for the "before" numbers.
+    (goal ≤ 0.3); in-pass seconds are the pass's own time-by-stage record (decode, transfer, forward,
+    statistics, top-k: what it adds after its last batch, e.g. held groups of batches, included; tracing and
+    solving not). ``--clock cpu`` measures process CPU seconds (all threads) instead of wall seconds: steadier
+    where other jobs share the cores. Models: vgg11_bn and resnet20 (w1) on CIFAR-10 (``--data``) or random 32²
+    images, tv_alexnet on random 3×224² images. Run it with ``PYTHONPATH=<older checkout>/src`` for the "before"
+    numbers.
 
 Run
     python bench/data_passes.py --stats --models vgg11_bn resnet20 tv_alexnet --repeats 3
@@ -60,6 +64,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from mergescope import timing  # noqa: E402
 from mergescope.align import match_many  # noqa: E402
 from mergescope.data import InMemoryDataset, iter_batches, len_batches, open_dataset  # noqa: E402
 from mergescope.merge import interpolate_model, repair_and_reset  # noqa: E402
@@ -251,17 +256,13 @@ def bench_stats(name: str, args, device) -> dict:
     alphas = (0.25, 0.5, 0.75)
 
     def in_pass(run) -> float:
-        """Seconds from a pass's first batch to its exhaustion (no tracing, no solving)."""
-        span = []
-
-        def timed_batches():
-            t0 = time.perf_counter()
-            yield from loaded
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            span.append(time.perf_counter() - t0)
-        run(timed_batches())
-        return span[0]
+        """A pass's own seconds by its time-by-stage record: decode (waiting for batches), transfer, forward,
+        statistics — the batches' and what is added after the last one (groups of held batches) — and top-k;
+        no tracing, no solving."""
+        with timing.timed() as times:
+            run(loaded)
+        return sum(times.record()["stages"].get(s, 0.0) for s in ("decode", "transfer", "forward", "statistics",
+                                                                   "top-k"))
 
     def bare(models) -> float:
         t0 = time.perf_counter()
@@ -327,13 +328,17 @@ def main() -> None:
     p.add_argument("--passes", nargs="+", default=None, choices=["matching", "REPAIR x3", "evaluation", "covariance"],
                    help="with --stats: only these passes (default: all)")
     p.add_argument("--alex-images", type=int, default=64, help="with --stats: random 224² images for tv_alexnet")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="with --stats: wall seconds, or process CPU seconds of all threads (steadier under load)")
     args = p.parse_args()
+    if args.clock == "cpu":  # every timer below, and the passes' time-by-stage records, read this clock
+        time.perf_counter = time.process_time
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     load = os.getloadavg()
     print(f"device={device} threads={torch.get_num_threads()} images={args.images} batch={args.batch_size} "
           f"alphas={args.alphas} repeats={args.repeats} data={args.data or 'random'} "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')} clock={args.clock} "
           f"loadavg(1m,5m)={load[0]:.2f},{load[1]:.2f}")
     if args.stats:
         main_stats(args, device)

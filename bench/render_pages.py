@@ -1,5 +1,7 @@
 """What the feature pages cost (issue 14, item 2): a ``mergescope probe`` run profiled with cProfile, its rendering
-share and the bytes of its largest layer's pages, for this checkout and (same run, same inputs) an earlier commit.
+share and the bytes of its largest layer's pages and of its sprite sheets, then (``--compare``, default: the digits)
+a ``mergescope compare`` of the same run folder, its rendering share by its own time-by-stage record — for this
+checkout and (same run, same inputs) an earlier commit.
 
 Two runs: two random-init torchvision AlexNets (``tv_alexnet``) over ``--images`` PIL-drawn JPEGs of
 ``--size`` px (an ImageFolder tree, 10 classes), ``--layers all`` so the two 4,096-unit linear layers are pages
@@ -9,7 +11,8 @@ see the same images, checkpoints and load.
 
     python bench/render_pages.py --baseline 80d9d32 --images 300
 
-Prints one line per (case, version) and the after/before ratios; ``--json`` writes every number.
+Prints one line per (case, version), the commands' time-by-stage lines and the after/before ratios; ``--json``
+writes every number.
 """
 from __future__ import annotations
 
@@ -72,7 +75,8 @@ def _bytes(paths) -> int:
 
 
 def child(case: dict) -> dict:
-    """Profile one ``mergescope probe`` (this process's mergescope) and measure its pages."""
+    """Profile one ``mergescope probe`` (this process's mergescope), measure its pages and sheets; then compare the
+    folder when ``case["compare"]``."""
     from mergescope.cli import main
 
     out = Path(case["out"])
@@ -93,11 +97,20 @@ def child(case: dict) -> dict:
     pages = [p for p in features.rglob("*") if p.is_file() and "sprites" not in p.parts]
     layer = case["big_layer"]
     big = [p for p in pages if layer in p.name]
-    return {"seconds": total, "render_seconds": render, "render_share": render / total,
-            "template_calls": template_calls, "pages": len([p for p in pages if p.suffix == ".html"]),
-            "page_bytes": _bytes(pages), "big_layer": layer, "big_layer_files": len(big), "big_layer_bytes": _bytes(big),
-            "largest_file_bytes": max((p.stat().st_size for p in pages), default=0),
-            "run_folder_bytes": _bytes(out.rglob("*"))}
+    sprites = [p for p in (features / "sprites").glob("*") if p.is_file()]
+    record = {"seconds": total, "render_seconds": render, "render_share": render / total,
+              "template_calls": template_calls, "pages": len([p for p in pages if p.suffix == ".html"]),
+              "page_bytes": _bytes(pages), "big_layer": layer, "big_layer_files": len(big),
+              "big_layer_bytes": _bytes(big), "largest_file_bytes": max((p.stat().st_size for p in pages), default=0),
+              "sprite_files": len([p for p in sprites if p.suffix in (".png", ".jpg")]),
+              "sprite_bytes": _bytes(sprites), "run_folder_bytes": _bytes(out.rglob("*")),
+              "stages": {"probe": json.loads((out / "manifest.json").read_text(encoding="utf-8"))["time_by_stage"]}}
+    if case.get("compare"):  # the same folder compared: its rendering by its own record (no profiler)
+        assert main(["compare", str(out), "--quiet", "--device", "cpu", "--batch-size", str(case["batch_size"])]) == 0
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        record["stages"]["compare"] = manifest["compare"]["time_by_stage"]
+        record["figure_bytes"] = _bytes(p for p in (out / "figures").glob("*") if p.is_file())
+    return record
 
 
 def static_alternative(run: Path, data: str, layer: str) -> dict:
@@ -142,7 +155,7 @@ def run_child(src: Path, case: dict) -> dict:
     if proc.returncode:
         raise SystemExit(f"child ({src}) failed:\n{proc.stderr[-3000:]}")
     lines = proc.stdout.strip().splitlines()
-    return {**json.loads(lines[-1]), "stage_line": next((x for x in lines if x.startswith("time ")), None)}
+    return {**json.loads(lines[-1]), "stage_lines": [x for x in lines if x.startswith("time ")]}
 
 
 def main() -> None:
@@ -152,6 +165,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--cases", nargs="+", default=["alexnet", "digits"])
+    p.add_argument("--compare", nargs="*", default=["digits"], help="cases whose run folder is also compared "
+                   "(default: digits)")
     p.add_argument("--json", default=None)
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -172,10 +187,11 @@ def main() -> None:
     if "alexnet" in args.cases:
         tree = make_tree(work / "tree", args.images, args.size)
         cases["alexnet"] = {"checkpoints": make_alexnets(work), "data": str(tree), "batch_size": args.batch_size,
-                            "subset": args.images, "big_layer": "classifier.2"}
+                            "subset": args.images, "big_layer": "classifier.2", "compare": "alexnet" in args.compare}
     if "digits" in args.cases:
         cases["digits"] = {"checkpoints": digits_checkpoints(ROOT / "bench" / "checkpoints"),
-                           "data": "digits", "batch_size": 256, "subset": 1437, "big_layer": "features.5"}
+                           "data": "digits", "batch_size": 256, "subset": 1437, "big_layer": "features.5",
+                           "compare": "digits" in args.compare}
     results: dict[str, dict[str, dict]] = {}
     for name, case in cases.items():
         for version, src in versions.items():
@@ -185,15 +201,21 @@ def main() -> None:
                   f"({100 * r['render_share']:4.1f}%)  template calls {r['template_calls']:>9,}  "
                   f"{r['pages']:4d} pages {r['page_bytes'] / 1e6:7.2f} MB  {r['big_layer']}: {r['big_layer_files']} "
                   f"files {r['big_layer_bytes'] / 1e6:6.3f} MB  largest file {r['largest_file_bytes'] / 1e6:.3f} MB  "
-                  f"run folder {r['run_folder_bytes'] / 1e6:.1f} MB", flush=True)
-            if r["stage_line"]:
-                print(f"{name:8s} {version:6s} {r['stage_line']}", flush=True)
+                  f"run folder {r['run_folder_bytes'] / 1e6:.1f} MB  sprite sheets {r['sprite_files']}, "
+                  f"{r['sprite_bytes'] / 1e6:.3f} MB" + (f"  compare's figures {r['figure_bytes'] / 1e6:.3f} MB"
+                                                         if "figure_bytes" in r else ""), flush=True)
+            for command, t in r["stages"].items():
+                print(f"{name:8s} {version:6s} {command:8s} recorded rendering {t['stages']['rendering']:.3f} of "
+                      f"{t['total_s']:.3f} s ({100 * t['stages']['rendering'] / t['total_s']:.1f}%)", flush=True)
+            for line in r["stage_lines"]:
+                print(f"{name:8s} {version:6s} {line}", flush=True)
         if len(results[name]) == 2:
             b, a = results[name]["before"], results[name]["after"]
             print(f"{name:8s} after/before: rendering time {a['render_seconds'] / b['render_seconds']:.3f}, "
                   f"share {a['render_share'] / b['render_share']:.3f}, page bytes "
                   f"{a['page_bytes'] / b['page_bytes']:.4f}, {b['big_layer']} bytes "
-                  f"{a['big_layer_bytes'] / b['big_layer_bytes']:.4f}, run total {a['seconds'] / b['seconds']:.3f}")
+                  f"{a['big_layer_bytes'] / b['big_layer_bytes']:.4f}, sprite bytes "
+                  f"{a['sprite_bytes'] / b['sprite_bytes']:.4f}, run total {a['seconds'] / b['seconds']:.3f}")
     if "alexnet" in cases:
         alt = static_alternative(work / "alexnet_after", cases["alexnet"]["data"], cases["alexnet"]["big_layer"])
         results["alexnet"]["alternative"] = alt

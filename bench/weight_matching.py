@@ -13,7 +13,9 @@ What it measures
                   place); objective of the permuted b's state dict.  Not a dependency of mergescope:
                   ``pip install rebasin`` to get this column (it pulls graphviz + torchview).
 
-    Both methods are checked to preserve B's function (max relative output difference is printed).
+    Both methods are checked to preserve B's function (max relative output difference is printed). Next to the
+    wall times, the process CPU time of each repeat (``time.process_time``, all threads) is printed: on a shared
+    machine other jobs stretch wall time much more than CPU time.
 
 Baseline
     rebasin, measured on this machine in the same run (its README reports 1.06 s / 3.5 s for ResNet18 /
@@ -69,13 +71,13 @@ def run_ours(a, b, device, trace_size: int):
     sa, sb = a.state_dict(), b.state_dict()
     t0 = time.perf_counter()
     spec = build_spec(a, torch.zeros(2, 3, trace_size, trace_size, device=device))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     res = weight_matching(sa, sb, spec, device=device)
     aligned = permute_model(b, spec, res.perms)
     sync(device)
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     obj = weight_objective(sa, apply_permutation(sb, spec, res.perms), spec)
-    return t1 - t0, t2 - t1, obj, aligned, spec
+    return t1 - t0, t2 - t1, c2 - c1, obj, aligned, spec
 
 
 def run_rebasin(rebasin, a, b, device, trace_size: int, seed: int):
@@ -84,11 +86,11 @@ def run_rebasin(rebasin, a, b, device, trace_size: int, seed: int):
     torch.manual_seed(seed)  # rebasin draws its group order from torch's global generator
     t0 = time.perf_counter()
     pcd = rebasin.PermutationCoordinateDescent(a, b, x, device_a=device, device_b=device)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     pcd.rebasin()
     sync(device)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, b
+    t2, c2 = time.perf_counter(), time.process_time()
+    return t1 - t0, t2 - t1, c2 - c1, b
 
 
 def main() -> None:
@@ -125,26 +127,29 @@ def main() -> None:
         x = torch.randn(4, 3, args.trace_size, args.trace_size, device=device)
         ours, reb = [], []
         for _ in range(args.repeats):
-            t_trace, t_match, obj, aligned, spec = run_ours(a, b, device, args.trace_size)
-            ours.append((t_trace, t_match))
+            t_trace, t_match, c_match, obj, aligned, spec = run_ours(a, b, device, args.trace_size)
+            ours.append((t_trace, t_match, c_match))
             if rebasin is not None:
                 try:
-                    r_trace, r_match, b_reb = run_rebasin(rebasin, a, b, device, args.trace_size, args.seeds[1])
-                    reb.append((r_trace, r_match))
+                    r_trace, r_match, r_cpu, b_reb = run_rebasin(rebasin, a, b, device, args.trace_size,
+                                                                 args.seeds[1])
+                    reb.append((r_trace, r_match, r_cpu))
                 except Exception as e:  # keep our column when rebasin fails on this model
                     why = f"{name}: {type(e).__name__}: {e}"
                     print(f"rebasin failed ({why})")
                     b_reb = None
         row = {"model": name, "groups": len(spec.groups),
                "identity": weight_objective(sa, b.state_dict(), spec),
-               "ours trace": statistics.median(t for t, _ in ours),
-               "ours match": statistics.median(m for _, m in ours),
-               "ours obj": obj, "ours fn": rel_out_diff(b, aligned, x), "ours all": [m for _, m in ours]}
+               "ours trace": statistics.median(t for t, _, _ in ours),
+               "ours match": statistics.median(m for _, m, _ in ours),
+               "ours obj": obj, "ours fn": rel_out_diff(b, aligned, x), "ours all": [m for _, m, _ in ours],
+               "ours cpu": [c for _, _, c in ours]}
         if reb and b_reb is not None:
-            row.update({"reb trace": statistics.median(t for t, _ in reb),
-                        "reb match": statistics.median(m for _, m in reb),
+            row.update({"reb trace": statistics.median(t for t, _, _ in reb),
+                        "reb match": statistics.median(m for _, m, _ in reb),
                         "reb obj": weight_objective(sa, b_reb.state_dict(), spec),
-                        "reb fn": rel_out_diff(b, b_reb, x), "reb all": [m for _, m in reb]})
+                        "reb fn": rel_out_diff(b, b_reb, x), "reb all": [m for _, m, _ in reb],
+                        "reb cpu": [c for _, _, c in reb]})
         rows.append(row)
         print(f"  {name}: done", flush=True)
 
@@ -168,10 +173,15 @@ def main() -> None:
     for r in rows:
         print(f"{r['model']} matching seconds per repeat: ours {[round(t, 2) for t in r['ours all']]}"
               + (f", rebasin {[round(t, 2) for t in r['reb all']]}" if "reb all" in r else ""))
+        cpu = statistics.median(r["ours cpu"])
+        print(f"{r['model']} process CPU seconds per repeat: ours {[round(t, 2) for t in r['ours cpu']]}"
+              + (f", rebasin {[round(t, 2) for t in r['reb cpu']]}, ratio of medians "
+                 f"{statistics.median(r['reb cpu']) / cpu:.1f}x" if "reb cpu" in r else ""))
     print(f"loadavg after: {os.getloadavg()[0]:.2f}")
     print("ours s / rebasin s: matching + applying the permutation; '+trace' adds building the graph "
           "(build_spec / torchview). ratio = rebasin / ours (>1: ours faster); obj diff = ours - rebasin "
-          f"(>=0: ours as good). rebasin README anchor (laptop CPU): {README_ANCHOR}")
+          f"(>=0: ours as good). rebasin README anchor (laptop CPU): {README_ANCHOR}. Process CPU seconds "
+          "(all threads) of the same steps: less sensitive than wall time to other jobs on a shared machine.")
 
 
 if __name__ == "__main__":

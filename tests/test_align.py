@@ -1,11 +1,15 @@
 """Alignment recovers a known permutation; the streaming statistics behind it are exact and order-free."""
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from mergescope.align import activation_matching, weight_matching
+from mergescope.align._assignment import best_permutation
 from mergescope.data import iter_batches, load_digits
 from mergescope.models import create_model, list_models
 from mergescope.perm import (
@@ -15,6 +19,8 @@ from mergescope.perm import (
     permute_model,
     random_perms,
 )
+from mergescope.errors import NumericsError
+from mergescope.perm.spec import PermAxis
 from mergescope.probe.stats import CoMoments, Moments
 
 ALL_MODELS = list_models()
@@ -72,6 +78,50 @@ def test_weight_matching_stopped_early_returns_the_costs_of_its_permutations(nam
         cost = sum(_channel_rows(state_a[ax.param], ax) @ _channel_rows(others[ax.param], ax).T for ax in group.axes)
         np.testing.assert_allclose(result.similarity[g], cost.numpy(), rtol=1e-4, atol=1e-4 * cost.abs().max().item(),
                                    err_msg=g)
+
+
+# (shape, moved axis, other axis) of a conv (out / in), a linear reading a flattened 2x3 map (in-axis block 6), a
+# weight whose moved axis has a block and comes after the other axis, one with a middle axis between the two, and
+# one whose first axis is neither
+LAYOUT_CASES = [((6, 4, 3, 3), (0, 1), (1, 1)), ((6, 4, 3, 3), (1, 1), (0, 1)), ((6, 4, 1, 1), (1, 1), (0, 1)),
+                ((5, 4 * 6), (0, 1), (1, 6)), ((5, 4 * 6), (1, 6), (0, 1)), ((3, 5, 4 * 2), (2, 2), (0, 1)),
+                ((3, 5, 4 * 2), (0, 1), (2, 2)), ((4, 6, 5, 3), (1, 1), (2, 1)), ((4, 6, 5, 3), (2, 1), (1, 1))]
+
+
+@pytest.mark.parametrize("shape, moved, other", LAYOUT_CASES)
+def test_weight_layouts_gather_the_channels_of_the_flat_weight(shape, moved, other):
+    """Gathering the other axis's channels from a laid-out weight is exactly ``_flat(_gather(w, other, idx), moved)``
+    (or its transpose), for either layout, blocks and kernels included."""
+    wm = importlib.import_module("mergescope.align.weight_matching")
+    t = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    ax, o_ax = PermAxis("w", *moved), PermAxis("w", *other)
+    laid, rows = wm._layout(t, ax, o_ax)
+    channels = shape[other[0]] // other[1]
+    for idx in (torch.tensor([2, 0]), torch.arange(channels).flip(0), torch.arange(channels), None):
+        want = wm._flat(t if idx is None else wm._gather(t, o_ax, idx), ax)
+        got = wm._pick(laid, rows, idx)
+        assert torch.equal(got.T if rows else got, want)
+    # other-first for an input axis (the other axis first), channels-first otherwise; the weight's own memory for
+    # an output axis and for a 1x1 conv's input axis, a copy elsewhere
+    assert rows == (ax.axis != 0 and o_ax.axis == 0)
+    assert (laid.data_ptr() == t.data_ptr()) == (ax.axis == 0 or shape == (6, 4, 1, 1))
+
+
+@pytest.mark.parametrize("n, offset", [(1, 0.0), (7, 0.0), (64, 0.0), (64, 1e4), (300, -3.0)])
+def test_lap_cost_has_the_optimum_of_the_similarity_exactly(n, offset):
+    """The column-reduced float64 cost differs from ``-c`` by one exact constant per column, and minimizing it
+    gives scipy's maximizer of ``c``."""
+    wm = importlib.import_module("mergescope.align.weight_matching")
+    c = (torch.randn(n, n, generator=torch.Generator().manual_seed(n)) + offset).float()
+    cost = wm._lap_cost(c)
+    assert cost.dtype == np.float64 and cost.flags.c_contiguous
+    w = cost + c.double().numpy()  # w_j in every row
+    assert np.array_equal(w, np.broadcast_to(w[0], w.shape))
+    assert np.array_equal(w[0], (c - c.amax(1, keepdim=True)).amax(0).double().numpy())
+    want = linear_sum_assignment(c.double().numpy(), maximize=True)[1]
+    assert torch.equal(best_permutation(cost, maximize=False), torch.as_tensor(want))
+    with pytest.raises(NumericsError, match="NaN or Inf"):
+        best_permutation(wm._lap_cost(torch.where(torch.eye(n, dtype=torch.bool), float("nan"), c)), maximize=False)
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)

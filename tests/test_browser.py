@@ -266,6 +266,132 @@ def test_every_feature_page_draws_every_channel_with_its_tiles(run_dir, driver, 
         assert not errors, f"{page.name}: {errors}"
 
 
+# ---------------------------------------------------------------- how a tile is drawn
+
+class _Pictures:
+    """A dataset of random pictures of the given sizes (what render_feature_pages reads of one)."""
+
+    def __init__(self, name: str, sizes, seed: int = 0):
+        import numpy as np
+        from PIL import Image
+
+        rng = np.random.default_rng(seed)
+        self.images = []
+        for w, h in sizes:
+            im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+            self.images.append(im if max(w, h) <= 56 else im.resize((6, 6)).resize((w, h), Image.BICUBIC))
+        self.targets, self.classes = np.arange(len(sizes)) % 3, ["a", "b", "c"]
+        self.fingerprint = f"{name}-{seed}"
+
+    def image(self, i):
+        return self.images[i]
+
+
+_KINDS = {"CIFAR-sized 32×32 (scale 1, 12 px border)": [(32, 32)] * 40, "12×20 (scale 2, borders)": [(12, 20)] * 40,
+          "55×55 (1 px border right and below only)": [(55, 55)] * 40,
+          "8×8 and 16×16 (finished tiles)": [(8, 8), (16, 16)] * 20, "photos 100×80 (thumbnails)": [(100, 80)] * 40}
+
+
+@pytest.fixture(scope="module")
+def tile_pages(tmp_path_factory, wide_pages) -> list[tuple[str, Path, object]]:
+    """(kind, feature page, its dataset): the digits' 8×8 images (scale 7) and one page per kind of _KINDS."""
+    import numpy as np
+
+    from mergescope.data import load_digits
+    from mergescope.report.features import FeatureView, render_feature_pages
+
+    out = [("digits 8×8 (scale 7)", next(p for p in wide_pages if p.name.startswith("wide_")), load_digits("train"))]
+    for n, (kind, sizes) in enumerate(_KINDS.items()):
+        data, rng = _Pictures(f"kind{n}", sizes), np.random.default_rng(n)
+        rows = {"A": rng.integers(0, len(sizes), (6, 5)), "B": rng.integers(0, len(sizes), (6, 5))}
+        folder = tmp_path_factory.mktemp(f"kind{n}")
+        render_feature_pages(folder, data, [FeatureView("k", kind, "layer", rows)])
+        out.append((kind, folder / "features" / "k_layer.html", data))
+    return out
+
+
+def _shot(element):
+    """The element as the browser shows it (RGB)."""
+    import io
+
+    from PIL import Image
+
+    element.parent.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+    return Image.open(io.BytesIO(element.screenshot_as_png)).convert("RGB")
+
+
+def _same_tile(got, want, lossless: bool) -> str | None:
+    """Why two 56 px tiles differ (None: they do not), the rounded corners (2 px radius) left out."""
+    import numpy as np
+
+    if got.size != want.size:
+        return f"{got.size[0]}×{got.size[1]} px, not {want.size[0]}×{want.size[1]}"
+    diff = np.abs(np.asarray(got, dtype=int) - np.asarray(want, dtype=int)).max(axis=2)  # [56, 56]
+    for cy in (slice(0, 3), slice(-3, None)):
+        for cx in (slice(0, 3), slice(-3, None)):
+            diff[cy, cx] = 0
+    worst, mean = int(diff.max()), float(diff.mean())
+    if (lossless and worst > 3) or (not lossless and mean > 8):
+        return f"pixels differ (max {worst}, mean {mean:.1f})"
+    return None
+
+
+_TILE_IDS = 'return Array.from(document.querySelectorAll("#channels .t"), t => t.title);'
+
+
+def test_a_small_images_tile_is_drawn_at_the_size_and_place_of_its_56_px_tile(driver, tile_pages):
+    """Sheets hold small images at their native size and the page scales them (issue 14, item 2): in the browser,
+    every kind of tile — the digits' 8×8 (×7), 32×32 with a white border, non-square, mixed sizes, photos —
+    has the background size and offset of sprites.drawn and looks like tile_image of its image, pixel for pixel."""
+    import re
+
+    from mergescope.report.feature_data import page_tiles
+    from mergescope.report.sprites import drawn, tile_image
+
+    for kind, page, data in tile_pages:
+        record = read_page_data(page)
+        where = page_tiles(record)
+        driver.get(page.as_uri())
+        assert driver.execute_async_script(_DRAWN, 0) == "0", f"{kind}: nothing drawn"
+        elements = driver.find_elements("css selector", "#channels .t")
+        assert len(elements) >= 20, kind
+        for el in elements[::7]:
+            image = int(re.match(r"image (\d+)", el.get_attribute("title"))[1])
+            d = drawn(where[image], record["tile"])
+            sides = [f"border-{side}-width" for side in ("top", "right", "bottom", "left")]
+            style = {p: el.value_of_css_property(p) for p in ("background-size", "background-position", *sides)}
+            assert style == {"background-size": f"{d.width}px {d.height}px",
+                             "background-position": f"{-d.x}px {-d.y}px",
+                             **{p: f"{b}px" for p, b in zip(sides, d.border)}}, kind
+            why = _same_tile(_shot(el), tile_image(data.image(image), 56), lossless="photos" not in kind)
+            assert why is None, f"{kind}, image {image}: {why}"
+        errors = [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+        assert not errors, f"{kind}: {errors}"
+
+
+def test_the_channel_pages_draw_their_tiles_like_the_feature_pages(run_dir, driver):
+    """The overview's channel pages (static markup: a CSS class per sheet) show each image as tile_image of it."""
+    import json
+    import re
+
+    from mergescope.data import open_dataset
+    from mergescope.report.sprites import tile_image
+
+    inputs = json.loads((run_dir / "features" / "results.json").read_text(encoding="utf-8"))["features"]
+    data = open_dataset(inputs["data"], split=inputs["split"])
+    pages = sorted((run_dir / "channels").rglob("c*.html"))[:2]
+    assert pages, "the demo wrote no channel pages"
+    checked = 0
+    for page in [*pages, run_dir / "report.html"]:
+        driver.get(page.as_uri())
+        for el in driver.find_elements("css selector", ".frow .t")[::5]:
+            image = int(re.match(r"image (\d+)", el.get_attribute("title"))[1])
+            why = _same_tile(_shot(el), tile_image(data.image(image), 56), lossless=True)
+            assert why is None, f"{page.relative_to(run_dir)}, image {image}: {why}"
+            checked += 1
+    assert checked >= 10, checked
+
+
 # ---------------------------------------------------------------- sorting the channel tables
 
 _ROWS = "document.getElementById('channels').tBodies[0].rows"

@@ -131,7 +131,7 @@ def test_comparison_pages_show_the_metrics_and_link_every_channel(permuted_study
     assert 3 in shown["order"] and 1.0 in shown["info"]["τ B"] and 1.0 in shown["info"]["overlap B"]
     assert "fallback-δ C" in (run / "features" / "many_features.2.html").read_text()
     for layer in CHANNELS:
-        assert (run / "figures" / f"compare_{layer}.png").stat().st_size > 1000
+        assert (run / "figures" / f"compare_{layer}.svg").stat().st_size > 1000
     assert out.section["title"] == "Channel comparison" and "not CLIP" in out.section["html"]
     assert "by fallback embedding similarity" in out.section["html"]
     assert "CLIP embedding" not in out.section["html"]  # the fallback is never called CLIP

@@ -12,6 +12,7 @@ from mergescope.align import JointMoments, match_many, weight_matching
 from mergescope.errors import NumericsError
 from mergescope.models import create_model
 from mergescope.perm import build_spec
+from mergescope.probe import blocks
 from mergescope.probe.stats import CoMoments, Extremes, Moments, as_samples, channel_view
 
 
@@ -119,9 +120,8 @@ def test_joint_moments_float32_products_match_the_written_out_scatter(shape, dim
     chunks per batch (``_ROWS``, ``_BLOCK`` made small) all give the float64 scatter of the samples: exactly
     (1e-12) for float64 input, within float32 rounding (1e-6 of the largest variance) for float32 input, as
     matching's CoMoments does."""
-    covariance = sys.modules["mergescope.align.covariance"]
-    monkeypatch.setattr(covariance, "_ROWS", 8)  # several blocks of rows per batch
-    monkeypatch.setattr(covariance, "_BLOCK", 2 * 5 * 8)  # per-image products two images at a time
+    monkeypatch.setattr(blocks, "ROWS", 8)  # several blocks of rows per batch
+    monkeypatch.setattr(blocks, "BLOCK", 2 * 5 * 8)  # per-image products two images at a time
     a = _activations(shape, seed=1, offset=3.0)  # a large mean: centring in float32 must not cost precision
     b = _activations((shape[0], shape[1] + 3, *shape[2:]), seed=2)
     want = _joint_scatter_written_out(a, b, dim)
@@ -158,7 +158,7 @@ def test_batches_with_few_positions_are_added_in_groups(monkeypatch):
     from mergescope.data import iter_batches, load_digits
 
     covariance = sys.modules["mergescope.align.covariance"]
-    monkeypatch.setattr(covariance, "_GROUP", 64)
+    monkeypatch.setattr(blocks, "GROUP", 64)
     calls = []
     real = covariance.update_shared
     monkeypatch.setattr(covariance, "update_shared", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k)))
@@ -177,3 +177,47 @@ def test_batches_with_few_positions_are_added_in_groups(monkeypatch):
         scale = whole[g].scatter.diagonal().max().item()
         assert torch.allclose(small[g].scatter, whole[g].scatter, rtol=1e-5, atol=1e-6 * scale)
         assert torch.allclose(small[g].mean, whole[g].mean, rtol=1e-6, atol=1e-7)
+
+
+def test_matching_adds_linear_layers_in_groups_and_gets_the_one_batch_correlations(monkeypatch):
+    """Matching holds back the (samples, C)-layout batches too (blocks.Gathered around co_update): fewer
+    updates than batches, and the correlations and permutations of one batch of everything."""
+    from mergescope.data import iter_batches, load_digits
+
+    matching = sys.modules["mergescope.align.activation_matching"]
+    monkeypatch.setattr(blocks, "GROUP", 64)
+    calls = []
+    real = matching.co_update
+    monkeypatch.setattr(matching, "co_update", lambda *a, **k: (calls.append(a[1].shape[0]), real(*a, **k)))
+    a = create_model("mlp", seed=0, width=32).eval()
+    b = create_model("mlp", seed=1, width=32).eval()
+    spec = build_spec(a)
+    ds = load_digits("train")
+    ids = torch.arange(203)  # 29 batches of 7: the last group is a partial one
+    [small] = match_many(a, [b], spec, iter_batches(ds, 7, ids=ids))
+    assert 0 < len(calls) < 29 * len(spec.groups) and sum(calls) == 203 * len(spec.groups)  # nothing left out
+    [whole] = match_many(a, [b], spec, iter_batches(ds, 203, ids=ids))
+    for g in spec.groups:
+        np.testing.assert_allclose(small.similarity[g], whole.similarity[g], rtol=0, atol=1e-5)
+        assert torch.equal(small.perms[g], whole.perms[g])
+
+
+@pytest.mark.parametrize("shape", [(40, 8, 9, 9), (600, 8, 1, 1)])
+def test_one_read_moments_are_float32_accurate_at_any_offset(shape):
+    """Moments reads a float32 batch without centring it where Σx² − n·mean² is as accurate as centring (mean² ≤
+    3·variance) and centres the other channels: every channel's m2 within float32 rounding of the float64 one,
+    from a mean of 0 to 1,000 standard deviations, constant channels exactly 0."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g, dtype=torch.float64)
+    offsets = torch.tensor([0.0, 0.5, 1.0, 1.7, 3.0, 30.0, 1e3, 0.0], dtype=torch.float64)
+    x = (x * torch.linspace(0.2, 5.0, shape[1]).view(1, -1, 1, 1).double()
+         + offsets.view(1, -1, 1, 1) * torch.linspace(0.2, 5.0, shape[1]).view(1, -1, 1, 1).double())
+    x[:, -1] = 2.5  # a constant channel
+    x32 = x.float()
+    want = _plain(as_samples(x32.double(), 1))[1]
+    m = Moments()
+    for lo in range(0, shape[0], shape[0] // 4):  # a few batches (Chan et al. between them)
+        m.update_channels(x32[lo:lo + shape[0] // 4], 1)
+    assert m.m2[-1] == 0
+    np.testing.assert_allclose(m.m2[:-1].numpy(), want[:-1].numpy(), rtol=5e-7)
+    np.testing.assert_allclose(m.mean.numpy(), as_samples(x32.double(), 1).mean(0).numpy(), rtol=1e-7, atol=1e-9)

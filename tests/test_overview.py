@@ -22,6 +22,7 @@ import pytest
 from mergescope.cli import main
 from mergescope.errors import MergescopeError
 from mergescope.report.feature_data import decode, page_tiles, read_page_data
+from mergescope.report.sprites import Drawn, drawn
 from mergescope.report.overview import render_overview
 
 A_NAME = "A<script>alert(1)<script>.safetensors"  # a user-supplied string the pages must escape
@@ -350,12 +351,13 @@ def test_every_link_and_image_of_every_page_resolves(study):
         assert f"layers/{layer}.html" in overview.hrefs and f"features/features/table_{layer}.html" in overview.hrefs
 
 
-def _feature_tiles(page: Path, channel: int) -> dict[str, list[tuple[str, int, int]]]:
-    """Row label -> (sheet, x, y) of every tile of one channel on a feature page (drawn from the page's data)."""
+def _feature_tiles(page: Path, channel: int) -> dict[str, list[tuple[str, Drawn]]]:
+    """Row label -> (sheet, how it is drawn) of every tile of one channel on a feature page (from the page's data)."""
     record = read_page_data(page)
     ids, _ = decode(record)
     where, at = page_tiles(record), record["order"].index(channel)
-    return {label: [(where[i].sheet, where[i].x, where[i].y) for i in rows[at] if i >= 0] for label, rows in ids.items()}
+    return {label: [(where[i].sheet, drawn(where[i], record["tile"])) for i in rows[at] if i >= 0]
+            for label, rows in ids.items()}
 
 
 def test_channel_page_shows_every_model_metric_and_regression(study):
@@ -364,8 +366,9 @@ def test_channel_page_shows_every_model_metric_and_regression(study):
     path = root / "channels" / layer / f"c{channel}.html"
     html = path.read_text(encoding="utf-8")
     sheets = dict(re.findall(r'\.s(\d+) \{ background-image: url\("([^"]+)"\); \}', html))
+    sizes = {s: (int(w), int(h)) for s, w, h in re.findall(r'\.s(\d+) \{ background-size: (\d+)px (\d+)px;', html)}
     images = html[:html.index("Metrics against")]  # the models' rows (the regression's rows come later)
-    rows = {label: [((path.parent / sheets[s]).resolve(), int(x), int(y)) for s, x, y in
+    rows = {label: [((path.parent / sheets[s]).resolve(), int(x), int(y), sizes[s]) for s, x, y in
                     re.findall(r'class="t s(\d+)"[^>]*background-position: -(\d+)px -(\d+)px', cells)]
             for label, cells in re.findall(r'<span class="lbl">(.*?)</span>(.*?)</div>', images, flags=re.S)}
     features = parts["features"] / "features"
@@ -376,8 +379,10 @@ def test_channel_page_shows_every_model_metric_and_regression(study):
     assert list(rows) == list(expected)
     for label, tiles in expected.items():
         sheet = "pair" if label in pair else "many"
-        assert rows[label] == [((features / s).resolve(), x, y) for s, x, y in tiles], label
-        assert all(f"/{sheet}_{layer}_0." in str(p) for p, _, _ in rows[label])
+        # drawn as its feature page draws it: same sheet, same scaled offset and sheet size (8×8 digits: ×7)
+        assert rows[label] == [((features / s).resolve(), d.x, d.y, (d.width, d.height)) for s, d in tiles], label
+        assert all(f"/{sheet}_{layer}_0." in str(p) for p, *_ in rows[label])
+        assert {d.scale for _, d in tiles} == {7} and not any(any(d.border) for _, d in tiles)
     assert {"A", "B (before permutation)", "B aligned to A", "C aligned to A", "merged (permuted, α=0.5)"} <= set(rows)
     mine = [r for r in _compare_rows(parts["features"]) if r["layer"] == layer and int(r["channel"]) == channel]
     assert len(mine) == 2
@@ -436,7 +441,7 @@ def test_layer_page_lists_every_channel_with_its_categories(study):
     for column, select in zip(("category", "consensus"), options):
         values = {r[column] for r in rows if r[column]}
         assert re.findall(r"<option>(.*?)</option>", select) == sorted(values)
-    assert f'src="../features/figures/compare_{layer}.png"' in html
+    assert f'src="../features/figures/compare_{layer}.svg"' in html
 
 
 def test_only_example_channel_pages_when_asked(study, tmp_path):

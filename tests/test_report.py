@@ -339,3 +339,52 @@ def test_render_report_without_rows_is_an_error(tmp_path):
     with pytest.raises(MergescopeError, match="rows"):
         render_report(tmp_path, {"title": "empty", "rows": []})
     assert not (tmp_path / "report.html").exists()
+
+
+def _svg_panels(svg: str) -> list[dict]:
+    """Per panel of a histogram SVG: its title, legend texts and, per outline, (colour, the counts read back from
+    the path's heights against the panel's drawn y ticks)."""
+    import xml.etree.ElementTree as ET
+
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    panels = []
+    for g in ET.fromstring(svg).findall("s:g[@class='panel']", ns):
+        texts = {c: [t for t in g.findall(f"s:text[@class='{c}']", ns)] for c in ("title", "ytick", "legend")}
+        ticks = sorted((float(t.get("y")) - 5, float(t.text.replace("\u2212", "-"))) for t in texts["ytick"])
+        (p0, v0), (p1, v1) = ticks[0], ticks[-1]  # the top and bottom tick: pixel, value
+        outlines = []
+        for p in g.findall("s:path[@class='outline']", ns):
+            heights = [float(v) for v in re.findall(r"V([\d.]+)", p.get("d"))[:-1]]  # the last V: back to 0
+            outlines.append((p.get("stroke"), [round(v0 + (h - p0) * (v1 - v0) / (p1 - p0), 3) for h in heights]))
+        panels.append({"title": texts["title"][0].text, "legend": [t.text for t in texts["legend"]],
+                       "outlines": outlines})
+    return panels
+
+
+def test_metric_histograms_are_an_svg_whose_outlines_are_the_counts(tmp_path):
+    """The compare figures (SVG, no matplotlib): one panel per metric with values, one outline per pair whose
+    heights, read back against the drawn y ticks, are np.histogram's 20 counts over the metric's range."""
+    import numpy as np
+
+    from mergescope.report.compare_figures import plot_metric_histograms
+
+    rng = np.random.default_rng(3)
+    values = {"kendall_tau": {"B": rng.uniform(-1, 1, 300), "C & <D>": rng.uniform(-0.2, 0.9, 120)},
+              "clip_delta": {"B": rng.uniform(0.1, 0.4, 77)},
+              "overlap": {"B": np.array([])}}  # no usable channel: no panel
+    titles = {"kendall_tau": "Kendall τ on D′ (50 images)", "clip_delta": "fallback-δ of the top-k"}
+    path = plot_metric_histograms(values, titles, tmp_path / "compare_l.svg", suptitle="layer l: usable $x$")
+    svg = path.read_text(encoding="utf-8")
+    assert path.suffix == ".svg" and "layer l: usable $x$" in svg and "C &amp; &lt;D&gt; (n=120)" in svg
+    panels = _svg_panels(svg)
+    assert [p["title"] for p in panels] == [titles["kendall_tau"], titles["clip_delta"]]
+    tau, delta = panels
+    assert [c for c, _ in tau["outlines"]] == ["#1f77b4", "#ff7f0e"]  # the pair colours, in order
+    for (_, got), v in zip(tau["outlines"], values["kendall_tau"].values()):  # drawn to 0.1 px
+        np.testing.assert_allclose(got, np.histogram(v, bins=20, range=(-1, 1))[0], atol=0.05)
+    v = values["clip_delta"]["B"]
+    want = np.histogram(v, bins=20, range=(v.min(), v.max()))[0]
+    np.testing.assert_allclose(delta["outlines"][0][1], want, atol=0.05)
+    assert delta["legend"] == ["B (n=77)"] and tau["legend"] == ["B (n=300)", "C & <D> (n=120)"]
+    empty = plot_metric_histograms({"overlap": {"B": np.array([])}}, {}, tmp_path / "e.svg").read_text()
+    assert "no usable channels" in empty and "<path" not in empty

@@ -25,9 +25,11 @@ from torch import nn
 from ..distributed import merge_over_ranks, shard
 from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
+from ..probe.blocks import Gathered
 from ..probe.engine import run_pass
 from ..probe.stats import CoMoments, co_update
 from ..probe.taps import tap_model
+from ..timing import stage
 from ._assignment import best_permutation
 from .result import MatchResult
 
@@ -64,14 +66,18 @@ def match_many(
               for i, m in enumerate([reference, *others])}
     stats = {(k, t.name): CoMoments() for k in range(1, len(others) + 1) for t in taps}
 
+    gathered = Gathered(co_update)  # linear layers' batches added in groups (the (Ca, Cb) float64 sums)
+
     def consume(batch, x, outs):
         ref_feats = outs["0"][1]
         for t in taps:  # each tensor in its own layout (no reshape copies); the reference's moments once
-            co_update([stats[k, t.name] for k in range(1, len(others) + 1)], ref_feats[t.name],
-                      [outs[str(k)][1][t.name] for k in range(1, len(others) + 1)], t.channel_dim)
+            gathered.add(t.name, [stats[k, t.name] for k in range(1, len(others) + 1)], ref_feats[t.name],
+                         [outs[str(k)][1][t.name] for k in range(1, len(others) + 1)], t.channel_dim)
 
     batches, total = shard(batches, total)
     run_pass(tapped, batches, consume, device=device, desc="matching", total=total, progress=progress)
+    with torch.inference_mode(), stage("statistics"):  # the pass's tensors are inference tensors
+        gathered.flush()
     stats = dict(zip(stats, merge_over_ranks(list(stats.values()), device)))
     _check_finite(stats)
 

@@ -26,7 +26,7 @@ from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
 from ..perm.spec import TapPoint
 from ..probe.engine import run_pass
-from ..probe.stats import channel_view
+from ..probe.blocks import Gathered, channel_view, per_image, products
 from ..probe.taps import tap_model
 from ..timing import stage
 
@@ -173,48 +173,18 @@ class JointMoments:
         return torch.where(either, both.to(corr.dtype) if constants_match else torch.zeros_like(corr), corr)
 
 
-_ROWS = 1024  # samples per float32 product before the sum moves to float64
-_GROUP = 8192  # samples of (samples, C)-layout batches held back and added as one (:class:`_Gathered`)
-_BLOCK = 1 << 24  # elements of a per-image product chunk (64 MB in float32)
-
-
-def _centred(x3: torch.Tensor, per_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _centred(x3: torch.Tensor, by_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's float64 channel means and its deviations from them — float32 (float64 for float64 input), laid
     out (images, C, positions) for per-image products or (samples, C) otherwise: the one copy of the batch."""
     n_img, c, pos = x3.shape
     mean = x3.sum(2).to(torch.float64).sum(0) / max(n_img * pos, 1)  # float32 sums of one image's positions
     dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
-    if per_image:
+    if by_image:
         out = torch.empty(x3.shape, dtype=dtype, device=x3.device)
         return torch.sub(x3, mean.to(dtype).view(1, -1, 1), out=out), mean
     out = torch.empty((n_img, pos, c), dtype=dtype, device=x3.device)
     torch.sub(x3.transpose(1, 2), mean.to(dtype), out=out)
     return out.view(-1, c), mean
-
-
-def _products(x: torch.Tensor, y: torch.Tensor, per_image: bool) -> torch.Tensor:
-    """``Σ_samples x yᵀ`` (Cx, Cy) of two centred batches from :func:`_centred`: float32 products —
-    of each image's positions, summed over a chunk of images, or of at most :data:`_ROWS` rows — summed in
-    float64 (one part is returned as it is: the caller adds it into float64), so the rounding is that of float32
-    sums of a few thousand terms, whatever the batch size."""
-    if per_image:
-        step = max(1, _BLOCK // (x.shape[1] * y.shape[1] or 1))
-        parts = [torch.bmm(x[i:i + step], y[i:i + step].transpose(1, 2)).sum(0) for i in range(0, len(x), step)]
-    else:
-        parts = [x[i:i + _ROWS].T @ y[i:i + _ROWS] for i in range(0, len(x), _ROWS)]
-    if len(parts) == 1:
-        return parts[0]  # added into the float64 sums as it is (the addition is in float64)
-    channels = (x.shape[-2], y.shape[-2]) if per_image else (x.shape[1], y.shape[1])
-    out = torch.zeros(channels, dtype=torch.float64, device=x.device)  # no parts (no samples): zeros
-    for part in parts:
-        out += part
-    return out
-
-
-def _per_image(a3: torch.Tensor, b3s: Sequence[torch.Tensor]) -> bool:
-    """Whether a batch's products run over each image's positions (more positions than channels; a tall-skinny
-    product is slow) rather than over its (samples, C) layout."""
-    return a3.shape[2] >= a3.shape[1] + max(b3.shape[1] for b3 in b3s)
 
 
 def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
@@ -223,55 +193,21 @@ def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[t
     and Σ_AA are computed once for all, then Σ_AB and Σ_BB per model — 1 + 2k products instead of 4k.
 
     Every image × position is a sample. Each batch is centred on its own float64 mean and its scatter blocks are
-    float32 products summed in float64 (:func:`_products`); batches are combined in float64 (Chan et al.), so
-    the statistics agree with a float64 computation to float32 rounding (~1e-7 relative), the precision of the
-    float32 activations themselves. A product over the positions of each image is used when there are more
+    float32 products summed in float64 (:func:`mergescope.probe.blocks.products`); batches are combined in float64
+    (Chan et al.), so the statistics agree with a float64 computation to float32 rounding (~1e-7 relative), the
+    precision of the float32 activations themselves. A product over the positions of each image is used when there are more
     positions than channels (a tall-skinny product is slow), over the (samples, C) layout otherwise.
     """
     a3 = channel_view(a, channel_dim)
     n_img, ca, pos = a3.shape
     b3s = [channel_view(b, channel_dim) for b in bs]
-    per_image = _per_image(a3, b3s)
-    xa, mean_a = _centred(a3, per_image)
-    saa = _products(xa, xa, per_image)
+    by_image = per_image(a3, b3s)
+    xa, mean_a = _centred(a3, by_image)
+    saa = products(xa, xa, by_image)
     for st, b3 in zip(stats, b3s):
-        xb, mean_b = _centred(b3, per_image)
-        st._combine_blocks(n_img * pos, torch.cat([mean_a, mean_b]), saa, _products(xa, xb, per_image),
-                           _products(xb, xb, per_image))
-
-
-class _Gathered:
-    """Batches of few samples per channel — the (samples, C) layout: linear layers, small late feature maps — held
-    back and added as one (≤ :data:`_GROUP` samples, ≤ :data:`_BLOCK` values per tensor), so the float64 scatter
-    (largest for wide layers: 8,192² for two 4,096-unit layers) is updated once per group of batches instead of
-    once per batch. Per-image batches go straight through. :meth:`flush` adds what is left (end of the pass)."""
-
-    def __init__(self) -> None:
-        self._held: dict = {}  # key -> (stats, [(a, [b, ...]), ...] as (images, C, positions) views, samples held)
-
-    def add(self, key, stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
-            channel_dim: int) -> None:
-        a3, b3s = channel_view(a, channel_dim), [channel_view(b, channel_dim) for b in bs]
-        if _per_image(a3, b3s):  # nothing to gain
-            update_shared(stats, a3, b3s, 1)
-            return
-        _, parts, rows = self._held.get(key, (stats, [], 0))
-        parts.append((a3, b3s))
-        rows += a3.shape[0] * a3.shape[2]
-        self._held[key] = (stats, parts, rows)
-        if rows >= _GROUP or rows * a3.shape[1] >= _BLOCK:
-            self._add(key)
-
-    def _add(self, key) -> None:
-        stats, parts, _ = self._held.pop(key)
-        a = torch.cat([p[0] for p in parts]) if len(parts) > 1 else parts[0][0]
-        bs = [torch.cat([p[1][k] for p in parts]) if len(parts) > 1 else parts[0][1][k]
-              for k in range(len(parts[0][1]))]
-        update_shared(stats, a, bs, 1)  # the (images, C, positions) views: channels on axis 1
-
-    def flush(self) -> None:
-        for key in list(self._held):
-            self._add(key)
+        xb, mean_b = _centred(b3, by_image)
+        st._combine_blocks(n_img * pos, torch.cat([mean_a, mean_b]), saa, products(xa, xb, by_image),
+                           products(xb, xb, by_image))
 
 
 PLACES = ("observe", "preactivation")  # where a group's joint statistics can be gathered (:func:`group_points`)
@@ -353,7 +289,7 @@ def group_covariances_at(
     tapped = {str(i): tap_model(m, taps).to(device).eval() for i, m in enumerate([reference, *others])}
     stats = [{key: JointMoments() for key in taps_of} for _ in others]
 
-    gathered = _Gathered()
+    gathered = Gathered(update_shared)
 
     def consume(batch, x, outs):
         ref = outs["0"][1]

@@ -77,9 +77,10 @@ _BATCHNORMS = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.Ba
 class _BatchRenorm(nn.Module):
     """Spliced in after a repair point: records population moments, renormalizes to the batch target."""
 
-    def __init__(self, channel_dim: int):
+    def __init__(self, channel_dim: int, in_place: bool = False):
         super().__init__()
         self.channel_dim = channel_dim
+        self.in_place = in_place  # the input is a fresh tensor nothing else reads (:data:`_FRESH`): overwrite it
         self.moments = Moments()
         self.ndim = 0  # rank of the tensors seen (the added BatchNorm's kind)
         self.target: tuple[torch.Tensor, torch.Tensor] | None = None  # (mean, std), set per batch
@@ -91,8 +92,9 @@ class _BatchRenorm(nn.Module):
         scale = torch.where(std > _EPS, t_std / std.clamp_min(_EPS), torch.ones_like(std))
         shape = [1] * y.dim()
         shape[self.channel_dim] = -1
-        # (y − μ)·s + μ_t as one fused multiply-add: y·s + (μ_t − μ·s)
-        return torch.addcmul((t_mean - mean * scale).view(shape).to(y.dtype), y, scale.view(shape).to(y.dtype))
+        # (y − μ)·s + μ_t as one fused multiply-add: y·s + (μ_t − μ·s); in place, no new batch-sized tensor
+        shift, scale = (t_mean - mean * scale).view(shape).to(y.dtype), scale.view(shape).to(y.dtype)
+        return torch.addcmul(shift, y, scale, out=y) if self.in_place else torch.addcmul(shift, y, scale)
 
 
 class _WithOutputNorm:
@@ -280,6 +282,16 @@ def _check_finite(population: Mapping[tuple, Moments]) -> None:
             raise NumericsError(f"NaN/Inf activations at '{name}' of endpoint {k} (0 = the first model)")
 
 
+_FRESH = (nn.modules.conv._ConvNd, nn.Linear, nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _fresh_output(model: nn.Module, name: str) -> bool:
+    """Whether layer ``name`` is a module whose output is always a new tensor (a convolution, linear or
+    normalization layer), so the renormalization spliced after it — the only reader of that output, the merged
+    model having no taps — may overwrite it."""
+    return isinstance(dict(model.named_modules()).get(name), _FRESH)
+
+
 def repair_many(
     endpoints: Sequence[nn.Module],
     spec: PermSpec,
@@ -321,7 +333,8 @@ def repair_many(
         models.update({f"end{k}": tap_model(m, names).to(device).eval() for k, m in enumerate(endpoints)})
     for i, m in enumerate(reset):
         models[f"reset{i}"] = _reset_mode(m.to(device))
-    renorms = [{p.tap.name: _BatchRenorm(p.tap.channel_dim) for p in pts} for pts, _ in plans]
+    renorms = [{p.tap.name: _BatchRenorm(p.tap.channel_dim, _fresh_output(t.model, p.tap.name)) for p in pts}
+               for t, (pts, _) in zip(repair, plans)]
     tapped = []
     for t, r, (_, reset_bn) in zip(repair, renorms, plans):
         gm = tap_model(t.model, (), r).to(device)

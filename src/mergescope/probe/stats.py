@@ -3,6 +3,12 @@
 Each batch is reduced to its own mean and centred second moments (accurate even in float32), and batches are
 combined with Chan et al.'s parallel update, so the result does not depend on batch size or order beyond
 floating-point rounding, and two partial results merge exactly like two batches.
+
+The passes are memory-bound on a CPU (an early layer's statistics read more bytes than its convolution does
+arithmetic), so every reduction here reads a batch as few times as it can and writes nothing batch-sized it does
+not need: per-image fused sums (``sum``, ``vector_norm``) added in float64, the variance from Σx² − n·mean²
+wherever that is as accurate as centring (:func:`_mean_m2`), one centred copy only where a cross product needs it
+(:func:`co_update`), ``amin``/``amax`` rather than the slower ``aminmax``.
 """
 from __future__ import annotations
 
@@ -11,17 +17,12 @@ from collections.abc import Sequence
 
 import torch
 
+from .blocks import channel_view, products
+
 
 def as_samples(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
     """(N, C, *spatial) or (..., C) -> (samples, C): every image × position is one sample."""
     return t.movedim(channel_dim, -1).reshape(-1, t.shape[channel_dim])
-
-
-def channel_view(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
-    """(N, C, *spatial) or (..., C) -> (before, C, after), a view of a contiguous tensor (no copy): the samples
-    are every (before, after) pair, i.e. every image × position, as :func:`as_samples` orders them per image."""
-    d = channel_dim % t.dim()
-    return t.reshape(math.prod(t.shape[:d]), t.shape[d], math.prod(t.shape[d + 1:]))
 
 
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
@@ -34,24 +35,71 @@ def _channel_sum(x3: torch.Tensor) -> torch.Tensor:
     return x3[:, :, 0].sum(0) if x3.shape[2] == 1 else x3.sum(2).sum(0)
 
 
-def _centred(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Per-channel mean (C,), centred values (A, C, S) and sum of squared deviations (C,) of a batch."""
+def _channel_extreme(x3: torch.Tensor, reduce) -> torch.Tensor:
+    """(A, C, S) -> (C,): ``torch.amin`` or ``torch.amax`` over samples, one fused reduction per axis. (Two of
+    these read the batch twice and still cost a third to a quarter of one ``aminmax`` on CPU, measured.)"""
+    return reduce(x3[:, :, 0], 0) if x3.shape[2] == 1 else reduce(reduce(x3, 2), 0)
+
+
+def _sums(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C,) float64 Σx and Σx² over the samples of an (A, C, S) batch, each one fused reduction that writes nothing
+    batch-sized: per-image sums in x's precision (``vector_norm`` for the squares) added in float64; one value
+    per image (S = 1) is squared in float64."""
+    if x3.shape[2] == 1:
+        v = x3[:, :, 0].double()
+        return v.sum(0), v.square().sum(0)
+    return x3.sum(2).double().sum(0), torch.linalg.vector_norm(x3, dim=2).double().square().sum(0)
+
+
+def _centred(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's float64 per-channel mean (C,) and its values centred on that mean rounded to x's dtype
+    (A, C, S; a new tensor)."""
     n = x3.shape[0] * x3.shape[2]
-    mean = _channel_sum(x3) / max(n, 1)
-    xc = x3 - mean.view(1, -1, 1)
-    return mean, xc, _channel_sum(xc * xc)
+    s = x3[:, :, 0].double().sum(0) if x3.shape[2] == 1 else x3.sum(2).double().sum(0)
+    mean = s / max(n, 1)
+    return mean, x3 - mean.to(x3.dtype).view(1, -1, 1)
+
+
+def _centred_m2(d: torch.Tensor) -> torch.Tensor:
+    """(C,) float64 Σd² of values centred by :func:`_centred`, one read of ``d``: the sum of squared deviations
+    (centring on the mean rounded to x's dtype adds n·(mean − m̃)² ≈ n·ε²·mean², far below the rounding of the sums)."""
+    return _sums(d)[1]
+
+
+_ONE_READ = 4.0  # Σx² ≤ this × m2 (mean² ≤ 3 · variance): Σx² − n·mean² keeps float32 rounding (bench/RESULTS.md)
+
+
+def _mean_m2(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch's float64 per-channel mean and sum of squared deviations (C,), reading it twice and writing nothing
+    batch-sized where that is as accurate as centring first: m2 = Σx² − n·mean², from float32 per-image sums, is
+    used where Σx² ≤ :data:`_ONE_READ` · m2, so cancellation costs at most two bits of float32 rounding (measured
+    ≤ 1.4e-7 relative against float64 for 3,025 positions per image, vs 1.7e-7 for centring then summing in
+    float32); the other channels — offset far from zero, constant, near-dead — are centred and summed again."""
+    n = x3.shape[0] * x3.shape[2]
+    s, q = _sums(x3)
+    mean = s / max(n, 1)
+    m2 = q - s * mean
+    redo = (m2 * _ONE_READ < q).nonzero().flatten()
+    if redo.numel():
+        part = x3 if 2 * redo.numel() > x3.shape[1] else x3.index_select(1, redo)
+        part_mean = mean if part is x3 else mean[redo]
+        exact = _centred_m2(part - part_mean.to(x3.dtype).view(1, -1, 1))
+        m2[redo] = exact[redo] if part is x3 else exact
+    return mean, m2
 
 
 def _cross(ac: torch.Tensor, bc: torch.Tensor) -> torch.Tensor:
-    """Σ over samples of the outer products of two centred (A, C, S) batches: (Ca, Cb).
+    """Σ over samples of the outer products of two centred (A, C, S) batches: (Ca, Cb), float32 blocks summed in
+    float64 (:func:`mergescope.probe.blocks.products`).
 
-    Per image (one batched matmul, no copy) when a position count S exceeds the channel counts, otherwise one
-    matmul of the (samples, C) layouts (a copy each, smaller than the per-image products)."""
+    Per image (batched matmuls, no copy) when a position count S reaches the channel counts, otherwise in the
+    (samples, C) layout (a view for S = 1, else a copy each, smaller than the per-image products)."""
     if ac.shape[2] == 1:
-        return ac[:, :, 0].T @ bc[:, :, 0]
+        return products(ac[:, :, 0], bc[:, :, 0], per_image=False)
     if ac.shape[2] >= max(ac.shape[1], bc.shape[1]):
-        return torch.bmm(ac, bc.transpose(1, 2)).sum(0)
-    return ac.transpose(1, 2).reshape(-1, ac.shape[1]).T @ bc.transpose(1, 2).reshape(-1, bc.shape[1])
+        return products(ac, bc, per_image=True)
+    return products(ac.transpose(1, 2).reshape(-1, ac.shape[1]), bc.transpose(1, 2).reshape(-1, bc.shape[1]),
+                    per_image=False)
 
 
 class Moments:
@@ -71,9 +119,9 @@ class Moments:
         sample), without reshaping it; returns the batch's own per-channel mean and (population) std."""
         x3 = channel_view(_at_least_float32(t), channel_dim)
         n = x3.shape[0] * x3.shape[2]
-        mean, _, m2 = _centred(x3)
-        self._combine(n, mean.double(), m2.double())
-        return mean, (m2 / max(n, 1)).sqrt()
+        mean, m2 = _mean_m2(x3)
+        self._combine(n, mean, m2)
+        return mean.to(x3.dtype), (m2 / max(n, 1)).sqrt().to(x3.dtype)
 
     def _combine(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
         if self.mean is None:
@@ -130,8 +178,7 @@ class Extremes:
         n = x3.shape[0] * x3.shape[2]
         if n == 0:
             return
-        lo, hi = x3.aminmax(dim=2)  # one read of the batch for both
-        lo, hi = lo.amin(0), hi.amax(0)
+        lo, hi = _channel_extreme(x3, torch.amin), _channel_extreme(x3, torch.amax)
         n_lo = torch.zeros(x3.shape[1], dtype=torch.int64, device=x3.device)
         n_hi = n_lo.clone()
         ulp = torch.finfo(x3.dtype).eps * torch.maximum(lo.abs(), hi.abs()).double()
@@ -171,17 +218,16 @@ def co_update(stats: Sequence[CoMoments], a: torch.Tensor, bs: Sequence[torch.Te
         a, bs = a.double(), [b.double() for b in bs]
     a3 = channel_view(a, channel_dim)
     n = a3.shape[0] * a3.shape[2]
-    ma, ac, m2a = _centred(a3)
-    ma64, m2a64 = ma.double(), m2a.double()
-    ext_a = Extremes()
+    ma, ac = _centred(a3)
+    m2a, ext_a = _centred_m2(ac), Extremes()
     ext_a.update_channels(a3, m2a)
     for st, b in zip(stats, bs):
         b3 = channel_view(b, channel_dim)
-        mb, bc, m2b = _centred(b3)
-        mb64 = mb.double()
-        st._combine(n, ma64, mb64, _cross(ac, bc).double())
-        st.a._combine(n, ma64, m2a64)
-        st.b._combine(n, mb64, m2b.double())
+        mb, bc = _centred(b3)
+        m2b = _centred_m2(bc)
+        st._combine(n, ma, mb, _cross(ac, bc))
+        st.a._combine(n, ma, m2a)
+        st.b._combine(n, mb, m2b)
         st.ext_a.merge(ext_a)
         st.ext_b.update_channels(b3, m2b)
 
@@ -211,12 +257,13 @@ class CoMoments:
 
     def _combine(self, n: int, ma: torch.Tensor, mb: torch.Tensor, cab: torch.Tensor) -> None:
         if self.cab is None:
-            self.cab = cab
+            self.cab = cab.to(torch.float64)
             return
         n0 = self.a.n
         da, db = ma.to(self.a.mean.device) - self.a.mean, mb.to(self.b.mean.device) - self.b.mean
-        self.cab += cab.to(self.cab.device)  # in place: a (Ca, Cb) float64 sum is the largest buffer of a pass
-        self.cab.addr_(da, db, alpha=n0 * n / (n0 + n))
+        # in place, float32 products added in float64 without a float64 copy: a (Ca, Cb) float64 sum is the
+        # largest buffer of a pass
+        self.cab.add_(cab.to(self.cab.device)).addr_(da, db, alpha=n0 * n / (n0 + n))
 
     def merge(self, other: "CoMoments") -> None:
         if other.cab is not None:

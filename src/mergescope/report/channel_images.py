@@ -1,7 +1,8 @@
 """Every model's top-k image tiles of any channel of a feature study, read back from what the study stored — the
 probe's top-k ids (``probe/``), the view recipes (``results.json["features"]["views"]``), the regression's hard
 channels (``regression_topk.json``) — and placed on the sprite sheets the feature pages already wrote
-(:func:`mergescope.report.sprites.sprite_layout`): nothing is decoded or drawn again, so a page with any number of
+(:func:`mergescope.report.sprites.sprite_layout`, in the cells their stamp records:
+:func:`~mergescope.report.sprites.sheet_geometry`): nothing is decoded or drawn again, so a page with any number of
 channels links the same few PNGs by relative URL.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from PIL import Image
 
 from ..errors import MergescopeError
 from .features import TILE, channel_href, view_from_record
-from .sprites import PER_SHEET, Tile, sheet_size, sprite_layout
+from .sprites import PER_SHEET, Tile, sheet_geometry, sheet_size, sprite_layout
 
 FEATURES_DIR = "features"  # the feature pages (and their sprites/) inside a feature study's run folder
 SPRITES_DIR = "sprites"
@@ -32,7 +33,7 @@ class ImageRow:
     slug: str  # the feature view ("pair", "many", "regress") whose sprite sheet holds the tiles
     ids: tuple[int, ...]
     values: tuple[float | None, ...]
-    tiles: tuple[Tile, ...]  # sheet paths relative to the study's features/ folder
+    tiles: tuple[Tile, ...]  # sheet paths relative to the study's features/ folder (drawn: sprites.drawn)
 
 
 @dataclass(frozen=True)
@@ -140,14 +141,15 @@ class ChannelImages:
             ids = np.unique(ids[ids >= 0])
             prefix = _prefix(view.slug, layer)
             folder = self.run_dir / FEATURES_DIR / SPRITES_DIR
-            ext = next((e for e in ("png", "jpg") if (folder / f"{prefix}_0.{e}").is_file()), None)
-            if ext is None and len(ids):
+            ext, cell = sheet_geometry(folder, prefix) or (None, (TILE, TILE))  # no stamp: finished tiles
+            ext = ext or next((e for e in ("png", "jpg") if (folder / f"{prefix}_0.{e}").is_file()), None)
+            if (ext is None or not (folder / f"{prefix}_0.{ext}").is_file()) and len(ids):
                 raise MergescopeError(f"no sprite sheet {prefix}_0.png/.jpg in {folder}: re-render the feature pages "
                                       f"(mergescope report {self.run_dir})")
-            tiles = sprite_layout(ids, SPRITES_DIR, prefix, ext or "png", TILE, PER_SHEET)
+            tiles = sprite_layout(ids, SPRITES_DIR, prefix, ext or "png", TILE, PER_SHEET, cell)
             for n, start in enumerate(range(0, len(ids), PER_SHEET)):
                 path = folder / f"{prefix}_{n}.{ext}"
-                want = sheet_size(len(ids[start:start + PER_SHEET]), TILE)
+                want = sheet_size(len(ids[start:start + PER_SHEET]), *cell)
                 with Image.open(path) as im:  # reads the header only
                     if im.size != want:
                         raise MergescopeError(f"sprite sheet {path} is {im.size[0]}×{im.size[1]} px, not the "

@@ -19,6 +19,7 @@ from .channel_images import ChannelImages, ImageRow
 from .compare_pages import _safe, delta_label, model_label
 from .features import TILE
 from .html import _environment
+from .sprites import Drawn, drawn
 
 CHANNELS_DIR = "channels"
 METRIC_NAMES = (("kendall_tau", "Kendall τ"), ("clip_delta", "δ"), ("overlap", "top-k overlap"),
@@ -102,10 +103,12 @@ def category_cells(rows: Sequence[Mapping]) -> list[dict]:
 
 
 class TileSheets:
-    """The sprite sheets one page uses, each a CSS class ``s<n>`` (so a tile only states its offset)."""
+    """The sprite sheets one page uses, each a CSS class ``s<n>`` holding its URL and how it is drawn (scale,
+    border: :func:`~mergescope.report.sprites.drawn`), so a tile only states its offset."""
 
-    def __init__(self, images: ChannelImages | None, page_dir: Path):
-        self.images, self.page_dir, self.urls = images, page_dir, {}
+    def __init__(self, images: ChannelImages | None, page_dir: Path, tile: int = TILE):
+        self.images, self.page_dir, self.tile, self.urls = images, page_dir, tile, {}
+        self._drawn: dict[int, Drawn] = {}
 
     def rows(self, layer: str, channel: int, slugs: Sequence[str], only: Collection[str] | None = None) -> list[dict]:
         """Template rows of a channel's images: label and tiles (sheet class, offsets, image id, activation)."""
@@ -116,13 +119,19 @@ class TileSheets:
     def record(self, row: ImageRow) -> dict:
         cells = []
         for t, i, v in zip(row.tiles, row.ids, row.values):
-            url = self.images.sheet_url(t, self.page_dir)
-            cells.append({"sheet": self.urls.setdefault(url, len(self.urls)), "x": t.x, "y": t.y, "id": i, "value": v})
+            n = self.urls.setdefault(self.images.sheet_url(t, self.page_dir), len(self.urls))
+            d = self._drawn[n] = drawn(t, self.tile)  # the sheet's scale, size and border are every tile's
+            cells.append({"sheet": n, "x": d.x, "y": d.y, "id": i, "value": v})
         return {"label": row.label, "cells": cells}
 
     def css(self) -> list[dict]:
-        """[{"n", "url"}] for the page's ``<style>``."""
-        return [{"n": n, "url": url} for url, n in self.urls.items()]
+        """[{"n", "url", "width", "height", "border"}] for the page's ``<style>`` (border: CSS widths, "" if none)."""
+        out = []
+        for url, n in self.urls.items():
+            d = self._drawn[n]
+            out.append({"n": n, "url": url, "width": d.width, "height": d.height,
+                        "border": " ".join(f"{b}px" for b in d.border) if any(d.border) else ""})
+        return out
 
 
 @staged("rendering")
@@ -159,7 +168,7 @@ def render_channel_pages(study_dir: str | os.PathLike, features_dir: str | os.Pa
         path = study_dir / channel_page(layer, channel)
         rel = Path(os.path.relpath(study_dir, path.parent)).as_posix()
         rows = tables.compare.get((layer, channel), [])
-        sheets = TileSheets(images, path.parent)
+        sheets = TileSheets(images, path.parent, TILE)
         views = [{"slug": s, "href": f"{rel}/{features_rel}/{images.page_href(s, layer, channel)}"}
                  for s in ("pair", "many", "regress") if images and images.shows(s, layer, channel)]
         html = template.render(

@@ -187,7 +187,7 @@ def _usable(row: Mapping, metric: str) -> bool:
 
 @staged("rendering")
 def render_histograms(run_dir: str | os.PathLike, result) -> list[dict]:
-    """``figures/compare_<layer>.png`` per layer: histograms of every metric, one line per pair.
+    """``figures/compare_<layer>.svg`` per layer: histograms of every metric, one line per pair.
 
     Returns:
         [{"layer", "src"}] with src relative to ``run_dir``.
@@ -207,7 +207,7 @@ def render_histograms(run_dir: str | os.PathLike, result) -> list[dict]:
                     continue
                 v, ok = result.values(reference, model, layer, metric)
                 values.setdefault(metric, {})[model_label(model)] = v[ok]
-        path = run_dir / FIGURES_DIR / f"compare_{_safe(layer)}.png"
+        path = run_dir / FIGURES_DIR / f"compare_{_safe(layer)}.svg"
         plot_metric_histograms(values, titles, path, suptitle=f"layer {layer}: usable channels (defined, not dead)")
         out.append({"layer": layer, "src": path.relative_to(run_dir).as_posix()})
     return out

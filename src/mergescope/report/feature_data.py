@@ -1,14 +1,16 @@
-"""The compact data of one feature page (``mergescope.features/1``): what the page's script draws in the browser.
+"""The compact data of one feature page (``mergescope.features/2``): what the page's script draws in the browser.
 
 A feature page holds no markup per tile: the view's top-k images are one JSON record inside the page, and a
-little script (``templates/_feature_page.js``) draws one page of channels at a time from it. The record:
+little script (``templates/_feature_script.html``) draws one page of channels at a time from it. The record:
 
 ``order``     the channels shown, in display order (``n`` of them)
 ``images``    the distinct image ids on the page, sorted; a tile is an index into this list
 ``classes``, ``image_class``   class names and each image's class index (the tooltip's label)
-``sheets``    per sprite sheet {"url", "cols"}: image ``images[u]`` is tile ``u % per_sheet`` of sheet
-              ``u // per_sheet``, row-major in a grid of ``cols`` columns of ``tile`` px
-              (:func:`mergescope.report.sprites.sprite_layout`)
+``sheets``    per sprite sheet {"url", "cols", "rows", "w", "h"}: image ``images[u]`` is cell ``u % per_sheet`` of
+              sheet ``u // per_sheet``, row-major in a grid of ``cols`` × ``rows`` cells of ``w`` × ``h`` sheet px
+              (:func:`mergescope.report.sprites.sprite_layout`), drawn as a ``tile`` px square scaled by
+              ``max(1, tile // max(w, h))`` and centred (:func:`mergescope.report.sprites.drawn`: a cell of ``tile``
+              px is a finished tile, a smaller one an image at native size)
 ``rows``      row labels (``R``); ``k`` tiles per channel and row
 ``tiles``     little-endian uint16 (uint32 when there are 65,535 images or more) [R, n, k]; the dtype's maximum
               means no image
@@ -25,8 +27,9 @@ from __future__ import annotations
 import base64
 import gzip
 import json
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -34,7 +37,7 @@ import numpy as np
 from ..errors import MergescopeError
 from .sprites import PER_SHEET, Tile, sheet_columns
 
-FORMAT = "mergescope.features/1"
+FORMAT = "mergescope.features/2"  # /2: sheet cells of any size (w, h, rows)
 DATA_ID = "feature-data"  # the id of the page's <script type="application/json"> element
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
@@ -56,11 +59,11 @@ def _short(x) -> float | None:
     return None if x is None or not np.isfinite(x) else float(f"{float(x):.4g}")
 
 
-def encode_view(view, dataset, images: Sequence[int], sheet_urls: Sequence[str], tile: int, per_page: int,
+def encode_view(view, dataset, tiles: Mapping[int, Tile], tile: int, per_page: int,
                 per_sheet: int = PER_SHEET) -> dict:
-    """The record of ``view`` (a :class:`~mergescope.report.features.FeatureView`) whose images — ``images``,
-    sorted, every id of its rows among them — are on the sprite sheets ``sheet_urls``, ``per_sheet`` each, as
-    :func:`~mergescope.report.sprites.sprite_layout` puts them."""
+    """The record of ``view`` (a :class:`~mergescope.report.features.FeatureView`) whose images — every id of its
+    rows among them — are on the sprite sheets as ``tiles`` (image id -> :class:`Tile`) say, ``per_sheet`` a sheet,
+    as :func:`~mergescope.report.sprites.sprite_layout` puts them."""
     labels = list(view.rows)
     channels = int(next(iter(view.rows.values())).shape[0])
     order = [int(c) for c in view.order] if view.order is not None else list(range(channels))
@@ -73,25 +76,29 @@ def encode_view(view, dataset, images: Sequence[int], sheet_urls: Sequence[str],
         if label in view.values:
             values[r, :, :rows.shape[1]] = np.asarray(view.values[label], dtype=np.float64)[order]
     values[ids < 0] = np.nan  # no image, no value
-    images = np.asarray(images, dtype=np.int64)
+    images = np.asarray(sorted(tiles), dtype=np.int64)
     wide = len(images) >= np.iinfo(np.uint16).max
     tile_dtype = "<u4" if wide else "<u2"
-    tiles = np.full(ids.shape, np.iinfo(tile_dtype).max, dtype=tile_dtype)
-    tiles[ids >= 0] = np.searchsorted(images, ids[ids >= 0])
+    index = np.full(ids.shape, np.iinfo(tile_dtype).max, dtype=tile_dtype)  # [R, n, k] into images
+    index[ids >= 0] = np.searchsorted(images, ids[ids >= 0])
     big = np.nanmax(np.abs(values), initial=0.0) > _FLOAT16_MAX
     value_dtype = "<f4" if big else "<f2"
     targets = np.asarray(dataset.targets)
-    counts = [len(images[i:i + per_sheet]) for i in range(0, len(images), per_sheet)]
-    if len(sheet_urls) != len(counts):
-        raise MergescopeError(f"{len(sheet_urls)} sprite sheets for {len(counts)} sheets of images")
-    return {"format": FORMAT, "title": view.title, "layer": view.layer, "note": view.note, "channels": channels,
-            "order": order, "tile": tile, "per_page": per_page, "per_sheet": per_sheet,
-            "images": images.tolist(), "classes": [str(c) for c in dataset.classes],
-            "image_class": targets[images].astype(int).tolist(),
-            "sheets": [{"url": u, "cols": sheet_columns(n)} for u, n in zip(sheet_urls, counts)],
-            "rows": labels, "k": k, "tile_dtype": tile_dtype, "tiles": _pack(tiles),
-            "value_dtype": value_dtype, "values": _pack(values.astype(value_dtype)),
-            "info": {name: [_short(v[c]) for c in order] for name, v in view.channel_info.items()}}
+    sheets = []
+    for start in range(0, len(images), per_sheet):
+        t, n = tiles[int(images[start])], len(images[start:start + per_sheet])
+        cols = sheet_columns(n)
+        sheets.append({"url": t.sheet, "cols": cols, "rows": math.ceil(n / cols), "w": t.w, "h": t.h})
+    record = {"format": FORMAT, "title": view.title, "layer": view.layer, "note": view.note, "channels": channels,
+              "order": order, "tile": tile, "per_page": per_page, "per_sheet": per_sheet,
+              "images": images.tolist(), "classes": [str(c) for c in dataset.classes],
+              "image_class": targets[images].astype(int).tolist(), "sheets": sheets,
+              "rows": labels, "k": k, "tile_dtype": tile_dtype, "tiles": _pack(index),
+              "value_dtype": value_dtype, "values": _pack(values.astype(value_dtype)),
+              "info": {name: [_short(v[c]) for c in order] for name, v in view.channel_info.items()}}
+    if page_tiles(record) != dict(tiles):  # what the page's script will draw is where the sheets hold the images
+        raise MergescopeError("the tiles are not laid out on their sheets as sprite_layout puts them")
+    return record
 
 
 def script_json(record: dict) -> str:
@@ -128,12 +135,13 @@ def decode(record: dict) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
 
 
 def page_tiles(record: dict) -> dict[int, Tile]:
-    """image id -> where the page draws it from (sheet URL relative to the page, pixel offsets)."""
-    out, per, size = {}, record["per_sheet"], record["tile"]
+    """image id -> where the page draws it from (sheet URL relative to the page, the cell in sheet pixels)."""
+    out, per = {}, record["per_sheet"]
     for u, image in enumerate(record["images"]):
         sheet = record["sheets"][u // per]
-        j = u % per
-        out[int(image)] = Tile(sheet["url"], (j % sheet["cols"]) * size, (j // sheet["cols"]) * size)
+        j, w, h = u % per, sheet["w"], sheet["h"]
+        out[int(image)] = Tile(sheet["url"], (j % sheet["cols"]) * w, (j // sheet["cols"]) * h, w, h,
+                               sheet["cols"] * w, sheet["rows"] * h)
     return out
 
 

@@ -20,10 +20,10 @@ from ..runs.atomic import atomic_write_text
 from ..timing import staged
 from .feature_data import DATA_ID, encode_view, script_json
 from .html import _environment
-from .sprites import PER_SHEET, TileCache, write_sprites
+from .sprites import TileCache, write_sprites
 
 
-TILE = 56  # px of one image tile on the feature pages (and in their sprite sheets)
+TILE = 56  # px of one image tile on the feature pages (a sheet holds it at this size, or smaller images as they are)
 
 
 @dataclass
@@ -58,7 +58,7 @@ def render_feature_pages(run_dir: str | Path, dataset, views: Sequence[FeatureVi
 
     One page per view: the view's top-k images as compact data (:mod:`mergescope.report.feature_data`) that the
     page's script draws ``per_page`` channels at a time, so a page's size grows by a few bytes per image shown,
-    not by its markup. Every image is decoded and resized once for all views (:class:`TileCache`).
+    not by its markup. Every image is decoded (and thumbnailed) once for all views (:class:`TileCache`).
 
     Returns:
         One index entry per view: {"slug", "title", "layer", "channels", "href"} (href relative to run_dir).
@@ -73,9 +73,7 @@ def render_feature_pages(run_dir: str | Path, dataset, views: Sequence[FeatureVi
         all_ids = np.concatenate([np.asarray(ids).ravel() for ids in view.rows.values()])
         tiles = write_sprites(dataset, all_ids[all_ids >= 0], out / "sprites", name[:-5], size=tile,
                               tiles_of=tiles_of)
-        images = sorted(tiles)  # the sheets' order (sprite_layout)
-        record = encode_view(view, dataset, images, [tiles[images[i]].sheet for i in range(0, len(images), PER_SHEET)],
-                             tile, per_page)
+        record = encode_view(view, dataset, tiles, tile, per_page)
         html = template.render(view=view, tile=tile, channels=record["channels"], shown=len(record["order"]),
                                data=Markup(script_json(record)), data_id=DATA_ID,
                                title=f"{view.title} — {view.layer}")

@@ -121,7 +121,7 @@ def render_layer_pages(study_dir: str | os.PathLike, features_dir: str | os.Path
         path = study_dir / layer_page(layer)
         root = Path(os.path.relpath(study_dir, path.parent)).as_posix()
         feats = Path(os.path.relpath(features_dir, path.parent)).as_posix()
-        histogram = features_dir / FIGURES_DIR / f"compare_{_safe(layer)}.png"
+        histogram = features_dir / FIGURES_DIR / f"compare_{_safe(layer)}.svg"
         table = features_dir / "features" / table_name(layer)
         headers, rows = layer_table(tables, layer, linked)
         filters = [sorted({r["cells"][i]["text"] for r in rows} - {""}) if not h["num"] else None
