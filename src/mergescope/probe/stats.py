@@ -48,15 +48,19 @@ def _sums(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x3.shape[2] == 1:
         v = x3[:, :, 0].double()
         return v.sum(0), v.square().sum(0)
-    return x3.sum(2).double().sum(0), torch.linalg.vector_norm(x3, dim=2).double().square().sum(0)
+    return _sum64(x3), torch.linalg.vector_norm(x3, dim=2).double().square().sum(0)
+
+
+def _sum64(x3: torch.Tensor) -> torch.Tensor:
+    """(C,) float64 Σx over the samples of an (A, C, S) batch: per-image sums in x's precision added in float64."""
+    return x3[:, :, 0].double().sum(0) if x3.shape[2] == 1 else x3.sum(2).double().sum(0)
 
 
 def _centred(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A batch's float64 per-channel mean (C,) and its values centred on that mean rounded to x's dtype
     (A, C, S; a new tensor)."""
     n = x3.shape[0] * x3.shape[2]
-    s = x3[:, :, 0].double().sum(0) if x3.shape[2] == 1 else x3.sum(2).double().sum(0)
-    mean = s / max(n, 1)
+    mean = _sum64(x3) / max(n, 1)
     return mean, x3 - mean.to(x3.dtype).view(1, -1, 1)
 
 
