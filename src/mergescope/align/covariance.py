@@ -27,6 +27,7 @@ from ..perm import PermSpec, observation_points
 from ..perm.spec import TapPoint
 from ..probe.engine import run_pass
 from ..probe.blocks import Gathered, channel_view, per_image, products
+from ..probe.stats import sum64, for_products
 from ..probe.taps import tap_model
 from ..timing import stage
 
@@ -71,27 +72,40 @@ class JointMoments:
         update_shared([self], a, [b], channel_dim)
 
     def _combine_blocks(self, n: int, mean: torch.Tensor, saa: torch.Tensor, sab: torch.Tensor,
-                        sbb: torch.Tensor) -> None:
+                        sbb: torch.Tensor, offset: torch.Tensor | None = None) -> None:
         """Chan et al.'s update with a batch's scatter given as its blocks Σ_AA, Σ_AB, Σ_BB (float32 or float64),
-        added in place into the float64 blocks; Σ_BA = Σ_ABᵀ is written when :attr:`scatter` is next read."""
+        added in place into the float64 blocks; Σ_BA = Σ_ABᵀ is written when :attr:`scatter` is next read.
+
+        With ``offset`` u (Ca+Cb,), the blocks are products of deviations offset by it, Σ (x − mean + u)(…)ᵀ
+        (uncentred: u = mean), corrected here by −n·u uᵀ, in the same rank-two update as Chan et al.'s term."""
         ca = saa.shape[0]
+        left, right = [], []  # the rank-one terms: left[k] ⊗ right[k]
+        if offset is not None:
+            left.append(offset)
+            right.append(offset * -n)
         if self.mean is None:
             self._scatter = torch.empty((len(mean), len(mean)), dtype=torch.float64, device=mean.device)
             self._scatter[:ca, :ca], self._scatter[:ca, ca:], self._scatter[ca:, ca:] = saa, sab, sbb
-            self.n, self.mean, self.size_a, self._lower_stale = n, mean, ca, True
-            return
-        if ca != self.size_a or mean.shape != self.mean.shape:
-            raise ValueError("JointMoments: batches with different channel counts")
-        total = self.n + n
-        delta = mean - self.mean
-        da, db, w = delta[:ca], delta[ca:], self.n * n / total
-        upper = self._scatter[:ca, ca:]
-        for block, add, left, right in ((self._scatter[:ca, :ca], saa, da, da), (upper, sab, da, db),
-                                        (self._scatter[ca:, ca:], sbb, db, db)):
-            block.add_(add).addr_(left, right, alpha=w)  # in place: (Ca+Cb)² float64 is a pass's largest buffer
+            self.n, self.mean, self.size_a = n, mean, ca
+            saa = sab = sbb = None  # written
+        else:
+            if ca != self.size_a or mean.shape != self.mean.shape:
+                raise ValueError("JointMoments: batches with different channel counts")
+            total = self.n + n
+            delta = mean - self.mean
+            left.append(delta)
+            right.append(delta * (self.n * n / total))
+            self.mean = self.mean + delta * (n / total)
+            self.n = total
+        if left:
+            u, v = torch.stack(left, 1), torch.stack(right, 0)
+            a, b = slice(None, ca), slice(ca, None)
+            for rows, cols, add in ((a, a, saa), (a, b, sab), (b, b, sbb)):
+                block = self._scatter[rows, cols]
+                if add is not None:
+                    block.add_(add)
+                block.addmm_(u[rows], v[:, cols])  # in place: (Ca+Cb)² float64 is a pass's largest buffer
         self._lower_stale = True
-        self.mean = self.mean + delta * (n / total)
-        self.n = total
 
     def _combine(self, n: int, mean: torch.Tensor, scatter: torch.Tensor, size_a: int) -> None:
         if self.mean is None:
@@ -173,18 +187,23 @@ class JointMoments:
         return torch.where(either, both.to(corr.dtype) if constants_match else torch.zeros_like(corr), corr)
 
 
-def _centred(x3: torch.Tensor, by_image: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's float64 channel means and its deviations from them — float32 (float64 for float64 input), laid
-    out (images, C, positions) for per-image products or (samples, C) otherwise: the one copy of the batch."""
+def _laid_out(x3: torch.Tensor, by_image: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch in the layout its products read — (images, C, positions) for per-image products, else (samples, C)
+    — its float64 channel means, and the offset of those values from the deviations (:meth:`JointMoments.
+    _combine_blocks`). Per image, or with one position per image, that is the batch itself wherever its
+    uncentred products are as accurate (:func:`mergescope.probe.stats.for_products`); the (samples, C) layout of a
+    batch with several positions is its one copy, centred on the way on the mean rounded to float32 (float64 for
+    float64 input)."""
     n_img, c, pos = x3.shape
-    mean = x3.sum(2).to(torch.float64).sum(0) / max(n_img * pos, 1)  # float32 sums of one image's positions
+    if by_image or pos == 1:
+        mean, _, x, offset = for_products(x3)
+        return (x if by_image else x[:, :, 0]), mean, offset
+    mean = sum64(x3) / max(n_img * pos, 1)
     dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
-    if by_image:
-        out = torch.empty(x3.shape, dtype=dtype, device=x3.device)
-        return torch.sub(x3, mean.to(dtype).view(1, -1, 1), out=out), mean
+    rounded = mean.to(dtype)
     out = torch.empty((n_img, pos, c), dtype=dtype, device=x3.device)
-    torch.sub(x3.transpose(1, 2), mean.to(dtype), out=out)
-    return out.view(-1, c), mean
+    torch.sub(x3.transpose(1, 2), rounded, out=out)
+    return out.view(-1, c), mean, mean - rounded.double()
 
 
 def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
@@ -192,22 +211,24 @@ def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[t
     """Add one batch to the joint moments of ``a`` with each ``b`` (``stats[k]`` ← ``[a, bs[k]]``): A's deviations
     and Σ_AA are computed once for all, then Σ_AB and Σ_BB per model — 1 + 2k products instead of 4k.
 
-    Every image × position is a sample. Each batch is centred on its own float64 mean and its scatter blocks are
-    float32 products summed in float64 (:func:`mergescope.probe.blocks.products`); batches are combined in float64
-    (Chan et al.), so the statistics agree with a float64 computation to float32 rounding (~1e-7 relative), the
-    precision of the float32 activations themselves. A product over the positions of each image is used when there are more
-    positions than channels (a tall-skinny product is slow), over the (samples, C) layout otherwise.
+    Every image × position is a sample. A batch's scatter blocks are float32 products summed in float64
+    (:func:`mergescope.probe.blocks.products`) of the batch as it is, corrected by its float64 means, wherever that
+    is as accurate as centring it first (:func:`_laid_out`), else of the batch centred on its mean; batches
+    are combined in float64 (Chan et al.), so the statistics agree with a float64 computation to float32
+    rounding (~1e-7 relative), the precision of the float32 activations themselves. A product over the positions
+    of each image is used when there are more positions than channels (a tall-skinny product is slow), over the
+    (samples, C) layout otherwise.
     """
     a3 = channel_view(a, channel_dim)
-    n_img, ca, pos = a3.shape
+    n = a3.shape[0] * a3.shape[2]
     b3s = [channel_view(b, channel_dim) for b in bs]
     by_image = per_image(a3, b3s)
-    xa, mean_a = _centred(a3, by_image)
+    xa, mean_a, ua = _laid_out(a3, by_image)
     saa = products(xa, xa, by_image)
     for st, b3 in zip(stats, b3s):
-        xb, mean_b = _centred(b3, by_image)
-        st._combine_blocks(n_img * pos, torch.cat([mean_a, mean_b]), saa, products(xa, xb, by_image),
-                           products(xb, xb, by_image))
+        xb, mean_b, ub = _laid_out(b3, by_image)
+        st._combine_blocks(n, torch.cat([mean_a, mean_b]), saa, products(xa, xb, by_image),
+                           products(xb, xb, by_image), torch.cat([ua, ub]))
 
 
 PLACES = ("observe", "preactivation")  # where a group's joint statistics can be gathered (:func:`group_points`)

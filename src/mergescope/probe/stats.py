@@ -7,8 +7,8 @@ floating-point rounding, and two partial results merge exactly like two batches.
 The passes are memory-bound on a CPU (an early layer's statistics read more bytes than its convolution does
 arithmetic), so every reduction here reads a batch as few times as it can and writes nothing batch-sized it does
 not need: per-image fused sums (``sum``, ``vector_norm``) added in float64, the variance from Σx² − n·mean²
-wherever that is as accurate as centring (:func:`_mean_m2`), one centred copy only where a cross product needs it
-(:func:`co_update`), ``amin``/``amax`` rather than the slower ``aminmax``.
+wherever that is as accurate as centring (:func:`_mean_m2`), cross products of the batches as they are, corrected by
+the means (:func:`for_products`, under the same test), ``amin``/``amax`` rather than the slower ``aminmax``.
 """
 from __future__ import annotations
 
@@ -48,25 +48,18 @@ def _sums(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if x3.shape[2] == 1:
         v = x3[:, :, 0].double()
         return v.sum(0), v.square().sum(0)
-    return _sum64(x3), torch.linalg.vector_norm(x3, dim=2).double().square().sum(0)
+    return sum64(x3), torch.linalg.vector_norm(x3, dim=2).double().square().sum(0)
 
 
-def _sum64(x3: torch.Tensor) -> torch.Tensor:
+def sum64(x3: torch.Tensor) -> torch.Tensor:
     """(C,) float64 Σx over the samples of an (A, C, S) batch: per-image sums in x's precision added in float64."""
     return x3[:, :, 0].double().sum(0) if x3.shape[2] == 1 else x3.sum(2).double().sum(0)
 
 
-def _centred(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch's float64 per-channel mean (C,) and its values centred on that mean rounded to x's dtype
-    (A, C, S; a new tensor)."""
-    n = x3.shape[0] * x3.shape[2]
-    mean = _sum64(x3) / max(n, 1)
-    return mean, x3 - mean.to(x3.dtype).view(1, -1, 1)
-
-
 def _centred_m2(d: torch.Tensor) -> torch.Tensor:
-    """(C,) float64 Σd² of values centred by :func:`_centred`, one read of ``d``: the sum of squared deviations
-    (centring on the mean rounded to x's dtype adds n·(mean − m̃)² ≈ n·ε²·mean², far below the rounding of the sums)."""
+    """(C,) float64 Σd² of values centred on their mean rounded to x's dtype, one read of ``d``: the sum of squared
+    deviations (centring on the rounded mean m̃ adds n·(mean − m̃)² ≈ n·ε²·mean², far below the rounding of the
+    sums)."""
     return _sums(d)[1]
 
 
@@ -79,11 +72,7 @@ def _mean_m2(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     used where Σx² ≤ :data:`_ONE_READ` · m2, so cancellation costs at most two bits of float32 rounding (measured
     ≤ 1.4e-7 relative against float64 for 3,025 positions per image, vs 1.7e-7 for centring then summing in
     float32); the other channels — offset far from zero, constant, near-dead — are centred and summed again."""
-    n = x3.shape[0] * x3.shape[2]
-    s, q = _sums(x3)
-    mean = s / max(n, 1)
-    m2 = q - s * mean
-    redo = (m2 * _ONE_READ < q).nonzero().flatten()
+    mean, m2, redo = _one_read(x3)
     if redo.numel():
         part = x3 if 2 * redo.numel() > x3.shape[1] else x3.index_select(1, redo)
         part_mean = mean if part is x3 else mean[redo]
@@ -92,8 +81,34 @@ def _mean_m2(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return mean, m2
 
 
+def _one_read(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch's float64 mean and Σx² − n·mean² per channel (C,), and the channels (indices) where that loses
+    more than two bits to cancellation (Σx² > :data:`_ONE_READ` · m2) and must be centred first."""
+    n = x3.shape[0] * x3.shape[2]
+    s, q = _sums(x3)
+    mean = s / max(n, 1)
+    m2 = q - s * mean
+    return mean, m2, (m2 * _ONE_READ < q).nonzero().flatten()
+
+
+def for_products(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One side of a cross product: (mean, m2, values, offset) with values − offset the deviations, read in place.
+
+    Where every channel passes :func:`_one_read`'s test the values are the batch itself and the offset its mean:
+    Σ x yᵀ − n·m_x m_yᵀ then equals the centred products to within float32 rounding of √(m2_x m2_y) times
+    √(Σx²/m2_x · Σy²/m2_y) ≤ 4 (two bits, as for the variance), and nothing batch-sized is written. Otherwise the
+    batch is centred on its mean rounded to x's dtype, m̃ (one copy), the offset is mean − m̃, and m2 is that
+    copy's Σd²."""
+    mean, m2, redo = _one_read(x3)
+    if not redo.numel():
+        return mean, m2, x3, mean
+    rounded = mean.to(x3.dtype)
+    d = x3 - rounded.view(1, -1, 1)
+    return mean, _centred_m2(d), d, mean - rounded.double()
+
+
 def _cross(ac: torch.Tensor, bc: torch.Tensor) -> torch.Tensor:
-    """Σ over samples of the outer products of two centred (A, C, S) batches: (Ca, Cb), float32 blocks summed in
+    """Σ over samples of the outer products of two (A, C, S) batches: (Ca, Cb), float32 blocks summed in
     float64 (:func:`mergescope.probe.blocks.products`).
 
     Per image (batched matmuls, no copy) when a position count S reaches the channel counts, otherwise in the
@@ -214,22 +229,22 @@ class Extremes:
 
 def co_update(stats: Sequence[CoMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
               channel_dim: int = 1) -> None:
-    """Add one batch to ``stats[k]`` ← (``a``, ``bs[k]``): A's centring, moments and extremes are computed once
-    for every model, then each model's own and its cross products with A."""
+    """Add one batch to ``stats[k]`` ← (``a``, ``bs[k]``): A's moments and extremes are computed once for every
+    model, then each model's own and its cross products with A — of the batches as they are, corrected by the
+    means afterwards, wherever that is as accurate as centring them (:func:`for_products`)."""
     a = _at_least_float32(a)
     bs = [_at_least_float32(b) for b in bs]
     if any(b.dtype != a.dtype for b in bs):
         a, bs = a.double(), [b.double() for b in bs]
     a3 = channel_view(a, channel_dim)
     n = a3.shape[0] * a3.shape[2]
-    ma, ac = _centred(a3)
-    m2a, ext_a = _centred_m2(ac), Extremes()
+    ma, m2a, xa, ua = for_products(a3)
+    ext_a = Extremes()
     ext_a.update_channels(a3, m2a)
     for st, b in zip(stats, bs):
         b3 = channel_view(b, channel_dim)
-        mb, bc = _centred(b3)
-        m2b = _centred_m2(bc)
-        st._combine(n, ma, mb, _cross(ac, bc))
+        mb, m2b, xb, ub = for_products(b3)
+        st._combine(n, ma, mb, _cross(xa, xb), offsets=(ua, ub))
         st.a._combine(n, ma, m2a)
         st.b._combine(n, mb, m2b)
         st.ext_a.merge(ext_a)
@@ -256,18 +271,30 @@ class CoMoments:
 
     def update_channels(self, a: torch.Tensor, b: torch.Tensor, channel_dim: int = 1) -> None:
         """Add a batch in its own layout (e.g. (N, C, H, W), ``channel_dim`` 1), without reshaping it: each
-        batch's moments are computed once, from one centring of each side (:func:`co_update` with one b)."""
+        batch's moments are computed once per side (:func:`co_update` with one b)."""
         co_update([self], a, [b], channel_dim)
 
-    def _combine(self, n: int, ma: torch.Tensor, mb: torch.Tensor, cab: torch.Tensor) -> None:
+    def _combine(self, n: int, ma: torch.Tensor, mb: torch.Tensor, cab: torch.Tensor,
+                 offsets: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """Chan et al.'s update with a batch's Σ (a − ma)(b − mb)ᵀ, or, given ``offsets`` (ua, ub), its products of
+        deviations offset by them, Σ (a − ma + ua)(b − mb + ub)ᵀ (uncentred: ua = ma), corrected here by
+        −n·ua ubᵀ — both rank-one terms one update of the float64 sum."""
+        left, right = [], []
+        if offsets is not None:
+            left.append(offsets[0].to(torch.float64))
+            right.append(offsets[1].to(torch.float64) * -n)
         if self.cab is None:
             self.cab = cab.to(torch.float64)
-            return
-        n0 = self.a.n
-        da, db = ma.to(self.a.mean.device) - self.a.mean, mb.to(self.b.mean.device) - self.b.mean
-        # in place, float32 products added in float64 without a float64 copy: a (Ca, Cb) float64 sum is the
-        # largest buffer of a pass
-        self.cab.add_(cab.to(self.cab.device)).addr_(da, db, alpha=n0 * n / (n0 + n))
+        else:
+            n0 = self.a.n
+            left.append(ma.to(self.a.mean.device) - self.a.mean)
+            right.append((mb.to(self.b.mean.device) - self.b.mean) * (n0 * n / (n0 + n)))
+            # in place, float32 products added in float64 without a float64 copy: a (Ca, Cb) float64 sum is the
+            # largest buffer of a pass
+            self.cab.add_(cab.to(self.cab.device))
+        if left:
+            dev = self.cab.device
+            self.cab.addmm_(torch.stack(left, 1).to(dev), torch.stack(right, 0).to(dev))
 
     def merge(self, other: "CoMoments") -> None:
         if other.cab is not None:
