@@ -27,7 +27,7 @@ from ..perm import PermSpec, observation_points
 from ..perm.spec import TapPoint
 from ..probe.engine import run_pass
 from ..probe.blocks import Gathered, channel_view, per_image, products
-from ..probe.stats import sum64, for_products
+from ..probe.stats import common_precision, for_products
 from ..probe.taps import tap_model
 from ..timing import stage
 
@@ -187,25 +187,6 @@ class JointMoments:
         return torch.where(either, both.to(corr.dtype) if constants_match else torch.zeros_like(corr), corr)
 
 
-def _laid_out(x3: torch.Tensor, by_image: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch in the layout its products read — (images, C, positions) for per-image products, else (samples, C)
-    — its float64 channel means, and the offset of those values from the deviations (:meth:`JointMoments.
-    _combine_blocks`). Per image, or with one position per image, that is the batch itself wherever its
-    uncentred products are as accurate (:func:`mergescope.probe.stats.for_products`); the (samples, C) layout of a
-    batch with several positions is its one copy, centred on the way on the mean rounded to float32 (float64 for
-    float64 input)."""
-    n_img, c, pos = x3.shape
-    if by_image or pos == 1:
-        mean, _, x, offset = for_products(x3)
-        return (x if by_image else x[:, :, 0]), mean, offset
-    mean = sum64(x3) / max(n_img * pos, 1)
-    dtype = torch.float64 if x3.dtype == torch.float64 else torch.float32
-    rounded = mean.to(dtype)
-    out = torch.empty((n_img, pos, c), dtype=dtype, device=x3.device)
-    torch.sub(x3.transpose(1, 2), rounded, out=out)
-    return out.view(-1, c), mean, mean - rounded.double()
-
-
 def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
                   channel_dim: int = 1) -> None:
     """Add one batch to the joint moments of ``a`` with each ``b`` (``stats[k]`` ← ``[a, bs[k]]``): A's deviations
@@ -213,20 +194,21 @@ def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[t
 
     Every image × position is a sample. A batch's scatter blocks are float32 products summed in float64
     (:func:`mergescope.probe.blocks.products`) of the batch as it is, corrected by its float64 means, wherever that
-    is as accurate as centring it first (:func:`_laid_out`), else of the batch centred on its mean; batches
-    are combined in float64 (Chan et al.), so the statistics agree with a float64 computation to float32
-    rounding (~1e-7 relative), the precision of the float32 activations themselves. A product over the positions
-    of each image is used when there are more positions than channels (a tall-skinny product is slow), over the
-    (samples, C) layout otherwise.
+    is as accurate as centring it first, else of the batch centred on its mean
+    (:func:`mergescope.probe.stats.for_products`); batches are combined in float64 (Chan et al.), so the statistics
+    agree with a float64 computation to float32 rounding (~1e-7 relative), the precision of the float32
+    activations themselves. A product over the positions of each image is used when there are more positions
+    than channels (a tall-skinny product is slow), over the (samples, C) layout otherwise.
     """
+    a, bs = common_precision(a, bs)
     a3 = channel_view(a, channel_dim)
     n = a3.shape[0] * a3.shape[2]
     b3s = [channel_view(b, channel_dim) for b in bs]
     by_image = per_image(a3, b3s)
-    xa, mean_a, ua = _laid_out(a3, by_image)
+    xa, mean_a, _, ua = for_products(a3, by_image, m2=False)
     saa = products(xa, xa, by_image)
     for st, b3 in zip(stats, b3s):
-        xb, mean_b, ub = _laid_out(b3, by_image)
+        xb, mean_b, _, ub = for_products(b3, by_image, m2=False)
         st._combine_blocks(n, torch.cat([mean_a, mean_b]), saa, products(xa, xb, by_image),
                            products(xb, xb, by_image), torch.cat([ua, ub]))
 

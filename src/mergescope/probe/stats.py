@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .blocks import channel_view, products
+from .blocks import channel_view, per_image, products
 
 
 def as_samples(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
@@ -28,6 +28,15 @@ def as_samples(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
 def _at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """Half/bfloat16/integer activations are reduced in float32; float64 ones keep their precision."""
     return x if x.dtype == torch.float64 else x.float()
+
+
+def common_precision(a: torch.Tensor, bs: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``a`` and every ``b`` in the one precision their products are taken in: float64 if any of them is, else
+    float32 (half, bfloat16 and integer activations converted; float32 ones as they are, no copy)."""
+    a, bs = _at_least_float32(a), [_at_least_float32(b) for b in bs]
+    if any(b.dtype != a.dtype for b in bs):
+        a, bs = a.double(), [b.double() for b in bs]
+    return a, bs
 
 
 def _channel_sum(x3: torch.Tensor) -> torch.Tensor:
@@ -91,34 +100,37 @@ def _one_read(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return mean, m2, (m2 * _ONE_READ < q).nonzero().flatten()
 
 
-def for_products(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One side of a cross product: (mean, m2, values, offset) with values − offset the deviations, read in place.
+def for_products(x3: torch.Tensor, by_image: bool, m2: bool = True):
+    """A batch as its cross products read it: ``(values, mean, m2, offset)``, with values − offset the deviations
+    from the float64 channel means (the products are corrected by −n·offset ⊗ offset afterwards); m2 (the sum of
+    squared deviations, C,) is None when not asked for.
 
-    Where every channel passes :func:`_one_read`'s test the values are the batch itself and the offset its mean:
-    Σ x yᵀ − n·m_x m_yᵀ then equals the centred products to within float32 rounding of √(m2_x m2_y) times
-    √(Σx²/m2_x · Σy²/m2_y) ≤ 4 (two bits, as for the variance), and nothing batch-sized is written. Otherwise the
-    batch is centred on its mean rounded to x's dtype, m̃ (one copy), the offset is mean − m̃, and m2 is that
-    copy's Σd²."""
-    mean, m2, redo = _one_read(x3)
-    if not redo.numel():
-        return mean, m2, x3, mean
+    Per image (``by_image``, :func:`mergescope.probe.blocks.per_image`: (images, C, positions)) or with one
+    position per image ((samples, C)), the values are the batch itself, read in place, wherever every channel
+    passes :func:`_one_read`'s test: Σ x yᵀ − n·m_x m_yᵀ then equals the centred products to within float32
+    rounding of √(m2_x m2_y) times √(Σx²/m2_x · Σy²/m2_y) ≤ 4 (two bits, as for the variance), and nothing
+    batch-sized is written. Otherwise they are the batch centred on its mean rounded to x's dtype, m̃ (one copy),
+    offset mean − m̃. The (samples, C) layout of several positions per image is always a copy, centred on the
+    way."""
+    c, pos = x3.shape[1], x3.shape[2]
+    if by_image or pos == 1:
+        mean, sq, redo = _one_read(x3)
+        values = x3
+        if redo.numel():
+            rounded = mean.to(x3.dtype)
+            values = x3 - rounded.view(1, -1, 1)
+            sq, offset = _centred_m2(values), mean - rounded.double()
+        else:
+            offset = mean
+        return (values if by_image else values[:, :, 0]), mean, (sq if m2 else None), offset
+    if m2:
+        mean, sq = _mean_m2(x3)
+    else:
+        mean, sq = sum64(x3) / max(x3.shape[0] * pos, 1), None
     rounded = mean.to(x3.dtype)
-    d = x3 - rounded.view(1, -1, 1)
-    return mean, _centred_m2(d), d, mean - rounded.double()
-
-
-def _cross(ac: torch.Tensor, bc: torch.Tensor) -> torch.Tensor:
-    """Σ over samples of the outer products of two (A, C, S) batches: (Ca, Cb), float32 blocks summed in
-    float64 (:func:`mergescope.probe.blocks.products`).
-
-    Per image (batched matmuls, no copy) when a position count S reaches the channel counts, otherwise in the
-    (samples, C) layout (a view for S = 1, else a copy each, smaller than the per-image products)."""
-    if ac.shape[2] == 1:
-        return products(ac[:, :, 0], bc[:, :, 0], per_image=False)
-    if ac.shape[2] >= max(ac.shape[1], bc.shape[1]):
-        return products(ac, bc, per_image=True)
-    return products(ac.transpose(1, 2).reshape(-1, ac.shape[1]), bc.transpose(1, 2).reshape(-1, bc.shape[1]),
-                    per_image=False)
+    out = torch.empty((x3.shape[0], pos, c), dtype=x3.dtype, device=x3.device)
+    torch.sub(x3.transpose(1, 2), rounded, out=out)
+    return out.view(-1, c), mean, sq, mean - rounded.double()
 
 
 class Moments:
@@ -232,19 +244,16 @@ def co_update(stats: Sequence[CoMoments], a: torch.Tensor, bs: Sequence[torch.Te
     """Add one batch to ``stats[k]`` ← (``a``, ``bs[k]``): A's moments and extremes are computed once for every
     model, then each model's own and its cross products with A — of the batches as they are, corrected by the
     means afterwards, wherever that is as accurate as centring them (:func:`for_products`)."""
-    a = _at_least_float32(a)
-    bs = [_at_least_float32(b) for b in bs]
-    if any(b.dtype != a.dtype for b in bs):
-        a, bs = a.double(), [b.double() for b in bs]
-    a3 = channel_view(a, channel_dim)
+    a, bs = common_precision(a, bs)
+    a3, b3s = channel_view(a, channel_dim), [channel_view(b, channel_dim) for b in bs]
     n = a3.shape[0] * a3.shape[2]
-    ma, m2a, xa, ua = for_products(a3)
+    by_image = per_image(a3, b3s)
+    xa, ma, m2a, ua = for_products(a3, by_image)
     ext_a = Extremes()
     ext_a.update_channels(a3, m2a)
-    for st, b in zip(stats, bs):
-        b3 = channel_view(b, channel_dim)
-        mb, m2b, xb, ub = for_products(b3)
-        st._combine(n, ma, mb, _cross(xa, xb), offsets=(ua, ub))
+    for st, b3 in zip(stats, b3s):
+        xb, mb, m2b, ub = for_products(b3, by_image)
+        st._combine(n, ma, mb, products(xa, xb, by_image), offsets=(ua, ub))
         st.a._combine(n, ma, m2a)
         st.b._combine(n, mb, m2b)
         st.ext_a.merge(ext_a)
