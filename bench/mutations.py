@@ -183,7 +183,7 @@ MUTANTS: tuple[Mutant, ...] = (
            (f"{_CLI}::test_a_stored_file_changed_after_the_run_is_refused_by_compare_and_regress",),
            "compare and regress read probe tensors / alignments edited after the run"),
     Mutant("alignment_sources_unchecked", "align/store.py", "if want is not None and file_sha256(path) != want:",
-           "if False:", (f"{_CLI}::test_a_swapped_checkpoint_is_refused_by_compare",),
+           "if False:", ("tests/test_alignment_store.py",),
            "compare uses a checkpoint that changed since it was aligned"),
     Mutant("null_delta_direction", "compare/null.py", "    q = quantile if higher_is_similar else 1.0 - quantile",
            "    q = quantile", ("tests/test_compare.py", _COMPARE), "the null quantile not flipped for δ (lower = similar)"),
