@@ -115,13 +115,12 @@ def for_products(x3: torch.Tensor, by_image: bool, m2: bool = True):
     c, pos = x3.shape[1], x3.shape[2]
     if by_image or pos == 1:
         mean, sq, redo = _one_read(x3)
-        values = x3
+        values, offset = x3, mean
         if redo.numel():
             rounded = mean.to(x3.dtype)
             values = x3 - rounded.view(1, -1, 1)
-            sq, offset = _centred_m2(values), mean - rounded.double()
-        else:
-            offset = mean
+            offset = mean - rounded.double()
+            sq = _centred_m2(values) if m2 else None  # a read of the copy only when m2 is asked for
         return (values if by_image else values[:, :, 0]), mean, (sq if m2 else None), offset
     if m2:
         mean, sq = _mean_m2(x3)
