@@ -56,6 +56,25 @@ def test_a_layer_beyond_float16s_range_is_kept_in_bfloat16():
     assert compact_subset(torch.tensor([[1.0, 6e4]])).dtype == torch.float16
 
 
+def test_the_probe_state_keeps_each_layer_in_its_own_16_bit_format():
+    """ProbeState holds every layer's D' in one matrix; the float16 / bfloat16 choice is still made per layer: a
+    layer beyond float16's range does not coarsen the others (bfloat16 keeps 8 bits, float16 11)."""
+    from mergescope.probe.state import ProbeState
+
+    shapes = {"m": {"small": (3, 1), "big": (2, 1)}, "n": {"small": (4, 1)}}
+    g = torch.Generator().manual_seed(0)
+    acts = {"m": {"small": torch.rand(6, 3, generator=g) + 1, "big": torch.rand(6, 2, generator=g) * 1e5},
+            "n": {"small": torch.rand(6, 4, generator=g) + 1}}
+    state = ProbeState(shapes, k=2, subset_ids=torch.tensor([4, 1, 5]))
+    state.update(torch.arange(6), acts)
+    out = state.layer_probes()
+    rows = torch.tensor([4, 1, 5])
+    for m, layer, kept in (("m", "small", torch.float16), ("m", "big", torch.bfloat16), ("n", "small", torch.float16)):
+        assert torch.equal(out[m][layer].subset, acts[m][layer][rows].to(kept).float()), (m, layer)
+        assert torch.equal(out[m][layer].topk_ids, acts[m][layer].topk(2, dim=0).indices.T), (m, layer)
+        torch.testing.assert_close(out[m][layer].mean, acts[m][layer].double().mean(0), rtol=1e-12, atol=0)
+
+
 def test_kendall_tau_from_the_16_bit_subset_is_within_0_01_of_float32_on_a_trained_pair(digits_pair, digits_train):
     """τ of A's channel c and B's channel c (unaligned: any pair is a pair) from float32 activations computed here,
     against τ from the probe's subset: float16 rounding adds ties only between nearly equal values."""

@@ -183,9 +183,15 @@ def build_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> P
         >>> sorted(spec.groups)[:2]
         ['conv1', 'layer1.0.conv1']
     """
+    return traced_spec(model, example_input)[0]
+
+
+def traced_spec(model: nn.Module, example_input: torch.Tensor | None = None) -> tuple[PermSpec, fx.GraphModule]:
+    """:func:`build_spec`, and the traced graph module the spec was read from (it shares the model's parameters):
+    a caller that also taps the model (:func:`mergescope.probe.tap_model`'s ``traced``) need not trace it again."""
     gm = G.trace(model)
     G.propagate_shapes(gm, default_example_input(model) if example_input is None else example_input)
-    return _SpecBuilder(gm).build()
+    return _SpecBuilder(gm).build(), gm
 
 
 class _SpecBuilder:

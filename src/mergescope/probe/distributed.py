@@ -35,42 +35,29 @@ def gather_state(state: ProbeState) -> None:
     """Replace every rank's shard accumulators by the combination over all ranks (in place, on every rank)."""
     counts = [int(c) for c in all_gather(torch.tensor([state.images_seen], dtype=torch.int64))]
     total, k = sum(counts), state.k
-    sizes = [state.topk[key].channels for key in state.keys]
 
-    # top-k: pad each (C, m) key table to (C, k) with keys below any real one, gather, re-select.
-    padded = []
-    for key in state.keys:
-        keys = state.topk[key].keys.cpu()  # (C, m)
-        pad = torch.full((keys.shape[0], k - keys.shape[1]), EMPTY_KEY, dtype=torch.int64)
-        padded.append(torch.cat([keys, pad], 1).flatten())
-    shards = [s.split([c * k for c in sizes]) for s in all_gather(torch.cat(padded))]
-    for i, key in enumerate(state.keys):
-        pool = torch.cat([shard[i].view(sizes[i], k) for shard in shards], 1)  # (C, world * k)
-        topk = state.topk[key]
-        topk.keys = pool.topk(min(k, total), dim=1).values.to(state.device)
-        topk.count = total
+    # top-k: pad the (ΣC, m) key table to (ΣC, k) with keys below any real one, gather, re-select.
+    keys = state.topk.keys.cpu()
+    padded = torch.cat([keys, torch.full((keys.shape[0], k - keys.shape[1]), EMPTY_KEY, dtype=torch.int64)], 1)
+    pool = torch.cat(all_gather(padded), 1)  # (ΣC, world · k)
+    state.topk.keys = pool.topk(min(k, total), dim=1).values.to(state.device)
+    state.topk.count = total
 
-    # moments: (mean, m2) per layer, merged in rank order
-    parts = []
-    for key, c in zip(state.keys, sizes):
-        mom = state.moments[key]
-        parts += [torch.zeros(2 * c, dtype=torch.float64)] if mom.mean is None else [mom.mean.cpu(), mom.m2.cpu()]
-    shards = [s.split([n for c in sizes for n in (c, c)]) for s in all_gather(torch.cat(parts))]
-    for i, key in enumerate(state.keys):
-        merged = Moments()
-        for r, shard in enumerate(shards):
-            if counts[r]:
-                part = Moments()
-                part.n, part.mean, part.m2 = counts[r], shard[2 * i], shard[2 * i + 1]
-                merged.merge(part)
-        if merged.mean is not None:
-            merged.mean, merged.m2 = merged.mean.to(state.device), merged.m2.to(state.device)
-        state.moments[key] = merged
+    # moments: (mean, m2) of every column, merged in rank order
+    mom, c = state.moments, state.topk.channels
+    mine = torch.zeros(2, c, dtype=torch.float64) if mom.mean is None else torch.stack([mom.mean.cpu(), mom.m2.cpu()])
+    merged = Moments()
+    for n, (mean, m2) in zip(counts, all_gather(mine)):
+        if n:
+            part = Moments()
+            part.n, part.mean, part.m2 = n, mean, m2
+            merged.merge(part)
+    if merged.mean is not None:
+        merged.mean, merged.m2 = merged.mean.to(state.device), merged.m2.to(state.device)
+    state.moments = merged
 
     # subset rows: each filled by exactly one rank, zeros elsewhere
-    if state.subset:
-        flat = all_reduce(torch.cat([state.subset[key].flatten() for key in state.keys]))
-        for key, part in zip(state.keys, flat.split([state.subset[key].numel() for key in state.keys])):
-            state.subset[key] = part.view_as(state.subset[key]).to(state.device)
+    if state.subset is not None:
+        state.subset = all_reduce(state.subset.cpu()).to(state.device)
 
     state.images_seen = total

@@ -26,7 +26,8 @@ from ..runs.jsonio import package_version
 from ..data.base import ImageDataset, as_ids
 from ..data.loader import iter_batches, len_batches
 from ..errors import ArchitectureError, MergescopeError
-from ..perm import LAYER_SELECTIONS, build_spec, select_layers
+from ..perm import LAYER_SELECTIONS, select_layers
+from ..perm.spec import traced_spec
 from .distributed import barrier, batch_range, gather_flags, gather_state, world
 from .engine import run_pass
 from .reduce import REDUCTIONS, tap_reduced
@@ -207,14 +208,16 @@ def _eval_mode(models: Sequence[nn.Module] | Any) -> Iterator[None]:
 
 def _tap_all(models: dict[str, nn.Module], layers: Layers, dataset: ImageDataset, reduction: str,
              device: torch.device) -> tuple[dict[str, nn.Module], LayerShapes]:
-    """The reducing tapped models and, per model and layer, (channels, channel_dim), learnt on a zero batch."""
+    """The reducing tapped models and, per model and layer, (channels, channel_dim), learnt on a zero image (the
+    models are in eval mode here): from the permutation spec, or for layers outside it from a forward of the
+    tapped model."""
     if isinstance(layers, Mapping):
         unknown = [m for m in layers if m not in models]
         missing = [m for m in models if m not in layers]
         if unknown or missing:
             raise MergescopeError(f"layers must name exactly the models {sorted(models)}; "
                                   f"unknown {unknown}, missing {missing}")
-    example = torch.zeros(2, dataset.num_channels, *dataset.image_size)  # no data read: reuse stays pass-free
+    example = torch.zeros(1, dataset.num_channels, *dataset.image_size)  # no data read: reuse stays pass-free
     tapped, shapes = {}, {}
     for name, model in models.items():
         wanted = layers[name] if isinstance(layers, Mapping) else layers
@@ -223,20 +226,23 @@ def _tap_all(models: dict[str, nn.Module], layers: Layers, dataset: ImageDataset
         elif isinstance(wanted, str) and wanted not in LAYER_SELECTIONS:
             wanted = [wanted]  # one layer name
         try:
-            spec = build_spec(model, example)
+            spec, traced = traced_spec(model, example)
         except ArchitectureError:
             if isinstance(wanted, str):
                 raise
-            spec = None  # explicit layers of a model the spec can't handle: channels on axis 1
+            spec, traced = None, None  # explicit layers of a model the spec can't handle: channels on axis 1
         spec_layers = spec.layers if spec is not None else {}
         names = select_layers(spec, wanted) if isinstance(wanted, str) else list(dict.fromkeys(wanted))
         if not names:
             raise MergescopeError(f"no layers to probe in model '{name}'")
         dims = {layer: spec_layers[layer].channel_dim if layer in spec_layers else 1 for layer in names}
-        tapped[name] = tap_reduced(model, dims, reduction).to(device)
-        with torch.inference_mode():
-            _, acts = tapped[name](example.to(device))  # each [2, C]
-        shapes[name] = {layer: (int(acts[layer].shape[1]), dims[layer]) for layer in names}
+        tapped[name] = tap_reduced(model, dims, reduction, traced).to(device)
+        channels = {layer: spec_layers[layer].channels for layer in names if layer in spec_layers}
+        if len(channels) < len(names):
+            with torch.inference_mode():
+                _, acts = tapped[name](example.to(device))  # each [1, C]
+            channels = {layer: int(acts[layer].shape[1]) for layer in names}
+        shapes[name] = {layer: (channels[layer], dims[layer]) for layer in names}
     return tapped, shapes
 
 

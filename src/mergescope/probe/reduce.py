@@ -30,17 +30,19 @@ def reduce_activation(t: torch.Tensor, channel_dim: int = 1, reduction: str = "m
     return t.float() + 0.0  # [B, C]
 
 
-def tap_reduced(model: nn.Module, channel_dims: Mapping[str, int], reduction: str = "max") -> fx.GraphModule:
+def tap_reduced(model: nn.Module, channel_dims: Mapping[str, int], reduction: str = "max",
+                traced: fx.GraphModule | None = None) -> fx.GraphModule:
     """Like :func:`mergescope.probe.tap_model`, but each tap returns ``reduce_activation`` of the layer: [B, C].
 
     Args:
         model: the model (parameters shared, nothing registered on it).
         channel_dims: canonical layer name -> the channel axis of its output.
         reduction: ``"max"`` or ``"mean"``.
+        traced: ``model`` already traced (see :func:`mergescope.probe.tap_model`); it is modified.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    gm = tap_model(model, list(channel_dims))
+    gm = tap_model(model, list(channel_dims), traced=traced)
     graph = gm.graph
     out_node = next(n for n in graph.nodes if n.op == "output")
     result, taps = out_node.args[0]

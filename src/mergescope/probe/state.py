@@ -50,69 +50,80 @@ class SubsetIndex:
 
 
 class ProbeState:
-    """Per (model, layer): a :class:`StreamingTopK`, a :class:`Moments` and the D' activation matrix."""
+    """Per (model, layer): the top-k, moments and D' activations, held for all layers of all models at once.
+
+    Every batch's reduced activations are laid side by side as one [B, ΣC] matrix (one copy of B·ΣC floats, small
+    next to the feature maps they were reduced from) and each accumulator is one :class:`StreamingTopK`, one
+    :class:`Moments` and one [|D'|, ΣC] matrix over all those columns: a batch costs a fixed ~15 tensor operations
+    however many models and layers are probed, instead of as many per layer (measured on 5 ResNet20s × 19 layers:
+    ~40 ms → see bench/RESULTS.md). Every statistic is per column, so this is the same computation as one
+    accumulator per layer; :meth:`layer_probes` cuts the columns apart again.
+    """
 
     def __init__(self, shapes: LayerShapes, k: int, subset_ids: torch.Tensor | None,
                  device: torch.device | str = "cpu"):
         self.shapes, self.k, self.device = shapes, k, torch.device(device)
         self.sync = self.device if self.device.type == "cuda" else None  # what the top-k stage waits for
         self.keys = [(m, layer) for m, layers in shapes.items() for layer in layers]
-        self.topk = {(m, layer): StreamingTopK(shapes[m][layer][0], k, self.device, f"model '{m}', layer '{layer}'")
-                     for m, layer in self.keys}
-        self.moments = {key: Moments() for key in self.keys}
+        self.sizes = [shapes[m][layer][0] for m, layer in self.keys]  # columns of each (model, layer)
+        self.topk = StreamingTopK(sum(self.sizes), k, self.device, "the probe")
+        self.moments = Moments()
         self.subset_ids = subset_ids
         self.index = SubsetIndex(subset_ids) if subset_ids is not None else None
-        self.subset = {} if subset_ids is None else {
-            (m, layer): torch.zeros(len(subset_ids), shapes[m][layer][0], device=self.device)  # [S, C]
-            for m, layer in self.keys
-        }
+        self.subset = None if subset_ids is None else torch.zeros(len(subset_ids), sum(self.sizes),
+                                                                   device=self.device)  # [S, ΣC]
         self.batches_done = 0  # position in the (deterministic) batch sequence
         self.images_seen = 0
 
     def update(self, ids: torch.Tensor, activations: dict[str, dict[str, torch.Tensor]]) -> None:
         """Absorb one batch: ``ids`` int64 [B] (CPU) and, per model and layer, the reduced activations [B, C]."""
-        reduced = {(m, layer): activations[m][layer] for m, layer in self.keys}  # each [B, C]
-        finite = torch.stack([torch.isfinite(r).all() for r in reduced.values()])  # one sync per batch
-        if not bool(finite.all()):
-            m, layer = self.keys[int((~finite).nonzero()[0])]
-            raise NumericsError(f"NaN/Inf activations in model '{m}', layer '{layer}' "
-                                f"(batch of image ids {int(ids[0])}..{int(ids[-1])})")
-        pos = rows = None
+        flat = torch.cat([activations[m][layer] for m, layer in self.keys], dim=1)  # [B, ΣC]
+        batch_mean, _ = self.moments.update(flat)
+        if not bool(torch.isfinite(batch_mean).all()):  # NaN/Inf anywhere reaches its column's mean; one sync
+            self._raise_not_finite(ids, flat)
+        with stage("top-k", self.sync):
+            self.topk.update(flat, ids, check=False)
         if self.index is not None:
             pos, rows = self.index.locate(ids)
-            pos, rows = pos.to(self.device), rows.to(self.device)
-        with stage("top-k", self.sync):  # every layer's at once: one device sync per batch on CUDA
-            for key, r in reduced.items():
-                self.topk[key].update(r, ids, check=False)
-        for key, r in reduced.items():
-            self.moments[key].update(r)
-            if pos is not None and pos.numel():
-                self.subset[key][rows] = r[pos]
+            if pos.numel():
+                self.subset[rows.to(self.device)] = flat[pos.to(self.device)]
         self.batches_done += 1
         self.images_seen += int(ids.numel())
 
+    def _raise_not_finite(self, ids: torch.Tensor, flat: torch.Tensor) -> None:
+        bad = (~torch.isfinite(flat)).any(0)  # [ΣC]
+        first = int(torch.stack([part.any() for part in bad.split(self.sizes)]).nonzero()[0])
+        m, layer = self.keys[first]
+        raise NumericsError(f"NaN/Inf activations in model '{m}', layer '{layer}' "
+                            f"(batch of image ids {int(ids[0])}..{int(ids[-1])})")
+
     def layer_probes(self) -> dict[str, dict[str, LayerProbe]]:
-        """The current state as results (CPU tensors)."""
+        """The current state as results (CPU tensors), one per model and layer."""
+        values, ids = (t.cpu().split(self.sizes) for t in (self.topk.values, self.topk.ids))
+        mom = self.moments
+        means, m2s = ((t.cpu().split(self.sizes) for t in (mom.mean, mom.m2)) if mom.mean is not None
+                      else ([None] * len(self.keys),) * 2)
+        subsets = ([compact_subset(part).cpu().float() for part in self.subset.split(self.sizes, dim=1)]
+                   if self.subset is not None else [None] * len(self.keys))  # 16-bit values, chosen per layer
         out: dict[str, dict[str, LayerProbe]] = {m: {} for m in self.shapes}
-        for m, layer in self.keys:
-            topk, mom = self.topk[m, layer], self.moments[m, layer]
+        for i, (m, layer) in enumerate(self.keys):
             moments = Moments()
-            if mom.mean is not None:
-                moments.n, moments.mean, moments.m2 = mom.n, mom.mean.cpu(), mom.m2.cpu()
-            subset = compact_subset(self.subset[m, layer]).cpu().float() if self.subset else None  # 16-bit values
-            out[m][layer] = LayerProbe(topk.values.cpu(), topk.ids.cpu(), moments, subset)
+            if means[i] is not None:
+                moments.n, moments.mean, moments.m2 = mom.n, means[i].clone(), m2s[i].clone()
+            out[m][layer] = LayerProbe(values[i].clone(), ids[i].clone(), moments, subsets[i])
         return out
 
     def restore(self, probes: dict[str, dict[str, LayerProbe]], batches_done: int, images_seen: int) -> None:
         """Continue from saved results (a checkpoint of this same pass)."""
-        for m, layer in self.keys:
-            p = probes[m][layer]
-            self.topk[m, layer] = StreamingTopK.from_arrays(p.topk_values, p.topk_ids, self.k, images_seen,
-                                                            self.topk[m, layer].name, self.device)
-            mom = Moments()
-            if p.moments.mean is not None:
-                mom.n, mom.mean, mom.m2 = p.moments.n, p.moments.mean.to(self.device), p.moments.m2.to(self.device)
-            self.moments[m, layer] = mom
-            if self.subset:
-                self.subset[m, layer] = p.subset.to(self.device).clone()
+        layers = [probes[m][layer] for m, layer in self.keys]
+        self.topk = StreamingTopK.from_arrays(torch.cat([p.topk_values for p in layers]),
+                                              torch.cat([p.topk_ids for p in layers]), self.k, images_seen,
+                                              self.topk.name, self.device)
+        self.moments = Moments()
+        if layers[0].moments.mean is not None:
+            self.moments.n = layers[0].moments.n
+            self.moments.mean = torch.cat([p.moments.mean for p in layers]).to(self.device)
+            self.moments.m2 = torch.cat([p.moments.m2 for p in layers]).to(self.device)
+        if self.subset is not None:
+            self.subset = torch.cat([p.subset for p in layers], dim=1).to(self.device)
         self.batches_done, self.images_seen = batches_done, images_seen

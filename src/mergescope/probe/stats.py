@@ -65,14 +65,21 @@ def sum64(x3: torch.Tensor) -> torch.Tensor:
     return x3[:, :, 0].double().sum(0) if x3.shape[2] == 1 else x3.sum(2).double().sum(0)
 
 
-def _centred_m2(d: torch.Tensor) -> torch.Tensor:
-    """(C,) float64 Σd² of values centred on their mean rounded to x's dtype, one read of ``d``: the sum of squared
-    deviations (centring on the rounded mean m̃ adds n·(mean − m̃)² ≈ n·ε²·mean², far below the rounding of the
-    sums)."""
-    return _sums(d)[1]
+def _centred(d: torch.Tensor, centre: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C,) float64 mean and sum of squared deviations of the batch ``d`` + ``centre``, from ``d``, a batch centred
+    on ``centre`` (its mean rounded to x's dtype, float64 (C,)), in one read of ``d``: mean = centre + Σd/n and
+    m2 = Σd² − (Σd)²/n. Both are exact to the rounding of d's sums whatever the channels' offsets; the centre's own
+    error (up to one float32 step of the mean, 0.06σ at a million σ) cancels out."""
+    n = max(d.shape[0] * d.shape[2], 1)
+    s, q = _sums(d)
+    shift = s / n
+    return centre + shift, q - s * shift
 
 
 _ONE_READ = 4.0  # Σx² ≤ this × m2 (mean² ≤ 3 · variance): Σx² − n·mean² keeps float32 rounding (bench/RESULTS.md)
+_ONE_READ_FLOAT64 = 2.0**20  # the same where Σx and Σx² are float64 throughout (one value per image, or float64
+#                              input): cancellation then leaves ≥ 32 of float64's 53 bits, more than the 24 of
+#                              float32 values centred first
 
 
 def _mean_m2(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,24 +87,33 @@ def _mean_m2(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     batch-sized where that is as accurate as centring first: m2 = Σx² − n·mean², from float32 per-image sums, is
     used where Σx² ≤ :data:`_ONE_READ` · m2, so cancellation costs at most two bits of float32 rounding (measured
     ≤ 1.4e-7 relative against float64 for 3,025 positions per image, vs 1.7e-7 for centring then summing in
-    float32); the other channels — offset far from zero, constant, near-dead — are centred and summed again."""
+    float32), or Σx² ≤ :data:`_ONE_READ_FLOAT64` · m2 where the sums are float64 (:func:`_one_read`); the other
+    channels — offset far from zero, constant, near-dead — are centred and summed again."""
     mean, m2, redo = _one_read(x3)
     if redo.numel():
         part = x3 if 2 * redo.numel() > x3.shape[1] else x3.index_select(1, redo)
-        part_mean = mean if part is x3 else mean[redo]
-        exact = _centred_m2(part - part_mean.to(x3.dtype).view(1, -1, 1))
-        m2[redo] = exact[redo] if part is x3 else exact
+        centre = (mean if part is x3 else mean[redo]).to(x3.dtype)
+        exact_mean, exact_m2 = _centred(part - centre.view(1, -1, 1), centre.double())
+        mean[redo] = exact_mean[redo] if part is x3 else exact_mean
+        m2[redo] = exact_m2[redo] if part is x3 else exact_m2
     return mean, m2
 
 
-def _one_read(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _one_read(x3: torch.Tensor, products: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch's float64 mean and Σx² − n·mean² per channel (C,), and the channels (indices) where that loses
-    more than two bits to cancellation (Σx² > :data:`_ONE_READ` · m2) and must be centred first."""
+    more to cancellation than centring first would (Σx² > limit · m2) and must be centred first.
+
+    The limit is :data:`_ONE_READ` where the per-image sums are taken in float32 and
+    :data:`_ONE_READ_FLOAT64` where they are float64 (one position per image — a probe's or a linear layer's
+    activations — or float64 input). ``products``: the test for cross products taken of the batch as it is, in
+    its own precision (:func:`for_products`), which is float32's unless the batch is float64."""
     n = x3.shape[0] * x3.shape[2]
     s, q = _sums(x3)
     mean = s / max(n, 1)
     m2 = q - s * mean
-    return mean, m2, (m2 * _ONE_READ < q).nonzero().flatten()
+    wide = x3.dtype == torch.float64 or (x3.shape[2] == 1 and not products)
+    limit = _ONE_READ_FLOAT64 if wide else _ONE_READ
+    return mean, m2, (m2 * limit < q).nonzero().flatten()
 
 
 def for_products(x3: torch.Tensor, by_image: bool, m2: bool = True):
@@ -114,13 +130,15 @@ def for_products(x3: torch.Tensor, by_image: bool, m2: bool = True):
     way."""
     c, pos = x3.shape[1], x3.shape[2]
     if by_image or pos == 1:
-        mean, sq, redo = _one_read(x3)
+        mean, sq, redo = _one_read(x3, products=True)
         values, offset = x3, mean
         if redo.numel():
             rounded = mean.to(x3.dtype)
             values = x3 - rounded.view(1, -1, 1)
             offset = mean - rounded.double()
-            sq = _centred_m2(values) if m2 else None  # a read of the copy only when m2 is asked for
+            if m2:  # a read of the copy only when m2 is asked for: the mean and m2 of the centred values
+                mean, sq = _centred(values, rounded.double())
+                offset = mean - rounded.double()
         return (values if by_image else values[:, :, 0]), mean, (sq if m2 else None), offset
     if m2:
         mean, sq = _mean_m2(x3)

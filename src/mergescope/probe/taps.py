@@ -20,6 +20,7 @@ def tap_model(
     model: nn.Module,
     taps: Sequence[str] = (),
     transforms: Mapping[str, nn.Module] | None = None,
+    traced: fx.GraphModule | None = None,
 ) -> fx.GraphModule:
     """Trace ``model`` into a module returning ``(output, {name: tensor})`` for every name in ``taps``.
 
@@ -28,12 +29,14 @@ def tap_model(
         taps: canonical layer names (see :func:`mergescope.perm.list_layers`) whose outputs to return.
         transforms: canonical layer name -> module applied to that layer's output before the rest of the
             network sees it. A tap at the same layer returns the value *before* the transform.
+        traced: ``model`` already traced by torch.fx (e.g. by :func:`mergescope.perm.spec.traced_spec`), to be
+            spliced into and returned instead of tracing it again; it is modified.
 
     Returns:
         The tapped GraphModule. Unknown names raise ArchitectureError listing the available ones.
     """
     transforms = dict(transforms or {})
-    gm = trace(model)
+    gm = traced if traced is not None else trace(model)
     by_name = {name: node for node, name in canonical_names(gm).items()}
     missing = [n for n in list(taps) + list(transforms) if n not in by_name]
     if missing:

@@ -26,10 +26,14 @@ def encode_keys(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     Keys compare like (value descending, id ascending) pairs: a larger key is a larger value, or the same
     value with a smaller id.
     """
-    v = values.float() + 0.0  # -0.0 + 0.0 == +0.0: both zeros must tie
-    bits = v.view(torch.int32).to(torch.int64)
-    bits = torch.where(bits < 0, bits ^ _MANTISSA_AND_EXP, bits)  # negative floats: reverse their order
-    return bits * _ID_SPAN + (_LOW_BITS - ids.to(device=values.device, dtype=torch.int64))
+    bits = (values.float() + 0.0).view(torch.int32)  # -0.0 + 0.0 == +0.0: both zeros must tie
+    order = bits >> 31  # -1 (all ones) for negative floats, else 0: one new int32 tensor, then in place
+    order &= _MANTISSA_AND_EXP
+    order ^= bits  # negative floats: magnitude bits flipped, reversing their order
+    keys = order.to(torch.int64)
+    keys <<= 32
+    keys |= _LOW_BITS - ids.to(device=values.device, dtype=torch.int64)
+    return keys
 
 
 def decode_keys(keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
