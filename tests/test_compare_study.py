@@ -301,6 +301,8 @@ def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys, monkeypatch):
     assert (run / "figures" / "partial_merge.png").is_file() and (run / "partial_merge.csv").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["compare"]["embedder"]["kind"] == "fallback" and "compare.csv" in manifest["sha256"]
+    stages = manifest["compare"]["time_by_stage"]["stages"]  # the metrics: the comparison's own stage
+    assert stages.get("analysis", 0) > 0, stages  # (statistics: the partial merges' evaluation passes)
     assert main(["compare", str(run), "--quiet"]) == 2
     _one_line_error(capsys, "already holds a comparison", "--overwrite")
 

@@ -4,7 +4,8 @@ The stages (:data:`STAGES`): ``decode`` (opening the dataset — a pack or a sma
 waiting for the next batch: reading, decoding, resizing), ``transfer``
 (host to device), ``forward`` (the models), ``statistics`` (what a pass accumulates: moments, correlations, D′),
 ``top-k`` (the probe's streaming top-k), ``assignment`` (alignment outside the data passes: the assignment
-problems, weight matching), ``training`` (the optimiser's loop), ``rendering`` (pages and figures), ``writing``
+problems, weight matching), ``analysis`` (a comparison's own metrics after the passes: Kendall's τ, CLIP-δ, the
+null, the categories), ``training`` (the optimiser's loop), ``rendering`` (pages and figures), ``writing``
 (results and checkpoints to disk). Stages nest and are exclusive: the seconds of a stage opened inside another are
 not counted twice, so ``assignment`` around a matching call holds what its data pass (``decode``, ``forward``,
 ``statistics``) does not.
@@ -30,7 +31,8 @@ from typing import Any, TypeVar
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-STAGES = ("decode", "transfer", "forward", "statistics", "top-k", "assignment", "training", "rendering", "writing")
+STAGES = ("decode", "transfer", "forward", "statistics", "top-k", "assignment", "analysis", "training", "rendering",
+          "writing")
 
 
 class StageTimes:

@@ -24,6 +24,9 @@ _KNOWN_COLORS = {
 }
 _SPARE_COLORS = ("#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 _LOG_LOSS_RATIO = 30.0
+# line style, width and marker of the i-th method drawn: each one drawn thinner and with another dash pattern than
+# the one before, so that two methods with the same curve (e.g. REPAIR and RESET on a BatchNorm net) both show
+_STYLES = (("-", 2.6, "o"), ((0, (5, 2)), 2.0, "s"), ((0, (1, 1.5)), 1.8, "^"), ((0, (6, 2, 1, 2)), 1.5, "D"))
 
 
 def method_colors(names: Sequence[str]) -> dict[str, str]:
@@ -40,15 +43,21 @@ def _plain(text: str) -> str:
     return text.replace("$", r"\$")
 
 
+def _style(i: int) -> dict:
+    """Line keywords of the i-th method of a figure (:data:`_STYLES`, cycled)."""
+    ls, lw, marker = _STYLES[i % len(_STYLES)]
+    return {"ls": ls, "lw": lw, "marker": marker, "ms": 3.5}
+
+
 def _draw_panel(ax, split_curves: Mapping[str, list[dict]], key: str, scale: float, colors: Mapping[str, str]) -> None:
     ax.axvline(0.5, color="#bbbbbb", lw=0.8, ls=":", zorder=0)
-    for method, curve in split_curves.items():
+    for i, (method, curve) in enumerate(split_curves.items()):
         alphas = [r["alpha"] for r in curve]
         values = [r[key] * scale for r in curve]
-        ax.plot(alphas, values, color=colors[method], lw=2, marker="o", ms=3)
+        ax.plot(alphas, values, color=colors[method], zorder=2 + i, **_style(i))
         ends = [(a, v) for a, v in zip(alphas, values) if min(abs(a), abs(a - 1)) <= 1e-6]
         ax.scatter([a for a, _ in ends], [v for _, v in ends], s=70, color=colors[method],
-                   edgecolors="black", linewidths=1.0, zorder=5)
+                   edgecolors="black", linewidths=1.0, zorder=20)
     ax.set_xlim(-0.03, 1.03)
     ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
     ax.set_xlabel(ALPHA_LABEL)
@@ -59,7 +68,9 @@ def plot_interpolation(rows: Iterable[Mapping], split: str, path: str | os.PathL
                        colors: Mapping[str, str] | None = None) -> Path:
     """Save a two-panel figure (accuracy vs α, loss vs α; one line per method) for ``split``; return ``path``.
 
-    Endpoints (α = 0 and α = 1) are drawn as large outlined markers. The loss axis switches to a log
+    Each method has its own dash pattern and marker, each drawn thinner than the one before and above it, so that
+    methods with the same curve all stay visible. Endpoints (α = 0 and α = 1) are drawn as large outlined markers.
+    The loss axis switches to a log
     scale when the losses span more than a factor of 30.
     """
     rows = list(rows)
@@ -81,7 +92,7 @@ def plot_interpolation(rows: Iterable[Mapping], split: str, path: str | os.PathL
     loss_ax.set_title("Loss" + (" (log scale)" if log else ""))
     loss_ax.set_ylabel(f"{_plain(split)} loss")
 
-    handles = [Line2D([], [], color=colors[m], lw=2, marker="o", ms=3, label=_plain(m)) for m in split_curves]
+    handles = [Line2D([], [], color=colors[m], label=_plain(m), **_style(i)) for i, m in enumerate(split_curves)]
     handles.append(Line2D([], [], ls="", marker="o", ms=8, mfc="white", mec="black", label="endpoints (B, A)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False)
     fig.suptitle(rf"Interpolation $\theta(\alpha) = \alpha\,\theta_A + (1-\alpha)\,P(\theta_B)$ — {_plain(split)} split",

@@ -16,7 +16,6 @@ from mergescope.report import formatting as fmt
 from mergescope.runs.atomic import atomic_write_text
 from mergescope.runs.jsonio import package_version
 from mergescope.timing import staged
-from mergescope.report.figures import interpolation_figures, method_colors
 from mergescope.report.headline import direct_average, headline, lowest_barrier
 from mergescope.report.interpolation import barriers, curves, methods, splits
 
@@ -55,6 +54,8 @@ def _records(items, keys: tuple[str, ...]) -> list[dict]:
 
 def report_context(results: Mapping, figures: list[Path], run_dir: Path) -> dict:
     """Everything the template shows, computed from ``results`` (figures given as paths under ``run_dir``)."""
+    from mergescope.report.figures import method_colors  # matplotlib: only for a page with figures
+
     rows = _rows(results)
     stats = barriers(rows, results.get("endpoints"), results.get("corrections")) if rows else []
     colors = method_colors(methods(rows)) if rows else {}
@@ -94,6 +95,8 @@ def render_report(run_dir: str | os.PathLike, results: Mapping) -> Path:
     and ``sections`` (title, html: trusted HTML fragments inserted as-is). If anything fails, no
     ``report.html`` is written (an existing one is left unchanged).
     """
+    from mergescope.report.figures import interpolation_figures, method_colors
+
     run_dir = Path(run_dir)
     rows = _rows(results)
     figures = interpolation_figures(rows, run_dir / FIGURES_DIR, method_colors(methods(rows))) if rows else []

@@ -223,7 +223,7 @@ def run(
         pairs = pairs_from_recipes(result, recipes, reference,
                                    [m for m in result.models if aligned_key(m) in result.models])
     cache = EmbeddingCache(embedder) if embedder is not None else None
-    with stage("statistics"):  # τ, δ, overlap, correlation and categories (embedding the top images too)
+    with stage("analysis"):  # τ, δ, overlap, correlation and categories (embedding the top images too)
         res = compare_models(result, pairs, embed=None if cache is None else (lambda ids: cache.get(ids, dataset)),
                              embedder_name=getattr(embedder, "name", ""), embedder_kind=getattr(embedder, "kind", ""),
                              consensus_metric=cfg.consensus_metric, threshold=cfg.threshold,
