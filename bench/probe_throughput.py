@@ -65,6 +65,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                   help="the forward of both the bare pass and the probe (bfloat16: autocast)")
     p.add_argument("--memory", action="store_true", help="peak RSS as the dataset grows 10x")
     p.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -76,8 +78,11 @@ def main() -> None:
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
         return
     layers = len(list_layers(models["m0"]))
-    bare = lambda: run_pass(models, iter_batches(ds, args.batch_size), lambda b, x, o: None, device=args.device)  # noqa: E731
-    probed = lambda: probe(models, ds, batch_size=args.batch_size, device=args.device, progress=False)  # noqa: E731
+    cast = torch.bfloat16 if args.precision == "bfloat16" else None
+    bare = lambda: run_pass(models, iter_batches(ds, args.batch_size), lambda b, x, o: None, device=args.device,  # noqa: E731
+                            autocast=cast)
+    probed = lambda: probe(models, ds, batch_size=args.batch_size, device=args.device, progress=False,  # noqa: E731
+                           precision=args.precision)
     bare(), probed()  # warm-up
     t_bare = min(timed(bare, args.device) for _ in range(args.repeats))
     t_probe = min(timed(probed, args.device) for _ in range(args.repeats))
@@ -86,7 +91,7 @@ def main() -> None:
                   for _ in range(args.repeats))
     mi = args.models * args.images
     print(f"{args.models} × {args.arch} ({layers} layers each), {args.images} images, batch {args.batch_size}, "
-          f"{args.device}, {torch.get_num_threads()} threads, best of {args.repeats}")
+          f"{args.device}, {args.precision}, {torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"| bare forward | {t_bare:.2f} s | {mi / t_bare:,.0f} model-images/s |")
     print(f"| probe, all layers, k=10 | {t_probe:.2f} s | {mi / t_probe:,.0f} model-images/s |")
     print(f"probe efficiency (bare / probe time): {t_bare / t_probe:.2f}  (goal ≥ 0.9)")

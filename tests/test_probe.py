@@ -288,3 +288,32 @@ def test_reduce_activation_max_and_mean():
     assert reduce_activation(t, 1, "max").tolist() == [[3, 7, 11], [15, 19, 23]]
     assert reduce_activation(t, 1, "mean").tolist() == [[1.5, 5.5, 9.5], [13.5, 17.5, 21.5]]
     assert torch.equal(reduce_activation(t.movedim(1, -1), -1, "max"), reduce_activation(t, 1, "max"))
+
+
+def test_bfloat16_probe_runs_the_forward_in_bfloat16_and_is_stored_apart(digits, tmp_path):
+    """precision="bfloat16" runs the models under bfloat16 autocast: every spatial max is a bfloat16 value (a float32
+    forward's almost never are), the moments stay close to the float32 probe's, and a stored probe of the other
+    precision is neither reused nor overwritten; a file from before the option counts as float32."""
+    models = digit_models()
+    full = probe(models, digits, k=5, batch_size=300, run_dir=tmp_path, progress=False)
+    counting = CountingDataset(digits)
+    with pytest.raises(MergescopeError, match='precision: stored "float32", now "bfloat16"'):
+        probe(models, counting, k=5, batch_size=300, run_dir=tmp_path, progress=False, precision="bfloat16")
+    assert counting.calls == 0
+    half = probe(models, digits, k=5, batch_size=300, progress=False, precision="bfloat16")
+    assert half.config["precision"] == "bfloat16" and full.config["precision"] == "float32"
+    for m, layer in [(m, layer) for m in models for layer in full.layers[m]]:
+        v16, v32 = half[m, layer].topk_values, full[m, layer].topk_values
+        assert torch.equal(v16, v16.bfloat16().float()), (m, layer)
+        assert not torch.equal(v32, v32.bfloat16().float()), (m, layer)
+        scale = full[m, layer].std.max()
+        torch.testing.assert_close(half[m, layer].mean, full[m, layer].mean, rtol=0, atol=0.05 * float(scale))
+
+    sidecar = json.loads((tmp_path / "probe.json").read_text())
+    assert sidecar["precision"] == "float32"
+    del sidecar["precision"]  # a probe stored before the option
+    (tmp_path / "probe.json").write_text(json.dumps(sidecar))
+    again = probe(models, counting, k=5, batch_size=300, run_dir=tmp_path, progress=False)
+    assert counting.calls == 0 and again.config["precision"] == "float32"
+    with pytest.raises(MergescopeError, match="precision must be one of float32, bfloat16, got 'float16'"):
+        probe(models, digits, k=5, progress=False, precision="float16")

@@ -135,7 +135,7 @@ def probe_config(args: argparse.Namespace):
     layers = args.layers[0] if len(args.layers) == 1 and args.layers[0] in ("conv", "all") else list(args.layers)
     return study.ProbeConfig(k=args.k, reduction=args.reduction, alpha=args.alpha, batch_size=args.batch_size,
                              subset_images=args.subset_images, match_points=args.match_points,
-                             matching=args.matching, layers=layers)
+                             matching=args.matching, layers=layers, precision=args.precision)
 
 
 @_timed

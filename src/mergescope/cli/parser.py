@@ -212,6 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "align to it")
     p.add_argument("--k", type=T.positive_int, default=10, help="images per channel")
     p.add_argument("--reduction", choices=("max", "mean"), default="max", help="feature map -> one number per image")
+    p.add_argument("--precision", choices=("float32", "bfloat16"), default="float32", help="the probe pass's "
+                   "forward: float32 (the thesis's), or bfloat16 autocast (about twice as fast on a GPU with bfloat16 "
+                   "units; near-equal images can swap places in a top-k); the alignment is computed in float32")
     p.add_argument("--alpha", type=T.unit_float, metavar="ALPHA", help="also probe A and B merged at α = ALPHA "
                    "(permuted, permuted + REPAIR, direct average)")
     p.add_argument("--layers", nargs="+", default=["conv"], metavar="LAYER", help="conv: the thesis's layers "

@@ -23,10 +23,12 @@ def run_pass(
     desc: str = "data pass",
     total: int | None = None,
     progress: bool = False,
+    autocast: torch.dtype | None = None,
 ) -> int:
     """Feed each batch (anything with ``.x``) to every model and hand all outputs to ``consume``.
 
-    Models run under ``torch.inference_mode`` in whatever train/eval mode they are in (RESET relies on that);
+    Models run under ``torch.inference_mode`` in whatever train/eval mode they are in (RESET relies on that),
+    and under ``torch.autocast`` to ``autocast`` (e.g. ``torch.bfloat16``) when it is given;
     freed activation memory is kept for the next batch (:func:`mergescope._allocator.keep_freed_memory`).
     The time goes to the stages ``decode`` (waiting for the batch), ``transfer``, ``forward`` and ``statistics``
     (``consume``) of :mod:`mergescope.timing`.
@@ -47,7 +49,7 @@ def run_pass(
                 break
             with stage("transfer", sync):
                 x = batch.x.to(device, non_blocking=True)
-            with stage("forward", sync):
+            with stage("forward", sync), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
                 outputs = {name: model(x) for name, model in models.items()}
             with stage("statistics", sync):
                 consume(batch, x, outputs)

@@ -71,7 +71,15 @@ from .stats import Moments
 FORMAT = "mergescope.probe/1"
 META_KEY = "mergescope.probe"
 RESULT_FILE = "probe.safetensors"
-CONFIG_KEYS = ("models", "layers", "k", "reduction", "dataset", "subset")  # what must match to reuse a result
+CONFIG_KEYS = ("models", "layers", "k", "reduction", "dataset", "subset", "precision")  # what must match to
+#                                                                                       reuse a result
+_CONFIG_DEFAULTS = {"precision": "float32"}  # what a result stored before the key existed was computed with
+
+
+def stored_config(meta: dict[str, Any]) -> dict[str, Any]:
+    """The config keys of a stored result's metadata (or a result's config), the keys older files lack at the value
+    they were computed with."""
+    return {k: meta.get(k, _CONFIG_DEFAULTS.get(k)) for k in CONFIG_KEYS}
 
 
 def partial_file(rank: int = 0, world_size: int = 1) -> str:
@@ -175,7 +183,7 @@ def result_meta(result: ProbeResult) -> dict[str, Any]:
         "format": FORMAT,
         "kind": "result",
         "mergescope_version": package_version(),
-        **{k: result.config[k] for k in CONFIG_KEYS},
+        **stored_config(result.config),
         "channels": {m: {layer: p.channels for layer, p in layers.items()} for m, layers in result.probes.items()},
         "num_images": result.num_images,
     }
@@ -196,7 +204,7 @@ def save_probe(result: ProbeResult, path: str | Path) -> Path:
 def result_from_file(path: Path, meta: dict[str, Any]) -> ProbeResult:
     probes, subset_ids = read_probes(path, meta)
     return ProbeResult(probes, meta["k"], meta["reduction"], meta["dataset"], meta["num_images"], subset_ids,
-                       {k: meta[k] for k in CONFIG_KEYS}, path)
+                       stored_config(meta), path)
 
 
 def load_probe(path: str | Path) -> ProbeResult:

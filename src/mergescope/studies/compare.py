@@ -360,7 +360,8 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
             layers = {m: stored.layers[m] for m in [reference, *aligned_models]}
             again = probe({reference: models[reference], **aligned_models}, dataset, layers=layers, k=stored.k,
                           reduction=stored.reduction, batch_size=cfg.batch_size, subset_ids=default_subset(dataset),
-                          device=device, progress=progress, run_dir=run_dir / "probe_subset")
+                          device=device, progress=progress, run_dir=run_dir / "probe_subset",
+                          precision=stored.config.get("precision", "float32"))  # as the stored probe ran
             result = attach_subset(stored, again)
 
         partial = None

@@ -55,6 +55,7 @@ def run(
     resume: bool = True,
     checkpoint_dir: str | Path | None = None,
     other_pass: str = "error",
+    precision: str = "float32",
 ) -> tuple[ProbeResult, list[dict], list[dict]]:
     """Align every model to the first, probe them all in one pass, and write the feature pages.
 
@@ -74,6 +75,8 @@ def run(
             (False: start over, replacing what is there).
         checkpoint_dir, other_pass: where the probe's pass checkpoints go and what one of another pass means
             (:func:`mergescope.probe.probe`).
+        precision: the probe pass's forward, ``"float32"`` or ``"bfloat16"`` (:func:`mergescope.probe.probe`;
+            the alignment is always computed in float32).
 
     Returns:
         The probe result, the index of feature pages ({"slug", "title", "layer", "channels", "href"}) and the
@@ -105,7 +108,7 @@ def run(
     # block-output layers has its own spec, whose block outputs are the corrected ones under the same names)
     result = probe(probed, dataset, layers=probe_layers, k=k, reduction=reduction, batch_size=batch_size,
                    device=device, run_dir=run_dir / "probe", progress=progress, subset_ids=subset_ids,
-                   resume=resume, checkpoint_dir=checkpoint_dir, other_pass=other_pass)
+                   resume=resume, checkpoint_dir=checkpoint_dir, other_pass=other_pass, precision=precision)
 
     info = matching_info(spec, matches, probe_layers)
     recipes = []
@@ -212,6 +215,7 @@ class ProbeConfig:
     match_points: str = "stage_end"  # where a residual stream is matched: "stage_end" (the reference) or "all"
     matching: str = "activation"  # how the models are aligned to the reference: "activation" or "weight"
     layers: str | Sequence[str] = "conv"  # "conv" (the thesis's layers), "all", or layer names
+    precision: str = "float32"  # the probe pass's forward: "float32" or "bfloat16" (autocast; alignment in float32)
 
 
 def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: Mapping | None = None) -> dict:
@@ -252,14 +256,16 @@ def run_folder(inputs: StudyInputs, config: ProbeConfig | None = None, options: 
                                 reduction=cfg.reduction, batch_size=cfg.batch_size, device=device, progress=progress,
                                 subset_ids=default_subset(dataset, cfg.subset_images), layers=probe_layers,
                                 sources=loaded.sources(), points=cfg.match_points,
-                                checkpoint_dir=staging.resume / "probe", other_pass="restart")
+                                checkpoint_dir=staging.resume / "probe", other_pass="restart",
+                                precision=cfg.precision)
         results = {
             "title": f"mergescope feature study: {len(models)} models on {dataset.name}",
             "headline": f"Top-{cfg.k} {dataset.name} images of every channel of {len(probe_layers)} layers, for "
                         f"{len(models)} models aligned to {Path(inputs.checkpoints[0]).name}.",
             "summary": {t: str(c) for t, c in zip(tags, inputs.checkpoints)} | {"dataset": f"{inputs.data} "
                                                                                 f"({inputs.split})",
-                                                                                "reduction": cfg.reduction},
+                                                                                "reduction": cfg.reduction,
+                                                                                "precision": cfg.precision},
             "matching": matches["B"].summary(),
             "sections": [{"title": "Feature visualization", "html": feature_index_html(pages)}],
             "features": {"data": inputs.data, "split": inputs.split, "views": recipes},
