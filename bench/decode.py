@@ -11,14 +11,16 @@ What it measures (one run, same images)
                        (``workers=--pass-workers``), against the same models on the same batches decoded
                        beforehand (the bare forward, baseline in the same run): pass / bare near 1 means the pass
                        is not decode-bound.
-    * on CUDA, ``torchvision.io.decode_jpeg`` of the files' bytes on the GPU, batched (images/s, resize included).
+    * ``--decode device`` -- the same loader with the workers only reading the files and the JPEGs decoded on
+                       ``--device`` (``torchvision.io.decode_jpeg`` batched: nvJPEG on CUDA), resized and normalized
+                       there: images/s, and how far its pixels are from Pillow's.
 
 The images: ``--images`` synthetic JPEGs of ImageNet's typical 500×375 / 375×500 size (smooth random colour
 fields plus noise, quality 90) written to a temporary ImageFolder tree; real photos decode at a similar rate.
 
 Run
     python bench/decode.py                     # 2-core CPU: ~1-2 min
-    python bench/decode.py --device cuda       # adds GPU decode
+    python bench/decode.py --device cuda       # the models and --decode device on the GPU
 """
 from __future__ import annotations
 
@@ -68,21 +70,25 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def gpu_decode_rate(paths: list[str], batch: int, repeats: int) -> float:
-    """images/s of torchvision.io.decode_jpeg on the GPU, batched, with resize 256 + centre crop 224 on device."""
-    from torchvision.io import decode_jpeg, read_file
-    from torchvision.transforms.v2 import functional as F
+def device_decode(ds, batch: int, workers: int, repeats: int, device: torch.device) -> tuple[float, float, float]:
+    """``--decode device`` as a pass sees it: ``iter_batches`` with the workers reading the files and the JPEGs
+    decoded, resized and normalized on ``device`` (mergescope.data.device_decode). Returns images/s, and the largest
+    and mean pixel difference (levels of 256) from the default Pillow path's batches."""
+    from mergescope.data import set_decode_device
 
-    data = [read_file(p) for p in paths]
-
-    def run():
-        for i in range(0, len(data), batch):
-            imgs = decode_jpeg(data[i:i + batch], device="cuda")
-            for im in imgs:
-                F.center_crop(F.resize(im, 256, antialias=True), [224, 224])
-        torch.cuda.synchronize()
-    run()
-    return len(paths) / timed(run, repeats)
+    def walk():
+        for b in iter_batches(ds, batch, num_workers=workers):
+            b.x.sum().item()  # the batch is ready
+    set_decode_device(device)
+    try:
+        walk()
+        rate = len(ds) / timed(walk, repeats)
+        got = [b.x.cpu() for b in iter_batches(ds, batch, num_workers=workers)]
+    finally:
+        set_decode_device(None)
+    std = torch.tensor(ds.std).view(1, 3, 1, 1) * 255
+    diffs = [((a.x - g) * std).abs() for a, g in zip(iter_batches(ds, batch, num_workers=workers), got)]
+    return rate, max(float(d.max()) for d in diffs), float(torch.cat([d.flatten() for d in diffs]).mean())
 
 
 def main() -> None:
@@ -136,9 +142,11 @@ def main() -> None:
             print(f"{args.models} x AlexNet, pass with workers={w}: bare forward {args.images / bare:.1f} images/s "
                   f"({bare:.2f} s), pass {args.images / full:.1f} images/s ({full:.2f} s), pass / bare = "
                   f"{full / bare:.2f}", flush=True)
-        if device.type == "cuda":
-            print(f"GPU decode_jpeg (batched {args.batch_size}) + resize + crop: "
-                  f"{gpu_decode_rate(paths, args.batch_size, args.repeats):.0f} images/s")
+        for w in args.workers:
+            rate, worst, mean = device_decode(ds, args.batch_size, w, args.repeats, device)
+            print(f"--decode device ({device}, decode_jpeg batched {args.batch_size} + resize + crop + normalize), "
+                  f"workers={w} reading the files: {rate:.0f} images/s; pixels vs Pillow's: max {worst:.2f}, "
+                  f"mean {mean:.4f} levels")
     print(f"loadavg after: {os.getloadavg()[0]:.2f}")
 
 

@@ -42,9 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         resolve(parser, args, argv)
-        if hasattr(args, "workers"):  # --workers: the process's decoding workers (every data pass)
-            from ..data import set_workers
+        if hasattr(args, "workers"):  # --workers, --decode: the process's decoding (every data pass)
+            from .._argtypes import resolve_device
+            from ..data import set_decode_device, set_workers
             set_workers(args.workers)
+            set_decode_device(resolve_device(args.device) if args.decode == "device" else None)
         if os.environ.get("WORLD_SIZE", "1") != "1":  # under torchrun: every pass sharded; rank 0 prints
             from ..distributed import init_from_env, world
             if init_from_env() and world()[0] != 0:

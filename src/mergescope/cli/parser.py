@@ -50,6 +50,10 @@ def common_options(config: bool = True) -> argparse.ArgumentParser:
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--workers", type=T.workers, default="auto", help="processes that decode and resize images "
                    "(ImageFolder trees, JPEG packs) alongside the models: auto (one per CPU) or N; 0: none")
+    g.add_argument("--decode", choices=("workers", "device"), default="workers", help="where the JPEGs of an "
+                   "ImageFolder tree too large for memory (ImageNet) are decoded and resized: workers (Pillow, in "
+                   "the --workers processes) or device (torchvision on --device, nvJPEG on a GPU: the workers only "
+                   "read the files; pixels within a few levels of Pillow's)")
     if config:
         g.add_argument("--config", metavar="FILE", help="TOML or YAML file of options (keys: the option names, "
                        "e.g. batch_size = 256); options on the command line override it")

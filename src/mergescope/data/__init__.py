@@ -5,7 +5,8 @@ from mergescope.data.base import ImageDataset
 from mergescope.data.cifar import load_cifar10, load_jpeg_pack
 from mergescope.data.digits import digits_split_ids, load_digits
 from mergescope.data.folder import ImageFolderDataset
-from mergescope.data.loader import Batch, default_workers, iter_batches, len_batches, set_workers
+from mergescope.data.loader import (Batch, decode_device, default_workers, iter_batches, len_batches,
+                                    set_decode_device, set_workers)
 from mergescope.data.memory import InMemoryDataset
 from mergescope.data.normalize import CIFAR10_MEAN, CIFAR10_STD, IMAGENET_MEAN, IMAGENET_STD
 from mergescope.data.open import open_dataset
@@ -22,6 +23,7 @@ __all__ = [
     "InMemoryDataset",
     "augment_batch",
     "class_proportion_split",
+    "decode_device",
     "default_workers",
     "digits_split_ids",
     "iter_batches",
@@ -30,6 +32,7 @@ __all__ = [
     "load_digits",
     "load_jpeg_pack",
     "open_dataset",
+    "set_decode_device",
     "set_workers",
     "stratified_pair",
     "stratified_subset",

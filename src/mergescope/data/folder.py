@@ -13,6 +13,7 @@ from torchvision.transforms import functional as TF
 
 from mergescope.data.base import ImageDataset, as_ids
 from mergescope.data.decode import decode_files, image_size, image_sizes, load_rgb, size_mismatch
+from mergescope.data.device_decode import decode_batch, normalize_on_device
 from mergescope.data.memory import InMemoryDataset
 from mergescope.data.normalize import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
 from mergescope.data.cache import decoded_once, files_key
@@ -139,6 +140,29 @@ class ImageFolderDataset(ImageDataset):
             return np.empty((0, *self.image_size, 3), np.uint8), self.targets[:0]
         pixels = decode_files([self.paths[i] for i in idx], self._geometry, self.image_size)
         return pixels, self.targets[idx]
+
+    def file_batch(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+        """The files of ``ids`` as they are on disk, for loader workers when the batch is decoded on the pass's device
+        (:meth:`device_batch`): their bytes one after the other (uint8, one tensor: one transfer between processes
+        instead of one per file), int64 [B] lengths, and int64 [B] labels."""
+        idx = ids.tolist()
+        parts = []
+        for i in idx:
+            try:
+                parts.append(np.fromfile(self.paths[i], dtype=np.uint8))
+            except OSError as exc:
+                raise DatasetError(f"cannot read image {self.paths[i]}: {exc}") from exc
+        data = np.concatenate(parts) if parts else np.empty(0, np.uint8)
+        return torch.from_numpy(data), torch.tensor([len(q) for q in parts], dtype=torch.int64), self.targets[idx]
+
+    def device_batch(self, ids: torch.Tensor, data: torch.Tensor, lengths: torch.Tensor,
+                     device: torch.device | str) -> torch.Tensor:
+        """float32 [B, 3, H, W] on ``device``, normalized, of :meth:`file_batch`'s bytes, decoded there
+        (:mod:`mergescope.data.device_decode`; on the CPU within one level of :meth:`pixel_batch`'s pixels)."""
+        blobs = list(data.split(lengths.tolist()))
+        pixels = decode_batch(blobs, [self.paths[i] for i in ids.tolist()], device, self.preset == "imagenet",
+                              self.image_size)
+        return normalize_on_device(pixels, self.mean, self.std)
 
     def image(self, i: int) -> Image.Image:
         return load_rgb(self.paths[i])

@@ -4,7 +4,9 @@ Datasets that are not in memory (ImageFolder trees of large images) are decoded 
 processes — ``num_workers`` of them, by default the process's setting (:func:`set_workers`, the CLI's
 ``--workers``; initially one per CPU) — which hand their batches back in order, two batches prefetched per
 worker, in pinned memory when CUDA is available (so the host-to-device copy of a pass overlaps). A dataset with a
-``pixel_batch(ids)`` method (ImageFolder trees) is decoded a whole batch at a time and sent back as uint8.
+``pixel_batch(ids)`` method (ImageFolder trees) is decoded a whole batch at a time and sent back as uint8 — or,
+after :func:`set_decode_device` (the CLI's ``--decode device``), the workers send the files' bytes and the JPEGs
+are decoded on the pass's device (:mod:`mergescope.data.device_decode`, nvJPEG on CUDA).
 """
 
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from mergescope.data.normalize import normalize_uint8
 from mergescope.data.pool import cpu_count
 
 _workers: int | None = None  # the process's default number of loader/decoder workers (None: one per CPU)
+_decode_on: torch.device | None = None  # decode lazy trees' JPEGs on this device (None: in the workers, by Pillow)
 
 
 def set_workers(workers: int | None) -> None:
@@ -27,6 +30,19 @@ def set_workers(workers: int | None) -> None:
     if workers is not None and workers < 0:
         raise ValueError(f"workers must be at least 0, got {workers}")
     _workers = workers
+
+
+def set_decode_device(device: torch.device | str | None) -> None:
+    """Decode the JPEGs of datasets that are not in memory (ImageFolder trees opened lazily, e.g. ImageNet) on
+    ``device`` — the pass's, e.g. ``"cuda"`` for nvJPEG — with :mod:`mergescope.data.device_decode`, the workers only
+    reading the files; None (default): decoded and resized by Pillow in the workers. The CLI's ``--decode device``."""
+    global _decode_on
+    _decode_on = None if device is None else torch.device(device)
+
+
+def decode_device() -> torch.device | None:
+    """Where lazy trees' JPEGs are decoded (:func:`set_decode_device`); None: in the workers."""
+    return _decode_on
 
 
 def default_workers() -> int:
@@ -76,6 +92,21 @@ def len_batches(dataset: ImageDataset, batch_size: int, ids=None, drop_last: boo
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+class _FileBatches(Dataset):
+    """Item j is batch j's (ids, the files' bytes and lengths, labels), read by ``dataset.file_batch`` in a
+    worker."""
+
+    def __init__(self, dataset: ImageDataset, chunks: list[torch.Tensor]):
+        self.dataset, self.chunks = dataset, chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, j: int):
+        data, lengths, y = self.dataset.file_batch(self.chunks[j])
+        return self.chunks[j], data, lengths, torch.as_tensor(y, dtype=torch.int64)
+
+
 class _PixelBatches(Dataset):
     """Item j is batch j's (ids, uint8 pixels [B, H, W, C], labels), decoded by ``dataset.pixel_batch``: a worker
     decodes a whole batch and hands back bytes, not floats (a quarter of the traffic between processes)."""
@@ -101,6 +132,12 @@ def _generate(dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: in
     workers = min(default_workers() if num_workers is None else num_workers, len(chunks))
     cuda = torch.cuda.is_available()
     prefetch = 2 if workers > 0 else None
+    if _decode_on is not None and hasattr(dataset, "device_batch"):  # bytes read in the workers, decoded there
+        loader = DataLoader(_FileBatches(dataset, chunks), batch_size=None, num_workers=workers,
+                            prefetch_factor=prefetch)
+        for ids_b, data, lengths, y in loader:
+            yield Batch(ids_b, dataset.device_batch(ids_b, data, lengths, _decode_on), y)
+        return
     if hasattr(dataset, "pixel_batch"):  # decoded per batch in the workers, normalized here
         loader = DataLoader(_PixelBatches(dataset, chunks), batch_size=None, num_workers=workers,
                             prefetch_factor=prefetch)
