@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -40,6 +41,7 @@ def run_pass(
     seen = 0
     device = torch.device(device)
     sync = device if device.type == "cuda" else None
+    cast = (lambda: torch.autocast(device.type, dtype=autocast)) if autocast is not None else nullcontext
     items = iter(track(batches, total=total, desc=desc, enabled=progress))
     with torch.inference_mode():
         while True:
@@ -49,7 +51,7 @@ def run_pass(
                 break
             with stage("transfer", sync):
                 x = batch.x.to(device, non_blocking=True)
-            with stage("forward", sync), torch.autocast(device.type, dtype=autocast, enabled=autocast is not None):
+            with stage("forward", sync), cast():
                 outputs = {name: model(x) for name, model in models.items()}
             with stage("statistics", sync):
                 consume(batch, x, outputs)
