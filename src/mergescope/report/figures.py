@@ -24,9 +24,11 @@ _KNOWN_COLORS = {
 }
 _SPARE_COLORS = ("#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 _LOG_LOSS_RATIO = 30.0
-# line style, width and marker of the i-th method drawn: each one drawn thinner and with another dash pattern than
-# the one before, so that two methods with the same curve (e.g. REPAIR and RESET on a BatchNorm net) both show
-_STYLES = (("-", 2.6, "o"), ((0, (5, 2)), 2.0, "s"), ((0, (1, 1.5)), 1.8, "^"), ((0, (6, 2, 1, 2)), 1.5, "D"))
+# the i-th method of a figure: its dash pattern and marker (cycled), and a line and marker each a little thinner
+# and smaller than the one before, which is drawn below it, so that methods with the same curve (e.g. REPAIR and
+# RESET on a BatchNorm net) all stay visible
+_DASHES = ("-", (0, (5, 2)), (0, (1, 1.2)), (0, (6, 2, 1, 2)), (0, (9, 3)), (0, (3, 1, 1, 1, 1, 1)))
+_MARKERS = ("o", "s", "^", "D", "v", "P")
 
 
 def method_colors(names: Sequence[str]) -> dict[str, str]:
@@ -44,9 +46,9 @@ def _plain(text: str) -> str:
 
 
 def _style(i: int) -> dict:
-    """Line keywords of the i-th method of a figure (:data:`_STYLES`, cycled)."""
-    ls, lw, marker = _STYLES[i % len(_STYLES)]
-    return {"ls": ls, "lw": lw, "marker": marker, "ms": 3.5}
+    """Line keywords of the i-th method of a figure (:data:`_DASHES`, :data:`_MARKERS`)."""
+    return {"ls": _DASHES[i % len(_DASHES)], "lw": max(1.0, 3.0 - 0.35 * i), "marker": _MARKERS[i % len(_MARKERS)],
+            "ms": max(2.5, 6.5 - 0.8 * i)}
 
 
 def _draw_panel(ax, split_curves: Mapping[str, list[dict]], key: str, scale: float, colors: Mapping[str, str]) -> None:
