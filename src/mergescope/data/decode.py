@@ -9,6 +9,7 @@ from PIL import Image
 from mergescope.errors import DatasetError
 
 Geometry = Callable[[Image.Image], Image.Image]
+IMAGENET_RESIZE, IMAGENET_CROP = 256, 224  # the ImageNet evaluation view: short side resized to 256, centre crop 224
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -1,5 +1,6 @@
 """Decoding a batch's JPEG files where the models run: ``torchvision.io.decode_jpeg`` on the pass's device (nvJPEG,
-batched, on CUDA), then the preset's geometry and normalization as tensor operations there.
+batched, on CUDA), then the preset's geometry as tensor operations there (normalized by
+:func:`mergescope.data.normalize.normalize_chw`).
 
 The loader's workers then only read the files' bytes (:meth:`ImageFolderDataset.file_batch`), so a GPU pass of
 small models is not bound by how fast the CPU cores decode (bench/decode.py measures both). Files that are not
@@ -22,11 +23,10 @@ from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms.v2 import functional as F
 
-from mergescope.data.decode import size_mismatch, to_rgb
+from mergescope.data.decode import IMAGENET_CROP, IMAGENET_RESIZE, size_mismatch, to_rgb
 from mergescope.errors import DatasetError
 
 _JPEG_START = (0xFF, 0xD8)  # the SOI marker every JPEG file begins with
-RESIZE, CROP = 256, 224  # the ImageNet geometry (mergescope.data.folder.imagenet_geometry)
 
 
 def is_jpeg(blob: torch.Tensor) -> bool:
@@ -44,8 +44,8 @@ def _pillow(blob: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def _imagenet(img: torch.Tensor) -> torch.Tensor:
-    """Resize the short side to 256 (antialiased bilinear, as Pillow's), then centre-crop 224×224."""
-    return F.center_crop(F.resize(img, RESIZE, antialias=True), [CROP, CROP])
+    """:func:`mergescope.data.folder.imagenet_geometry` on a [3, H, W] tensor (antialiased bilinear, as Pillow's)."""
+    return F.center_crop(F.resize(img, IMAGENET_RESIZE, antialias=True), [IMAGENET_CROP, IMAGENET_CROP])
 
 
 def decode_batch(blobs: Sequence[torch.Tensor], names: Sequence[str], device: torch.device | str,
@@ -83,12 +83,3 @@ def _one_jpeg(blob: torch.Tensor, name: str, device: torch.device) -> torch.Tens
         return decode_jpeg(blob, mode=ImageReadMode.RGB, device=device)
     except RuntimeError as exc:
         raise DatasetError(f"cannot decode image {name}: {str(exc).strip().splitlines()[0]}") from None
-
-
-def normalize_on_device(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
-    """float32 [B, C, H, W] of uint8 [B, C, H, W] pixels where they are, with the arithmetic of
-    :func:`mergescope.data.normalize.normalize_uint8` (÷255, − mean, ÷ std), so equal pixels give equal values."""
-    c = pixels.shape[1]
-    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, c, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, c, 1, 1)
-    return pixels.float().div_(255.0).sub_(mean_t).div_(std_t)

@@ -12,10 +12,12 @@ from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as TF
 
 from mergescope.data.base import ImageDataset, as_ids
-from mergescope.data.decode import decode_files, image_size, image_sizes, load_rgb, size_mismatch
-from mergescope.data.device_decode import decode_batch, normalize_on_device
+from mergescope.data.decode import (IMAGENET_CROP, IMAGENET_RESIZE, decode_files, image_size, image_sizes,
+                                    load_rgb, size_mismatch)
+from mergescope.data.device_decode import decode_batch
 from mergescope.data.memory import InMemoryDataset
-from mergescope.data.normalize import HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, normalize_uint8
+from mergescope.data.normalize import (HALF_MEAN, HALF_STD, IMAGENET_MEAN, IMAGENET_STD, normalize_chw,
+                                      normalize_uint8)
 from mergescope.data.cache import decoded_once, files_key
 from mergescope.data.loader import default_workers
 from mergescope.data.pool import chunk_bounds, parallel_starmap
@@ -29,7 +31,7 @@ SPLIT_DIRS = ("train", "test", "val")
 
 def imagenet_geometry(img: Image.Image) -> Image.Image:
     """Resize the short side to 256 then center-crop 224×224 (the usual ImageNet evaluation view)."""
-    return TF.center_crop(TF.resize(img, 256), [224, 224])
+    return TF.center_crop(TF.resize(img, IMAGENET_RESIZE), [IMAGENET_CROP, IMAGENET_CROP])
 
 
 def resolve_preset(preset: str, first_path: str) -> str:
@@ -100,7 +102,7 @@ class ImageFolderDataset(ImageDataset):
         self.mean = tuple(default_mean if mean is None else mean)
         self.std = tuple(default_std if std is None else std)
         self.num_channels = 3
-        self.image_size = image_size(self.paths[0]) if self.preset == "small" else (224, 224)
+        self.image_size = image_size(self.paths[0]) if self.preset == "small" else (IMAGENET_CROP, IMAGENET_CROP)
         if in_memory is None:
             in_memory = self.preset == "small" and len(self.paths) < IN_MEMORY_LIMIT
         self.in_memory = bool(in_memory)
@@ -162,7 +164,7 @@ class ImageFolderDataset(ImageDataset):
         blobs = list(data.split(lengths.tolist()))
         pixels = decode_batch(blobs, [self.paths[i] for i in ids.tolist()], device, self.preset == "imagenet",
                               self.image_size)
-        return normalize_on_device(pixels, self.mean, self.std)
+        return normalize_chw(pixels, self.mean, self.std)
 
     def image(self, i: int) -> Image.Image:
         return load_rgb(self.paths[i])

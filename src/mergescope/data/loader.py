@@ -92,34 +92,20 @@ def len_batches(dataset: ImageDataset, batch_size: int, ids=None, drop_last: boo
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
-class _FileBatches(Dataset):
-    """Item j is batch j's (ids, the files' bytes and lengths, labels), read by ``dataset.file_batch`` in a
-    worker."""
+class _BatchItems(Dataset):
+    """Item j is batch j's ids followed by what ``dataset.<read>(ids)`` returns, as tensors, read in a worker:
+    ``pixel_batch`` (uint8 pixels [B, H, W, C] and labels: a worker decodes a whole batch and hands back bytes, not
+    floats, a quarter of the traffic between processes) or ``file_batch`` (the files' bytes, their lengths and the
+    labels, decoded afterwards on the pass's device)."""
 
-    def __init__(self, dataset: ImageDataset, chunks: list[torch.Tensor]):
-        self.dataset, self.chunks = dataset, chunks
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, j: int):
-        data, lengths, y = self.dataset.file_batch(self.chunks[j])
-        return self.chunks[j], data, lengths, torch.as_tensor(y, dtype=torch.int64)
-
-
-class _PixelBatches(Dataset):
-    """Item j is batch j's (ids, uint8 pixels [B, H, W, C], labels), decoded by ``dataset.pixel_batch``: a worker
-    decodes a whole batch and hands back bytes, not floats (a quarter of the traffic between processes)."""
-
-    def __init__(self, dataset: ImageDataset, chunks: list[torch.Tensor]):
-        self.dataset, self.chunks = dataset, chunks
+    def __init__(self, dataset: ImageDataset, chunks: list[torch.Tensor], read: str):
+        self.dataset, self.chunks, self.read = dataset, chunks, read
 
     def __len__(self) -> int:
         return len(self.chunks)
 
     def __getitem__(self, j: int):
-        pixels, y = self.dataset.pixel_batch(self.chunks[j])
-        return self.chunks[j], torch.from_numpy(pixels), torch.as_tensor(y, dtype=torch.int64)
+        return self.chunks[j], *(torch.as_tensor(part) for part in getattr(self.dataset, self.read)(self.chunks[j]))
 
 
 def _generate(dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: int | None) -> Iterator[Batch]:
@@ -133,13 +119,13 @@ def _generate(dataset: ImageDataset, chunks: list[torch.Tensor], num_workers: in
     cuda = torch.cuda.is_available()
     prefetch = 2 if workers > 0 else None
     if _decode_on is not None and hasattr(dataset, "device_batch"):  # bytes read in the workers, decoded there
-        loader = DataLoader(_FileBatches(dataset, chunks), batch_size=None, num_workers=workers,
+        loader = DataLoader(_BatchItems(dataset, chunks, "file_batch"), batch_size=None, num_workers=workers,
                             prefetch_factor=prefetch)
         for ids_b, data, lengths, y in loader:
             yield Batch(ids_b, dataset.device_batch(ids_b, data, lengths, _decode_on), y)
         return
     if hasattr(dataset, "pixel_batch"):  # decoded per batch in the workers, normalized here
-        loader = DataLoader(_PixelBatches(dataset, chunks), batch_size=None, num_workers=workers,
+        loader = DataLoader(_BatchItems(dataset, chunks, "pixel_batch"), batch_size=None, num_workers=workers,
                             prefetch_factor=prefetch)
         for ids_b, pixels, y in loader:
             x = normalize_uint8(pixels.numpy(), dataset.mean, dataset.std)

@@ -26,9 +26,14 @@ def normalize_uint8(pixels: np.ndarray, mean: Sequence[float], std: Sequence[flo
     Returns:
         float32 [B, C, H, W].
     """
-    channels = pixels.shape[-1]
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, channels, 1, 1)  # [1,C,1,1]
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, channels, 1, 1)  # [1,C,1,1]
     # transposing while converting in numpy is several times faster than a strided torch copy
-    x = torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(np.float32, order="C"))  # [B,C,H,W]
-    return x.div_(255.0).sub_(mean_t).div_(std_t)
+    return normalize_chw(torch.from_numpy(pixels.transpose(0, 3, 1, 2).astype(np.float32, order="C")), mean, std)
+
+
+def normalize_chw(pixels: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """float32 [B, C, H, W] of channels-first pixels (uint8, or float32 on the 0..255 scale, which is divided in
+    place) on whatever device they are: ÷ 255, − mean, ÷ std, the arithmetic of :func:`normalize_uint8`."""
+    c = pixels.shape[1]
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=pixels.device).view(1, c, 1, 1)  # [1,C,1,1]
+    std_t = torch.tensor(std, dtype=torch.float32, device=pixels.device).view(1, c, 1, 1)  # [1,C,1,1]
+    return pixels.float().div_(255.0).sub_(mean_t).div_(std_t)

@@ -135,10 +135,9 @@ def for_products(x3: torch.Tensor, by_image: bool, m2: bool = True):
         if redo.numel():
             rounded = mean.to(x3.dtype)
             values = x3 - rounded.view(1, -1, 1)
-            offset = mean - rounded.double()
             if m2:  # a read of the copy only when m2 is asked for: the mean and m2 of the centred values
                 mean, sq = _centred(values, rounded.double())
-                offset = mean - rounded.double()
+            offset = mean - rounded.double()
         return (values if by_image else values[:, :, 0]), mean, (sq if m2 else None), offset
     if m2:
         mean, sq = _mean_m2(x3)

@@ -42,6 +42,7 @@ from .probe import aligned_key, default_subset, render_views
 from ..merge.partial import DEFAULT_FRACTIONS, group_scores, partial_merge_curves
 from ..perm import PermSpec
 from ..probe import ProbeResult
+from ..probe.store import stored_config
 from ..report.compare_pages import (
     annotate_recipes,
     compare_section_html,
@@ -361,7 +362,7 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
             again = probe({reference: models[reference], **aligned_models}, dataset, layers=layers, k=stored.k,
                           reduction=stored.reduction, batch_size=cfg.batch_size, subset_ids=default_subset(dataset),
                           device=device, progress=progress, run_dir=run_dir / "probe_subset",
-                          precision=stored.config.get("precision", "float32"))  # as the stored probe ran
+                          precision=stored_config(stored.config)["precision"])  # as the stored probe ran
             result = attach_subset(stored, again)
 
         partial = None
