@@ -254,3 +254,39 @@ def test_uncentred_cross_products_are_float32_accurate_at_any_offset(shape):
         d = x - x.mean(0)
         want_joint = (d.T @ d) / torch.outer(d.norm(dim=0), d.norm(dim=0))
         np.testing.assert_allclose(j.correlation().numpy(), want_joint.numpy(), rtol=0, atol=5e-6)
+
+
+def test_add_into_adds_float32_into_float64_exactly_in_cache_sized_slices(monkeypatch):
+    """The sliced float32 → float64 add equals a float64 add of the converted part, bit for bit (both are exact
+    conversions followed by the same float64 additions), over slices that do not divide the rows."""
+    monkeypatch.setattr(blocks, "CAST", 7 * 13)  # 7 rows of 13 per slice: 47 rows end mid-slice
+    g = torch.Generator().manual_seed(3)
+    total = torch.randn(47, 13, generator=g, dtype=torch.float64)
+    part = torch.randn(47, 13, generator=g) * 1e3
+    want = total + part.double()
+    assert torch.equal(blocks.add_into(total, part), want)
+    assert torch.equal(total, want)  # in place
+
+
+def test_joint_moments_blocks_and_the_assembled_scatter_stay_consistent_across_updates():
+    """The three blocks are accumulated alone; the whole matrix is assembled when read, and batches added after
+    a read reach it (its lower block Σ_BA too), as if it had never been read; the swapped copy is independent."""
+    a, b = _activations((30, 6, 2, 2), 0), _activations((30, 4, 2, 2), 1)
+    read_between, never_read = JointMoments(), JointMoments()
+    read_between.update_channels(a[:12], b[:12])
+    first = read_between.scatter.clone()
+    read_between.update_channels(a[12:], b[12:])
+    never_read.update_channels(a[:12], b[:12])
+    never_read.update_channels(a[12:], b[12:])
+    x = torch.cat([as_samples(a), as_samples(b)], 1)
+    want = (x - x.mean(0)).T @ (x - x.mean(0))
+    for st in (read_between, never_read):
+        assert torch.allclose(st.scatter, want, rtol=1e-10, atol=1e-10)
+        assert torch.equal(st.scatter, st.scatter.T)
+        assert torch.equal(st.sab, st.scatter[:6, 6:]) and torch.equal(st.diagonal(), st.scatter.diagonal())
+    assert not torch.allclose(first, want)
+    swapped = never_read.swapped()
+    order = torch.cat([torch.arange(6, 10), torch.arange(6)])
+    assert torch.equal(swapped.scatter, never_read.scatter[order][:, order])
+    swapped.update_channels(b[:3], a[:3])
+    assert torch.allclose(never_read.scatter, want, rtol=1e-10, atol=1e-10)

@@ -26,7 +26,7 @@ from ..errors import NumericsError
 from ..perm import PermSpec, observation_points
 from ..perm.spec import TapPoint
 from ..probe.engine import run_pass
-from ..probe.blocks import Gathered, channel_view, per_image, products
+from ..probe.blocks import Gathered, add_into, channel_view, per_image, products
 from ..probe.stats import common_precision, for_products
 from ..probe.taps import tap_model
 from ..timing import stage
@@ -34,6 +34,11 @@ from ..timing import stage
 
 class JointMoments:
     """Count, mean and centred scatter of the concatenation ``[a, b]`` of two aligned (samples, C) streams.
+
+    The scatter is accumulated as its three blocks Σ_AA, Σ_AB and Σ_BB (:attr:`saa`, :attr:`sab`, :attr:`sbb`),
+    each its own float64 tensor; the whole symmetric matrix (:attr:`scatter`, with Σ_BA = Σ_ABᵀ) is assembled
+    the first time it is read, the blocks then becoming views of it. A pass thus holds 3/4 of it and never
+    transposes: regression alignment and OT fusion read the blocks only.
 
     Attributes:
         n: samples seen.
@@ -46,21 +51,36 @@ class JointMoments:
         self.n = 0
         self.size_a: int | None = None
         self.mean: torch.Tensor | None = None
-        self._scatter: torch.Tensor | None = None
-        self._lower_stale = False  # Σ_BA not yet written (the batch updates add Σ_AA, Σ_AB and Σ_BB only)
+        self._blocks: list[torch.Tensor] | None = None  # Σ_AA, Σ_AB, Σ_BB
+        self._scatter: torch.Tensor | None = None  # the whole matrix, once assembled
+        self._lower_stale = False  # Σ_BA of the assembled matrix not yet rewritten after an update
 
     @property
     def scatter(self) -> torch.Tensor | None:
-        if self._lower_stale:
-            ca = self.size_a
-            with torch.inference_mode(self._scatter.is_inference()):  # written in a pass, read after it
+        if self._blocks is None:
+            return None
+        ca = self.size_a
+        with torch.inference_mode(self._blocks[0].is_inference()):  # written in a pass, read after it
+            if self._scatter is None:
+                saa, sab, sbb = self._blocks
+                d = len(self.mean)
+                full = torch.empty((d, d), dtype=torch.float64, device=saa.device)
+                full[:ca, :ca], full[:ca, ca:], full[ca:, ca:] = saa, sab, sbb
+                self.scatter = full  # the separate blocks are freed: from now on they are views of it
+                self._lower_stale = True
+            if self._lower_stale:
                 self._scatter[ca:, :ca] = self._scatter[:ca, ca:].T
-            self._lower_stale = False
+                self._lower_stale = False
         return self._scatter
 
     @scatter.setter
     def scatter(self, value: torch.Tensor | None) -> None:
         self._scatter, self._lower_stale = value, False
+        if value is None:
+            self._blocks = None
+        else:
+            ca = self.size_a
+            self._blocks = [value[:ca, :ca], value[:ca, ca:], value[ca:, ca:]]
 
     def update(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Add a batch: ``a`` (samples, Ca) and ``b`` (samples, Cb), row i of both from the same sample."""
@@ -73,8 +93,8 @@ class JointMoments:
 
     def _combine_blocks(self, n: int, mean: torch.Tensor, saa: torch.Tensor, sab: torch.Tensor,
                         sbb: torch.Tensor, offset: torch.Tensor | None = None) -> None:
-        """Chan et al.'s update with a batch's scatter given as its blocks Σ_AA, Σ_AB, Σ_BB (float32 or float64),
-        added in place into the float64 blocks; Σ_BA = Σ_ABᵀ is written when :attr:`scatter` is next read.
+        """Chan et al.'s update with a batch's (or another accumulator's) scatter given as its blocks Σ_AA, Σ_AB,
+        Σ_BB (float32 or float64), added in place into the float64 blocks.
 
         With ``offset`` u (Ca+Cb,), the blocks are products of deviations offset by it, Σ (x − mean + u)(…)ᵀ
         (uncentred: u = mean), corrected here by −n·u uᵀ, in the same rank-two update as Chan et al.'s term."""
@@ -84,57 +104,45 @@ class JointMoments:
             left.append(offset)
             right.append(offset * -n)
         if self.mean is None:
-            self._scatter = torch.empty((len(mean), len(mean)), dtype=torch.float64, device=mean.device)
-            self._scatter[:ca, :ca], self._scatter[:ca, ca:], self._scatter[ca:, ca:] = saa, sab, sbb
+            self._blocks = [block.to(torch.float64, copy=True) for block in (saa, sab, sbb)]
             self.n, self.mean, self.size_a = n, mean, ca
-            saa = sab = sbb = None  # written
+            added = (None, None, None)
         else:
             if ca != self.size_a or mean.shape != self.mean.shape:
                 raise ValueError("JointMoments: batches with different channel counts")
             total = self.n + n
-            delta = mean - self.mean
+            delta = mean.to(self.mean.device) - self.mean
             left.append(delta)
             right.append(delta * (self.n * n / total))
             self.mean = self.mean + delta * (n / total)
             self.n = total
+            added = (saa, sab, sbb)
+        self._lower_stale = self._scatter is not None  # Σ_BA is rewritten when the whole matrix is next read
         if left:
             u, v = torch.stack(left, 1), torch.stack(right, 0)
             a, b = slice(None, ca), slice(ca, None)
-            for rows, cols, add in ((a, a, saa), (a, b, sab), (b, b, sbb)):
-                block = self._scatter[rows, cols]
+            for block, rows, cols, add in zip(self._blocks, (a, a, b), (a, b, b), added):
                 if add is not None:
-                    block.add_(add)
+                    add_into(block, add)
                 block.addmm_(u[rows], v[:, cols])  # in place: (Ca+Cb)² float64 is a pass's largest buffer
-        self._lower_stale = True
-
-    def _combine(self, n: int, mean: torch.Tensor, scatter: torch.Tensor, size_a: int) -> None:
-        if self.mean is None:
-            self.n, self.mean, self.scatter, self.size_a = n, mean, scatter, size_a
-            return
-        if size_a != self.size_a or mean.shape != self.mean.shape:
-            raise ValueError("JointMoments: batches with different channel counts")
-        total = self.n + n
-        delta = mean.to(self.mean.device) - self.mean
-        self.scatter += scatter.to(self.scatter.device)  # in place: (Ca+Cb)² float64 is a pass's largest buffer
-        self.scatter.addr_(delta, delta, alpha=self.n * n / total)
-        self.mean = self.mean + delta * (n / total)
-        self.n = total
 
     def merge(self, other: JointMoments) -> None:
         """Add another accumulator's samples (another rank, another observation point)."""
         if other.mean is not None:
-            scatter = other.scatter if self.mean is not None else other.scatter.clone()  # self's is updated in place
-            self._combine(other.n, other.mean, scatter, other.size_a)
+            self._combine_blocks(other.n, other.mean, other.saa, other.sab, other.sbb)
 
     def swapped(self) -> JointMoments:
-        """The same statistics with the roles of a and b exchanged."""
+        """The same statistics with the roles of a and b exchanged (a copy)."""
         out = JointMoments()
         ca = self.size_a
-        order = torch.cat([torch.arange(ca, len(self.mean)), torch.arange(ca)]).to(self.mean.device)
         out.n, out.size_a = self.n, len(self.mean) - ca
-        out.mean = self.mean[order]
-        out.scatter = self.scatter[order][:, order]
+        out.mean = torch.cat([self.mean_b, self.mean_a])
+        out._blocks = [self.sbb.clone(), self.sab.T.contiguous(), self.saa.clone()]
         return out
+
+    def diagonal(self) -> torch.Tensor:
+        """The scatter's diagonal (Ca+Cb,): each channel's sum of squared deviations."""
+        return torch.cat([self.saa.diagonal(), self.sbb.diagonal()])
 
     # -- blocks -------------------------------------------------------------------------------------------
     @property
@@ -148,17 +156,17 @@ class JointMoments:
     @property
     def saa(self) -> torch.Tensor:
         """Scatter of a with itself (Ca, Ca)."""
-        return self.scatter[: self.size_a, : self.size_a]
-
-    @property
-    def sbb(self) -> torch.Tensor:
-        """Scatter of b with itself (Cb, Cb)."""
-        return self.scatter[self.size_a:, self.size_a:]
+        return self._blocks[0]
 
     @property
     def sab(self) -> torch.Tensor:
         """Cross scatter (Ca, Cb)."""
-        return self.scatter[: self.size_a, self.size_a:]
+        return self._blocks[1]
+
+    @property
+    def sbb(self) -> torch.Tensor:
+        """Scatter of b with itself (Cb, Cb)."""
+        return self._blocks[2]
 
     def covariance(self) -> torch.Tensor:
         """The population covariance of ``[a, b]`` (scatter / n)."""
@@ -168,7 +176,7 @@ class JointMoments:
         """Boolean (Ca+Cb,): channels constant over the samples (std ≤ rel_eps · max(|mean|, largest std)),
         e.g. ReLU units that never fire on the data. Their correlations and canonical directions are undefined.
         """
-        std = (self.scatter.diagonal().clamp_min(0) / max(self.n, 1)).sqrt()
+        std = (self.diagonal().clamp_min(0) / max(self.n, 1)).sqrt()
         scale = torch.maximum(self.mean.abs(), std.amax().expand_as(std)).clamp_min(1e-300)
         return std <= rel_eps * scale
 
@@ -312,7 +320,7 @@ def group_covariances_at(
         for (_, g), st in per_group.items():
             if st.mean is None:
                 raise NumericsError("no data: the batches were empty")
-            bad = ~torch.isfinite(st.scatter.diagonal())
+            bad = ~torch.isfinite(st.diagonal())
             if bad.any():
                 side = "the reference model" if bool(bad[: st.size_a].any()) else f"model {k + 1}"
                 raise NumericsError(f"NaN/Inf activations in group '{g}' of {side}")

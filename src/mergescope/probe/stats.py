@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .blocks import channel_view, per_image, products
+from .blocks import add_into, channel_view, per_image, products
 
 
 def as_samples(t: torch.Tensor, channel_dim: int = 1) -> torch.Tensor:
@@ -314,9 +314,9 @@ class CoMoments:
             n0 = self.a.n
             left.append(ma.to(self.a.mean.device) - self.a.mean)
             right.append((mb.to(self.b.mean.device) - self.b.mean) * (n0 * n / (n0 + n)))
-            # in place, float32 products added in float64 without a float64 copy: a (Ca, Cb) float64 sum is the
-            # largest buffer of a pass
-            self.cab.add_(cab.to(self.cab.device))
+            # in place, float32 products added in float64 without a float64 copy of them: a (Ca, Cb) float64 sum
+            # is the largest buffer of a pass
+            add_into(self.cab, cab)
         if left:
             dev = self.cab.device
             self.cab.addmm_(torch.stack(left, 1).to(dev), torch.stack(right, 0).to(dev))
