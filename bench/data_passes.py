@@ -38,10 +38,13 @@ Statistics over forward (``--stats``, issue 14)
     solving not). ``--clock cpu`` measures process CPU seconds (all threads) instead of wall seconds: steadier
     where other jobs share the cores. Models: vgg11_bn and resnet20 (w1) on CIFAR-10 (``--data``) or random 32²
     images, tv_alexnet on random 3×224² images. Run it with ``PYTHONPATH=<older checkout>/src`` for the "before"
-    numbers.
+    numbers. ``--marginal`` also times every pass on the first half of the images and prints the second half's
+    statistics over its forwards: the cost per further image, without what a pass pays once (e.g. the page faults
+    of a 4,096-unit layer's float64 accumulators, ~1 s on a VM), which dominates a pass of a few hundred 224² images.
 
 Run
     python bench/data_passes.py --stats --models vgg11_bn resnet20 tv_alexnet --repeats 3
+    python bench/data_passes.py --stats --marginal --models tv_alexnet --passes covariance --alex-images 512
     python bench/data_passes.py                                  # default, ~3 min on a busy 2-core CPU
     python bench/data_passes.py --repeats 3                      # median of 3 timings (for RESULTS.md)
     python bench/data_passes.py --data ../shared/datasets/cifar10 --images 1000 --device cuda
@@ -255,19 +258,19 @@ def bench_stats(name: str, args, device) -> dict:
     aligned = permute_model(b, spec, match.perms)
     alphas = (0.25, 0.5, 0.75)
 
-    def in_pass(run) -> float:
+    def in_pass(run, batches) -> float:
         """A pass's own seconds by its time-by-stage record: decode (waiting for batches), transfer, forward,
         statistics — the batches' and what is added after the last one (groups of held batches) — and top-k;
         no tracing, no solving."""
         with timing.timed() as times:
-            run(loaded)
+            run(batches)
         return sum(times.record()["stages"].get(s, 0.0) for s in ("decode", "transfer", "forward", "statistics",
                                                                    "top-k"))
 
-    def bare(models) -> float:
+    def bare(models, batches=loaded) -> float:
         t0 = time.perf_counter()
         with torch.inference_mode():
-            for batch in loaded:
+            for batch in batches:
                 x = batch.x.to(device)
                 for m in models:
                     m(x)
@@ -292,24 +295,30 @@ def bench_stats(name: str, args, device) -> dict:
     for label, (run, models) in passes.items():
         if args.passes and label not in args.passes:
             continue
-        times, bares = [], []
+        sets = {"all": loaded, "half": loaded[: len(loaded) // 2]} if args.marginal else {"all": loaded}
+        times, bares = {k: [] for k in sets}, {k: [] for k in sets}
         for _ in range(args.repeats):
-            bares.append(bare(models))
-            times.append(in_pass(run))
-            a.eval(), b.eval()
-        t, f = statistics.median(times), statistics.median(bares)
+            for k, batches in sets.items():
+                bares[k].append(bare(models, batches))
+                times[k].append(in_pass(run, batches))
+                a.eval(), b.eval()
+        t, f = statistics.median(times["all"]), statistics.median(bares["all"])
         rows[label] = {"models": len(models), "bare": f, "pass": t, "stats/fwd": (t - f) / f}
+        if args.marginal:  # the second half's statistics over its forwards: what each further image costs
+            th, fh = statistics.median(times["half"]), statistics.median(bares["half"])
+            rows[label]["marginal"] = ((t - th) - (f - fh)) / (f - fh)
     return {"model": name, "images": n, "rows": rows}
 
 
 def main_stats(args, device) -> None:
     print(f"{'model':<12} {'pass':<11} {'models':>6} {'images':>6} {'bare fwd s':>10} {'in-pass s':>9} "
-          f"{'stats / fwd':>11}")
+          f"{'stats / fwd':>11}" + (f" {'marginal':>8}" if args.marginal else ""))
     for name in args.models:
         r = bench_stats(name, args, device)
         for label, row in r["rows"].items():
             print(f"{name:<12} {label:<11} {row['models']:>6} {r['images']:>6} {row['bare']:>10.2f} "
-                  f"{row['pass']:>9.2f} {row['stats/fwd']:>11.2f}", flush=True)
+                  f"{row['pass']:>9.2f} {row['stats/fwd']:>11.2f}"
+                  + (f" {row['marginal']:>8.2f}" if args.marginal else ""), flush=True)
     print(f"loadavg after: {os.getloadavg()[0]:.2f}")
 
 
@@ -328,6 +337,10 @@ def main() -> None:
     p.add_argument("--passes", nargs="+", default=None, choices=["matching", "REPAIR x3", "evaluation", "covariance"],
                    help="with --stats: only these passes (default: all)")
     p.add_argument("--alex-images", type=int, default=64, help="with --stats: random 224² images for tv_alexnet")
+    p.add_argument("--marginal", action="store_true",
+                   help="with --stats: each pass timed on the first half of the images too; 'marginal' is the second "
+                        "half's statistics over its forwards (per-pass fixed costs, e.g. a 4,096-unit layer's float64 "
+                        "accumulators touched once, left out)")
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                    help="with --stats: wall seconds, or process CPU seconds of all threads (steadier under load)")
     args = p.parse_args()

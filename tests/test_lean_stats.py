@@ -119,8 +119,10 @@ def test_joint_moments_float32_products_match_the_written_out_scatter(shape, dim
     """Per-image products (more positions than channels), the (samples, C) layout, several row blocks and image
     chunks per batch (``_ROWS``, ``_BLOCK`` made small) all give the float64 scatter of the samples: exactly
     (1e-12) for float64 input, within float32 rounding (1e-6 of the largest variance) for float32 input, as
-    matching's CoMoments does."""
+    matching's CoMoments does. Σ_AA and Σ_BB are multiplied by row slabs (``SLAB`` made small: 2–8 slabs) on and
+    above the diagonal, the rest their transposes."""
     monkeypatch.setattr(blocks, "ROWS", 8)  # several blocks of rows per batch
+    monkeypatch.setattr(blocks, "SLAB", 2)  # a batch's product with itself by slabs of rows
     monkeypatch.setattr(blocks, "BLOCK", 2 * 5 * 8)  # per-image products two images at a time
     a = _activations(shape, seed=1, offset=3.0)  # a large mean: centring in float32 must not cost precision
     b = _activations((shape[0], shape[1] + 3, *shape[2:]), seed=2)
@@ -148,6 +150,43 @@ def test_shared_reference_block_equals_one_model_at_a_time():
             st.update_channels(a[lo:lo + 3], b[lo:lo + 3])
     for s, o in zip(shared, alone):
         assert s.n == o.n and torch.equal(s.mean, o.mean) and torch.equal(s.scatter, o.scatter)
+
+
+@pytest.mark.parametrize("rows", [8, 10**6])
+def test_held_maps_are_copied_channel_major_and_give_every_batchs_statistics(monkeypatch, rows):
+    """Maps with fewer positions than channels are held back in buffers reused from group to group, channel-major,
+    and reach the update as one image (1, C, samples): the joint scatter and matching's co-moments are those of
+    every sample written out (float32 rounding), with batches of unequal sizes (a larger one added on its own),
+    more groups than one, the last one partial, and the row slabs and ≤ ROWS chunks of one image's products."""
+    from mergescope.align.covariance import update_shared
+    from mergescope.probe.stats import co_update
+
+    monkeypatch.setattr(blocks, "GROUP", 16)  # 16 samples a group: two batches of 2 images × 4 positions
+    monkeypatch.setattr(blocks, "SLAB", 2)
+    monkeypatch.setattr(blocks, "ROWS", rows)  # one image's positions in several chunks, or in one
+    a = _activations((14, 6, 2, 2), seed=1, offset=2.0).float()
+    b = _activations((14, 9, 2, 2), seed=2).float()
+    sizes = [2, 2, 2, 3, 1, 2, 2]  # the 3-image batch (12 samples) does not fit beside one: a group of its own
+    seen, joint, co = [], JointMoments(), CoMoments()
+    for update, st in ((update_shared, joint), (co_update, co)):
+        gathered = blocks.Gathered(lambda stats, x, ys, dim, update=update: (
+            seen.append(tuple(x.shape)), update(stats, x, ys, dim)))
+        lo = 0
+        for n in sizes:
+            gathered.add("key", [st], a[lo:lo + n], [b[lo:lo + n]], 1)
+            lo += n
+        gathered.flush()
+    assert all(shape[0] == 1 and shape[1] == 6 for shape in seen)  # one image each, channel-major
+    # samples 8+8 | 8 (the 12 does not fit beside it) | 12 | 4+8 (another 8 would not fit) | 8 (flushed)
+    assert [shape[2] for shape in seen[: len(seen) // 2]] == [16, 8, 12, 12, 8]
+    sa, sb = as_samples(a.double()), as_samples(b.double())
+    x = torch.cat([sa, sb], 1)
+    want = (x - x.mean(0)).T @ (x - x.mean(0))
+    scale = want.diagonal().max().item()
+    assert joint.n == 56 and torch.allclose(joint.mean, x.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(joint.scatter.numpy(), want.numpy(), rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(co.cab.numpy(), want[:6, 6:].numpy(), rtol=0, atol=1e-6 * scale)
+    np.testing.assert_allclose(co.b.m2.numpy(), want.diagonal()[6:].numpy(), rtol=1e-6)
 
 
 def test_batches_with_few_positions_are_added_in_groups(monkeypatch):
