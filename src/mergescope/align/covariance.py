@@ -206,7 +206,8 @@ def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[t
     (:func:`mergescope.probe.stats.for_products`); batches are combined in float64 (Chan et al.), so the statistics
     agree with a float64 computation to float32 rounding (~1e-7 relative), the precision of the float32
     activations themselves. A product over the positions of each image is used when there are more positions
-    than channels (a tall-skinny product is slow), over the (samples, C) layout otherwise.
+    than channels (a tall-skinny product is slow) or one image (a group of batches held channel-major by
+    :class:`mergescope.probe.blocks.Gathered`), over the (samples, C) layout otherwise.
     """
     a, bs = common_precision(a, bs)
     a3 = channel_view(a, channel_dim)

@@ -2,9 +2,9 @@
 
 Shared by matching's :class:`~mergescope.probe.stats.CoMoments` and the map merges'
 :class:`~mergescope.align.covariance.JointMoments`. A batch's cross products are float32 matrix products — of
-each image's positions, summed over a chunk of images, or of at most :data:`ROWS` rows of the (samples, C)
-layout — whose partial sums are added in float64, so the rounding is that of float32 sums of a few thousand
-terms whatever the batch size. Batches of few positions per channel (linear layers, small late maps) are held
+each image's positions, summed over a chunk of images, or of at most :data:`ROWS` samples of one image or of
+the (samples, C) layout — whose partial sums are added in float64, so the rounding is that of float32 sums of a
+few thousand terms whatever the batch size. Batches of few positions per channel (linear layers, small late maps) are held
 back by :class:`Gathered` and added as one group, so that a wide layer's float64 (C, C) accumulator (16.7 M
 entries for a 4,096-unit layer) is updated once per group instead of once per batch: that update, not the
 product, is what costs on a CPU (memory-bound, measured: bench/RESULTS.md). The held batches are copied into
