@@ -270,7 +270,7 @@ def test_uncentred_cross_products_are_float32_accurate_at_any_offset(shape):
     centred batch: every correlation, including those of channels offset by up to 1,000 standard deviations,
     within float32 rounding of the float64 one written out, on both paths (B with and without offset channels),
     per image, one position per image, and the (samples, C) layout of a few positions (always centred). Matching's
-    centred channels take their batch means from the centred copy: within 5e-7 (7e-8 measured). The covariance
+    centred channels (a few of them, or all) take their batch means and m2 from the centred values: within 5e-7 (7e-8 measured). The covariance
     centres on the mean of per-image float32 sums, which for a channel 1,000σ from zero carry ~1e-5σ, and Chan et al.'s
     between-batch term passes that on: within 5e-6 (2.8e-6 measured with four batches)."""
     g = torch.Generator().manual_seed(11)
@@ -279,7 +279,9 @@ def test_uncentred_cross_products_are_float32_accurate_at_any_offset(shape):
     z = torch.randn(shape, generator=g, dtype=torch.float64)
     a = z * scale + offsets * scale  # offset channels: centred
     b_small = (0.6 * z + 0.8 * torch.randn(shape, generator=g, dtype=torch.float64)) * scale.flip(1)  # uncentred
-    for b in (b_small, b_small + offsets.flip(1) * scale.flip(1)):
+    cases = [(a, b_small), (a, b_small + offsets.flip(1) * scale.flip(1)),  # 3 of 8 channels centred: a copy of those
+             (a + 10 * scale, b_small)]  # every channel of A centred: its m2 from the whole centred copy
+    for a, b in cases:
         a32, b32 = a.float(), b.float()
         sa, sb = as_samples(a32.double(), 1), as_samples(b32.double(), 1)
         da, db = sa - sa.mean(0), sb - sb.mean(0)
