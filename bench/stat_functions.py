@@ -94,6 +94,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timed passes after one warm-up; the last is printed")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
+    if args.repeats < 1 or args.images < 1 or args.batch_size < 1:
+        p.error("--repeats, --images and --batch-size must be at least 1")
     torch.set_num_threads(args.threads)
 
     kwargs, size = MODELS[args.model]

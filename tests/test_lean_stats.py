@@ -270,7 +270,8 @@ def test_uncentred_cross_products_are_float32_accurate_at_any_offset(shape):
     centred batch: every correlation, including those of channels offset by up to 1,000 standard deviations,
     within float32 rounding of the float64 one written out, on both paths (B with and without offset channels),
     per image, one position per image, and the (samples, C) layout of a few positions (always centred). Matching's
-    centred channels (a few of them, or all) take their batch means and m2 from the centred values: within 5e-7 (7e-8 measured). The covariance
+    centred channels (a few of them, or all) take their batch means and m2 from the centred values: within 5e-7
+    (7e-8 measured). The covariance
     centres on the mean of per-image float32 sums, which for a channel 1,000σ from zero carry ~1e-5σ, and Chan et al.'s
     between-batch term passes that on: within 5e-6 (2.8e-6 measured with four batches)."""
     g = torch.Generator().manual_seed(11)

@@ -91,12 +91,24 @@ def _mean_m2(x3: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     channels — offset far from zero, constant, near-dead — are centred and summed again."""
     mean, m2, redo = _one_read(x3)
     if redo.numel():
-        part = x3 if 2 * redo.numel() > x3.shape[1] else x3.index_select(1, redo)
-        centre = (mean if part is x3 else mean[redo]).to(x3.dtype)
-        exact_mean, exact_m2 = _centred(part - centre.view(1, -1, 1), centre.double())
-        mean[redo] = exact_mean[redo] if part is x3 else exact_mean
-        m2[redo] = exact_m2[redo] if part is x3 else exact_m2
+        _recentre(x3, mean, m2, redo)
     return mean, m2
+
+
+def _recentre(x3: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, redo: torch.Tensor,
+              centred: torch.Tensor | None = None) -> None:
+    """The float64 mean and m2 (C,) of the channels ``redo`` of an (A, C, S) batch, taken again in place from their
+    values centred on the mean rounded to x's dtype (:func:`_centred`): from the whole centred batch where they are
+    more than half the channels (``centred``, x3 minus that rounded mean, if the caller has it), else from a copy of
+    those channels alone (e.g. ResNet20 with uncalibrated BatchNorm: 1–10 of 32–64 channels at its later stages)."""
+    rounded = mean.to(x3.dtype)
+    if 2 * redo.numel() > x3.shape[1]:
+        exact_mean, exact_m2 = _centred(x3 - rounded.view(1, -1, 1) if centred is None else centred, rounded.double())
+        mean[redo], m2[redo] = exact_mean[redo], exact_m2[redo]
+    else:
+        centre = rounded[redo]
+        exact_mean, exact_m2 = _centred(x3.index_select(1, redo) - centre.view(1, -1, 1), centre.double())
+        mean[redo], m2[redo] = exact_mean, exact_m2
 
 
 def _one_read(x3: torch.Tensor, products: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,8 +139,7 @@ def for_products(x3: torch.Tensor, by_image: bool, m2: bool = True):
     rounding of √(m2_x m2_y) times √(Σx²/m2_x · Σy²/m2_y) ≤ 4 (two bits, as for the variance), and nothing
     batch-sized is written. Otherwise they are the batch centred on its mean rounded to x's dtype, m̃ (one copy),
     offset mean − m̃, and the mean and m2 of the channels that failed are taken again from their centred values
-    (where they are at most half the channels, from a copy of those alone: measured, e.g., 1–10 of ResNet20's
-    32–64 channels at its later stages). The (samples, C) layout of several positions per image is always a copy, centred on the
+    (:func:`_recentre`). The (samples, C) layout of several positions per image is always a copy, centred on the
     way."""
     c, pos = x3.shape[1], x3.shape[2]
     if by_image or pos == 1:
@@ -137,12 +148,8 @@ def for_products(x3: torch.Tensor, by_image: bool, m2: bool = True):
         if redo.numel():
             rounded = mean.to(x3.dtype)
             values = x3 - rounded.view(1, -1, 1)
-            if m2:  # the mean and m2 of the channels that failed, from their centred values (a read of the copy,
-                #     or of a copy of those channels where they are few); the others' are exact as they are
-                part = values if 2 * redo.numel() > c else values.index_select(1, redo)
-                exact_mean, exact_sq = _centred(part, rounded.double() if part is values else rounded[redo].double())
-                mean[redo] = exact_mean[redo] if part is values else exact_mean
-                sq[redo] = exact_sq[redo] if part is values else exact_sq
+            if m2:  # the failing channels' mean and m2 from their centred values; the others' are exact as they are
+                _recentre(x3, mean, sq, redo, centred=values)
             offset = mean - rounded.double()
         return (values if by_image else values[:, :, 0]), mean, (sq if m2 else None), offset
     if m2:
