@@ -46,7 +46,7 @@ from mergescope.probe import blocks, stats  # noqa: E402
 
 SECONDS: collections.Counter = collections.Counter()  # (function, shape) -> wall seconds
 CALLS: collections.Counter = collections.Counter()  # (function, shape) -> calls
-CENTRED: collections.Counter = collections.Counter()  # shape -> [tensors, tensors with a failing channel, failing]
+CENTRED: dict[tuple, list[int]] = {}  # shape -> [tensors, tensors with a failing channel, failing channels]
 
 
 def timed(name: str, modules) -> None:
