@@ -12,7 +12,7 @@ from mergescope.align import JointMoments, match_many, weight_matching
 from mergescope.errors import NumericsError
 from mergescope.models import create_model
 from mergescope.perm import build_spec
-from mergescope.probe import blocks
+from mergescope.probe import blocks, stats
 from mergescope.probe.stats import CoMoments, Extremes, Moments, as_samples, channel_view
 
 
@@ -79,6 +79,53 @@ def test_extremes_counted_only_where_needed_keep_dead_channels_exact():
         for ch in chunks:
             e.update(as_samples(ch, 1))
         assert e.all_but_one_equal().tolist() == expected
+
+
+def _all_but_one_equal(x: torch.Tensor) -> list[bool]:
+    """Per column of (samples, C): one value on every sample but at most one, written out."""
+    return [int(torch.unique(col, return_counts=True)[1].max()) >= len(col) - 1 for col in x.T]
+
+
+def test_settled_channels_are_not_read_again_and_dead_masks_stay_exact(monkeypatch):
+    """A channel proven informative by one batch (two samples off each extreme) is not read for extremes again;
+    the ones no batch proves stay open and are counted exactly, over several models and merged shards."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.zeros(48, 6, 2, 2)  # 48 images of 4 samples, added 8 images at a time
+    a[:, 0] = 2.0  # constant: all but one equal, never settled
+    a[40, 1, 0, 1] = 5.0  # fires once, in the 6th batch: all but one equal, never settled
+    a[3, 2, 1, 0], a[30, 2, 0, 0] = 1.0, 4.0  # fires twice, in two batches: not all but one equal, never settled
+    a[:, 3] = torch.randn(48, 2, 2, generator=g)  # settled by the first batch
+    a[16:, 4] = torch.randn(32, 2, 2, generator=g)  # constant in batches 1-2, settled by the 3rd
+    a[20, 5] = torch.tensor([[1.0, -1.0], [1.0, -1.0]])  # m2 beyond any all-but-one-equal's: settled by the 3rd
+    expected = [True, True, False, False, False, False]
+    assert _all_but_one_equal(as_samples(a)) == expected
+    orders = {"a": list(range(6)), "b1": [5, 4, 3, 2, 1, 0], "b2": [2, 0, 1, 5, 3, 4]}
+    x = {k: a[:, o] for k, o in orders.items()}
+
+    reads = []
+    real = stats._channel_extreme
+    monkeypatch.setattr(stats, "_channel_extreme", lambda x3, reduce: reads.append(x3.shape[1]) or real(x3, reduce))
+
+    def stream(images):
+        cs = [CoMoments(), CoMoments()]
+        for i in images.split(8):
+            stats.co_update(cs, x["a"][i], [x["b1"][i], x["b2"][i]])
+        return cs
+
+    whole = stream(torch.arange(48))
+    assert reads[:6] == [6] * 6  # the first batch reads every channel of A, B1, B2 (min and max)
+    assert len(reads) == 6 * 6 and reads[-18:] == [3] * 18  # batches 4-6 only the 3 open channels
+    halves = stream(torch.arange(24)), stream(torch.arange(24, 48))
+    for cs in halves[1:]:
+        for c, other in zip(halves[0], cs):
+            c.merge(other)
+    for cs in (whole, halves[0]):
+        for c, b in zip(cs, ("b1", "b2")):
+            for ext, key in ((c.ext_a, "a"), (c.ext_b, b)):
+                order = orders[key]
+                assert ext.all_but_one_equal().tolist() == [expected[i] for i in order]
+                assert sorted(ext.open.tolist()) == [j for j, i in enumerate(order) if i < 3]
+                assert ext.n == 48 * 4
 
 
 def test_matching_names_the_model_with_nan_activations():

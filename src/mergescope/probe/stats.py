@@ -211,7 +211,10 @@ class Extremes:
 
     Exact (no rounding) and independent of batching and order, so it merges like :class:`Moments`. Batches
     added with :meth:`update_channels` count only where a batch could be all but one equal (the counts of the
-    other channels are 0, a lower bound that keeps :meth:`all_but_one_equal` exact).
+    other channels are 0, a lower bound that keeps :meth:`all_but_one_equal` exact), and a channel with two samples
+    off each extreme in one batch is *settled*: no stream containing that batch is all but one equal there, so later
+    batches are not read for it (after a ReLU network's first batch, only its dead channels are; none at all once
+    every channel is settled), and its minimum, maximum and counts are no longer kept up to date.
     """
 
     def __init__(self) -> None:
@@ -220,52 +223,90 @@ class Extremes:
         self.hi: torch.Tensor | None = None  # (C,) maximum
         self.n_lo: torch.Tensor | None = None  # (C,) int64 samples equal to the minimum
         self.n_hi: torch.Tensor | None = None  # (C,) int64 samples equal to the maximum
+        self.settled: torch.Tensor | None = None  # (C,) bool: proven not all but one equal
+        self.open: torch.Tensor | None = None  # indices of the channels not settled
 
     def update(self, x: torch.Tensor) -> None:
         if x.shape[0] == 0:
             return
         lo, hi = x.min(0).values, x.max(0).values
-        self._combine(x.shape[0], lo, (x == lo).sum(0), hi, (x == hi).sum(0))
+        settled = torch.zeros(x.shape[1], dtype=torch.bool, device=x.device)
+        self._combine(x.shape[0], lo, (x == lo).sum(0), hi, (x == hi).sum(0), settled)
 
-    def update_channels(self, x3: torch.Tensor, m2: torch.Tensor) -> None:
-        """Add an (A, C, S) batch (:func:`channel_view`) whose per-channel sum of squared deviations is ``m2``.
+    def update_channels(self, x3: torch.Tensor, m2: torch.Tensor, channels: torch.Tensor | None = None) -> None:
+        """Add an (A, C, S) batch (:func:`channel_view`) whose per-channel sum of squared deviations is ``m2``,
+        reading it only for ``channels`` (indices; default: those this stream has not settled, all at first). The
+        others must be settled already wherever this batch is added (:meth:`merge`).
 
         A channel whose samples all but one equal its minimum (or maximum) has m2 = R²·(n−1)/n, R its range
         (0 if constant); one with a larger m2 — beyond the rounding of m2 and R, bounded by a few ulps of the
-        largest magnitude M per sample — has at least two samples off each extreme, so only the others are
-        counted (one small gathered copy), and the rest count 0.
+        largest magnitude M per sample — has at least two samples off each extreme and is settled; only the others
+        are counted (one small gathered copy).
         """
-        n = x3.shape[0] * x3.shape[2]
+        n, c = x3.shape[0] * x3.shape[2], x3.shape[1]
         if n == 0:
             return
-        lo, hi = _channel_extreme(x3, torch.amin), _channel_extreme(x3, torch.amax)
-        n_lo = torch.zeros(x3.shape[1], dtype=torch.int64, device=x3.device)
-        n_hi = n_lo.clone()
+        if channels is None:
+            channels = self.open
+        if channels is not None and channels.numel() == 0 and self.lo is not None:
+            self.n += n  # every channel settled: nothing to read
+            return
+        sub = x3 if channels is None or 2 * channels.numel() > c else x3.index_select(1, channels)
+        lo, hi = _channel_extreme(sub, torch.amin), _channel_extreme(sub, torch.amax)
+        if sub is x3 and channels is not None:
+            lo, hi = lo[channels], hi[channels]
+        if channels is not None:
+            m2 = m2[channels.to(m2.device)]
         ulp = torch.finfo(x3.dtype).eps * torch.maximum(lo.abs(), hi.abs()).double()
         bound = (math.sqrt(1.01 * (n - 1) / n) * ((hi - lo).double() + 2 * ulp)
                  + math.sqrt(n) * (math.log2(n) + 4) * ulp)
-        maybe = (m2.double().sqrt() <= bound).nonzero().flatten()
+        settled = m2.double().sqrt().to(bound.device) > bound
+        n_lo = torch.zeros(lo.shape[0], dtype=torch.int64, device=x3.device)
+        n_hi = n_lo.clone()
+        maybe = (~settled).nonzero().flatten()
         if maybe.numel():
-            sub = x3.index_select(1, maybe)
-            n_lo[maybe] = _channel_sum((sub == lo[maybe].view(1, -1, 1)).to(torch.int64))
-            n_hi[maybe] = _channel_sum((sub == hi[maybe].view(1, -1, 1)).to(torch.int64))
-        self._combine(n, lo, n_lo, hi, n_hi)
+            read = maybe if channels is None else channels[maybe]
+            part = x3.index_select(1, read)
+            n_lo[maybe] = _channel_sum((part == lo[maybe].view(1, -1, 1)).to(torch.int64))
+            n_hi[maybe] = _channel_sum((part == hi[maybe].view(1, -1, 1)).to(torch.int64))
+        if channels is not None:  # the channels not read: settled, with values that leave a merge's untouched
+            lo, hi, n_lo, n_hi, settled = (_scatter(channels, c, v, fill)
+                                           for v, fill in ((lo, math.inf), (hi, -math.inf), (n_lo, 0), (n_hi, 0),
+                                                           (settled, True)))
+        self._combine(n, lo, n_lo, hi, n_hi, settled)
 
-    def _combine(self, n: int, lo: torch.Tensor, n_lo: torch.Tensor, hi: torch.Tensor, n_hi: torch.Tensor) -> None:
+    def _combine(self, n: int, lo: torch.Tensor, n_lo: torch.Tensor, hi: torch.Tensor, n_hi: torch.Tensor,
+                 settled: torch.Tensor) -> None:
         if self.lo is None:
-            self.n, self.lo, self.n_lo, self.hi, self.n_hi = n, lo, n_lo, hi, n_hi
-            return
-        self.lo, self.n_lo = _merge_extreme(self.lo, self.n_lo, lo, n_lo, torch.minimum)
-        self.hi, self.n_hi = _merge_extreme(self.hi, self.n_hi, hi, n_hi, torch.maximum)
-        self.n += n
+            self.n, self.lo, self.n_lo, self.hi, self.n_hi, self.settled = n, lo, n_lo, hi, n_hi, settled
+        else:
+            self.lo, self.n_lo = _merge_extreme(self.lo, self.n_lo, lo, n_lo, torch.minimum)
+            self.hi, self.n_hi = _merge_extreme(self.hi, self.n_hi, hi, n_hi, torch.maximum)
+            self.settled = self.settled | settled.to(self.settled.device)
+            self.n += n
+        self.open = (~self.settled).nonzero().flatten()
 
     def merge(self, other: "Extremes") -> None:
         if other.lo is not None:
-            self._combine(other.n, other.lo, other.n_lo, other.hi, other.n_hi)
+            self._combine(other.n, other.lo, other.n_lo, other.hi, other.n_hi, other.settled)
 
     def all_but_one_equal(self) -> torch.Tensor:
         """Boolean (C,): channels that take one value on every sample except at most one."""
-        return (self.n_lo >= self.n - 1) | (self.n_hi >= self.n - 1)
+        return ~self.settled & ((self.n_lo >= self.n - 1) | (self.n_hi >= self.n - 1))
+
+
+def _scatter(index: torch.Tensor, size: int, values: torch.Tensor, fill) -> torch.Tensor:
+    out = torch.full((size,), fill, dtype=values.dtype, device=values.device)
+    return out.index_copy_(0, index.to(values.device), values)
+
+
+def _open_channels(streams: Sequence[Extremes]) -> torch.Tensor | None:
+    """The channels any of ``streams`` has not settled, as indices; None (all) if one has seen nothing."""
+    if any(e.open is None for e in streams):
+        return None
+    if len(streams) == 1:
+        return streams[0].open
+    return torch.cat([e.open for e in streams]).unique()
 
 
 def co_update(stats: Sequence[CoMoments], a: torch.Tensor, bs: Sequence[torch.Tensor],
@@ -278,8 +319,8 @@ def co_update(stats: Sequence[CoMoments], a: torch.Tensor, bs: Sequence[torch.Te
     n = a3.shape[0] * a3.shape[2]
     by_image = per_image(a3, b3s)
     xa, ma, m2a, ua = for_products(a3, by_image)
-    ext_a = Extremes()
-    ext_a.update_channels(a3, m2a)
+    ext_a = Extremes()  # A's batch once, for the channels any of its streams has not settled
+    ext_a.update_channels(a3, m2a, _open_channels([st.ext_a for st in stats]))
     for st, b3 in zip(stats, b3s):
         xb, mb, m2b, ub = for_products(b3, by_image)
         st._combine(n, ma, mb, products(xa, xb, by_image), offsets=(ua, ub))
