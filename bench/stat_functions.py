@@ -4,13 +4,15 @@ What it measures
     One model pair (random init, BatchNorm calibrated on the images, as in ``bench/data_passes.py``) and one pass —
     activation matching (``match_many``) or the map merges' joint covariance (``group_covariances``) — over
     pre-loaded random images. The pass's statistics functions in ``mergescope.probe.stats`` and
-    ``mergescope.probe.blocks`` are wrapped with timers: ``_sums`` (Σx and Σx², the one-read means),
-    ``for_products`` (the means, the one-read test and, where a channel fails it, the centred copy),
+    ``mergescope.probe.blocks`` are wrapped with timers: ``_sums`` (Σx and Σx², the one-read means), ``sum64``
+    (Σx alone), ``for_products`` (matching: the means, the one-read test and, where a channel fails it, the centred
+    copy), ``with_own_products`` (covariance: the same with the batch's product with itself, whose diagonal is Σx²),
     ``Extremes.update_channels`` (min and max, for dead channels; matching only), ``products`` (the float32 matrix
     products) and ``add_into`` (float32 parts added into the float64 sums), wherever the pass calls them. It also counts the tensors where at least one channel failed the one-read test
     (mean² > 3·variance) and so took the centred path, with how many channels failed.
 
-    The times nest: ``for_products`` includes its ``_sums`` calls. Wrapping adds a few microseconds per call, so
+    The times nest: ``for_products`` includes its ``_sums`` calls, ``with_own_products`` its ``sum64`` and
+    ``products``, and ``_sums`` its ``sum64``. Wrapping adds a few microseconds per call, so
     compare runs of this script with each other, not with ``bench/data_passes.py``. That script's
     statistics ÷ forward ratio is the measure of issue 14. This script says which function to work on next.
 
@@ -71,18 +73,19 @@ def timed(name: str, modules) -> None:
 
 
 def count_centred() -> None:
-    """Count, per shape, the tensors ``for_products`` tests and those with channels that fail the one-read test."""
-    one_read = stats._one_read
+    """Count, per shape, the tensors ``for_products`` and ``with_own_products`` test and those with channels that
+    fail the one-read test."""
+    tested = stats._tested
 
-    @functools.wraps(one_read)
-    def wrapper(x3, products=False):
-        mean, m2, redo = one_read(x3, products)
+    @functools.wraps(tested)
+    def wrapper(x3, s, q, products=False):
+        mean, m2, redo = tested(x3, s, q, products)
         if products:
             c = CENTRED.setdefault(tuple(x3.shape), [0, 0, 0])
             c[0], c[1], c[2] = c[0] + 1, c[1] + (redo.numel() > 0), c[2] + redo.numel()
         return mean, m2, redo
 
-    stats._one_read = wrapper
+    stats._tested = wrapper
 
 
 def main() -> None:
@@ -117,7 +120,7 @@ def main() -> None:
                 a(batch.x), b(batch.x)
         return time.perf_counter() - t0
 
-    for name in ("_sums", "for_products", "products", "add_into"):
+    for name in ("_sums", "sum64", "for_products", "with_own_products", "products", "add_into"):
         timed(name, (stats, blocks, covariance))
     timed("update_channels", (stats.Extremes,))
     count_centred()

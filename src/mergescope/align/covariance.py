@@ -27,7 +27,7 @@ from ..perm import PermSpec, observation_points
 from ..perm.spec import TapPoint
 from ..probe.engine import run_pass
 from ..probe.blocks import Gathered, add_into, channel_view, per_image, products
-from ..probe.stats import common_precision, for_products
+from ..probe.stats import common_precision, with_own_products
 from ..probe.taps import tap_model
 from ..timing import stage
 
@@ -202,8 +202,9 @@ def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[t
 
     Every image × position is a sample. A batch's scatter blocks are float32 products summed in float64
     (:func:`mergescope.probe.blocks.products`) of the batch as it is, corrected by its float64 means, wherever that
-    is as accurate as centring it first, else of the batch centred on its mean
-    (:func:`mergescope.probe.stats.for_products`); batches are combined in float64 (Chan et al.), so the statistics
+    is as accurate as centring it first — tested on the diagonals of Σ_AA and Σ_BB, so a batch is read once for
+    its sums and then by its products — else of the batch centred on its mean
+    (:func:`mergescope.probe.stats.with_own_products`); batches are combined in float64 (Chan et al.), so the statistics
     agree with a float64 computation to float32 rounding (~1e-7 relative), the precision of the float32
     activations themselves. A product over the positions of each image is used when there are more positions
     than channels (a tall-skinny product is slow) or one image (a group of batches held channel-major by
@@ -214,12 +215,11 @@ def update_shared(stats: Sequence[JointMoments], a: torch.Tensor, bs: Sequence[t
     n = a3.shape[0] * a3.shape[2]
     b3s = [channel_view(b, channel_dim) for b in bs]
     by_image = per_image(a3, b3s)
-    xa, mean_a, _, ua = for_products(a3, by_image, m2=False)
-    saa = products(xa, xa, by_image)
+    xa, mean_a, ua, saa = with_own_products(a3, by_image)
     for st, b3 in zip(stats, b3s):
-        xb, mean_b, _, ub = for_products(b3, by_image, m2=False)
-        st._combine_blocks(n, torch.cat([mean_a, mean_b]), saa, products(xa, xb, by_image),
-                           products(xb, xb, by_image), torch.cat([ua, ub]))
+        xb, mean_b, ub, sbb = with_own_products(b3, by_image)
+        st._combine_blocks(n, torch.cat([mean_a, mean_b]), saa, products(xa, xb, by_image), sbb,
+                           torch.cat([ua, ub]))
 
 
 PLACES = ("observe", "preactivation")  # where a group's joint statistics can be gathered (:func:`group_points`)

@@ -113,14 +113,21 @@ def _recentre(x3: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, redo: torc
 
 def _one_read(x3: torch.Tensor, products: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch's float64 mean and Σx² − n·mean² per channel (C,), and the channels (indices) where that loses
-    more to cancellation than centring first would (Σx² > limit · m2) and must be centred first.
+    more to cancellation than centring first would (Σx² > limit · m2) and must be centred first: :func:`_tested`
+    of its :func:`_sums`."""
+    return _tested(x3, *_sums(x3), products)
+
+
+def _tested(x3: torch.Tensor, s: torch.Tensor, q: torch.Tensor,
+            products: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The one-read test of a batch x3 with float64 sums Σx = ``s`` and Σx² = ``q`` (C,): its mean, m2 = Σx² − n·mean²
+    and the channels (indices) with Σx² > limit · m2.
 
     The limit is :data:`_ONE_READ` where the per-image sums are taken in float32 and
     :data:`_ONE_READ_FLOAT64` where they are float64 (one position per image — a probe's or a linear layer's
     activations — or float64 input). ``products``: the test for cross products taken of the batch as it is, in
     its own precision (:func:`for_products`), which is float32's unless the batch is float64."""
     n = x3.shape[0] * x3.shape[2]
-    s, q = _sums(x3)
     mean = s / max(n, 1)
     m2 = q - s * mean
     wide = x3.dtype == torch.float64 or (x3.shape[2] == 1 and not products)
@@ -160,6 +167,31 @@ def for_products(x3: torch.Tensor, by_image: bool, m2: bool = True):
     out = torch.empty((x3.shape[0], pos, c), dtype=x3.dtype, device=x3.device)
     torch.sub(x3.transpose(1, 2), rounded, out=out)
     return out.view(-1, c), mean, sq, mean - rounded.double()
+
+
+def with_own_products(x3: torch.Tensor, by_image: bool):
+    """A batch as its products read it and its product with itself: ``(values, mean, offset, own)``, ``values``,
+    ``mean`` and ``offset`` as :func:`for_products` gives them (without m2) and ``own`` = Σ values valuesᵀ
+    (:func:`mergescope.probe.blocks.products`), for the joint scatter of the map merges.
+
+    Per image or with one position per image, the one-read test (:func:`_tested`) takes Σx² from the diagonal of
+    the batch's product with itself, which is needed anyway, rather than from a read of its own: the batch is read
+    once for Σx and once by the product. Where a channel fails the test, the batch is centred on its mean rounded
+    to x's dtype and the product taken again (never on the benchmarks' calibrated networks: bench/stat_functions.py).
+    The (samples, C) layout of several positions per image is centred on the way, as in :func:`for_products`."""
+    pos = x3.shape[2]
+    if not (by_image or pos == 1):
+        values, mean, _, offset = for_products(x3, by_image, m2=False)
+        return values, mean, offset, products(values, values, by_image)
+    values = x3 if by_image else x3[:, :, 0]
+    own = products(values, values, by_image)
+    mean, _, redo = _tested(x3, sum64(x3), own.diagonal().double(), products=True)
+    if not redo.numel():
+        return values, mean, mean, own
+    rounded = mean.to(x3.dtype)
+    centred = x3 - rounded.view(1, -1, 1)
+    values = centred if by_image else centred[:, :, 0]
+    return values, mean, mean - rounded.double(), products(values, values, by_image)
 
 
 class Moments:
