@@ -8,7 +8,9 @@ What it measures
     (Σx alone), ``for_products`` (matching: the means, the one-read test and, where a channel fails it, the centred
     copy), ``with_own_products`` (covariance: the same with the batch's product with itself, whose diagonal is Σx²),
     ``Extremes.update_channels`` (min and max, for dead channels; matching only), ``products`` (the float32 matrix
-    products) and ``add_into`` (float32 parts added into the float64 sums), wherever the pass calls them. It also counts the tensors where at least one channel failed the one-read test
+    products), ``add_into`` (float32 parts added into the float64 sums), ``append`` (a batch copied into the
+    buffers of a held group, ``probe.blocks``) and the float64 updates of the accumulators (``_combine`` of
+    matching's ``CoMoments``, ``_combine_blocks`` of the joint scatter), wherever the pass calls them. It also counts the tensors where at least one channel failed the one-read test
     (mean² > 3·variance) and so took the centred path, with how many channels failed.
 
     The times nest: ``for_products`` includes its ``_sums`` calls, ``with_own_products`` its ``sum64`` and
@@ -123,6 +125,9 @@ def main() -> None:
     for name in ("_sums", "sum64", "for_products", "with_own_products", "products", "add_into"):
         timed(name, (stats, blocks, covariance))
     timed("update_channels", (stats.Extremes,))
+    timed("append", (blocks._Held,))
+    timed("_combine_blocks", (covariance.JointMoments,))
+    timed("_combine", (stats.CoMoments,))
     count_centred()
 
     bare(), run()  # warm-up
