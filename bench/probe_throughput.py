@@ -10,6 +10,8 @@ efficiency of the pass alone printed beside it. The one-pass design also replace
 (it should stay flat: the probe's state is O(models · channels · k)).
 
     python bench/probe_throughput.py [--images 2048] [--models 5] [--arch resnet20] [--device cpu] [--memory]
+    python bench/probe_throughput.py --device cuda --images 50000 --arch resnet20 --width 4 --precision bfloat16
+    python bench/probe_throughput.py --device cuda --arch tv_alexnet --size 224 --images 4096
 """
 from __future__ import annotations
 
@@ -31,9 +33,9 @@ from mergescope.probe import probe, run_pass  # noqa: E402
 from mergescope.probe.probe import _tap_all  # noqa: E402
 
 
-def random_dataset(n: int) -> InMemoryDataset:
+def random_dataset(n: int, size: int = 32) -> InMemoryDataset:
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8, generator=g)
+    images = torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
     return InMemoryDataset(images, torch.randint(0, 10, (n,), generator=g), [str(i) for i in range(10)],
                            (0.5,) * 3, (0.25,) * 3, name="random")
 
@@ -50,8 +52,9 @@ def timed(fn, device: str) -> float:
 
 def peak_rss_mb(args, images: int) -> float:
     """Peak RSS of a fresh process that probes ``images`` images (after building everything)."""
-    code = (f"import sys; sys.argv=['x','--images','{images}','--models','{args.models}','--arch','{args.arch}',"
-            f"'--repeats','1','--probe-only']; exec(open({__file__!r}).read())")
+    argv = ["x", "--images", str(images), "--models", str(args.models), "--arch", args.arch, "--size", str(args.size),
+            "--repeats", "1", "--probe-only"] + (["--width", str(args.width)] if args.width is not None else [])
+    code = f"import sys; sys.argv={argv!r}; exec(open({__file__!r}).read())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -61,6 +64,9 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--models", type=int, default=5)
     p.add_argument("--arch", default="resnet20")
+    p.add_argument("--width", type=float, default=None, help="width multiplier, for the archs that take one "
+                   "(e.g. 4 for ResNet20×4)")
+    p.add_argument("--size", type=int, default=32, help="side of the random images, px (e.g. 224 for tv_alexnet)")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
@@ -70,9 +76,12 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="peak RSS as the dataset grows 10x")
     p.add_argument("--probe-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if min(args.images, args.models, args.batch_size, args.repeats, args.size) < 1:
+        p.error("--images, --models, --batch-size, --repeats and --size must be at least 1")
     torch.set_num_threads(args.threads)
-    ds = random_dataset(args.images)
-    models = {f"m{i}": create_model(args.arch, seed=i).to(args.device).eval() for i in range(args.models)}
+    ds = random_dataset(args.images, args.size)
+    kwargs = {} if args.width is None else {"width": args.width}
+    models = {f"m{i}": create_model(args.arch, seed=i, **kwargs).to(args.device).eval() for i in range(args.models)}
     if args.probe_only:
         probe(models, ds, batch_size=args.batch_size, device=args.device, progress=False)
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -90,7 +99,8 @@ def main() -> None:
     t_setup = min(timed(lambda: _tap_all(models, None, ds, "max", torch.device(args.device)), args.device)
                   for _ in range(args.repeats))
     mi = args.models * args.images
-    print(f"{args.models} × {args.arch} ({layers} layers each), {args.images} images, batch {args.batch_size}, "
+    arch = args.arch if args.width is None else f"{args.arch} ×{args.width:g}"
+    print(f"{args.models} × {arch} ({layers} layers each), {args.images} {args.size}² images, batch {args.batch_size}, "
           f"{args.device}, {args.precision}, {torch.get_num_threads()} threads, best of {args.repeats}")
     print(f"| bare forward | {t_bare:.2f} s | {mi / t_bare:,.0f} model-images/s |")
     print(f"| probe, all layers, k=10 | {t_probe:.2f} s | {mi / t_probe:,.0f} model-images/s |")
