@@ -6,6 +6,12 @@ measured on ResNet20 (bench/data_passes.py --stats, 2026-12-02), the same convol
 pass that keeps its tapped activations alive than in a bare forward. Raising the mmap threshold to its maximum
 and not trimming the heap's top makes freed blocks reusable; the process's peak memory is unchanged, only
 memory freed after the peak stays mapped (to the process, not the machine's page cache).
+
+Blocks above that largest threshold (32 MB: a VGG11 activation of 500 32² images is 131 MB) would still be mapped
+afresh each batch, so they are served from the heap too (no mmap at all; glibc falls back to mmap where the heap
+cannot grow). Measured (bench/RESULTS.md 2026-12-04b): a bare VGG11-BN forward of 500 images faulted 850k pages
+instead of 230k and ran 4-15% slower, and matching passes at batch 500 spent ~0.05 more of their forward time on
+statistics.
 """
 from __future__ import annotations
 
@@ -13,7 +19,7 @@ import ctypes
 import ctypes.util
 import functools
 
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4  # glibc's mallopt parameters (malloc.h)
 _MMAP_THRESHOLD_MAX = 32 * 1024 * 1024  # glibc's largest accepted value on 64-bit systems
 _KEEP = 1024 * 1024 * 1024  # heap top kept before trimming, and padding of each heap growth
 
@@ -29,4 +35,4 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return all(mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX), (_M_TRIM_THRESHOLD, _KEEP),
-                                               (_M_TOP_PAD, 64 * 1024 * 1024)))
+                                               (_M_TOP_PAD, 64 * 1024 * 1024), (_M_MMAP_MAX, 0)))

@@ -256,7 +256,15 @@ class Extremes:
         self.n_lo: torch.Tensor | None = None  # (C,) int64 samples equal to the minimum
         self.n_hi: torch.Tensor | None = None  # (C,) int64 samples equal to the maximum
         self.settled: torch.Tensor | None = None  # (C,) bool: proven not all but one equal
-        self.open: torch.Tensor | None = None  # indices of the channels not settled
+        self._open: torch.Tensor | None = None  # :attr:`open`, once asked for
+
+    @property
+    def open(self) -> torch.Tensor | None:
+        """Indices of the channels not settled (None before the first batch): found when first asked for after an
+        update (one device sync), and never again once empty, since channels only settle."""
+        if self.settled is not None and self._open is None:
+            self._open = (~self.settled).nonzero().flatten()
+        return self._open
 
     def update(self, x: torch.Tensor) -> None:
         if x.shape[0] == 0:
@@ -316,7 +324,8 @@ class Extremes:
             self.hi, self.n_hi = _merge_extreme(self.hi, self.n_hi, hi, n_hi, torch.maximum)
             self.settled = self.settled | settled.to(self.settled.device)
             self.n += n
-        self.open = (~self.settled).nonzero().flatten()
+        if self._open is not None and self._open.numel():
+            self._open = None  # channels may have settled
 
     def merge(self, other: "Extremes") -> None:
         if other.lo is not None:
