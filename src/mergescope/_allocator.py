@@ -9,9 +9,8 @@ memory freed after the peak stays mapped (to the process, not the machine's page
 
 Blocks above that largest threshold (32 MB: a VGG11 activation of 500 32² images is 131 MB) would still be mapped
 afresh each batch, so they are served from the heap too (no mmap at all; glibc falls back to mmap where the heap
-cannot grow). Measured (bench/RESULTS.md 2026-12-04b): a bare VGG11-BN forward of 500 images faulted 850k pages
-instead of 230k and ran 4-15% slower, and matching passes at batch 500 spent ~0.05 more of their forward time on
-statistics.
+cannot grow). Measured (bench/page_faults.py, bench/RESULTS.md 2026-12-04b): without this, a bare VGG11-BN forward
+of 500 images faulted ~13× more pages and ran ~11% slower; with it, peak memory was ~4% higher.
 """
 from __future__ import annotations
 
