@@ -115,11 +115,10 @@ def test_settled_channels_are_not_read_again_and_dead_masks_stay_exact(monkeypat
     whole = stream(torch.arange(48))
     assert reads[:6] == [6] * 6  # the first batch reads every channel of A, B1, B2 (min and max)
     assert len(reads) == 6 * 6 and reads[-18:] == [3] * 18  # batches 4-6 only the 3 open channels
-    halves = stream(torch.arange(24)), stream(torch.arange(24, 48))
-    for cs in halves[1:]:
-        for c, other in zip(halves[0], cs):
-            c.merge(other)
-    for cs in (whole, halves[0]):
+    first, second = stream(torch.arange(24)), stream(torch.arange(24, 48))
+    for c, other in zip(first, second):
+        c.merge(other)
+    for cs in (whole, first):
         for c, b in zip(cs, ("b1", "b2")):
             for ext, key in ((c.ext_a, "a"), (c.ext_b, b)):
                 order = orders[key]

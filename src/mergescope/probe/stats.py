@@ -111,6 +111,13 @@ def _recentre(x3: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, redo: torc
         mean[redo], m2[redo] = exact_mean, exact_m2
 
 
+def _minus_rounded_mean(x3: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An (A, C, S) batch centred on its float64 channel ``mean`` rounded to x's dtype, m̃ (one copy), and m̃ in
+    float64: the centring of :func:`for_products` and :func:`with_own_products`, whose offset is mean − m̃."""
+    rounded = mean.to(x3.dtype)
+    return x3 - rounded.view(1, -1, 1), rounded.double()
+
+
 def _one_read(x3: torch.Tensor, products: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A batch's float64 mean and Σx² − n·mean² per channel (C,), and the channels (indices) where that loses
     more to cancellation than centring first would (Σx² > limit · m2) and must be centred first: :func:`_tested`
@@ -153,11 +160,10 @@ def for_products(x3: torch.Tensor, by_image: bool, m2: bool = True):
         mean, sq, redo = _one_read(x3, products=True)
         values, offset = x3, mean
         if redo.numel():
-            rounded = mean.to(x3.dtype)
-            values = x3 - rounded.view(1, -1, 1)
+            values, rounded = _minus_rounded_mean(x3, mean)
             if m2:  # the failing channels' mean and m2 from their centred values; the others' are exact as they are
                 _recentre(x3, mean, sq, redo, centred=values)
-            offset = mean - rounded.double()
+            offset = mean - rounded
         return (values if by_image else values[:, :, 0]), mean, (sq if m2 else None), offset
     if m2:
         mean, sq = _mean_m2(x3)
@@ -188,10 +194,9 @@ def with_own_products(x3: torch.Tensor, by_image: bool):
     mean, _, redo = _tested(x3, sum64(x3), own.diagonal().double(), products=True)
     if not redo.numel():
         return values, mean, mean, own
-    rounded = mean.to(x3.dtype)
-    centred = x3 - rounded.view(1, -1, 1)
+    centred, rounded = _minus_rounded_mean(x3, mean)
     values = centred if by_image else centred[:, :, 0]
-    return values, mean, mean - rounded.double(), products(values, values, by_image)
+    return values, mean, mean - rounded, products(values, values, by_image)
 
 
 class Moments:
