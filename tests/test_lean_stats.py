@@ -13,7 +13,8 @@ from mergescope.errors import NumericsError
 from mergescope.models import create_model
 from mergescope.perm import build_spec
 from mergescope.probe import blocks, stats
-from mergescope.probe.stats import CoMoments, Extremes, Moments, as_samples, channel_view
+from mergescope.probe.stats import (CoMoments, Extremes, Moments, as_samples, channel_view, for_products,
+                                    with_own_products)
 
 
 def _activations(shape, seed=0, offset=0.0):
@@ -342,6 +343,21 @@ def test_uncentred_cross_products_are_float32_accurate_at_any_offset(shape):
         d = x - x.mean(0)
         want_joint = (d.T @ d) / torch.outer(d.norm(dim=0), d.norm(dim=0))
         np.testing.assert_allclose(j.correlation().numpy(), want_joint.numpy(), rtol=0, atol=5e-6)
+
+
+def test_centred_values_minus_their_offset_are_the_deviations_from_the_mean_float64_too():
+    """The contract of ``for_products`` and ``with_own_products``: values − offset = x − mean, the returned float64
+    mean, also where a float64 batch is centred and matching refines the mean in place afterwards (float64's
+    ``mean.to(float64)`` is the mean itself: the centre must be a copy, or the offset comes out 0)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 8, 50, generator=g, dtype=torch.float64) * 1e-3
+    x[:, [1, 5]] += 1e7  # fail the one-read test even in float64 (Σx² > 2^20 · m2)
+    fp, wo = for_products(x, True), with_own_products(x, True)
+    for values, mean, offset in ((fp[0], fp[1], fp[3]), (wo[0], wo[1], wo[2])):
+        assert values.data_ptr() != x.data_ptr()  # the centred copy was taken
+        deviations = x - mean.view(1, -1, 1)  # exact: x and mean within a factor 2 of each other
+        torch.testing.assert_close(values - offset.view(1, -1, 1), deviations, rtol=0, atol=1e-12)
+    assert (fp[3][[1, 5]].abs() > 1e-10).any()  # a refined mean moved off its centre: the check above bites
 
 
 def test_add_into_adds_float32_into_float64_exactly_in_cache_sized_slices(monkeypatch):

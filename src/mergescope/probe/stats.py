@@ -112,9 +112,10 @@ def _recentre(x3: torch.Tensor, mean: torch.Tensor, m2: torch.Tensor, redo: torc
 
 
 def _minus_rounded_mean(x3: torch.Tensor, mean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An (A, C, S) batch centred on its float64 channel ``mean`` rounded to x's dtype, m̃ (one copy), and m̃ in
-    float64: the centring of :func:`for_products` and :func:`with_own_products`, whose offset is mean − m̃."""
-    rounded = mean.to(x3.dtype)
+    """An (A, C, S) batch centred on its float64 channel ``mean`` rounded to x's dtype, m̃ (one copy), and m̃ in float64
+    — a copy of its own, so that refining ``mean`` in place afterwards (:func:`_recentre`) leaves the offset
+    mean − m̃ of the copy's values as it should be, float64 input too (whose ``mean.to`` is ``mean`` itself)."""
+    rounded = mean.to(x3.dtype, copy=True)
     return x3 - rounded.view(1, -1, 1), rounded.double()
 
 
