@@ -27,6 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from baseline import baseline_src
+
 ROOT = Path(__file__).resolve().parents[1]
 RENDER_FUNCS = ("render_views", "render_report")  # studies/probe.py, report/html.py: every page of a probe run
 
@@ -176,12 +178,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="render_pages_"))
     versions = {"after": ROOT / "src"}
     if args.baseline:
-        base = work / "baseline"
-        base.mkdir()
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "src"], capture_output=True,
-                                 check=True).stdout
-        subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
-        versions = {"before": base / "src", **versions}
+        versions = {"before": baseline_src(args.baseline, work / "baseline"), **versions}
     sys.path.insert(0, str(ROOT / "src"))
     cases = {}
     if "alexnet" in args.cases:

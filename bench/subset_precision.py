@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
+from baseline import baseline_src  # noqa: E402
 from render_pages import make_alexnets, make_tree  # noqa: E402  (the same inputs as the page benchmark)
 
 CIFAR = ROOT.parent / "shared" / "datasets" / "cifar10"
@@ -87,12 +88,7 @@ def main() -> None:
     p.add_argument("--json", default=None)
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="subset_precision_"))
-    base = work / "baseline"
-    base.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "src"], capture_output=True,
-                             check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
-    versions = {"float32": base / "src", "16-bit": ROOT / "src"}
+    versions = {"float32": baseline_src(args.baseline, work / "baseline"), "16-bit": ROOT / "src"}
     sys.path.insert(0, str(ROOT / "src"))
     ck = ROOT / "bench" / "checkpoints"
     cases = {

@@ -33,6 +33,8 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+from baseline import baseline_src  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 SHAPES = {  # (images, channels, positions): where the benchmarks' models give them
     "resnet20 stage 1, batch 32": (32, 16, 1024),
@@ -102,14 +104,7 @@ def main() -> None:
         print(json.dumps(measure(args.calls, args.repeats, args.warm)))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        base = None
-        if args.baseline:
-            archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.baseline, "src"], capture_output=True,
-                                     check=False)
-            if archive.returncode:
-                sys.exit(f"update_calls.py: --baseline {args.baseline}: {archive.stderr.decode().strip()}")
-            subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-            base = Path(tmp) / "src"
+        base = baseline_src(args.baseline, Path(tmp)) if args.baseline else None
         versions = {"before": base, "after": ROOT / "src"} if base else {"after": ROOT / "src"}
         best: dict[str, dict] = {}
         for _ in range(args.rounds):
