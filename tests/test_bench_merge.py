@@ -61,7 +61,7 @@ def test_bench_table_has_every_column_method_and_workload(bench):
     assert ft["permuted+repair"]["data_passes"] == "2" and ft["permuted+repair"]["batchnorm"] == "repair"
     assert results["bench"]["reading"].startswith("Reading the table") and "halves_finetune" in results["headline"]
     manifest = json.loads((out / "manifest.json").read_text())
-    assert {"bench.csv", "results.json", "report.html", "figures/bench_seeds.png",
+    assert {"bench.csv", "results.json", "report.html", "figures/bench_seeds.svg",
             "checkpoints/base.safetensors"} <= set(manifest["sha256"])
     assert (out / "report.html").read_text().count("<img") == len(WORKLOADS)
 

@@ -298,7 +298,7 @@ def test_compare_cli_on_a_probe_run_folder(tmp_path, capsys, monkeypatch):
     assert "Channel comparison" in (run / "report.html").read_text()
     partial = results["compare"]["partial_merge"]
     assert {r["seed"] for r in partial if r["metric"] == "random"} == {0, 1}
-    assert (run / "figures" / "partial_merge.png").is_file() and (run / "partial_merge.csv").is_file()
+    assert (run / "figures" / "partial_merge.svg").is_file() and (run / "partial_merge.csv").is_file()
     manifest = json.loads((run / "manifest.json").read_text())
     assert manifest["compare"]["embedder"]["kind"] == "fallback" and "compare.csv" in manifest["sha256"]
     stages = manifest["compare"]["time_by_stage"]["stages"]  # the metrics: the comparison's own stage

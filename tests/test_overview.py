@@ -345,8 +345,8 @@ def test_every_link_and_image_of_every_page_resolves(study):
         for url in [*page.hrefs, *page.srcs, *page.urls]:
             assert _resolves(path.parent, url), f"{path.relative_to(root)}: {url}"
     overview = _parse(out.path)
-    assert {"sweep/figures/interpolation_test.png", "features/figures/partial_merge.png",
-            "features/figures/regression.png"} <= set(overview.srcs)
+    assert {"sweep/figures/interpolation_test.svg", "features/figures/partial_merge.svg",
+            "features/figures/regression.svg"} <= set(overview.srcs)
     for layer in ("features.2", "features.5", "features.9"):
         assert f"layers/{layer}.html" in overview.hrefs and f"features/features/table_{layer}.html" in overview.hrefs
 

@@ -114,7 +114,7 @@ def test_regress_command_writes_csv_and_section(tmp_path, capsys):
     assert "regression.csv" in section["html"] and "regress_" in section["html"]
     assert "Regression alignment" in (run / "report.html").read_text()
     assert any(p.name.startswith("regress_") for p in (run / "features").iterdir())
-    assert (run / "figures" / "regression.png").is_file()
+    assert (run / "figures" / "regression.svg").is_file()
     assert main(["regress", str(run), "--quiet"]) == 2  # refuses to overwrite
     assert main(["regress", str(run), "--quiet", "--overwrite"]) == 0
 
@@ -163,7 +163,7 @@ def test_report_rerenders_the_regression_pages_as_first_rendered(resnet_run, tmp
     run = tmp_path / "run"
     shutil.copytree(resnet_run, run)
     before = _snapshot(run)
-    assert "figures/regression.png" in before and "features/regress_layer1.1.html" in before
+    assert "figures/regression.svg" in before and "features/regress_layer1.1.html" in before
     assert any(name.startswith("features/sprites/regress_") for name in before)
     for name in before:
         if "regress" in name and name.startswith(("features/", "figures/")):

@@ -10,12 +10,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jinja2
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
-from .compare_figures import _save
-from .figures import DPI, _plain
+from ..runs.atomic import atomic_write_text
 from .html import FIGURES_DIR
+from .svg_plot import Bars, Figure, Line, Panel, Rule
 
 FAMILY_COLORS = {"ensemble": "#7f7f7f", "aggregation": "#1f77b4", "alignment": "#2ca02c", "map": "#9467bd"}
 SURVEY_FAMILY = {"ensemble": "ensembling", "aggregation": "weight aggregation", "alignment": "neuron alignment",
@@ -89,32 +87,23 @@ def read_table(rows: Sequence[Mapping]) -> str:
 
 def plot_workload(rows: Sequence[Mapping], workload: str, split: str, path: str | os.PathLike) -> Path:
     """Horizontal bars: every merge's accuracy on ``split`` (coloured by family), its accuracy on each subset's
-    images (markers), the ensemble (dashed) and the best single model (dotted)."""
+    images (markers), the ensemble (dashed) and the best single model (dotted) (SVG)."""
     s = workload_summary(rows, workload, split)
     bars = [r for r in rows if r["workload"] == workload and r["split"] == split and r["family"] != "input"
             and _ok(r["accuracy"])]
-    fig = Figure(figsize=(8.5, 0.36 * len(bars) + 2.0), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ys = list(range(len(bars)))[::-1]
-    ax.barh(ys, [100 * r["accuracy"] for r in bars], color=[FAMILY_COLORS.get(r["family"], "#333333") for r in bars],
-            height=0.7)
+    items: list = [Bars([100 * r["accuracy"] for r in bars], [FAMILY_COLORS.get(r["family"], "#333333") for r in bars])]
     for marker, key in (("<", "accuracy_a"), (">", "accuracy_b")):
-        pts = [(100 * r[key], y) for r, y in zip(bars, ys) if _ok(r[key])]
+        at = [k for k, r in enumerate(bars) if _ok(r[key])]
         label = f"on {bars[0]['subset_a' if key == 'accuracy_a' else 'subset_b']}" if bars else key
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, color="black", s=18, zorder=5,
-                   label=label)
-    for r, style, what in ((s["ensemble"], "--", "ensemble"), (s["best_single"], ":", "best single model")):
+        items.append(Line([100 * bars[k][key] for k in at], at, "#000", marker=marker, size=8, stroke=False,
+                          label=label, tips=[f"{bars[k]['method']} {label}: {100 * bars[k][key]:.1f}%" for k in at]))
+    for r, dash, what in ((s["ensemble"], (4, 2), "ensemble"), (s["best_single"], (1, 1.5), "best single model")):
         if r is not None:
-            ax.axvline(100 * r["accuracy"], color="black", ls=style, lw=1.3,
-                       label=f"{what}: {_plain(r['method'])} {100 * r['accuracy']:.1f}%")
-    ax.set_yticks(ys, [_plain(r["method"]) for r in bars])
-    ax.set_xlim(0, 102)
-    ax.set_xlabel(f"{_plain(split)} accuracy (%): bars all images, markers each subset's")
-    ax.grid(True, axis="x", alpha=0.35)
-    ax.set_title(f"{_plain(workload)}: every method", fontsize=11)
-    fig.legend(fontsize=8, frameon=False, loc="outside lower center", ncols=2)
-    return _save(fig, path)
+            items.append(Rule(100 * r["accuracy"], "#000", 1.5, dash,
+                              label=f"{what}: {r['method']} {100 * r['accuracy']:.1f}%"))
+    panel = Panel(items, f"{workload}: every method", f"{split} accuracy (%): bars all images, markers each subset's",
+                  xlim=(0, 102), categories=[r["method"] for r in bars], grid="x")
+    return atomic_write_text(path, Figure([panel], 760, 26 * len(bars) + 110, legend="bottom").svg())
 
 
 _SECTION = jinja2.Environment(autoescape=True).from_string("""
@@ -165,7 +154,7 @@ def bench_section(run_dir: str | os.PathLike, result: Mapping, csv_name: str) ->
         figure = None
         if split is not None and any(r["family"] != "input" and _ok(r["accuracy"]) for r in mine):
             stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in name)
-            path = plot_workload(rows, name, split, run_dir / FIGURES_DIR / f"bench_{stem}.png")
+            path = plot_workload(rows, name, split, run_dir / FIGURES_DIR / f"bench_{stem}.svg")
             figures.append(path)
             figure = path.relative_to(run_dir).as_posix()
         subsets = list(shared.get("subsets", {})) + ["subset a", "subset b"]

@@ -215,11 +215,11 @@ def render_histograms(run_dir: str | os.PathLike, result) -> list[dict]:
 
 @staged("rendering")
 def render_partial_merge(run_dir: str | os.PathLike, rows: Sequence[Mapping], result, title: str = "") -> dict:
-    """``figures/partial_merge.png`` and a summary table of the curves (accuracy at each fraction)."""
+    """``figures/partial_merge.svg`` and a summary table of the curves (accuracy at each fraction)."""
     run_dir = Path(run_dir)
     names = {"kendall_tau": "τ", "clip_delta": delta_label(_kind(result)), "overlap": "overlap",
              "correlation": "correlation"}
-    path = plot_partial_merge(rows, run_dir / FIGURES_DIR / "partial_merge.png", names, title)
+    path = plot_partial_merge(rows, run_dir / FIGURES_DIR / "partial_merge.svg", names, title)
     fractions = sorted({r["fraction"] for r in rows})
     curves = []
     for metric in dict.fromkeys(r["metric"] for r in rows if r["metric"] != "random"):

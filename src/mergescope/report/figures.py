@@ -1,4 +1,4 @@
-"""Interpolation-curve figures (PNG, rendered with the Agg backend, no display needed)."""
+"""Interpolation-curve figures: one SVG per split (:mod:`mergescope.report.svg_plot`), accuracy and loss against α."""
 
 from __future__ import annotations
 
@@ -6,16 +6,14 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
+from markupsafe import Markup, escape
 
-from mergescope.runs.atomic import atomic_path
+from mergescope.runs.atomic import atomic_write_text
 from mergescope.timing import staged
 from mergescope.report.interpolation import curves, methods, splits
+from mergescope.report.svg_plot import Figure, Line, Panel, Rule
 
 ALPHA_LABEL = "α (0 = model B, 1 = model A)"
-DPI = 110
 _KNOWN_COLORS = {
     "naive": "#7f7f7f",
     "permuted": "#1f77b4",
@@ -24,11 +22,12 @@ _KNOWN_COLORS = {
 }
 _SPARE_COLORS = ("#9467bd", "#d62728", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
 _LOG_LOSS_RATIO = 30.0
-# the i-th method of a figure: its dash pattern and marker (cycled), and a line and marker each a little thinner
-# and smaller than the one before, which is drawn below it, so that methods with the same curve (e.g. REPAIR and
-# RESET on a BatchNorm net) all stay visible
-_DASHES = ("-", (0, (5, 2)), (0, (1, 1.2)), (0, (6, 2, 1, 2)), (0, (9, 3)), (0, (3, 1, 1, 1, 1, 1)))
+# the i-th method of a figure: its dash pattern (in line widths) and marker (cycled), and a line and marker each a
+# little thinner and smaller than the one before, which is drawn below it, so that methods with the same curve (e.g.
+# REPAIR and RESET on a BatchNorm net) all stay visible
+_DASHES = ((), (5, 2), (1, 1.2), (6, 2, 1, 2), (9, 3), (3, 1, 1, 1, 1, 1))
 _MARKERS = ("o", "s", "^", "D", "v", "P")
+_ENDPOINT = 12.0  # px: the outlined markers at α = 0 and α = 1
 
 
 def method_colors(names: Sequence[str]) -> dict[str, str]:
@@ -40,75 +39,53 @@ def method_colors(names: Sequence[str]) -> dict[str, str]:
     return colors
 
 
-def _plain(text: str) -> str:
-    """``text`` with ``$`` escaped, so matplotlib never reads a user's name as mathtext."""
-    return text.replace("$", r"\$")
-
-
-def _style(i: int) -> dict:
-    """Line keywords of the i-th method of a figure (:data:`_DASHES`, :data:`_MARKERS`)."""
-    return {"ls": _DASHES[i % len(_DASHES)], "lw": max(1.0, 3.0 - 0.35 * i), "marker": _MARKERS[i % len(_MARKERS)],
-            "ms": max(2.5, 6.5 - 0.8 * i)}
-
-
-def _draw_panel(ax, split_curves: Mapping[str, list[dict]], key: str, scale: float, colors: Mapping[str, str]) -> None:
-    ax.axvline(0.5, color="#bbbbbb", lw=0.8, ls=":", zorder=0)
+def _lines(split_curves: Mapping[str, list[dict]], key: str, scale: float, unit: str,
+           colors: Mapping[str, str]) -> list:
+    """A panel's items: the α = 0.5 rule, each method's line (:data:`_DASHES`, :data:`_MARKERS`, thinner each),
+    then every method's endpoints as large outlined markers above all lines."""
+    items: list = [Rule(0.5, "#bbbbbb", 1.2, (1, 2))]
+    ends = []
     for i, (method, curve) in enumerate(split_curves.items()):
         alphas = [r["alpha"] for r in curve]
         values = [r[key] * scale for r in curve]
-        ax.plot(alphas, values, color=colors[method], zorder=2 + i, **_style(i))
-        ends = [(a, v) for a, v in zip(alphas, values) if min(abs(a), abs(a - 1)) <= 1e-6]
-        ax.scatter([a for a, _ in ends], [v for _, v in ends], s=70, color=colors[method],
-                   edgecolors="black", linewidths=1.0, zorder=20)
-    ax.set_xlim(-0.03, 1.03)
-    ax.set_xticks([0, 0.25, 0.5, 0.75, 1])
-    ax.set_xlabel(ALPHA_LABEL)
-    ax.grid(True, alpha=0.35)
+        tips = [f"{method}: α = {a:g}, {key} {v:.4g}{unit}" for a, v in zip(alphas, values)]
+        items.append(Line(alphas, values, colors[method], width=max(1.5, 4.5 - 0.5 * i), dash=_DASHES[i % 6],
+                          marker=_MARKERS[i % 6], size=max(4.0, 9.5 - 1.2 * i), label=method, tips=tips))
+        at = [k for k, a in enumerate(alphas) if min(abs(a), abs(a - 1)) <= 1e-6]
+        ends.append(Line([alphas[k] for k in at], [values[k] for k in at], colors[method], marker="o",
+                         size=_ENDPOINT, edge="#000", stroke=False, tips=[tips[k] for k in at]))
+    return items + ends
 
 
 def plot_interpolation(rows: Iterable[Mapping], split: str, path: str | os.PathLike,
                        colors: Mapping[str, str] | None = None) -> Path:
-    """Save a two-panel figure (accuracy vs α, loss vs α; one line per method) for ``split``; return ``path``.
+    """Save a two-panel SVG (accuracy vs α, loss vs α; one line per method) for ``split``; return ``path``.
 
     Each method has its own dash pattern and marker, each drawn thinner than the one before and above it, so that
     methods with the same curve all stay visible. Endpoints (α = 0 and α = 1) are drawn as large outlined markers.
-    The loss axis switches to a log
-    scale when the losses span more than a factor of 30.
+    The loss axis switches to a log scale when the losses span more than a factor of 30. Every marker's tooltip is
+    its exact value.
     """
     rows = list(rows)
     colors = dict(colors) if colors is not None else method_colors(methods(rows))
     split_curves = {m: c for (m, s), c in curves(rows).items() if s == split}
-    fig = Figure(figsize=(11, 4.4), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    acc_ax, loss_ax = fig.subplots(1, 2)
-
-    _draw_panel(acc_ax, split_curves, "accuracy", 100.0, colors)
-    acc_ax.set_title("Accuracy")
-    acc_ax.set_ylabel(f"{_plain(split)} accuracy (%)")
-
-    _draw_panel(loss_ax, split_curves, "loss", 1.0, colors)
-    losses = [r["loss"] for c in split_curves.values() for r in c if r["loss"] == r["loss"]]
+    losses = [r["loss"] for c in split_curves.values() for r in c if r["loss"] == r["loss"] and r["loss"] < 1e308]
     log = bool(losses) and min(losses) > 0 and max(losses) / min(losses) > _LOG_LOSS_RATIO
-    if log:
-        loss_ax.set_yscale("log")
-    loss_ax.set_title("Loss" + (" (log scale)" if log else ""))
-    loss_ax.set_ylabel(f"{_plain(split)} loss")
-
-    handles = [Line2D([], [], color=colors[m], label=_plain(m), **_style(i)) for i, m in enumerate(split_curves)]
-    handles.append(Line2D([], [], ls="", marker="o", ms=8, mfc="white", mec="black", label="endpoints (B, A)"))
-    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), frameon=False)
-    fig.suptitle(rf"Interpolation $\theta(\alpha) = \alpha\,\theta_A + (1-\alpha)\,P(\theta_B)$ — {_plain(split)} split",
-                 fontsize=13)
-
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI)
-    return Path(path)
+    ticks = (0, 0.25, 0.5, 0.75, 1)
+    key = Line([], [], "#fff", marker="o", size=_ENDPOINT, edge="#000", stroke=False, label="endpoints (B, A)")
+    acc = Panel(_lines(split_curves, "accuracy", 100.0, "%", colors), "Accuracy", ALPHA_LABEL,
+                f"{split} accuracy (%)", xlim=(-0.03, 1.03), xticks=ticks)
+    loss = Panel([*_lines(split_curves, "loss", 1.0, "", colors), key], "Loss" + (" (log scale)" if log else ""),
+                 ALPHA_LABEL, f"{split} loss", xlim=(-0.03, 1.03), xticks=ticks, ylog=log)
+    title = Markup("Interpolation θ(α) = α θ<tspan baseline-shift='sub' font-size='12'>A</tspan> + (1 − α) "
+                   "P(θ<tspan baseline-shift='sub' font-size='12'>B</tspan>) — {} split").format(escape(split))
+    return atomic_write_text(path, Figure([acc, loss], 600, 400, title, legend="bottom").svg())
 
 
 @staged("rendering")
 def interpolation_figures(rows: Iterable[Mapping], out_dir: str | os.PathLike,
                           colors: Mapping[str, str] | None = None) -> list[Path]:
-    """One ``interpolation_<split>.png`` per split in ``out_dir`` (test first, then train, then others)."""
+    """One ``interpolation_<split>.svg`` per split in ``out_dir`` (test first, then train, then others)."""
     rows = list(rows)
     colors = dict(colors) if colors is not None else method_colors(methods(rows))
     paths: list[Path] = []
@@ -116,5 +93,5 @@ def interpolation_figures(rows: Iterable[Mapping], out_dir: str | os.PathLike,
         stem = "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in split) or "split"
         if any(p.stem == f"interpolation_{stem}" for p in paths):
             stem += f"_{len(paths)}"
-        paths.append(plot_interpolation(rows, split, Path(out_dir) / f"interpolation_{stem}.png", colors))
+        paths.append(plot_interpolation(rows, split, Path(out_dir) / f"interpolation_{stem}.svg", colors))
     return paths

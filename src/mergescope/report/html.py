@@ -12,6 +12,7 @@ import jinja2
 from markupsafe import Markup
 
 from mergescope.errors import MergescopeError
+from mergescope.report import figures as curve_figures
 from mergescope.report import formatting as fmt
 from mergescope.runs.atomic import atomic_write_text
 from mergescope.runs.jsonio import package_version
@@ -54,11 +55,11 @@ def _records(items, keys: tuple[str, ...]) -> list[dict]:
 
 def report_context(results: Mapping, figures: list[Path], run_dir: Path) -> dict:
     """Everything the template shows, computed from ``results`` (figures given as paths under ``run_dir``)."""
-    from mergescope.report.figures import method_colors  # matplotlib: only for a page with figures
+    from mergescope.report.figures import method_colors  # figures import this module's page helpers
 
     rows = _rows(results)
     stats = barriers(rows, results.get("endpoints"), results.get("corrections")) if rows else []
-    colors = method_colors(methods(rows)) if rows else {}
+    colors = curve_figures.method_colors(methods(rows)) if rows else {}
     split = splits(rows)[0] if rows else None
     # the card tagged "best" is the headline's: the smallest accuracy barrier (Q1), not the best midpoint
     best = lowest_barrier(stats, split) if rows else None
@@ -95,10 +96,9 @@ def render_report(run_dir: str | os.PathLike, results: Mapping) -> Path:
     and ``sections`` (title, html: trusted HTML fragments inserted as-is). If anything fails, no
     ``report.html`` is written (an existing one is left unchanged).
     """
-    from mergescope.report.figures import interpolation_figures, method_colors
-
     run_dir = Path(run_dir)
     rows = _rows(results)
-    figures = interpolation_figures(rows, run_dir / FIGURES_DIR, method_colors(methods(rows))) if rows else []
+    colors = curve_figures.method_colors(methods(rows))
+    figures = curve_figures.interpolation_figures(rows, run_dir / FIGURES_DIR, colors) if rows else []
     page = _environment().get_template(REPORT_NAME).render(report_context(results, figures, run_dir))
     return atomic_write_text(run_dir / REPORT_NAME, page)

@@ -5,45 +5,32 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
+from ..runs.atomic import atomic_write_text
 from ..timing import staged
-from .compare_figures import _save
-from .figures import DPI, _plain, method_colors
+from .figures import method_colors
 from .html import FIGURES_DIR, _environment
+from .svg_plot import Bars, Figure, Line, Panel, Rule
 
 
 @staged("rendering")
 def plot_many(result: Mapping, split: str, path: str | os.PathLike) -> Path:
     """Horizontal bars: each method's accuracy (and its gap to the mean input model, in points) beside every input
-    model's accuracy (triangles) and their mean (dashed line)."""
+    model's accuracy (triangles) and their mean (dashed line) (SVG)."""
     rows = [r for r in result["rows"] if r["split"] == split]
     ends = [e["accuracy"] * 100 for e in result["endpoints"] if e["split"] == split]
     mean = result["summary"][split]["mean_endpoint_accuracy"] * 100
     colors = method_colors([r["method"] for r in rows])
-    fig = Figure(figsize=(8, 0.42 * len(rows) + 1.9), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
-    ys = list(range(len(rows)))[::-1]
     accs = [r["accuracy"] * 100 for r in rows]
-    ax.barh(ys, accs, color=[colors[r["method"]] for r in rows], height=0.7)
-    for y, acc in zip(ys, accs):
-        label = f"{acc:.1f}%  ({acc - mean:+.1f})"
-        inside = acc > 35
-        ax.text(acc - 1 if inside else acc + 1, y, label, va="center", ha="right" if inside else "left",
-                fontsize=8, color="white" if inside else "black")
-    ax.axvline(mean, color="black", ls="--", lw=1.2, label=f"mean of the {len(ends)} models: {mean:.1f}%")
-    ax.scatter(ends, [len(rows) - 0.2] * len(ends), marker="v", color="black", s=25, zorder=5,
-               label="each model")
-    ax.set_yticks(ys, [_plain(r["method"]) for r in rows])
-    ax.set_xlim(0, 102)
-    ax.set_ylim(-0.6, len(rows) + 0.2)
-    ax.set_xlabel(f"{_plain(split)} accuracy (%); in brackets: points vs the mean model")
-    ax.grid(True, axis="x", alpha=0.35)
-    fig.legend(fontsize=8, frameon=False, loc="outside lower center", ncols=2)
-    ax.set_title(f"{len(ends)} models merged into one", fontsize=11)
-    return _save(fig, path)
+    notes = [(f"{acc:.1f}%  ({acc - mean:+.1f})", acc > 35) for acc in accs]
+    items = [Bars(accs, [colors[r["method"]] for r in rows], notes),
+             Rule(mean, "#000", 1.5, (4, 2), label=f"mean of the {len(ends)} models: {mean:.1f}%"),
+             Line(ends, [-0.8] * len(ends), "#000", marker="v", size=9, stroke=False, label="each model",
+                  tips=[f"{e['model']}: {e['accuracy'] * 100:.1f}%" for e in result["endpoints"]
+                        if e["split"] == split])]
+    panel = Panel(items, f"{len(ends)} models merged into one",
+                  f"{split} accuracy (%); in brackets: points vs the mean model", xlim=(0, 102),
+                  ylim=(-1.3, len(rows) - 0.4), categories=[r["method"] for r in rows], grid="x")
+    return atomic_write_text(path, Figure([panel], 760, 30 * len(rows) + 130, legend="bottom").svg())
 
 
 def many_section(run_dir: str | os.PathLike, result: Mapping, csv_name: str) -> tuple[dict, list[Path]]:
@@ -52,7 +39,7 @@ def many_section(run_dir: str | os.PathLike, result: Mapping, csv_name: str) -> 
     n = len({e["model"] for e in result["endpoints"]})
     figures = []
     for split in result["summary"]:
-        path = plot_many(result, split, run_dir / FIGURES_DIR / f"merge_{n}_models_{split}.png")
+        path = plot_many(result, split, run_dir / FIGURES_DIR / f"merge_{n}_models_{split}.svg")
         figures.append({"src": path.relative_to(run_dir).as_posix(), "split": split})
     best = {split: max(s["gap"], key=s["gap"].get) for split, s in result["summary"].items()}
     html = _environment().get_template("_many_section.html").render(

@@ -325,7 +325,7 @@ def overview_context(study_dir: str | os.PathLike, parts: Mapping[str, os.PathLi
                  **dict.fromkeys(("q1", "q2", "obs1", "obs2", "obs3", "obs4", "merge", "features_report"))}
     if "sweep" in loaded:
         ctx["q1"] = interpolation_answer(loaded["sweep"], rel["sweep"])
-        figures = sorted((parts["sweep"] / "figures").glob("interpolation_*.png"),
+        figures = sorted((parts["sweep"] / "figures").glob("interpolation_*.svg"),
                          key=lambda p: (p.stem != "interpolation_test", p.stem))
         ctx["q1"]["figures"] = [f"{rel['sweep']}/figures/{p.name}" for p in figures]
     features = loaded.get("features") or {}
@@ -349,7 +349,7 @@ def overview_context(study_dir: str | os.PathLike, parts: Mapping[str, os.PathLi
         ctx["files"] = {name: f"{rel['features']}/{name}" for name in ("compare.csv", "partial_merge.csv",
                                                                       "regression.csv")
                         if (fp / name).is_file()}
-        ctx["figures"] = {name: f"{rel['features']}/figures/{name}" for name in ("partial_merge.png", "regression.png")
+        ctx["figures"] = {name: f"{rel['features']}/figures/{name}" for name in ("partial_merge.svg", "regression.svg")
                           if (fp / "figures" / name).is_file()}
         ctx["features_report"] = f"{rel['features']}/{REPORT_NAME}"
         ctx["feature_pages"] = [{"title": v.get("title", ""), "slug": v["slug"]}
@@ -357,7 +357,7 @@ def overview_context(study_dir: str | os.PathLike, parts: Mapping[str, os.PathLi
     if "merge" in loaded:
         ctx["merge"] = merge_answer(loaded["merge"], rel["merge"])
         ctx["merge"]["figures"] = [f"{rel['merge']}/figures/{p.name}"
-                                   for p in sorted((parts["merge"] / "figures").glob("merge_*_models_*.png"))]
+                                   for p in sorted((parts["merge"] / "figures").glob("merge_*_models_*.svg"))]
     return ctx
 
 

@@ -3,55 +3,54 @@ the image grids of the channels that need many weights (A, B's best single chann
 all)."""
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import matplotlib
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from ..align.regressed_topk import GroupTopK, pick
 from ..align.regression import keep_count
+from ..runs.atomic import atomic_write_text
 from ..timing import staged
-from .compare_figures import _save
 from .features import FeatureView, render_feature_pages, view_from_record, view_record
-from .figures import DPI
 from .html import _environment
+from .svg_plot import Figure, Line, Panel
 
 SLUG = "regress"
-FIGURE = "figures/regression.png"
+FIGURE = "figures/regression.svg"
 _COLORS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f")
+
+
+def layer_colors(n: int) -> list[str]:
+    """``n`` distinct colours: :data:`_COLORS` while they last, else ``n`` hues evenly round the colour wheel."""
+    return list(_COLORS[:n]) if n <= len(_COLORS) else [f"hsl({360 * i / n:.0f}, 70%, 42%)" for i in range(n)]
 
 
 @staged("rendering")
 def plot_regression(summary: Sequence[Mapping], path) -> Path:
     """Two panels (mean R², mean recovered top-k) against m / C_B (log), one colour per layer (every observation
-    point of a residual stream is a layer of its own); solid = refit, dashed = the kept weights as they are."""
+    point of a residual stream is a layer of its own); solid = refit, dashed = the kept weights as they are (SVG)."""
     layers = list(dict.fromkeys(r["layer"] for r in summary))
-    colors = _COLORS if len(layers) <= len(_COLORS) else [matplotlib.colormaps["viridis"](i / (len(layers) - 1))
-                                                           for i in range(len(layers))]
-    fig = Figure(figsize=(9 + 1.6 * (1 + len(layers) // 16), 3.4), dpi=DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, 2)
+    colors = layer_colors(len(layers))
+    items: dict[str, list] = {"mean_r2": [], "mean_recovered": []}
     for li, layer in enumerate(layers):
         rows = [r for r in summary if r["layer"] == layer and r["refit"] is not None]
         cb = max(r["m"] for r in rows)
-        for refit, style in ((True, "-"), (False, "--")):
+        for refit in (True, False):
             sel = sorted((r for r in rows if r["refit"] == refit or r["m"] == cb), key=lambda r: r["m"])
             x = [r["m"] / cb for r in sel]
-            for ax, key in zip(axes, ("mean_r2", "mean_recovered")):
-                y = [np.nan if r[key] is None else r[key] for r in sel]
-                ax.plot(x, y, style, marker="o", ms=3, color=colors[li % len(colors)],
-                        label=layer if refit and ax is axes[0] else None)
-    for ax, title in zip(axes, ("mean R² (held-out images)", "mean recovered top-k of A")):
-        ax.set_xscale("log")
-        ax.set_xlabel("weights kept per channel, m / C_B")
-        ax.set_title(title + " — solid: refit, dashed: as kept", fontsize=9)
-        ax.set_ylim(-0.05, 1.05)
-        ax.grid(alpha=0.3)
-    fig.legend(loc="outside right upper", fontsize=7, ncol=1 + len(layers) // 16)
-    return _save(fig, path)
+            for key, what in (("mean_r2", "mean R²"), ("mean_recovered", "mean recovered top-k")):
+                y = [math.nan if r[key] is None else r[key] for r in sel]
+                tips = [f"{layer}, m = {r['m']} of {cb} ({'refit' if refit else 'as kept'}): {what} {v:.3f}"
+                        for r, v in zip(sel, y)]
+                items[key].append(Line(x, y, colors[li], width=2.0, dash=() if refit else (4, 2), marker="o",
+                                       size=5, label=layer if refit else "", tips=tips))
+    panels = [Panel(items[key], title + " — solid: refit, dashed: as kept", "weights kept per channel, m / C_B",
+                    xlog=True, ylim=(-0.05, 1.05))
+              for key, title in (("mean_r2", "mean R² (held-out images)"),
+                                 ("mean_recovered", "mean recovered top-k of A"))]
+    return atomic_write_text(path, Figure(panels, 470, 330, legend="right").svg())
 
 
 def regression_views(tops: Mapping[str, GroupTopK], hard: Mapping[str, Sequence[dict]],

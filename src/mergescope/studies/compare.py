@@ -9,7 +9,7 @@ counted, and optionally metric-guided partial merges are evaluated against rando
 
 Files written into the run folder: ``compare.csv`` (one row per pair × layer × channel,
 :data:`mergescope.compare.COLUMNS`), ``partial_merge.csv`` (with partial merging), ``features/table_<layer>.html``
-(sortable channel tables), ``figures/compare_<layer>.svg`` and ``figures/partial_merge.png``; the feature pages
+(sortable channel tables), ``figures/compare_<layer>.svg`` and ``figures/partial_merge.svg``; the feature pages
 are re-rendered with the metrics beside every channel.
 """
 from __future__ import annotations

@@ -8,7 +8,7 @@ dataset: :func:`mergescope.align.regression.regression_subsets`), ranks every im
 channel at every observation point in one pass (:func:`mergescope.align.regressed_topk.regressed_topk`; A's top-k
 over the same images), and writes ``regression.csv`` (layer, channel, m, refit, r2_heldout, r2_in_sample,
 recovered; one block per observation point), ``regression_topk.json`` (the hard channels' top-k images),
-``figures/regression.png``, the hard channels' feature pages (``features/regress_*.html``) and the
+``figures/regression.svg``, the hard channels' feature pages (``features/regress_*.html``) and the
 "Regression alignment" section of ``report.html``. The last three are rendered from what is stored
 (:func:`render_regression`), so ``mergescope report`` re-renders them without a model.
 """
