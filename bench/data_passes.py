@@ -33,7 +33,8 @@ Statistics over forward (``--stats``, issue 14)
     interleaved, median of ``--repeats``: matching (A, B), REPAIR of 3 merged models (A, B eval; the merged models
     in the mode the pass runs them: BatchNorm in train mode where REPAIR resets it), evaluation (A, B) and the
     joint covariance of the map merges (A, B). Statistics = in-pass seconds − bare seconds, over bare seconds
-    (goal ≤ 0.3); in-pass seconds are the pass's own time-by-stage record (decode, transfer, forward,
+    (goal ≤ 0.3), and the ``statistics`` stage alone over the bare seconds (the rest of the difference is the
+    tapped forward's hooks and what the pass keeps alive); in-pass seconds are the pass's own time-by-stage record (decode, transfer, forward,
     statistics, top-k: what it adds after its last batch, e.g. held groups of batches, included; tracing and
     solving not). ``--clock cpu`` measures process CPU seconds (all threads) instead of wall seconds: steadier
     where other jobs share the cores. Models: vgg11_bn and resnet20 (w1) on CIFAR-10 (``--data``) or random 32²
@@ -258,14 +259,15 @@ def bench_stats(name: str, args, device) -> dict:
     aligned = permute_model(b, spec, match.perms)
     alphas = (0.25, 0.5, 0.75)
 
-    def in_pass(run, batches) -> float:
+    def in_pass(run, batches) -> tuple[float, float]:
         """A pass's own seconds by its time-by-stage record: decode (waiting for batches), transfer, forward,
         statistics — the batches' and what is added after the last one (groups of held batches) — and top-k;
-        no tracing, no solving."""
+        no tracing, no solving. Also its ``statistics`` stage alone."""
         with timing.timed() as times:
             run(batches)
-        return sum(times.record()["stages"].get(s, 0.0) for s in ("decode", "transfer", "forward", "statistics",
-                                                                   "top-k"))
+        stages = times.record()["stages"]
+        return (sum(stages.get(s, 0.0) for s in ("decode", "transfer", "forward", "statistics", "top-k")),
+                stages.get("statistics", 0.0))
 
     def bare(models, batches=loaded) -> float:
         t0 = time.perf_counter()
@@ -296,14 +298,18 @@ def bench_stats(name: str, args, device) -> dict:
         if args.passes and label not in args.passes:
             continue
         sets = {"all": loaded, "half": loaded[: len(loaded) // 2]} if args.marginal else {"all": loaded}
-        times, bares = {k: [] for k in sets}, {k: [] for k in sets}
+        times, bares, stats_stage = {k: [] for k in sets}, {k: [] for k in sets}, []
         for _ in range(args.repeats):
             for k, batches in sets.items():
                 bares[k].append(bare(models, batches))
-                times[k].append(in_pass(run, batches))
+                total, own = in_pass(run, batches)
+                times[k].append(total)
+                if k == "all":
+                    stats_stage.append(own / bares[k][-1])
                 a.eval(), b.eval()
         t, f = statistics.median(times["all"]), statistics.median(bares["all"])
-        rows[label] = {"models": len(models), "bare": f, "pass": t, "stats/fwd": (t - f) / f}
+        rows[label] = {"models": len(models), "bare": f, "pass": t, "stats/fwd": (t - f) / f,
+                       "stage/fwd": statistics.median(stats_stage)}
         if args.marginal:  # the second half's statistics over its forwards: what each further image costs
             th, fh = statistics.median(times["half"]), statistics.median(bares["half"])
             rows[label]["marginal"] = ((t - th) - (f - fh)) / (f - fh)
@@ -312,12 +318,12 @@ def bench_stats(name: str, args, device) -> dict:
 
 def main_stats(args, device) -> None:
     print(f"{'model':<12} {'pass':<11} {'models':>6} {'images':>6} {'bare fwd s':>10} {'in-pass s':>9} "
-          f"{'stats / fwd':>11}" + (f" {'marginal':>8}" if args.marginal else ""))
+          f"{'stats / fwd':>11} {'stage / fwd':>11}" + (f" {'marginal':>8}" if args.marginal else ""))
     for name in args.models:
         r = bench_stats(name, args, device)
         for label, row in r["rows"].items():
             print(f"{name:<12} {label:<11} {row['models']:>6} {r['images']:>6} {row['bare']:>10.2f} "
-                  f"{row['pass']:>9.2f} {row['stats/fwd']:>11.2f}"
+                  f"{row['pass']:>9.2f} {row['stats/fwd']:>11.2f} {row['stage/fwd']:>11.2f}"
                   + (f" {row['marginal']:>8.2f}" if args.marginal else ""), flush=True)
     print(f"loadavg after: {os.getloadavg()[0]:.2f}")
 
