@@ -178,3 +178,19 @@ def test_the_interpolation_figure_draws_each_methods_rows():
     ends = [c for c in ET.fromstring(svg).iter("{http://www.w3.org/2000/svg}circle") if c.get("stroke") == "#000"
             and float(c.get("r")) == 6.0]
     assert len(ends) == 2 * 2 * 2 + 1  # two endpoints × two methods × two panels, and the legend's key
+
+
+@pytest.mark.parametrize("items, kwargs", [
+    ([Line([0.5], [3.0], "#000", marker="o", size=4)], {}),  # one point
+    ([Line([1, 2, 3], [7.0, 7.0, 7.0], "#000")], {}),  # constant
+    ([Line([1, 2], [math.nan, math.inf], "#000", marker="s", size=4)], {}),  # nothing finite
+    ([Line([0.01], [0.5], "#000")], {"xlog": True}),  # one point on a log axis
+    ([Line([1, 2], [-1.0, 0.0], "#000")], {"ylog": True}),  # nothing positive on a log axis
+    ([], {}),  # an empty panel
+    ([Bars([], [])], {"categories": []}),
+    ([Band([0, 1], [math.nan, 1.0], [math.nan, 2.0], "#999")], {}),
+])
+def test_degenerate_data_still_gives_a_well_formed_figure_with_finite_coordinates(items, kwargs):
+    svg = Figure([Panel(items, "t", "x", "y", **kwargs)], legend="bottom").svg()
+    ET.fromstring(svg)
+    assert not re.search(r"nan|inf", svg, re.IGNORECASE)

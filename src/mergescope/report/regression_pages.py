@@ -46,11 +46,12 @@ def plot_regression(summary: Sequence[Mapping], path) -> Path:
                         for r, v in zip(sel, y)]
                 items[key].append(Line(x, y, colors[li], width=2.0, dash=() if refit else (4, 2), marker="o",
                                        size=5, label=layer if refit else "", tips=tips))
-    panels = [Panel(items[key], title + " — solid: refit, dashed: as kept", "weights kept per channel, m / C_B",
-                    xlog=True, ylim=(-0.05, 1.05))
+    panels = [Panel(items[key], title, "weights kept per channel, m / C_B", xlog=True, ylim=(-0.05, 1.05))
               for key, title in (("mean_r2", "mean R² (held-out images)"),
                                  ("mean_recovered", "mean recovered top-k of A"))]
-    return atomic_write_text(path, Figure(panels, 470, 330, legend="right").svg())
+    figure = Figure(panels, 470, 330, "solid: refit on the kept weights · dashed: the kept weights as they are",
+                    legend="right")
+    return atomic_write_text(path, figure.svg())
 
 
 def regression_views(tops: Mapping[str, GroupTopK], hard: Mapping[str, Sequence[dict]],
