@@ -365,11 +365,19 @@ def _best_corner(items: Sequence[Item], sx: _Scale, sy: _Scale, box: tuple[float
 
 def _panel(p: Panel, x0: float, y0: float, width: float, height: float, index: int) -> list[str]:
     """SVG elements of one panel whose top-left corner is (x0, y0)."""
+    if p.categories:
+        ylo, yhi = p.ylim or (-0.6, len(p.categories) - 0.4)
+        yticks, ylabels = list(range(len(p.categories))), [str(c) for c in p.categories]
+    else:
+        ylo, yhi = _extent([v for it in p.items for v in _ys(it)], p.ylim, p.ylog)
+        yticks = log_ticks(ylo, yhi) if p.ylog else nice_ticks(ylo, yhi, 6)
+        if p.whole_y:
+            yticks = [t for t in yticks if float(t).is_integer()]
+        ystep = None if p.ylog else (yticks[1] - yticks[0] if len(yticks) > 1 else 1.0)
+        ylabels = [tick_label(t, ystep) for t in yticks]
     top = y0 + (30 if p.title else 12)
     bottom = y0 + height - (48 if p.xlabel else 28)
-    ticks_w = (max((text_width(c, TICK_FONT) for c in p.categories), default=0) if p.categories
-               else text_width("−0.00", TICK_FONT))
-    left = x0 + (24 if p.ylabel else 6) + ticks_w + 10
+    left = x0 + (24 if p.ylabel else 6) + max((text_width(t, TICK_FONT) for t in ylabels), default=0) + 10
     right = x0 + width - 14
     out = ['<g class="panel">']
     if p.title:
@@ -377,19 +385,8 @@ def _panel(p: Panel, x0: float, y0: float, width: float, height: float, index: i
                    f'font-size="{TITLE_FONT}">{_text(p.title)}</text>')
     xlo, xhi = _extent([v for it in p.items for v in _xs(it)], p.xlim, p.xlog)
     sx = _Scale(xlo, xhi, left, right, p.xlog)
-    if p.categories:
-        n = len(p.categories)
-        ylo, yhi = p.ylim or (-0.6, n - 0.4)
-        sy = _Scale(ylo, yhi, top, bottom, False)  # category 0 at the top
-        yticks, ylabels = list(range(n)), [str(c) for c in p.categories]
-    else:
-        ylo, yhi = _extent([v for it in p.items for v in _ys(it)], p.ylim, p.ylog)
-        sy = _Scale(ylo, yhi, bottom, top, p.ylog)
-        yticks = log_ticks(ylo, yhi) if p.ylog else nice_ticks(ylo, yhi, 6)
-        if p.whole_y:
-            yticks = [t for t in yticks if float(t).is_integer()]
-        ystep = None if p.ylog else (yticks[1] - yticks[0] if len(yticks) > 1 else 1.0)
-        ylabels = [tick_label(t, ystep) for t in yticks]
+    # categories run down from the top; values up from the bottom
+    sy = _Scale(ylo, yhi, top, bottom, False) if p.categories else _Scale(ylo, yhi, bottom, top, p.ylog)
     if p.xticks is not None:
         xticks = [t for t in p.xticks if xlo <= t <= xhi]
     else:
