@@ -74,7 +74,9 @@ def test_model_vs_permuted_copies_is_identical_on_every_channel(permuted_study, 
     assert all(r["reference"] == "A" for r in rows)
     for r in rows:
         where = (r["model"], r["layer"], r["channel"])
-        assert r["kendall_defined"] and r["kendall_tau"] == 1.0, where
+        # B_aligned's activations are B's (its probe is derived from B's), and B sums A's inputs in another order:
+        # float32 values 1e-7 apart can tie or untie once D′ is stored in float16
+        assert r["kendall_defined"] and r["kendall_tau"] == pytest.approx(1.0, abs=1e-5), where
         assert r["overlap"] == 1.0, where
         assert r["clip_delta_defined"] and r["clip_delta"] < 0, where  # thesis: identical sets, −(1 − S)/(k·b)
         assert r["clip_delta_distinct_images_defined"] and abs(r["clip_delta_distinct_images"]) < 1e-12, where

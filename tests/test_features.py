@@ -1,4 +1,5 @@
-"""The merges of the feature study (``mergescope probe --merge``): endpoints, REPAIR's statistics, inputs untouched."""
+"""The feature study (``mergescope probe``): its merges (endpoints, REPAIR's statistics, inputs untouched) and its
+aligned rows."""
 from __future__ import annotations
 
 import copy
@@ -6,10 +7,13 @@ import copy
 import pytest
 import torch
 
+from mergescope.align.store import ALIGNMENT_FILE, load_alignments
 from mergescope.data import iter_batches, load_digits
-from mergescope.studies.probe import merged_pair
+from mergescope.studies.probe import aligned_key, merged_pair
+from mergescope.studies.probe import run as feature_study
 from mergescope.models import create_model
 from mergescope.perm import build_spec, permute_model, random_perms
+from mergescope.probe import probe, state_sha256
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +69,6 @@ def test_a_resnet_merge_repaired_with_added_layers_is_probed_at_the_references_b
     """REPAIR on a ResNet appends a BatchNorm to every block: the feature study probes every row at A's layers,
     and a merge's block output ``layer1.0`` is the corrected one (the block's own output, after that layer)."""
     from mergescope.align import activation_matching
-    from mergescope.studies.probe import run as feature_study
     from mergescope.merge import extra_layers
     from mergescope.probe.taps import tap_model
 
@@ -89,3 +92,24 @@ def test_a_resnet_merge_repaired_with_added_layers_is_probed_at_the_references_b
     finally:
         hook.remove()
     torch.testing.assert_close(feats["layer1.0"], seen["out"])
+
+
+def test_every_aligned_row_is_what_the_aligned_model_itself_computes(tmp_path, digits, trained_digits):
+    """The study derives each aligned model's probe from its unaligned twin's (no forward of it); the oracle is a
+    separate probe that runs the aligned models — three trained, non-permuted CNNs aligned by activation
+    matching inside the study, their alignment read back from the run folder."""
+    models = {t: trained_digits("cnn_digits", s, width=16) for s, t in enumerate("ABC")}
+    result, _, _ = feature_study(tmp_path, digits, models, batch_size=256, progress=False)
+    spec, alignment = build_spec(models["A"]), load_alignments(tmp_path / ALIGNMENT_FILE)
+    aligned = {aligned_key(t): permute_model(models[t], spec, alignment.perms(t)) for t in "BC"}
+    assert sum(not torch.equal(p, torch.arange(len(p))) for t in "BC" for p in alignment.perms(t).values()) >= 4
+    ran = probe(aligned, digits, layers=result.layers["A"], batch_size=256, subset_ids=result.subset_ids,
+                progress=False)
+    for name, model in aligned.items():
+        assert result.config["models"][name]["state_sha256"] == state_sha256(model)
+        for layer in result.layers["A"]:
+            got, want = result[name, layer], ran[name, layer]
+            assert torch.equal(got.topk_ids, want.topk_ids), (name, layer)
+            torch.testing.assert_close(got.topk_values, want.topk_values, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got.mean, want.mean, rtol=0, atol=1e-6)
+            torch.testing.assert_close(got.subset, want.subset, rtol=2**-10, atol=1e-4)

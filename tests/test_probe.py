@@ -7,10 +7,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from mergescope.data import load_digits
+from mergescope.align import match_many
+from mergescope.data import iter_batches, load_digits
 from mergescope.errors import MergescopeError, NumericsError
 from mergescope.models import create_model
-from mergescope.perm import build_spec, permute_model, random_perms
+from mergescope.perm import build_spec, layer_orders, permute_model, random_perms
 from mergescope.probe import StreamingTopK, load_probe, probe, state_sha256
 from mergescope.probe.reduce import reduce_activation
 from mergescope.probe.store import read_meta
@@ -171,6 +172,80 @@ def test_permuted_model_has_permuted_topk(digits):
         torch.testing.assert_close(perm.mean, orig.mean[p])
         checked += 1
     assert checked == 3
+
+
+def test_permuted_models_are_derived_from_their_source_and_equal_their_own_forward(digits, trained_digits):
+    """``permuted``: an aligned model is not run; its probe is its unaligned twin's re-indexed. The oracle is the
+    aligned model's own forward, on a trained, non-permuted pair aligned by activation matching (ResNet20: block
+    outputs share the residual stream's permutation)."""
+    a, b = (trained_digits("resnet20", s, in_channels=1, width=1) for s in (0, 1))
+    spec = build_spec(a, torch.zeros(2, 1, 8, 8))
+    [match] = match_many(a, [b], spec, iter_batches(digits, 256))
+    assert sum(not torch.equal(p, torch.arange(len(p))) for p in match.perms.values()) >= 5
+    aligned = permute_model(b, spec, match.perms)
+    orders = layer_orders(spec, match.perms, list(spec.layers))
+    models = {"A": a, "B": b, "B_aligned": aligned}
+    kw = {"layers": "all", "subset_ids": list(range(0, 1437, 7)), "batch_size": 200, "progress": False}
+    calls = []
+    hook = aligned.conv1.register_forward_pre_hook(lambda *_: calls.append(1))
+    ran = probe(models, digits, **kw)
+    forwards = len(calls)
+    derived = probe(models, digits, permuted={"B_aligned": ("B", orders)}, **kw)
+    hook.remove()
+    assert forwards >= 8 and len(calls) == forwards  # 8 batches (and tracing) in the first pass, none in the second
+    assert derived.models == ["A", "B", "B_aligned"] and derived.config == ran.config
+    for layer in spec.layers:
+        got, want, src, order = derived["B_aligned", layer], ran["B_aligned", layer], derived["B", layer], orders[layer]
+        assert torch.equal(got.topk_ids, src.topk_ids[order]), layer  # the definition, written out
+        assert torch.equal(got.topk_ids, want.topk_ids), layer  # = the aligned model's own ranking
+        torch.testing.assert_close(got.topk_values, want.topk_values, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got.mean, want.mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.std, want.std, rtol=0, atol=1e-6)
+        torch.testing.assert_close(got.subset, want.subset, rtol=2**-10, atol=1e-4)  # float16 steps apart at most
+        assert got.moments.n == want.moments.n == len(digits)
+        for m in ("A", "B"):
+            assert torch.equal(derived[m, layer].topk_ids, ran[m, layer].topk_ids)
+
+
+def test_permuted_models_resume_and_reuse_like_run_ones(digits, tmp_path):
+    model = create_model("cnn_digits", width=8, seed=0)
+    spec = build_spec(model, torch.zeros(2, 1, 8, 8))
+    perms = random_perms(spec, torch.Generator().manual_seed(3))
+    models = {"m": model, "p": permute_model(model, spec, perms)}
+    permuted = {"p": ("m", layer_orders(spec, perms, list(spec.layers)))}
+    kw = {"batch_size": 100, "subset_ids": [0, 9, 700], "progress": False}
+    clean = probe(models, digits, permuted=permuted, **kw)
+    with pytest.raises(KeyboardInterrupt):
+        probe(models, CountingDataset(digits, fail_after=5), run_dir=tmp_path, checkpoint_every=2, permuted=permuted, **kw)
+    assert read_meta(tmp_path / "probe.partial.safetensors")["layers"].keys() == {"m"}  # what the pass holds
+    again = CountingDataset(digits)
+    assert_same_result(probe(models, again, run_dir=tmp_path, checkpoint_every=2, permuted=permuted, **kw), clean)
+    assert again.calls == 15 - 4
+    counting = CountingDataset(digits)  # the stored result is the one a pass running "p" would make: reused
+    assert_same_result(probe(models, counting, run_dir=tmp_path, **kw), clean)
+    assert counting.calls == 0
+
+
+def test_permuted_rejects_what_is_not_a_permutation_of_a_run_model(digits):
+    model = create_model("cnn_digits", width=4, seed=0)
+    spec = build_spec(model, torch.zeros(2, 1, 8, 8))
+    orders = layer_orders(spec, random_perms(spec), list(spec.layers))
+    models = {"m": model, "p": model, "q": model}
+
+    def bad(permuted, match, layers="conv"):
+        with pytest.raises(MergescopeError, match=match):
+            probe(models, digits, layers=layers, permuted=permuted, progress=False)
+
+    bad({"x": ("m", orders)}, "'x', which is not one of the probed models")
+    bad({"p": ("z", orders)}, "derived from 'z'")
+    bad({"p": ("q", orders), "q": ("m", orders)}, "derived from 'q'")
+    bad({"p": ("m", {})}, "no channel order for layer 'features.2'")
+    bad({"p": ("m", {**orders, "features.5": torch.zeros(8, dtype=torch.long)})}, "permutation of its 8 channels")
+    bad({"p": ("m", {**orders, "features.5": torch.arange(7)})}, "permutation of its 8 channels")
+    bad({"p": ("m", orders)}, "layers of its source",
+        layers={"m": ["features.2"], "p": ["features.5"], "q": "conv"})
+    assert layer_orders(spec, {}, ["features.2", "no.such.layer"]) is None
+    assert torch.equal(layer_orders(spec, {}, ["features.5"])["features.5"], torch.arange(8))
 
 
 def test_probe_nan_activations_name_model_and_layer(digits):

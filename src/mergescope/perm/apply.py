@@ -40,6 +40,24 @@ def permute_model(model: nn.Module, spec: PermSpec, perms: Perms) -> nn.Module:
     return new
 
 
+def layer_orders(spec: PermSpec, perms: Perms, layers: list[str]) -> dict[str, torch.Tensor] | None:
+    """Per observable layer, where each channel of the permuted model comes from.
+
+    Channel ``c`` of layer ``name`` in ``permute_model(model, spec, perms)`` computes channel ``order[name][c]`` of
+    the same layer in ``model``: the layer's group permutation, or the identity for a layer of no group (tied to
+    the input or output) or of a group ``perms`` leaves alone. None when some layer is not one of ``spec.layers``
+    (its channels' group is unknown).
+    """
+    orders = {}
+    for name in layers:
+        point = spec.layers.get(name)
+        if point is None:
+            return None
+        perm = perms.get(point.group) if point.group is not None else None
+        orders[name] = perm.cpu() if perm is not None else torch.arange(point.channels)
+    return orders
+
+
 def random_perms(spec: PermSpec, generator: torch.Generator | None = None) -> Perms:
     """A uniformly random permutation for every group (for tests and null baselines)."""
     return {name: torch.randperm(g.size, generator=generator) for name, g in spec.groups.items()}

@@ -69,6 +69,7 @@ def probe(
     other_pass: str = "error",
     num_workers: int | None = None,
     precision: str = "float32",
+    permuted: Mapping[str, tuple[str, Mapping[str, Any]]] | None = None,
 ) -> ProbeResult:
     """Probe every layer of every model in one pass over ``dataset``.
 
@@ -103,6 +104,13 @@ def probe(
             (``torch.autocast``: convolutions and matrix products in bfloat16, about twice as fast on a GPU with
             bfloat16 units; activations carry bfloat16's 8 bits, so near-equal images can swap places in a
             top-k). Reductions, moments and D′ are taken from the activations in float32/float64 either way.
+        permuted: models of ``models`` that are channel permutations of another one there, derived instead of run:
+            name -> (source name, {layer: order}), channel ``c`` of each of the source's probed layers in the
+            named model being channel ``order[layer][c]`` of the source's — as in a model made by
+            :func:`mergescope.perm.permute_model` (orders: :func:`mergescope.perm.layer_orders`). Its probe is the
+            source's re-indexed (:meth:`LayerProbe.reindexed`): what its forward gives up to floating-point
+            summation order, for none of its forward time. The config still records it with its own weights'
+            hash, so a stored result is reused exactly when it would be had the model been run.
 
     Returns:
         A :class:`ProbeResult`; inside a process group every rank returns the same, complete result (only
@@ -118,7 +126,9 @@ def probe(
         torch.Size([8, 10])
     """
     models = dict(models)
-    _check_arguments(models, dataset, k, reduction, batch_size, checkpoint_every, precision)
+    _check_arguments(models, dataset, layers, k, reduction, batch_size, checkpoint_every, precision)
+    permuted = _check_permuted(permuted, models, layers)
+    run_models = {n: m for n, m in models.items() if n not in permuted}
     device = torch.device(device)
     rank, world_size = world()
     subset = _subset(subset_ids, len(dataset))
@@ -128,21 +138,26 @@ def probe(
         raise ValueError(f"other_pass must be 'error' or 'restart', got {other_pass!r}")
 
     with _eval_mode(models.values()):
-        tapped, shapes = _tap_all(models, layers, dataset, reduction, device)
+        run_layers = {n: layers[n] for n in run_models} if isinstance(layers, Mapping) else layers
+        tapped, run_shapes = _tap_all(run_models, run_layers, dataset, reduction, device)
+        orders = _permuted_orders(permuted, run_shapes)
+        shapes = {n: run_shapes[n] if n in run_shapes else run_shapes[permuted[n][0]] for n in models}
         config = _config(models, shapes, k, reduction, dataset, subset, precision)
+        pass_config = {**config, "models": {n: config["models"][n] for n in run_models},
+                       "layers": {n: config["layers"][n] for n in run_models}}  # what a pass checkpoint holds
         num_batches = len_batches(dataset, batch_size)
         first, stop = batch_range(num_batches, rank, world_size)
         pass_info = {"batch_size": batch_size, "world_size": world_size, "rank": rank, "batches": [first, stop]}
-        state = ProbeState(shapes, k, subset, device)
+        state = ProbeState(run_shapes, k, subset, device)
 
         if run_dir is not None:
             finished = _stored_result(run_dir, config, resume)
             if finished is not None:
                 return finished
-            _resume_state(checkpoints, config, pass_info, state, resume, other_pass)
+            _resume_state(checkpoints, pass_config, pass_info, state, resume, other_pass)
 
         def checkpoint() -> None:
-            meta = _meta("partial", config, shapes, state.images_seen)
+            meta = _meta("partial", pass_config, run_shapes, state.images_seen)
             meta["pass"] = {**pass_info, "batches_done": state.batches_done}
             write(checkpoints / partial_file(rank, world_size), probe_tensors(state.layer_probes(), subset), meta)
 
@@ -160,7 +175,11 @@ def probe(
 
     if world_size > 1:
         gather_state(state)
-    result = ProbeResult(state.layer_probes(), k, reduction, config["dataset"], state.images_seen, subset, config)
+    probes = state.layer_probes()
+    for name, (source, _) in permuted.items():
+        probes[name] = {layer: p.reindexed(orders[name][layer]) for layer, p in probes[source].items()}
+    result = ProbeResult({n: probes[n] for n in models}, k, reduction, config["dataset"], state.images_seen, subset,
+                         config)
     if run_dir is not None:
         path = run_dir / RESULT_FILE
         if rank == 0:
@@ -173,13 +192,19 @@ def probe(
     return result
 
 
-def _check_arguments(models: dict[str, nn.Module], dataset: ImageDataset, k: int, reduction: str,
+def _check_arguments(models: dict[str, nn.Module], dataset: ImageDataset, layers: Layers, k: int, reduction: str,
                      batch_size: int, checkpoint_every: int | None, precision: str) -> None:
     if not models:
         raise MergescopeError("probe needs at least one model")
     for name in models:
         if not isinstance(name, str) or not name or "/" in name:
             raise MergescopeError(f"model names must be non-empty strings without '/', got {name!r}")
+    if isinstance(layers, Mapping):
+        unknown = [m for m in layers if m not in models]
+        missing = [m for m in models if m not in layers]
+        if unknown or missing:
+            raise MergescopeError(f"layers must name exactly the models {sorted(models)}; "
+                                  f"unknown {unknown}, missing {missing}")
     if reduction not in REDUCTIONS:
         raise MergescopeError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
     if precision not in PRECISIONS:
@@ -189,6 +214,42 @@ def _check_arguments(models: dict[str, nn.Module], dataset: ImageDataset, k: int
                               f"{checkpoint_every}")
     if len(dataset) == 0 or len(dataset) >= 2**32:
         raise MergescopeError(f"the probe handles 1..2**32-1 images, the dataset has {len(dataset)}")
+
+
+def _check_permuted(permuted: Mapping[str, tuple[str, Mapping[str, Any]]] | None, models: dict[str, nn.Module],
+                    layers: Layers) -> dict[str, tuple[str, Mapping[str, Any]]]:
+    permuted = dict(permuted or {})
+    for name, entry in permuted.items():
+        if name not in models:
+            raise MergescopeError(f"permuted names '{name}', which is not one of the probed models {sorted(models)}")
+        if not (isinstance(entry, tuple | list) and len(entry) == 2 and isinstance(entry[1], Mapping)):
+            raise MergescopeError(f"permuted['{name}'] must be (source model, {{layer: channel order}})")
+        source = entry[0]
+        if source not in models or source in permuted:
+            raise MergescopeError(f"permuted['{name}'] is derived from '{source}', which must be a probed model that "
+                                  "is run (not itself permuted)")
+        if isinstance(layers, Mapping) and layers[name] != layers[source]:
+            raise MergescopeError(f"permuted model '{name}' must be probed at the layers of its source '{source}'")
+    return permuted
+
+
+def _permuted_orders(permuted: dict[str, tuple[str, Mapping[str, Any]]],
+                     shapes: LayerShapes) -> dict[str, dict[str, torch.Tensor]]:
+    """Each permuted model's channel order at every layer of its source, checked to be a permutation of its
+    channels."""
+    out = {}
+    for name, (source, orders) in permuted.items():
+        out[name] = {}
+        for layer, (channels, _) in shapes[source].items():
+            if layer not in orders:
+                raise MergescopeError(f"permuted['{name}'] has no channel order for layer '{layer}'")
+            order = torch.as_tensor(orders[layer]).cpu()
+            if (order.dim() != 1 or order.dtype not in (torch.int32, torch.int64)
+                    or not torch.equal(order.sort().values, torch.arange(channels, dtype=order.dtype))):
+                raise MergescopeError(f"permuted['{name}'] at layer '{layer}' must be a permutation of its {channels} "
+                                      f"channels, got {tuple(order.shape)} {order.dtype}")
+            out[name][layer] = order.long()
+    return out
 
 
 def _subset(subset_ids: Any, n: int) -> torch.Tensor | None:
@@ -219,12 +280,6 @@ def _tap_all(models: dict[str, nn.Module], layers: Layers, dataset: ImageDataset
     """The reducing tapped models and, per model and layer, (channels, channel_dim), learnt on a zero image (the
     models are in eval mode here): from the permutation spec, or for layers outside it from a forward of the
     tapped model."""
-    if isinstance(layers, Mapping):
-        unknown = [m for m in layers if m not in models]
-        missing = [m for m in models if m not in layers]
-        if unknown or missing:
-            raise MergescopeError(f"layers must name exactly the models {sorted(models)}; "
-                                  f"unknown {unknown}, missing {missing}")
     example = torch.zeros(1, dataset.num_channels, *dataset.image_size)  # no data read: reuse stays pass-free
     tapped, shapes = {}, {}
     for name, model in models.items():

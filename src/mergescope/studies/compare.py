@@ -303,8 +303,9 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
     Reads ``results.json`` ("features": data, split, views), the stored probe (``probe/``), the stored alignment
     (``alignment.safetensors``: which model is aligned to which, and how — never matched again) and, when needed,
     the checkpoints it names (checked against the sha256 the alignment recorded). When the probe has no D′
-    activations, probes the reference and the aligned models again with D′ into ``probe_subset/`` (the aligned
-    weights checked against the stored probe's hashes). Writes the comparison's files, adds the "Channel
+    activations, probes the reference and the aligned models again with D′ into ``probe_subset/`` as the study did
+    (an aligned model derived from its unaligned twin's pass; the aligned weights checked against the stored probe's
+    hashes). Writes the comparison's files, adds the "Channel
     comparison" section to ``report.html`` and records the comparison in ``results.json`` and ``manifest.json``.
 
     Args:
@@ -316,7 +317,7 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
     Example:
         >>> run_folder("runs/demo", CompareConfig(partial_merge=True), overwrite=True).result.observation3
     """
-    from ..perm import build_spec, permute_model
+    from ..perm import build_spec, layer_orders, permute_model
     from ..probe import load_probe, probe, state_sha256
     from ..runs import add_to_run, write_run
     from ..timing import record_since, since_here
@@ -357,12 +358,19 @@ def run_folder(run_dir: str | os.PathLike, config: CompareConfig | None = None, 
                     raise MergescopeError(f"model {t} aligned to {reference} by the stored alignment has other weights "
                                           "than the stored probe's; the comparison would not describe the probed models")
         result = stored
-        if need_subset:
-            layers = {m: stored.layers[m] for m in [reference, *aligned_models]}
-            again = probe({reference: models[reference], **aligned_models}, dataset, layers=layers, k=stored.k,
+        if need_subset:  # as the study probed: an aligned model's activations its unaligned twin's, re-indexed
+            subjects, permuted = {reference: models[reference]}, {}
+            for t in tags[1:]:
+                aligned = aligned_key(t)
+                orders = layer_orders(spec, alignment.perms(t), stored.layers[aligned])
+                if orders is None or stored.layers.get(t) != stored.layers[aligned]:
+                    subjects[aligned] = aligned_models[aligned]
+                else:
+                    subjects[t], subjects[aligned], permuted[aligned] = models[t], aligned_models[aligned], (t, orders)
+            again = probe(subjects, dataset, layers={m: stored.layers[m] for m in subjects}, k=stored.k,
                           reduction=stored.reduction, batch_size=cfg.batch_size, subset_ids=default_subset(dataset),
                           device=device, progress=progress, run_dir=run_dir / "probe_subset",
-                          precision=stored_config(stored.config)["precision"])  # as the stored probe ran
+                          precision=stored_config(stored.config)["precision"], permuted=permuted)  # as stored
             result = attach_subset(stored, again)
 
         partial = None

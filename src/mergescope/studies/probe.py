@@ -2,7 +2,8 @@
 
 Given a reference model A and other models of the same architecture, the others are aligned to A (activation
 matching, one pass for all), optional merged models are added, every model — unaligned ones too — is probed in
-one more pass, and the pairwise view (A, B before permutation, B aligned, merges) and the many-to-one view
+one more pass (an aligned model's channels are its unaligned twin's, re-indexed: derived from the twin's probe,
+not run), and the pairwise view (A, B before permutation, B aligned, merges) and the many-to-one view
 (A and every model aligned to it) are rendered as feature pages. :func:`merged_pair` builds the merges the
 pairwise view shows, and :func:`run_folder` makes the whole study of a set of checkpoints a run folder
 (``mergescope probe``). The probed layers are the thesis's by default — convolutional channels and residual block
@@ -22,7 +23,7 @@ from ..align import MatchResult, match_many
 from ..align.store import ALIGNMENT_FILE, save_alignments
 from ..data import ImageDataset, iter_batches, len_batches, stratified_subset
 from ..merge import interpolate_model, repair_and_reset
-from ..perm import Perms, PermSpec, build_spec, permute_model, select_layers
+from ..perm import Perms, PermSpec, build_spec, layer_orders, permute_model, select_layers
 from ..probe import ProbeResult, probe
 from ..report.feature_views import matching_info, views_from_probe
 from ..report.features import render_feature_pages
@@ -96,10 +97,13 @@ def run(
         save_alignments(run_dir / ALIGNMENT_FILE, spec, {t: matches[t] for t in tags[1:]}, reference=tags[0],
                         sources=sources, points=points)
     probe_layers = select_layers(spec, layers)
-    probed = {tags[0]: ref}
+    probed, permuted = {tags[0]: ref}, {}
     for t in tags[1:]:
         probed[t] = models[t]
         probed[aligned_key(t)] = permute_model(models[t], spec, matches[t].perms)
+        orders = layer_orders(spec, matches[t].perms, probe_layers)
+        if orders is not None:  # its activations are t's, re-indexed: derived, not run (probe's ``permuted``)
+            permuted[aligned_key(t)] = (t, orders)
     merged = dict(merged or {})
     keys = {label: f"merged_{i}" for i, label in enumerate(merged)}
     probed.update({keys[label]: m for label, m in merged.items()})
@@ -108,7 +112,8 @@ def run(
     # block-output layers has its own spec, whose block outputs are the corrected ones under the same names)
     result = probe(probed, dataset, layers=probe_layers, k=k, reduction=reduction, batch_size=batch_size,
                    device=device, run_dir=run_dir / "probe", progress=progress, subset_ids=subset_ids,
-                   resume=resume, checkpoint_dir=checkpoint_dir, other_pass=other_pass, precision=precision)
+                   resume=resume, checkpoint_dir=checkpoint_dir, other_pass=other_pass, precision=precision,
+                   permuted=permuted)
 
     info = matching_info(spec, matches, probe_layers)
     recipes = []
