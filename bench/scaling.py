@@ -24,18 +24,18 @@ Goal
     Time linear in images × models: seconds per (1000 images × model) within ±25% of each other once n ≥ 10k
     (start-up amortised). Start-up is reported apart: ``start-up`` = wall − the manifest's total (interpreter,
     imports, argument parsing, up to the study's first stage), and ``fixed`` = wall − ``pass`` (``pass``: the
-    stages of the data passes, decode, transfer, forward, statistics, top-k). ``fixed`` is not all fixed: rendering
-    grows a little with n (more distinct top-k images to draw), and ``other`` (time outside every stage) holds
-    the decoding of the whole pack when it is opened, before the passes. Memory flat in images apart from the
+    stages of the data passes, decode, transfer, forward, statistics, top-k; ``decode`` includes the decoding of
+    the whole pack when it is opened, before the passes). ``fixed`` is not all fixed: rendering grows a little
+    with n (more distinct top-k images to draw). Memory flat in images apart from the
     dataset's own decoded bytes (n × 32 × 32 × 3 uint8: 154 MB at 50k) and D′ (min(n, 5000) images' activations,
     kept for Kendall's τ): the column ``RSS − data`` subtracts the decoded images.
 
     The 1k cells run first; from them the script estimates every other cell (fixed part + data-pass part × n/1000)
     and skips, largest first, the cells that would take the run past ``--budget`` seconds (it says which).
 
-    Every model but the reference is probed twice (as trained and aligned to the reference) after a matching pass
-    over all m models, so a cell runs 3m − 1 model forwards per image, not m: even exactly linear work is 1.12×
-    more per model at m = 5 than at m = 2.
+    A cell runs 2m model forwards per image: a matching pass over all m models, then the probe pass over all m
+    (an aligned model's probe is derived from its unaligned twin's, not run; until ``ea1f13a`` it was run, 3m − 1
+    forwards, which made exactly linear work 1.12× more per model at m = 5 than at m = 2).
 
 Run
     python bench/scaling.py                                   # on a loaded 2-core CPU: ~9 min; 50k × 5 is skipped

@@ -200,7 +200,8 @@ def write_sprites(dataset, ids: Iterable[int], out_dir: Path, prefix: str, size:
             img = tiles_of.cell(image_id)[0]
             sheet.paste(img if img.size == cell else tile_image(img, size), (tiles[image_id].x, tiles[image_id].y))
         with atomic_path(out_dir / f"{prefix}_{n}.{ext}") as tmp:
-            # PNG at zlib's default level: optimize=True made sheets 4% smaller in 3x the time
-            sheet.save(tmp, format=fmt, **({"quality": 88} if fmt == "JPEG" else {"compress_level": 6}))
+            # zlib level 1: CIFAR photo sheets as small as at the default level 6 in half the time (38 sheets:
+            # 1.44 vs 3.04 s, 37.4 vs 38.0 MB); the digits' grey sheets 16% larger (0.125 vs 0.108 MB in all)
+            sheet.save(tmp, format=fmt, **({"quality": 88} if fmt == "JPEG" else {"compress_level": 1}))
     atomic_write_text(stamp, json.dumps({"shows": shows, "ext": ext, "cell": list(cell)}))
     return tiles
