@@ -308,6 +308,10 @@ MUTANTS: tuple[Mutant, ...] = (
            "permuted[aligned_key(t)] = (tags[0], orders)",
            ("tests/test_features.py::test_every_aligned_row_is_what_the_aligned_model_itself_computes",),
            "the study derives every aligned row from the reference's probe"),
+    Mutant("compare_reprobe_aligned_from_the_reference", "studies/compare.py",
+           "models[t], aligned_models[aligned], (t, orders)", "models[t], aligned_models[aligned], (reference, orders)",
+           ("tests/test_compare_study.py::test_compare_cli_on_a_probe_run_folder",),
+           "compare's D′ re-probe of an older folder derives every aligned model from the reference"),
     # -- bench-merge (issue 13)
     Mutant("subset_accuracy_over_all_classes", "evaluate/by_class.py",
            "keep = sums if classes is None else sums[:, list(classes)]", "keep = sums",
