@@ -268,11 +268,7 @@ def _pick(v: torch.Tensor, how: torch.Tensor | None) -> torch.Tensor:
 
 def _picked(m: Moments, how: torch.Tensor | None) -> Moments:
     """The population moments of the permuted channels: the same moments, reordered."""
-    if how is None or m.mean is None:
-        return m
-    out = Moments()
-    out.n, out.mean, out.m2 = m.n, _pick(m.mean, how), _pick(m.m2, how)
-    return out
+    return m if how is None or m.mean is None else m.reindexed(how)
 
 
 def _check_finite(population: Mapping[tuple, Moments]) -> None:

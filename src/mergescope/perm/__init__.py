@@ -7,6 +7,6 @@ from .spec import (MATCH_POINTS, PermAxis, PermGroup, PermSpec, RepairPoint, Tap
 
 __all__ = [
     "LAYER_SELECTIONS", "MATCH_POINTS", "PermAxis", "PermGroup", "PermSpec", "Perms", "RepairPoint", "TapPoint",
-    "apply_permutation", "build_spec", "default_example_input", "identity_perms", "invert", "layer_orders", "list_layers",
-    "observation_points", "permute_axis", "permute_model", "random_perms", "select_layers",
+    "apply_permutation", "build_spec", "default_example_input", "identity_perms", "invert", "layer_orders",
+    "list_layers", "observation_points", "permute_axis", "permute_model", "random_perms", "select_layers",
 ]

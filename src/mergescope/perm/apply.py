@@ -46,7 +46,7 @@ def layer_orders(spec: PermSpec, perms: Perms, layers: list[str]) -> dict[str, t
     Channel ``c`` of layer ``name`` in ``permute_model(model, spec, perms)`` computes channel ``order[name][c]`` of
     the same layer in ``model``: the layer's group permutation, or the identity for a layer of no group (tied to
     the input or output) or of a group ``perms`` leaves alone. None when some layer is not one of ``spec.layers``
-    (its channels' group is unknown) or shows its group's channels other than one to one.
+    (its channels' group is unknown).
     """
     orders = {}
     for name in layers:
@@ -54,8 +54,6 @@ def layer_orders(spec: PermSpec, perms: Perms, layers: list[str]) -> dict[str, t
         if point is None:
             return None
         perm = perms.get(point.group) if point.group is not None else None
-        if perm is not None and len(perm) != point.channels:
-            return None  # the layer shows its group's channels in blocks: no one-to-one order
         orders[name] = perm.cpu() if perm is not None else torch.arange(point.channels)
     return orders
 

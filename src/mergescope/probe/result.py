@@ -37,11 +37,8 @@ class LayerProbe:
         """The probe of this layer with its channels re-indexed: channel ``c`` of the result is channel
         ``order[c]`` of this one — what the probe of a model permuted by :func:`mergescope.perm.permute_model`
         finds at this layer (``order`` from :func:`mergescope.perm.layer_orders`)."""
-        moments = Moments()
-        if self.moments.mean is not None:
-            moments.n, moments.mean, moments.m2 = self.moments.n, self.moments.mean[order], self.moments.m2[order]
         subset = None if self.subset is None else self.subset[:, order]
-        return LayerProbe(self.topk_values[order], self.topk_ids[order], moments, subset)
+        return LayerProbe(self.topk_values[order], self.topk_ids[order], self.moments.reindexed(order), subset)
 
     @property
     def mean(self) -> torch.Tensor:

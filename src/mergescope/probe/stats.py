@@ -235,6 +235,15 @@ class Moments:
         if other.mean is not None:
             self._combine(other.n, other.mean, other.m2)
 
+    def reindexed(self, order: torch.Tensor) -> "Moments":
+        """The same moments with their channels re-indexed: channel ``c`` of the result is channel ``order[c]`` of
+        these (the moments of a model whose channels were permuted by ``order``)."""
+        out = Moments()
+        if self.mean is not None:
+            order = order.to(self.mean.device)
+            out.n, out.mean, out.m2 = self.n, self.mean.index_select(0, order), self.m2.index_select(0, order)
+        return out
+
     @property
     def var(self) -> torch.Tensor:
         return self.m2 / max(self.n, 1)
